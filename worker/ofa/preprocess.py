@@ -1,0 +1,111 @@
+"""Turning an image and sentences into what the network reads, as ModelScope does.
+
+Text: ``pre_caption`` normalisation, the visual-entailment prompt, byte-level BPE on
+OFA's vocabulary, cut to ``max_src_length`` tokens, wrapped in bos/eos.
+Image: EXIF orientation, RGB, bicubic resize to a square, scale to [0, 1], normalise.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from tokenizers import ByteLevelBPETokenizer
+
+from shared.errors import BadImageError, BadTextError, ImageTooLargeError, UnsupportedImageError
+from shared.text import pre_caption
+from worker.ofa.config import HYPOTHESIS_PROMPT, PREMISE_PROMPT, TaskConfig
+
+VOCAB_DIR = Path(__file__).parent / "vocab"
+N_CODE_TOKENS = 8192
+N_BIN_TOKENS = 1000
+EXTRA_TOKENS = [f"<code_{i}>" for i in range(N_CODE_TOKENS)] + [
+    f"<bin_{i}>" for i in range(N_BIN_TOKENS)
+]
+BOS, PAD, EOS, UNK = 0, 1, 2, 3
+
+
+class TextEncoder:
+    """OFA's English tokenizer and the visual-entailment prompts."""
+
+    def __init__(self, vocab_json: Path, merges_txt: Path, task: TaskConfig) -> None:
+        self.tokenizer = ByteLevelBPETokenizer(
+            str(vocab_json), str(merges_txt), add_prefix_space=False
+        )
+        # ModelScope's preprocessor appends the image-code and bin tokens after the BPE
+        # vocabulary; text that spells one of them maps to its id there too.
+        self.base_size = self.tokenizer.get_vocab_size()
+        self.tokenizer.add_tokens(EXTRA_TOKENS)
+        self.task = task
+
+    @property
+    def vocab_size(self) -> int:
+        """BPE tokens plus the appended code and bin tokens."""
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of ``text`` without special tokens."""
+        return list(self.tokenizer.encode(text).ids)
+
+    def prompt(self, hypothesis: str, premise: str | None = None) -> str:
+        """The instruction the model reads, after ``pre_caption`` on each text."""
+        n = self.task.max_src_length
+        hyp = pre_caption(hypothesis, n)
+        if premise is None:
+            return (self.task.prompt or HYPOTHESIS_PROMPT).format(hyp)
+        return (self.task.prompt or PREMISE_PROMPT).format(pre_caption(premise, n), hyp)
+
+    def source_ids(self, hypothesis: str, premise: str | None = None) -> list[int]:
+        """bos + prompt ids (cut to ``max_src_length``) + eos.
+
+        Over-long text is truncated, never refused: the API limits text length before
+        anything reaches the model.
+        """
+        if not hypothesis or not hypothesis.strip():
+            raise BadTextError("text is empty")
+        ids = self.encode(self.prompt(hypothesis, premise))[: self.task.max_src_length]
+        return [BOS, *ids, EOS]
+
+    def decoder_prompt(self, source: list[int]) -> list[int]:
+        """What the decoder is fed before the answer: bos, or the source without eos."""
+        if self.task.prompt_type == "prev_output":
+            return source[:-1]
+        return [BOS]
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode image bytes to an upright RGB image, refusing bombs and broken files."""
+    if not data:
+        raise BadImageError("image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                )
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image has too many pixels ({exc})") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise UnsupportedImageError("the file is not an image format we can read") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImageError(f"image could not be decoded ({exc})") from exc
+
+
+def image_array(img: Image.Image, task: TaskConfig) -> np.ndarray:
+    """RGB image -> (3, R, R) float32, resized bicubically and normalised."""
+    size = task.patch_image_size
+    resized = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    arr = np.asarray(resized, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    mean, std = task.mean_std
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
