@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -27,7 +28,7 @@ from worker.ofa.preprocess import N_BIN_TOKENS, N_CODE_TOKENS, TextEncoder
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
-DOWNLOAD_TIMEOUT_S = 20.0
+PREFLIGHT_TIMEOUT_S = 3.0
 
 # Parts of ModelScope's OFAModel used only for image generation (code tokens) or
 # derivable from the config; a checkpoint may hold them, visual entailment never reads them.
@@ -44,11 +45,10 @@ IGNORED_KEYS = {
     "decoder.token_rp_bucket",
     "decoder.image_position_idx",
 }
-TIED_ALIASES = ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
 
 
 def _looks_like_path(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or os.sep in ref and Path(ref).exists()
+    return ref.startswith((".", "/", "~")) or (os.sep in ref and Path(ref).exists())
 
 
 def resolve_model_dir(
@@ -56,8 +56,8 @@ def resolve_model_dir(
 ) -> Path:
     """A local directory as is; otherwise a ModelScope id downloaded into ``cache_dir``.
 
-    Raises ``ModelDownloadError`` within ``DOWNLOAD_TIMEOUT_S`` seconds when the id
-    cannot be fetched, and ``CheckpointError`` for a path that is not a directory.
+    Raises ``ModelDownloadError`` (within seconds when the hub is unreachable) when the
+    id cannot be fetched, and ``CheckpointError`` for a path that is not a directory.
     """
     ref = str(model)
     path = Path(ref).expanduser()
@@ -68,34 +68,44 @@ def resolve_model_dir(
     return _download(ref, revision, cache_dir)
 
 
+def hub_endpoint() -> str:
+    """The ModelScope hub's base URL (``MODELSCOPE_DOMAIN`` and friends respected)."""
+    try:
+        from modelscope.hub.utils.utils import get_endpoint
+
+        return str(get_endpoint())
+    except Exception:  # older or newer modelscope layouts
+        return "https://www.modelscope.cn"
+
+
+def check_reachable(url: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> str | None:
+    """None if a TCP connection to ``url``'s host opens within ``timeout``, else why not."""
+    parsed = urlsplit(url)
+    host = parsed.hostname or ""
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"the model hub {host}:{port} cannot be reached ({exc})"
+
+
 def _download(model_id: str, revision: str | None, cache_dir: str | None) -> Path:
-    """Run ``snapshot_download`` with a hard time limit (its own retries can take minutes)."""
+    """Fetch a snapshot; fail fast (seconds, not minutes of retries) when offline."""
     try:
         from modelscope import snapshot_download
     except ImportError as exc:  # pragma: no cover - modelscope is a worker dependency
         raise ModelDownloadError(model_id, revision, "the modelscope package is missing") from exc
-    result: dict[str, Any] = {}
-
-    def fetch() -> None:
-        try:
-            kwargs: dict[str, Any] = {"cache_dir": cache_dir}
-            if revision:
-                kwargs["revision"] = revision
-            result["path"] = snapshot_download(model_id, **kwargs)
-        except BaseException as exc:  # reported to the caller below
-            result["error"] = exc
-
-    thread = threading.Thread(target=fetch, name=f"download-{model_id}", daemon=True)
-    thread.start()
-    thread.join(DOWNLOAD_TIMEOUT_S)
-    if thread.is_alive():
-        raise ModelDownloadError(
-            model_id, revision, f"no answer from the model hub within {DOWNLOAD_TIMEOUT_S:.0f}s"
-        )
-    if "error" in result:
-        exc = result["error"]
+    problem = check_reachable(hub_endpoint())
+    if problem:
+        raise ModelDownloadError(model_id, revision, problem)
+    kwargs: dict[str, Any] = {"cache_dir": cache_dir}
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        return Path(snapshot_download(model_id, **kwargs))
+    except Exception as exc:
         raise ModelDownloadError(model_id, revision, f"{type(exc).__name__}: {exc}") from exc
-    return Path(result["path"])
 
 
 def read_state_dict(model_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -125,11 +135,14 @@ def load_weights(model: OFAModel, state: dict[str, torch.Tensor], source: Path) 
     """Copy ``state`` into ``model`` strictly: every tensor present, known and of its shape."""
     expected = model.state_dict()
     state = dict(state)
-    for alias in TIED_ALIASES:
+    source_key = "encoder.embed_tokens.weight"
+    tied = {"decoder.embed_tokens.weight"}
+    if model.cfg.share_decoder_input_output_embed:
+        tied.add("decoder.output_projection.weight")
+    for alias in tied:
         # The shared token table is saved under up to three names; one is enough.
-        if alias in expected and alias not in state and "encoder.embed_tokens.weight" in state:
-            if alias != "decoder.output_projection.weight" or model.cfg.share_decoder_input_output_embed:
-                state[alias] = state["encoder.embed_tokens.weight"]
+        if alias not in state and source_key in state:
+            state[alias] = state[source_key]
     for key, want in expected.items():
         if key not in state:
             raise CheckpointMismatchError(str(source), key, "missing")

@@ -57,7 +57,9 @@ class Answers:
                 )
             ids = tuple(encode(" " + answer))
             if not ids:
-                raise UnsupportedConfigError(source, f"answer {answer!r}", answer, "a non-empty answer")
+                raise UnsupportedConfigError(
+                    source, f"answer {answer!r}", answer, "a non-empty answer"
+                )
             names.append(answer)
             labels.append(label)
             tokens.append(ids)
@@ -154,7 +156,7 @@ class Entailer:
         self.model = model.to(self.device).eval()
         if self.device.type == "cpu":
             # oneDNN convolutions are fastest on channels-last tensors.
-            self.model.encoder.embed_images.to(memory_format=torch.channels_last)
+            self.model.encoder.embed_images.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._answer_vocab = torch.tensor(self.answers.vocab, device=self.device)
 
     @classmethod

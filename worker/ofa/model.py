@@ -40,9 +40,9 @@ def token_bucket_positions(bucket_size: int, max_position: int = 1024) -> Tensor
     half = bucket_size // 2
     sign = torch.sign(rel)
     dist = torch.where((rel < half) & (rel > -half), half - 1, rel.abs())
-    log_bucket = torch.ceil(
-        torch.log(dist / half) / math.log((max_position - 1) / half) * (half - 1)
-    ) + half
+    log_bucket = (
+        torch.ceil(torch.log(dist / half) / math.log((max_position - 1) / half) * (half - 1)) + half
+    )
     bucket = torch.where(dist.le(half), rel, log_bucket.int() * sign).long()
     return bucket + bucket_size - 1
 
@@ -144,7 +144,9 @@ class Attention(nn.Module):
         q = self._split(self.q_proj(x))
         k = self._split(self.k_proj(memory))
         v = self._split(self.v_proj(memory))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scaling)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), scale=self.scaling
+        )
         out = out * self.c_attn.to(out.dtype)[:, None, None]  # (B, H, Tq, Dh)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
@@ -215,7 +217,11 @@ class DecoderLayer(nn.Module):
 
 
 def _abs_position_bias(
-    q_pos: Tensor, k_pos: Tensor, q_linear: nn.Linear, k_linear: nn.Linear, heads: int,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    q_linear: nn.Linear,
+    k_linear: nn.Linear,
+    heads: int,
     scaling: float,
 ) -> Tensor:
     """Content-free attention bias from position embeddings: (1, Nq, D), (1, Nk, D) ->
@@ -239,6 +245,8 @@ class EncoderOutput:
 
 class Encoder(nn.Module):
     """Image patches then text tokens, one transformer stack over both."""
+
+    token_rp_bucket: Tensor
 
     def __init__(self, cfg: OFAConfig, embed_tokens: nn.Embedding) -> None:
         super().__init__()
@@ -341,6 +349,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Causal text decoder; returns final hidden states, projected to logits on request."""
 
+    token_rp_bucket: Tensor
+
     def __init__(self, cfg: OFAConfig, embed_tokens: nn.Embedding) -> None:
         super().__init__()
         d, heads = cfg.d_model, cfg.decoder_attention_heads
@@ -372,11 +382,15 @@ class Decoder(nn.Module):
     def forward(self, tokens: Tensor, enc: EncoderOutput) -> Tensor:
         """tokens: (N, T) right-padded decoder inputs; enc: batch N -> (N, T, D) hidden
         states after the final norm (project with ``output_projection`` where needed)."""
-        N, T = tokens.shape
+        T = tokens.shape[1]
         device = tokens.device
         tgt_pos = self.pos_ln(self.embed_positions(torch.arange(T, device=device)))[None]
         self_bias = _abs_position_bias(
-            tgt_pos, tgt_pos, self.self_pos_q_linear, self.self_pos_k_linear, self.heads,
+            tgt_pos,
+            tgt_pos,
+            self.self_pos_q_linear,
+            self.self_pos_k_linear,
+            self.heads,
             self.pos_scaling,
         )  # (1, H, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
@@ -385,8 +399,12 @@ class Decoder(nn.Module):
         if bool(pad.any()):
             self_bias = self_bias.masked_fill(pad[:, None, None, :], NEG_INF)  # (N, H, T, T)
         cross_bias = _abs_position_bias(
-            tgt_pos, enc.position, self.cross_pos_q_linear, self.cross_pos_k_linear,
-            self.heads, self.pos_scaling,
+            tgt_pos,
+            enc.position,
+            self.cross_pos_q_linear,
+            self.cross_pos_k_linear,
+            self.heads,
+            self.pos_scaling,
         )  # (1, H, T, S)
         if bool(enc.padding_mask.any()):
             cross_bias = cross_bias.masked_fill(enc.padding_mask[:, None, None, :], NEG_INF)
@@ -428,8 +446,10 @@ class OFAModel(nn.Module):
                 pairs = [("conv1", "bn1")]
                 if isinstance(module, Bottleneck):
                     pairs += [("conv2", "bn2"), ("conv3", "bn3")]
-            if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(
-                module[1], nn.BatchNorm2d
+            if (
+                isinstance(module, nn.Sequential)
+                and len(module) == 2
+                and isinstance(module[1], nn.BatchNorm2d)
             ):
                 pairs = [("0", "1")]
             for conv_name, bn_name in pairs:
@@ -439,8 +459,12 @@ class OFAModel(nn.Module):
                 assert bn.running_var is not None and bn.running_mean is not None
                 scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
                 fused = nn.Conv2d(
-                    conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, bias=True,
+                    conv.in_channels,
+                    conv.out_channels,
+                    conv.kernel_size,
+                    conv.stride,
+                    conv.padding,
+                    bias=True,
                 ).to(conv.weight.device)
                 fused.weight.copy_(conv.weight * scale[:, None, None, None])
                 assert fused.bias is not None

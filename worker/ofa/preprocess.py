@@ -32,7 +32,7 @@ class TextEncoder:
     """OFA's English tokenizer and the visual-entailment prompts."""
 
     def __init__(self, vocab_json: Path, merges_txt: Path, task: TaskConfig) -> None:
-        self.tokenizer = ByteLevelBPETokenizer(
+        self.tokenizer = ByteLevelBPETokenizer.from_file(
             str(vocab_json), str(merges_txt), add_prefix_space=False
         )
         # ModelScope's preprocessor appends the image-code and bin tokens after the BPE
@@ -87,11 +87,12 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageTooLargeError(
-                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                    f"image is {width}x{height} = {width * height} pixels; "
+                    f"the limit is {max_pixels}"
                 )
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+            upright = ImageOps.exif_transpose(img)
+            return upright.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image has too many pixels ({exc})") from exc
     except Image.UnidentifiedImageError as exc:
@@ -104,8 +105,7 @@ def image_array(img: Image.Image, task: TaskConfig) -> np.ndarray:
     """RGB image -> (3, R, R) float32, resized bicubically and normalised."""
     size = task.patch_image_size
     resized = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(resized, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    scaled = np.asarray(resized, dtype=np.uint8).astype(np.float32) / np.float32(255)
     mean, std = task.mean_std
-    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
-
+    normed = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(normed.transpose(2, 0, 1), dtype=np.float32)

@@ -1,0 +1,141 @@
+"""One settings object, read from the environment (prefix ``OFA_``) and an ``.env`` file.
+
+Every external service has one URL. With no Redis URL configured the service starts
+an embedded Valkey server in ``data_dir`` (see ``shared/embedded.py``), so a laptop
+needs no set-up. Secrets (API keys, Flower password, webhook secret) have no default
+in the code: when none is configured, ``ofa-entail up`` generates them once into
+``data_dir`` and prints where they are.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL = "iic/ofa_visual-entailment_snli-ve_large_en"
+DEFAULT_REVISION = "master"
+
+
+class Settings(BaseSettings):
+    """Configuration of the API, the workers and the command line."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="OFA_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path(".data")
+
+    # Redis: durable (broker, jobs, blobs: must not evict) and cache (verdicts).
+    redis_url: str | None = None
+    cache_redis_url: str | None = None
+    key_prefix: str = "ofa:v1:"
+
+    # Model.
+    model: str = DEFAULT_MODEL
+    model_revision: str = DEFAULT_REVISION
+    model_dir: Path | None = None  # a local checkpoint; wins over model/model_revision
+    model_cache_dir: Path | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    # Worker batching.
+    batch_size: int = Field(16, ge=1, le=512)
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000)
+    worker_threads: int = Field(32, ge=1, le=512)
+
+    # Limits on input.
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_text_chars: int = Field(1000, ge=1)
+    url_timeout_s: float = Field(5.0, gt=0)
+    url_max_redirects: int = Field(3, ge=0)
+    url_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_wait_s: float = Field(30.0, ge=0)
+
+    # Lifetimes (seconds).
+    verdict_ttl_s: int = Field(30 * 24 * 3600, ge=1)
+    job_ttl_s: int = Field(24 * 3600, ge=1)
+    blob_ttl_s: int = Field(24 * 3600, ge=1)
+
+    # Celery: a message a dead worker held comes back after visibility_timeout_s, which
+    # must stay above the hard time limit so a healthy task is never delivered twice.
+    task_soft_time_limit_s: int = Field(60, ge=1)
+    task_time_limit_s: int = Field(90, ge=1)
+    visibility_timeout_s: int = Field(120, ge=1)
+    task_max_retries: int = Field(5, ge=0)
+
+    # Auth. Keys are compared in constant time; comma-separated in the environment.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = None
+
+    # Network.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    flower_host: str = "127.0.0.1"
+    flower_port: int = 5555
+
+    @field_validator("url_allow_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError(
+                "visibility_timeout_s must exceed task_time_limit_s, or a healthy task "
+                "still running would be delivered to a second worker"
+            )
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise ValueError("task_soft_time_limit_s must be below task_time_limit_s")
+        if self.environment == "production":
+            missing = [
+                name
+                for name, value in (
+                    ("OFA_REDIS_URL", self.redis_url),
+                    ("OFA_API_KEYS", self.api_keys),
+                    ("OFA_FLOWER_PASSWORD", self.flower_password),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError("production needs " + ", ".join(missing))
+            weak = [k for k in self.api_keys if len(k.get_secret_value()) < 24]
+            if weak:
+                raise ValueError("production API keys must be at least 24 characters")
+        return self
+
+    @property
+    def model_ref(self) -> str:
+        """What the worker loads: the local directory if set, else the model id."""
+        return str(self.model_dir) if self.model_dir else self.model
+
+    @property
+    def model_tag(self) -> tuple[str, str]:
+        """(id, revision) naming the model in cache keys, task routing and verdicts.
+
+        With ``model_dir`` set, ``model`` and ``model_revision`` still name what that
+        directory holds: the API never sees the files, only these two strings.
+        """
+        return (self.model, self.model_revision)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (read once)."""
+    return Settings()
