@@ -106,6 +106,7 @@ from modelscope.models.multi_modal.ofa.configuration_ofa import (  # noqa: E402
     OFAConfig as RefConfig,
 )
 from modelscope.models.multi_modal.ofa.modeling_ofa import OFAModel as RefModel  # noqa: E402
+from modelscope.models.multi_modal.ofa.modeling_ofa import _expand_mask as expand_mask  # noqa: E402
 from modelscope.models.multi_modal.ofa.tokenization_ofa import OFATokenizer  # noqa: E402
 from modelscope.preprocessors.ofa.visual_entailment import (  # noqa: E402
     OfaVisualEntailmentPreprocessor,
@@ -129,4 +130,4 @@ def reference_preprocessor(model_dir: Path) -> Any:
     return OfaVisualEntailmentPreprocessor(cfg, str(model_dir))
 
 
-__all__ = ["OFATokenizer", "load_reference_model", "reference_preprocessor"]
+__all__ = ["OFATokenizer", "RefConfig", "RefModel", "expand_mask", "load_reference_model", "reference_preprocessor"]

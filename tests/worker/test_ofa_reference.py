@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from modelscope.models.multi_modal.ofa.modeling_ofa import _expand_mask
 from PIL import Image
 
 from tests import reference as R
@@ -47,7 +46,7 @@ def reference_traverse(ref, sample, answer_ids: list[list[int]], trie_allowed, e
             out = ref.decoder(
                 prev,
                 encoder_hidden_states=enc.last_hidden_state,
-                encoder_attention_mask=_expand_mask(
+                encoder_attention_mask=R.expand_mask(
                     enc.padding_mask, enc.last_hidden_state.dtype, prev.shape[-1]
                 ),
                 src_pos_embed=enc.position_embedding,

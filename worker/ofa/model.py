@@ -280,6 +280,8 @@ class Encoder(nn.Module):
         self.register_buffer(
             "token_rp_bucket", token_bucket_positions(cfg.token_bucket_size), persistent=False
         )
+        # (h, w, dtype) -> (text capacity, positions, per-layer biases); see position_biases.
+        self._bias_cache: dict[tuple[int, int, torch.dtype], tuple[int, Tensor, list[Tensor]]] = {}
 
     def embed_image(self, images: Tensor) -> tuple[Tensor, int, int]:
         """(B, 3, R, R) pixels -> (B, P, D) patch embeddings and the patch grid size."""
@@ -305,6 +307,49 @@ class Encoder(nn.Module):
             x = self.layernorm_embedding(x)
         return x
 
+    def position_biases(
+        self, h: int, w: int, text_len: int, dtype: torch.dtype
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Position embeddings (1, S, D) and each layer's attention bias (1, H, S, S).
+
+        Neither depends on the item, only on the patch grid and the positions, and the
+        entries for text positions 0..L-1 are the same whatever L is: so they are built
+        once per grid for a text length of at least ``text_len`` and sliced per call.
+        """
+        key = (h, w, dtype)
+        cached = self._bias_cache.get(key)
+        if cached is None or cached[0] < text_len:
+            cap = max(text_len, 2 * cached[0] if cached else 64)
+            self._bias_cache[key] = (cap, *self._build_position_biases(h, w, cap, dtype))
+            cached = self._bias_cache[key]
+        _, position, biases = cached
+        S = h * w + text_len
+        return position[:, :S], [b[:, :, :S, :S] for b in biases]
+
+    def _build_position_biases(
+        self, h: int, w: int, L: int, dtype: torch.dtype
+    ) -> tuple[Tensor, list[Tensor]]:
+        device = self.embed_positions.weight.device
+        P = h * w
+        img_ids = image_position_ids(h, w, self.cfg.image_bucket_size).to(device)
+        img_pos = self.image_pos_ln(self.embed_image_positions(img_ids))  # (P, D)
+        txt_pos = self.pos_ln(self.embed_positions(torch.arange(L, device=device)))  # (L, D)
+        position = torch.cat([img_pos, txt_pos], dim=0).unsqueeze(0)  # (1, S, D)
+        abs_bias = _abs_position_bias(
+            position, position, self.pos_q_linear, self.pos_k_linear, self.heads, self.pos_scaling
+        )  # (1, H, S, S)
+        token_rp = self.token_rp_bucket[:L, :L]
+        image_rp = image_bucket_positions(h, w, self.cfg.image_bucket_size).to(device)
+        biases = []
+        for t in range(len(self.token_rel_pos_table_list)):
+            bias = abs_bias.clone()
+            bias[:, :, P:, P:] += self.token_rel_pos_table_list[t](token_rp).permute(2, 0, 1)
+            bias[:, :, :P, :P] += self.image_rel_pos_table_list[t](image_rp).permute(2, 0, 1)
+            biases.append(bias.to(dtype))
+        if self.cfg.share_attn_bias:
+            biases = biases * len(self.layers)
+        return position, biases
+
     def forward(self, tokens: Tensor, images: Tensor) -> EncoderOutput:
         """tokens: (B, L) right-padded ids; images: (B, 3, R, R)."""
         B, L = tokens.shape
@@ -317,28 +362,14 @@ class Encoder(nn.Module):
         if has_pads:
             x = x * (~padding_mask).unsqueeze(-1).to(x.dtype)
 
-        # Position embeddings do not depend on the item: compute them once, batch of one.
-        device = tokens.device
-        img_ids = image_position_ids(h, w, self.cfg.image_bucket_size).to(device)
-        img_pos = self.image_pos_ln(self.embed_image_positions(img_ids))  # (P, D)
-        txt_pos = self.pos_ln(self.embed_positions(torch.arange(L, device=device)))  # (L, D)
-        position = torch.cat([img_pos, txt_pos], dim=0).unsqueeze(0)  # (1, S, D)
-        abs_bias = _abs_position_bias(
-            position, position, self.pos_q_linear, self.pos_k_linear, self.heads, self.pos_scaling
-        )  # (1, H, S, S)
-
-        token_rp = self.token_rp_bucket[:L, :L]
-        image_rp = image_bucket_positions(h, w, self.cfg.image_bucket_size).to(device)
+        dev = tokens.device.type
+        bias_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        position, layer_biases = self.position_biases(h, w, L, bias_dtype)
         pad_bias = None
         if has_pads:
-            pad_bias = torch.zeros(B, 1, 1, P + L, device=device, dtype=abs_bias.dtype)
+            pad_bias = torch.zeros(B, 1, 1, P + L, device=tokens.device, dtype=bias_dtype)
             pad_bias = pad_bias.masked_fill(padding_mask[:, None, None, :], NEG_INF)
-
-        for idx, layer in enumerate(self.layers):
-            t = 0 if self.cfg.share_attn_bias else idx
-            bias = abs_bias.clone()
-            bias[:, :, P:, P:] += self.token_rel_pos_table_list[t](token_rp).permute(2, 0, 1)
-            bias[:, :, :P, :P] += self.image_rel_pos_table_list[t](image_rp).permute(2, 0, 1)
+        for layer, bias in zip(self.layers, layer_biases, strict=True):
             x = layer(x, bias if pad_bias is None else bias + pad_bias)
         return EncoderOutput(self.layer_norm(x), padding_mask, position)
 
