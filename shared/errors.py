@@ -111,6 +111,14 @@ class ImageUrlError(BadInputError):
     type_slug = "bad-image-url"
 
 
+class UnsupportedMediaTypeError(BadInputError):
+    """A request body that is neither multipart/form-data nor JSON."""
+
+    status = 415
+    title = "Unsupported media type"
+    type_slug = "unsupported-media-type"
+
+
 class QueueUnavailableError(OfaEntailError):
     """The broker or the durable store cannot be reached."""
 

@@ -130,4 +130,11 @@ def reference_preprocessor(model_dir: Path) -> Any:
     return OfaVisualEntailmentPreprocessor(cfg, str(model_dir))
 
 
-__all__ = ["OFATokenizer", "RefConfig", "RefModel", "expand_mask", "load_reference_model", "reference_preprocessor"]
+__all__ = [
+    "OFATokenizer",
+    "RefConfig",
+    "RefModel",
+    "expand_mask",
+    "load_reference_model",
+    "reference_preprocessor",
+]

@@ -94,7 +94,9 @@ def reference_rate(state, items: list[Prepared], device: torch.device, answers) 
             prev = torch.stack([torch.cat([prompt, a]) for a in answer_ids]).to(device)
             n = len(answer_ids)
             hidden = enc.last_hidden_state.repeat_interleave(n, 0)
-            mask = R.expand_mask(enc.padding_mask.repeat_interleave(n, 0), hidden.dtype, prev.shape[1])
+            mask = R.expand_mask(
+                enc.padding_mask.repeat_interleave(n, 0), hidden.dtype, prev.shape[1]
+            )
             ref.decoder(
                 prev,
                 encoder_hidden_states=hidden,
@@ -146,7 +148,11 @@ def main() -> None:
     base_items = [pool[i % len(pool)] for i in range(args.baseline_items)]
     from worker.ofa.entail import Answers
 
-    answers = Answers.build(None, TextEncoder(VOCAB_DIR / "vocab.json", VOCAB_DIR / "merges.txt", TaskConfig()).encode, "-")
+    answers = Answers.build(
+        None,
+        TextEncoder(VOCAB_DIR / "vocab.json", VOCAB_DIR / "merges.txt", TaskConfig()).encode,
+        "-",
+    )
     base = reference_rate(state, base_items, device, answers)
     base_peak = peak_mib(device)
     print(json.dumps({"reference_items_per_s": base, "peak_mib": base_peak}), flush=True)

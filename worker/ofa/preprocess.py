@@ -7,15 +7,14 @@ Image: EXIF orientation, RGB, bicubic resize to a square, scale to [0, 1], norma
 
 from __future__ import annotations
 
-import io
-import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from tokenizers import ByteLevelBPETokenizer
 
-from shared.errors import BadImageError, BadTextError, ImageTooLargeError, UnsupportedImageError
+from shared.errors import BadTextError
+from shared.images import open_image
 from shared.text import pre_caption
 from worker.ofa.config import HYPOTHESIS_PROMPT, PREMISE_PROMPT, TaskConfig
 
@@ -26,6 +25,8 @@ EXTRA_TOKENS = [f"<code_{i}>" for i in range(N_CODE_TOKENS)] + [
     f"<bin_{i}>" for i in range(N_BIN_TOKENS)
 ]
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
+
+__all__ = ["BOS", "EOS", "PAD", "TextEncoder", "image_array", "open_image"]
 
 
 class TextEncoder:
@@ -74,31 +75,6 @@ class TextEncoder:
         if self.task.prompt_type == "prev_output":
             return source[:-1]
         return [BOS]
-
-
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes to an upright RGB image, refusing bombs and broken files."""
-    if not data:
-        raise BadImageError("image is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"image is {width}x{height} = {width * height} pixels; "
-                    f"the limit is {max_pixels}"
-                )
-            img.load()
-            upright = ImageOps.exif_transpose(img)
-            return upright.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"image has too many pixels ({exc})") from exc
-    except Image.UnidentifiedImageError as exc:
-        raise UnsupportedImageError("the file is not an image format we can read") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(f"image could not be decoded ({exc})") from exc
 
 
 def image_array(img: Image.Image, task: TaskConfig) -> np.ndarray:

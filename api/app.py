@@ -1,0 +1,96 @@
+"""The FastAPI application: thin, no torch. ``create_app()`` builds it from settings."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request, Response
+
+from api import metrics, problems
+from api.deps import Services
+from api.fetch import UrlPolicy
+from api.routes import health, jobs
+from shared.celery_app import make_celery
+from shared.embedded import redis_urls
+from shared.keys import Keys
+from shared.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+
+def build_services(settings: Settings) -> Services:
+    """Redis clients, the Celery app and the URL policy."""
+    durable_url, cache_url = redis_urls(settings)
+    durable = aioredis.Redis.from_url(
+        durable_url, socket_connect_timeout=3, socket_timeout=10, health_check_interval=30
+    )
+    cache = (
+        durable
+        if cache_url == durable_url
+        else aioredis.Redis.from_url(cache_url, socket_connect_timeout=3, socket_timeout=10)
+    )
+    policy = UrlPolicy(
+        timeout_s=settings.url_timeout_s,
+        max_redirects=settings.url_max_redirects,
+        max_bytes=settings.max_upload_bytes,
+        allow_hosts=tuple(settings.url_allow_hosts),
+    )
+    return Services(
+        settings, durable, cache, Keys(settings.key_prefix), make_celery(settings), policy
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ASGI application."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = build_services(settings)
+        app.state.services = services
+        if not settings.api_keys:
+            logger.warning("no API keys configured (OFA_API_KEYS): every job request gets 401")
+        yield
+        await services.durable.aclose()
+        if services.cache is not services.durable:
+            await services.cache.aclose()
+
+    app = FastAPI(
+        title="ofa-entail",
+        version="1.0",
+        summary="Does this image support this sentence? Visual entailment with OFA.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(request: Request, exc: redis.RedisError) -> Response:
+        logger.warning("Redis error on %s: %s", request.url.path, exc)
+        return problems.problem(
+            503,
+            "Service unavailable",
+            f"Redis is unavailable ({type(exc).__name__})",
+            "unavailable",
+            headers={"Retry-After": "5"},
+        )
+
+    @app.middleware("http")
+    async def observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.LATENCY.labels(path, request.method).observe(time.perf_counter() - start)
+        metrics.REQUESTS.labels(path, request.method, str(response.status_code)).inc()
+        return response
+
+    app.include_router(jobs.router)
+    app.include_router(health.router)
+    return app

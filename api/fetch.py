@@ -1,0 +1,152 @@
+"""Fetching an image URL without letting the service be used against its own network.
+
+Each hop (the URL, then every redirect) is resolved here, every address it resolves
+to is checked (no private, loopback, link-local, multicast, reserved or unspecified
+address unless the host or network is on the allow-list), and the connection is made
+to the checked address itself, so a DNS answer that changes between the check and the
+connection (rebinding) cannot slip through. Redirects are counted, the body is
+streamed with a byte cap, and the whole fetch has one deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import httpx
+
+from shared.errors import ImageTooLargeError, ImageUrlError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Limits and the allow-list for fetching image URLs."""
+
+    timeout_s: float
+    max_redirects: int
+    max_bytes: int
+    allow_hosts: tuple[str, ...] = ()
+
+    def _allowed_networks(self) -> list[IPNetwork]:
+        nets = []
+        for entry in self.allow_hosts:
+            try:
+                nets.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                continue
+        return nets
+
+    def host_allowed(self, host: str) -> bool:
+        """True for an allow-listed host name."""
+        return host.lower().rstrip(".") in self.allow_hosts
+
+    def address_allowed(self, addr: IPAddress) -> bool:
+        """Public addresses, or any address inside an allow-listed network."""
+        if any(addr in net for net in self._allowed_networks()):
+            return True
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return not (
+            addr.is_private
+            or addr.is_loopback
+            or addr.is_link_local
+            or addr.is_multicast
+            or addr.is_reserved
+            or addr.is_unspecified
+        )
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address ``host`` resolves to."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ImageUrlError(f"cannot resolve {host!r} ({exc.strerror})") from exc
+    return [ipaddress.ip_address(info[4][0]) for info in infos]
+
+
+async def _checked_address(url: str, policy: UrlPolicy) -> tuple[str, str, int, IPAddress]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ImageUrlError(f"only http and https image URLs are accepted, not {parts.scheme!r}")
+    host = parts.hostname
+    if not host:
+        raise ImageUrlError("the image URL has no host")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    addresses = await resolve(host, port)
+    if not addresses:
+        raise ImageUrlError(f"{host!r} resolves to no address")
+    if not policy.host_allowed(host):
+        refused = [a for a in addresses if not policy.address_allowed(a)]
+        if refused:
+            raise ImageUrlError(
+                f"{host!r} resolves to {refused[0]}, a private or local address; "
+                "intranet hosts must be on the allow-list (OFA_URL_ALLOW_HOSTS)"
+            )
+    return parts.scheme, host, port, addresses[0]
+
+
+async def _fetch_once(
+    client: httpx.AsyncClient, url: str, policy: UrlPolicy
+) -> tuple[httpx.Response, bytes | None]:
+    scheme, host, port, addr = await _checked_address(url, policy)
+    parts = urlsplit(url)
+    ip_host = f"[{addr}]" if addr.version == 6 else str(addr)
+    pinned = urlunsplit((scheme, f"{ip_host}:{port}", parts.path or "/", parts.query, ""))
+    default_port = 443 if scheme == "https" else 80
+    headers = {"Host": host if port == default_port else f"{host}:{port}"}
+    extensions = {"sni_hostname": host} if scheme == "https" else {}
+    request = client.build_request("GET", pinned, headers=headers, extensions=extensions)
+    response = await client.send(request, stream=True)
+    try:
+        if response.is_redirect:
+            return response, None
+        if response.status_code != 200:
+            raise ImageUrlError(f"the image URL answered HTTP {response.status_code}")
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+            raise ImageTooLargeError(
+                f"the image at the URL is {declared} bytes; the limit is {policy.max_bytes}"
+            )
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > policy.max_bytes:
+                raise ImageTooLargeError(
+                    f"the image at the URL is larger than {policy.max_bytes} bytes"
+                )
+        return response, bytes(body)
+    finally:
+        await response.aclose()
+
+
+async def fetch_image(url: str, policy: UrlPolicy) -> bytes:
+    """The bytes at ``url``, or an ``ImageUrlError`` / ``ImageTooLargeError`` saying why not."""
+    try:
+        async with asyncio.timeout(policy.timeout_s):
+            async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+                current = url
+                for _ in range(policy.max_redirects + 1):
+                    response, body = await _fetch_once(client, current, policy)
+                    if body is not None:
+                        return body
+                    location = response.headers.get("location")
+                    if not location:
+                        raise ImageUrlError("a redirect without a Location header")
+                    current = urljoin(current, location)
+                raise ImageUrlError(f"more than {policy.max_redirects} redirects")
+    except TimeoutError as exc:
+        raise ImageUrlError(f"the image URL did not answer within {policy.timeout_s:g}s") from exc
+    except httpx.HTTPError as exc:
+        raise ImageUrlError(f"the image URL could not be fetched ({type(exc).__name__})") from exc

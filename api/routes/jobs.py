@@ -1,0 +1,253 @@
+"""``POST /v1/jobs`` and ``GET /v1/jobs/{id}``: submit, answer from cache, or queue; poll."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import redis
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from api import metrics
+from api.deps import AuthDep, Services, ServicesDep
+from api.fetch import fetch_image
+from api.images import check_size, decode_base64, validate_image
+from shared import jobs
+from shared.celery_app import TASK_ENTAIL, queue_name
+from shared.errors import (
+    BadInputError,
+    BadTextError,
+    ImageTooLargeError,
+    QueueUnavailableError,
+    UnsupportedMediaTypeError,
+)
+from shared.keys import verdict_key
+from shared.schemas import CachedVerdict, Job, JobRequest
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+MULTIPART_OVERHEAD = 64 * 1024
+REQUEST_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "text"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "text": {"type": "string"},
+                        "premise": {"type": "string"},
+                    },
+                }
+            },
+            "application/json": {"schema": JobRequest.model_json_schema()},
+        },
+    }
+}
+
+
+class Submission:
+    """A parsed, validated request: image bytes and texts."""
+
+    def __init__(self, image: bytes, text: str, premise: str | None) -> None:
+        self.image = image
+        self.text = text
+        self.premise = premise
+
+
+def _check_text(value: Any, name: str, limit: int, required: bool) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip() and not required):
+        if required:
+            raise BadTextError(f"{name} is required")
+        return None
+    if not isinstance(value, str):
+        raise BadTextError(f"{name} must be a string")
+    if not value.strip():
+        raise BadTextError(f"{name} is empty")
+    if len(value) > limit:
+        raise BadTextError(f"{name} is {len(value)} characters; the limit is {limit}")
+    return value
+
+
+async def _parse(request: Request, s: Services) -> Submission:
+    """Read and validate the body (multipart or JSON) without storing anything."""
+    limit = s.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body_cap = limit + MULTIPART_OVERHEAD if ctype != "application/json" else limit * 4 // 3
+    if declared and declared.isdigit() and int(declared) > body_cap + MULTIPART_OVERHEAD:
+        raise _too_large(limit)
+    text_limit = s.settings.max_text_chars
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=8)
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise BadInputError("the multipart field 'image' (a file) is required")
+        image = await upload.read(limit + 1)
+        check_size(image, limit)
+        text = _check_text(form.get("text"), "text", text_limit, required=True)
+        premise = _check_text(form.get("premise"), "premise", text_limit, required=False)
+        assert text is not None
+        return Submission(image, text, premise)
+    if ctype == "application/json":
+        try:
+            body = JobRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            detail = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise BadInputError(detail or "invalid JSON body") from exc
+        text = _check_text(body.text, "text", text_limit, required=True)
+        premise = _check_text(body.premise, "premise", text_limit, required=False)
+        assert text is not None
+        if (body.image_base64 is None) == (body.image_url is None):
+            raise BadInputError("give exactly one of image_base64 and image_url")
+        if body.image_base64 is not None:
+            image = decode_base64(body.image_base64, limit)
+        else:
+            assert body.image_url is not None
+            image = await fetch_image(body.image_url, s.url_policy)
+        return Submission(image, text, premise)
+    raise UnsupportedMediaTypeError(
+        f"send multipart/form-data or application/json, not {ctype or 'nothing'}"
+    )
+
+
+def _too_large(limit: int) -> BadInputError:
+    return ImageTooLargeError(f"the request is larger than the {limit}-byte upload limit")
+
+
+async def _wait_for(s: Services, job_id: str, seconds: float) -> Job | None:
+    """Poll the job record until it ends or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    delay = 0.01
+    while True:
+        raw = await s.durable.hgetall(s.keys.job(job_id))
+        if raw:
+            job = jobs.decode(job_id, raw)
+            if job.status in ("succeeded", "failed"):
+                return job
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.2)
+
+
+def _accepted(job_id: str, status: str = "queued") -> JSONResponse:
+    return JSONResponse(
+        {"job_id": job_id, "status": status},
+        status_code=202,
+        headers={"Location": f"/v1/jobs/{job_id}", "Retry-After": "1"},
+    )
+
+
+async def _enqueue(s: Services, sub: Submission, key: str) -> tuple[str, bool]:
+    """Join the job already computing ``key``, or create one. Returns (job id, created)."""
+    model_id, revision = s.settings.model_tag
+    job_id = uuid.uuid4().hex
+    inflight = s.keys.inflight(key)
+    for _ in range(3):
+        if await s.durable.set(inflight, job_id, nx=True, ex=s.settings.job_ttl_s):
+            break
+        existing = await s.durable.get(inflight)
+        if existing:
+            metrics.DEDUPLICATED.inc()
+            return (existing.decode() if isinstance(existing, bytes) else existing), False
+    else:
+        raise QueueUnavailableError("could not register the job; try again")
+
+    job_key, blob_key = s.keys.job(job_id), s.keys.blob(key)
+    record = jobs.new_record(key, model_id, revision, sub.text, sub.premise)
+    try:
+        pipe = s.durable.pipeline(transaction=True)
+        pipe.set(blob_key, sub.image, ex=s.settings.blob_ttl_s)
+        pipe.hset(job_key, mapping=record)
+        pipe.expire(job_key, s.settings.job_ttl_s)
+        await pipe.execute()
+        await run_in_threadpool(
+            s.celery.send_task,
+            TASK_ENTAIL,
+            kwargs={
+                "job_id": job_id,
+                "key": key,
+                "model": model_id,
+                "revision": revision,
+                "text": sub.text,
+                "premise": sub.premise,
+            },
+            task_id=job_id,
+            queue=queue_name(model_id, revision),
+            retry=False,
+        )
+    except Exception as exc:
+        # Leave nothing behind for a request we could not queue.
+        try:
+            await s.durable.delete(job_key, blob_key, inflight)
+        except redis.RedisError:
+            logger.exception("could not clean up after a failed enqueue")
+        raise QueueUnavailableError(f"the job queue is unavailable ({type(exc).__name__})") from exc
+    metrics.ENQUEUED.inc()
+    return job_id, True
+
+
+@router.post(
+    "",
+    openapi_extra=REQUEST_BODY_DOC,
+    responses={200: {"model": CachedVerdict}, 202: {"description": "queued: poll Location"}},
+    summary="Submit an image and a sentence",
+)
+async def post_job(
+    request: Request,
+    s: ServicesDep,
+    _auth: AuthDep,
+    wait: float = Query(0, ge=0, description="seconds to hold the request for the verdict"),
+) -> Response:
+    """Answer from the cache (200), or queue the work and return a job id (202)."""
+    try:
+        sub = await _parse(request, s)
+    except BadInputError as exc:
+        metrics.REJECTED.labels(exc.type_slug).inc()
+        raise
+    model_id, revision = s.settings.model_tag
+    key = verdict_key(model_id, revision, sub.image, sub.text, sub.premise)
+    cached = await s.cache.get(s.keys.verdict(key))
+    if cached is not None:
+        metrics.CACHE.labels("hit").inc()
+        body = cached if isinstance(cached, bytes) else cached.encode()
+        return Response(
+            b'{"status":"succeeded","cached":true,"verdict":' + body + b"}",
+            media_type="application/json",
+        )
+    metrics.CACHE.labels("miss").inc()
+    try:
+        await run_in_threadpool(validate_image, sub.image, s.settings.max_pixels)
+    except BadInputError as exc:
+        metrics.REJECTED.labels(exc.type_slug).inc()
+        raise
+    job_id, _ = await _enqueue(s, sub, key)
+    if wait > 0:
+        job = await _wait_for(s, job_id, min(wait, s.settings.max_wait_s))
+        if job is not None:
+            return JSONResponse(json.loads(job.model_dump_json()))
+    return _accepted(job_id)
+
+
+@router.get("/{job_id}", response_model=Job, summary="Poll a job")
+async def get_job(job_id: str, s: ServicesDep, _auth: AuthDep) -> Job:
+    """Status, timestamps, and the verdict or error. Unknown or expired ids: 404."""
+    raw = await s.durable.hgetall(s.keys.job(job_id))
+    if not raw:
+        raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
+    return jobs.decode(job_id, raw)

@@ -1,0 +1,70 @@
+"""The Celery application both sides share: settings, task names, queue names.
+
+Importable without torch: the API sends tasks by name and never imports worker code.
+Job status comes from our own job records, never from Celery results (Celery calls
+an unknown id PENDING).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.embedded import redis_urls
+from shared.settings import Settings, get_settings
+
+TASK_ENTAIL = "ofa.entail"
+
+
+def queue_name(model_id: str, revision: str, bulk: bool = False) -> str:
+    """Each model has its own queues, so a task waits for a worker serving its model.
+
+    Interactive jobs and bulk scans use separate queues; workers consume both and
+    list the interactive one first.
+    """
+    kind = "bulk" if bulk else "interactive"
+    return f"ofa.{kind}.{model_id}@{revision}"
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    """A configured Celery app (broker and result backend: the durable Redis)."""
+    settings = settings or get_settings()
+    durable, _ = redis_urls(settings)
+    transport = {
+        # A message a dead worker took comes back after this long: above the hard time
+        # limit, so a task still running healthily is never handed to a second worker.
+        "visibility_timeout": settings.visibility_timeout_s,
+        "socket_connect_timeout": 3,
+        "socket_timeout": 10,
+    }
+    app = Celery("ofa_entail", broker=durable, backend=durable)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        result_backend_transport_options=dict(transport),
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        # Time limits: enforced by Celery in prefork pools; with the threads pool the
+        # worker enforces the soft limit itself on its wait for the batch.
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        task_ignore_result=True,  # job records carry the outcome
+        result_expires=settings.job_ttl_s,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_default_queue=queue_name(*settings.model_tag),
+        worker_hijack_root_logger=False,
+        broker_pool_limit=64,
+    )
+    return app
+
+
+# For `celery --app shared.celery_app:app flower` (Flower needs only the broker).
+def __getattr__(name: str) -> Celery:
+    if name == "app":
+        return make_celery()
+    raise AttributeError(name)
