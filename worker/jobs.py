@@ -23,13 +23,17 @@ class JobGone(Exception):
 
 
 def finish(rt: Runtime, job_id: str, key: str, verdict: dict[str, Any], cached: bool) -> None:
-    """Write the verdict to the cache and the job record; clear the in-flight mark."""
+    """Write the verdict to the cache and the job record.
+
+    The in-flight mark stays (as long as the job record) pointing at this finished job:
+    a submit that raced past the cache lookup joins this job instead of starting another.
+    """
     ttl = rt.settings.verdict_ttl_s
     rt.cache.set(rt.keys.verdict(key), json.dumps(verdict), ex=ttl)
     pipe = rt.durable.pipeline()
     pipe.hset(rt.keys.job(job_id), mapping=jobs.succeeded_fields(verdict, cached))
     pipe.expire(rt.keys.job(job_id), rt.settings.job_ttl_s)
-    pipe.delete(rt.keys.inflight(key))
+    pipe.expire(rt.keys.inflight(key), rt.settings.job_ttl_s)
     pipe.delete(rt.keys.blob(key))
     pipe.execute()
 

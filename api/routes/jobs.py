@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 MULTIPART_OVERHEAD = 64 * 1024
+_DELETE_IF_EQUAL = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
 REQUEST_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -163,8 +166,12 @@ async def _enqueue(s: Services, sub: Submission, key: str) -> tuple[str, bool]:
             break
         existing = await s.durable.get(inflight)
         if existing:
-            metrics.DEDUPLICATED.inc()
-            return (existing.decode() if isinstance(existing, bytes) else existing), False
+            other = existing.decode() if isinstance(existing, bytes) else existing
+            if await s.durable.exists(s.keys.job(other)):
+                metrics.DEDUPLICATED.inc()
+                return other, False
+            # The mark outlived its job record: drop it (only if unchanged) and retry.
+            await s.durable.eval(_DELETE_IF_EQUAL, 1, inflight, other)
     else:
         raise QueueUnavailableError("could not register the job; try again")
 

@@ -94,11 +94,13 @@ class WorkerProcess:
     def start(self, **overrides: str) -> None:
         env = {**self.env, **overrides}
         self.starts += 1
-        log = (self.log_dir / f"worker-{self.starts}.log").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "worker", "--name", f"w{self.starts}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
+        with (self.log_dir / f"worker-{self.starts}.log").open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", "worker", "--name", f"w{self.starts}"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 60) -> None:
@@ -143,10 +145,13 @@ def worker(service_env: dict, rdb: redis.Redis, tmp_path_factory) -> Iterator[Wo
 def start_api(env: dict, log_path: Path, **overrides: str) -> tuple[subprocess.Popen, str]:
     """A real uvicorn serving the API on a free port; returns (process, base URL)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "api", "--port", str(port)],
-        env={**env, **overrides}, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-    )
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "api", "--port", str(port)],
+            env={**env, **overrides},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -170,6 +175,7 @@ def api(service_env: dict, tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture
 def client(api: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {API_KEY}"},
-                      timeout=30) as c:
+    with httpx.Client(
+        base_url=api, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
+    ) as c:
         yield c

@@ -1,0 +1,161 @@
+"""Submit, cache, deduplicate, poll: through a real API, Valkey and Celery worker."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from shared.celery_app import queue_name
+from shared.keys import Keys, verdict_key
+from tests.helpers import encode_image, photo, small_jpeg
+from tests.service.conftest import API_KEY, MODEL, start_api
+from worker.ofa.checkpoint import load_checkpoint
+from worker.ofa.entail import Entailer
+
+
+def poll(client: httpx.Client, job_id: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc = client.get(f"/v1/jobs/{job_id}").json()
+        if doc["status"] in ("succeeded", "failed"):
+            return doc
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} did not finish: {doc}")
+
+
+def queue_len(rdb: redis.Redis) -> int:
+    return int(rdb.llen(queue_name(*MODEL)))
+
+
+def batch_items(rdb: redis.Redis, keys: Keys) -> int:
+    return int(rdb.hget(keys.prefix + "stats:batches", "items") or 0)
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_dir: Path) -> Entailer:
+    """The runtime itself, to check what comes through the service."""
+    return Entailer(load_checkpoint(tiny_dir), device="cpu")
+
+
+def test_submit_poll_then_cache_hit(client, worker, rdb, keys, direct):
+    image = encode_image(photo("chelsea").resize((120, 80)))
+    text, premise = "A cat lies on a red sofa.", "An animal rests indoors."
+    form = {"text": text, "premise": premise}
+    resp = client.post("/v1/jobs", data=form, files={"image": ("cat.jpg", image)})
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job_id"]
+    assert resp.headers["location"] == f"/v1/jobs/{job_id}"
+    assert int(resp.headers["retry-after"]) >= 1
+
+    job = poll(client, job_id)
+    assert job["status"] == "succeeded", job
+    verdict = job["verdict"]
+    assert sum(verdict["probabilities"].values()) == pytest.approx(1.0, abs=1e-9)
+    assert verdict["model"] == {"id": MODEL[0], "revision": MODEL[1]}
+    assert verdict["key"] == verdict_key(*MODEL, image, text, premise)
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+    expected = direct.predict(image, text, premise)
+    assert verdict["label"] == expected.label and verdict["answer"] == expected.answer
+    for label, p in expected.probabilities.items():
+        assert verdict["probabilities"][label] == pytest.approx(p, abs=1e-6)
+    # The blob is gone once the verdict is cached; the in-flight mark now names the
+    # finished job (late duplicates join it rather than start another).
+    assert not rdb.exists(keys.blob(verdict["key"]))
+    assert rdb.get(keys.inflight(verdict["key"])).decode() == job_id
+
+    jobs_before = set(rdb.scan_iter(keys.job("*")))
+    queued_before, items_before = queue_len(rdb), batch_items(rdb, keys)
+    # Same image bytes, texts that normalise the same: a 200 cache hit, no new job.
+    again = client.post(
+        "/v1/jobs",
+        data={"text": "  a CAT lies on a red sofa.", "premise": "an animal rests indoors."},
+        files={"image": ("other-name.jpg", image)},
+    )
+    assert again.status_code == 200, again.text
+    assert again.json() == {"status": "succeeded", "cached": True, "verdict": verdict}
+    assert set(rdb.scan_iter(keys.job("*"))) == jobs_before
+    assert queue_len(rdb) == queued_before
+    time.sleep(0.3)
+    assert batch_items(rdb, keys) == items_before
+
+
+def test_json_base64_and_wait(client, worker):
+    image = small_jpeg(seed=11)
+    body = {"text": "noise", "image_base64": base64.b64encode(image).decode()}
+    resp = client.post("/v1/jobs?wait=20", json=body)
+    assert resp.status_code == 200, resp.text
+    doc = resp.json()
+    assert doc["status"] == "succeeded" and doc["cached"] is False
+    assert set(doc["verdict"]["probabilities"]) == {"entailment", "contradiction", "neutral"}
+
+
+def test_concurrent_identical_submits_run_once(api, worker, rdb, keys):
+    image = small_jpeg(seed=12)
+    items_before = batch_items(rdb, keys)
+
+    def submit(_: int) -> httpx.Response:
+        with httpx.Client(base_url=api, headers={"X-API-Key": API_KEY}, timeout=30) as c:
+            return c.post("/v1/jobs", data={"text": "same"}, files={"image": ("a.jpg", image)})
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(submit, range(16)))
+    queued = {r.json()["job_id"] for r in responses if r.status_code == 202}
+    assert all(r.status_code in (200, 202) for r in responses)
+    assert len(queued) == 1, queued  # every queued answer names the same job
+    with httpx.Client(base_url=api, headers={"X-API-Key": API_KEY}) as c:
+        job = poll(c, queued.pop())
+    assert job["status"] == "succeeded"
+    time.sleep(0.3)
+    assert batch_items(rdb, keys) == items_before + 1  # the model ran once
+
+
+def test_other_revision_is_not_served_from_cache(client, worker, service_env, rdb, tmp_path):
+    image = small_jpeg(seed=13)
+    resp = client.post("/v1/jobs?wait=20", data={"text": "x"}, files={"image": ("a.jpg", image)})
+    assert resp.status_code == 200 and resp.json()["status"] == "succeeded"
+    proc, base = start_api(service_env, tmp_path / "api2.log", OFA_MODEL_REVISION="seed2")
+    try:
+        with httpx.Client(base_url=base, headers={"X-API-Key": API_KEY}) as other:
+            again = other.post("/v1/jobs", data={"text": "x"}, files={"image": ("a.jpg", image)})
+            assert again.status_code == 202  # a miss: queued for a seed2 worker
+            job = other.get(again.headers["location"]).json()
+            assert job["status"] == "queued"
+            other_queue = queue_name(MODEL[0], "seed2")
+            assert rdb.llen(other_queue) == 1  # waiting for a worker that serves seed2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        rdb.delete(queue_name(MODEL[0], "seed2"))
+
+
+def test_unknown_job_is_404(client):
+    resp = client.get("/v1/jobs/does-not-exist")
+    assert resp.status_code == 404
+    assert resp.headers["content-type"] == "application/problem+json"
+
+
+def test_health_ready_metrics(client, worker):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["workers"] >= 1
+    text = client.get("/metrics").text
+    for name in (
+        "ofa_api_requests_total",
+        "ofa_cache_lookups_total",
+        "ofa_jobs_enqueued_total",
+        "ofa_api_request_seconds_bucket",
+    ):
+        assert name in text
+
+
+def test_docs_served(client):
+    spec = client.get("/openapi.json").json()
+    assert "/v1/jobs" in spec["paths"] and "/v1/jobs/{job_id}" in spec["paths"]
+    body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
