@@ -171,7 +171,8 @@ def main() -> None:
         "",
         "| runner | batch | items/s | x reference | peak memory (MiB) |",
         "|---|---|---|---|---|",
-        f"| ModelScope OFAModel, one item per call, fp32 | 1 | {base:.3f} | 1.00 | {base_peak:.0f} |",
+        f"| ModelScope OFAModel, one item per call, fp32 | 1 | {base:.3f} | 1.00 "
+        f"| {base_peak:.0f} |",
     ]
     for r in rows:
         lines.append(
