@@ -36,6 +36,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
         "socket_connect_timeout": 3,
         "socket_timeout": 10,
     }
+    broker_transport = {
+        **transport,
+        # Sweep for abandoned messages every interval (kombu's default scans only every
+        # tenth sweep, about 100 s), so recovery takes about visibility timeout + interval.
+        "unacked_restore_interval": settings.unacked_restore_interval_s,
+        "unacked_restore_throttle": 1,
+    }
     app = Celery("ofa_entail", broker=durable, backend=durable)
     app.conf.update(
         task_serializer="json",
@@ -44,7 +51,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options=transport,
+        broker_transport_options=broker_transport,
         result_backend_transport_options=dict(transport),
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
 
     # Worker batching.
     batch_size: int = Field(16, ge=1, le=512)
-    batch_wait_ms: float = Field(5.0, ge=0, le=1000)
+    batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     worker_threads: int = Field(32, ge=1, le=512)
 
     # Limits on input.
@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: int = Field(60, ge=1)
     task_time_limit_s: int = Field(90, ge=1)
     visibility_timeout_s: int = Field(120, ge=1)
+    # How often workers sweep for messages whose holder died (kombu's default is ~100 s).
+    unacked_restore_interval_s: int = Field(10, ge=1)
     task_max_retries: int = Field(5, ge=0)
 
     # Auth. Keys are compared in constant time; comma-separated in the environment.

@@ -59,6 +59,7 @@ def service_env(valkey: str, tiny_dir: Path, tmp_path_factory: pytest.TempPathFa
         OFA_TASK_SOFT_TIME_LIMIT_S="4",
         OFA_TASK_TIME_LIMIT_S="6",
         OFA_VISIBILITY_TIMEOUT_S="8",
+        OFA_UNACKED_RESTORE_INTERVAL_S="2",
         OFA_MAX_UPLOAD_BYTES=str(2 * 1024 * 1024),
         OFA_MAX_PIXELS=str(4_000_000),
         OFA_MAX_TEXT_CHARS="300",

@@ -1,0 +1,47 @@
+"""Settings: safe production defaults, consistent Celery limits."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shared.settings import Settings
+
+
+def test_production_refuses_missing_secrets(monkeypatch):
+    monkeypatch.chdir("/")
+    with pytest.raises(ValidationError, match="OFA_REDIS_URL.*OFA_API_KEYS.*OFA_FLOWER_PASSWORD"):
+        Settings(environment="production")
+
+
+def test_production_refuses_weak_keys():
+    with pytest.raises(ValidationError, match="at least 24"):
+        Settings(
+            environment="production",
+            redis_url="redis://r:6379/0",
+            api_keys="short",
+            flower_password="x" * 30,
+        )
+
+
+def test_production_accepts_complete_config():
+    s = Settings(
+        environment="production",
+        redis_url="redis://r:6379/0",
+        api_keys="k" * 32 + "," + "j" * 32,
+        flower_password="x" * 30,
+    )
+    assert len(s.api_keys) == 2
+
+
+def test_visibility_timeout_must_exceed_hard_limit():
+    with pytest.raises(ValidationError, match="visibility_timeout_s"):
+        Settings(task_time_limit_s=100, task_soft_time_limit_s=50, visibility_timeout_s=100)
+
+
+def test_env_lists_and_defaults(monkeypatch):
+    monkeypatch.setenv("OFA_URL_ALLOW_HOSTS", "Images.Intranet, 10.1.0.0/16")
+    s = Settings()
+    assert s.url_allow_hosts == ["images.intranet", "10.1.0.0/16"]
+    assert s.model == "iic/ofa_visual-entailment_snli-ve_large_en"
+    assert s.max_upload_bytes > 0 and s.max_pixels > 0  # limits on by default

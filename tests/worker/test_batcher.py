@@ -1,0 +1,50 @@
+"""The dynamic batcher groups concurrent submissions and reports failures to each."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from worker.batcher import Batcher
+
+
+def test_concurrent_items_share_batches():
+    sizes: list[int] = []
+    b: Batcher[int, int] = Batcher(
+        lambda xs: [x * 2 for x in xs],
+        max_batch=8,
+        max_wait_s=0.05,
+        on_batch=lambda n, _: sizes.append(n),
+    )
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda x: b.submit(x).result(timeout=5), range(32)))
+    b.close()
+    assert results == [x * 2 for x in range(32)]
+    assert sum(sizes) == 32 and max(sizes) <= 8 and len(sizes) < 32
+
+
+def test_max_wait_bounds_latency_of_a_lone_item():
+    b: Batcher[int, int] = Batcher(lambda xs: list(xs), max_batch=64, max_wait_s=0.05)
+    start = time.monotonic()
+    assert b.submit(7).result(timeout=5) == 7
+    assert time.monotonic() - start < 1.0
+    b.close()
+
+
+def test_failure_reaches_every_waiter():
+    gate = threading.Event()
+
+    def boom(xs):
+        gate.wait(1)
+        raise RuntimeError("device lost")
+
+    b: Batcher[int, int] = Batcher(boom, max_batch=4, max_wait_s=0.2)
+    futures = [b.submit(i) for i in range(3)]
+    gate.set()
+    for f in futures:
+        with pytest.raises(RuntimeError, match="device lost"):
+            f.result(timeout=5)
+    b.close()
