@@ -1,0 +1,45 @@
+# Everything set up from a fresh clone: `make up` runs the service, `make test` the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+DATA ?= .data
+TINY := $(DATA)/tiny-model
+
+.PHONY: install up test lint bench clean
+
+# torch first, from the CPU wheel (`pip install torch==2.13.0`), so that nothing later
+# pulls the multi-GB CUDA build; then the project with its test extra.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# With no model configured, serve a small RANDOM checkpoint (verdicts meaningless) so
+# that the whole service runs offline; set OFA_MODEL_DIR or OFA_MODEL for a real one.
+up: install
+	@if [ -z "$$OFA_MODEL_DIR$$OFA_MODEL" ]; then \
+	  [ -f $(TINY)/config.json ] || $(BIN)/ofa-entail model tiny $(TINY); \
+	  echo "No model configured: serving the RANDOM tiny checkpoint in $(TINY)"; \
+	  OFA_MODEL_DIR=$(TINY) OFA_MODEL=tiny-random OFA_MODEL_REVISION=seed0 $(BIN)/ofa-entail up; \
+	else \
+	  $(BIN)/ofa-entail up; \
+	fi
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: install lint
+	$(PY) -m pytest
+
+bench: install
+	$(PY) -m tests.benchmarks.bench_runtime --out tests/benchmarks/results/runtime-cpu.md
+	$(PY) -m tests.benchmarks.bench_service --out tests/benchmarks/results/service-cpu.md
+
+clean:
+	rm -rf $(VENV) $(DATA) .pytest_cache .mypy_cache .ruff_cache
