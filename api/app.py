@@ -4,23 +4,53 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics, problems
 from api.deps import Services
 from api.fetch import UrlPolicy
 from api.routes import health, jobs
+from api.waiter import JobWaiter
 from shared.celery_app import make_celery
 from shared.embedded import redis_urls
 from shared.keys import Keys
 from shared.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
+
+
+class MetricsMiddleware:
+    """Request count and latency per route (plain ASGI: no per-request task or copy)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            metrics.LATENCY.labels(path, method).observe(time.perf_counter() - start)
+            metrics.REQUESTS.labels(path, method, str(status)).inc()
 
 
 def build_services(settings: Settings) -> Services:
@@ -40,9 +70,9 @@ def build_services(settings: Settings) -> Services:
         max_bytes=settings.max_upload_bytes,
         allow_hosts=tuple(settings.url_allow_hosts),
     )
-    return Services(
-        settings, durable, cache, Keys(settings.key_prefix), make_celery(settings), policy
-    )
+    keys = Keys(settings.key_prefix)
+    waiter = JobWaiter(durable, keys.done_channel())
+    return Services(settings, durable, cache, keys, make_celery(settings), policy, waiter)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -56,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.api_keys:
             logger.warning("no API keys configured (OFA_API_KEYS): every job request gets 401")
         yield
+        await services.waiter.close()
         await services.durable.aclose()
         if services.cache is not services.durable:
             await services.cache.aclose()
@@ -79,18 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             headers={"Retry-After": "5"},
         )
 
-    @app.middleware("http")
-    async def observe(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.LATENCY.labels(path, request.method).observe(time.perf_counter() - start)
-        metrics.REQUESTS.labels(path, request.method, str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(MetricsMiddleware)
     app.include_router(jobs.router)
     app.include_router(health.router)
     return app

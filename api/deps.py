@@ -11,6 +11,7 @@ from celery import Celery
 from fastapi import Depends, HTTPException, Request
 
 from api.fetch import UrlPolicy
+from api.waiter import JobWaiter
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -25,6 +26,7 @@ class Services:
     keys: Keys
     celery: Celery
     url_policy: UrlPolicy
+    waiter: JobWaiter
 
 
 def get_services(request: Request) -> Services:

@@ -63,6 +63,10 @@ class Keys:
         """Durable store: the id of the job computing ``key`` right now."""
         return f"{self.prefix}inflight:{key}"
 
+    def done_channel(self) -> str:
+        """Pub/sub channel on which workers announce each finished job id."""
+        return f"{self.prefix}done"
+
     def workers(self, model_id: str, revision: str) -> str:
         """Durable store: sorted set of workers serving a model, scored by heartbeat time."""
         return f"{self.prefix}workers:{model_id}@{revision}"

@@ -22,42 +22,71 @@ class JobGone(Exception):
     """The job record expired or never existed: nothing to do."""
 
 
+def _record(
+    rt: Runtime,
+    job_id: str,
+    key: str,
+    fields: dict[Any, Any],
+    keep_mark: bool,
+    verdict: str | None = None,
+) -> None:
+    """Write the job's final fields (and the verdict, when the cache is the same server),
+    tidy up, and tell waiting API requests; one round trip."""
+    ttl = rt.settings.job_ttl_s
+    pipe = rt.durable.pipeline()
+    if verdict is not None:
+        pipe.set(rt.keys.verdict(key), verdict, ex=rt.settings.verdict_ttl_s)
+    pipe.hset(rt.keys.job(job_id), mapping=fields)
+    pipe.expire(rt.keys.job(job_id), ttl)
+    if keep_mark:
+        pipe.expire(rt.keys.inflight(key), ttl)
+    else:
+        pipe.delete(rt.keys.inflight(key))
+    pipe.delete(rt.keys.blob(key))
+    pipe.publish(rt.keys.done_channel(), job_id)
+    pipe.execute()
+
+
 def finish(rt: Runtime, job_id: str, key: str, verdict: dict[str, Any], cached: bool) -> None:
     """Write the verdict to the cache and the job record.
 
     The in-flight mark stays (as long as the job record) pointing at this finished job:
     a submit that raced past the cache lookup joins this job instead of starting another.
     """
-    ttl = rt.settings.verdict_ttl_s
-    rt.cache.set(rt.keys.verdict(key), json.dumps(verdict), ex=ttl)
-    pipe = rt.durable.pipeline()
-    pipe.hset(rt.keys.job(job_id), mapping=jobs.succeeded_fields(verdict, cached))
-    pipe.expire(rt.keys.job(job_id), rt.settings.job_ttl_s)
-    pipe.expire(rt.keys.inflight(key), rt.settings.job_ttl_s)
-    pipe.delete(rt.keys.blob(key))
-    pipe.execute()
+    doc = json.dumps(verdict)
+    fields = jobs.succeeded_fields(verdict, cached)
+    if rt.cache is rt.durable:
+        _record(rt, job_id, key, fields, keep_mark=True, verdict=doc)
+    else:
+        # The verdict first: a job never reads as succeeded before its verdict is cached.
+        rt.cache.set(rt.keys.verdict(key), doc, ex=rt.settings.verdict_ttl_s)
+        _record(rt, job_id, key, fields, keep_mark=True)
 
 
 def fail(rt: Runtime, job_id: str, key: str, error: str) -> None:
     """Mark the job failed for good; the next identical submission may try again."""
-    pipe = rt.durable.pipeline()
-    pipe.hset(rt.keys.job(job_id), mapping=jobs.failed_fields(error))
-    pipe.expire(rt.keys.job(job_id), rt.settings.job_ttl_s)
-    pipe.delete(rt.keys.inflight(key))
-    pipe.delete(rt.keys.blob(key))
-    pipe.execute()
+    _record(rt, job_id, key, jobs.failed_fields(error), keep_mark=False)
     logger.info("job %s failed: %s", job_id, error)
 
 
 def run_job(rt: Runtime, job_id: str, key: str, text: str, premise: str | None) -> dict[str, Any]:
     """Compute (or find) the verdict for one job and record it."""
-    cached = rt.cache.get(rt.keys.verdict(key))
+    if rt.cache is rt.durable:
+        pipe = rt.durable.pipeline()
+        pipe.get(rt.keys.verdict(key))
+        pipe.get(rt.keys.blob(key))
+        pipe.hset(rt.keys.job(job_id), mapping=jobs.running_fields())
+        cached, blob, _ = pipe.execute()
+    else:
+        cached, blob = rt.cache.get(rt.keys.verdict(key)), None
+        if cached is None:
+            rt.durable.hset(rt.keys.job(job_id), mapping=jobs.running_fields())
     if cached is not None:
         verdict = json.loads(cached)
         finish(rt, job_id, key, verdict, cached=True)
         return verdict
-    rt.durable.hset(rt.keys.job(job_id), mapping=jobs.running_fields())
-    blob = rt.durable.get(rt.keys.blob(key))
+    if blob is None:
+        blob = rt.durable.get(rt.keys.blob(key))
     if not isinstance(blob, bytes):
         fail(rt, job_id, key, "the image expired before a worker could take the job")
         return {}

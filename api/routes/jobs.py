@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -131,21 +132,31 @@ def _too_large(limit: int) -> BadInputError:
     return ImageTooLargeError(f"the request is larger than the {limit}-byte upload limit")
 
 
+async def _read_job(s: Services, job_id: str) -> Job | None:
+    raw = await s.durable.hgetall(s.keys.job(job_id))
+    return jobs.decode(job_id, raw) if raw else None
+
+
 async def _wait_for(s: Services, job_id: str, seconds: float) -> Job | None:
-    """Poll the job record until it ends or ``seconds`` pass."""
+    """The job once it has ended, or None after ``seconds``.
+
+    Woken by the workers' pub/sub announcement; the record is re-read at least once a
+    second as well, so a notification lost in a reconnect costs latency, not a hang.
+    """
     deadline = time.monotonic() + seconds
-    delay = 0.01
-    while True:
-        raw = await s.durable.hgetall(s.keys.job(job_id))
-        if raw:
-            job = jobs.decode(job_id, raw)
-            if job.status in ("succeeded", "failed"):
+    fut = s.waiter.register(job_id)
+    try:
+        while True:
+            job = await _read_job(s, job_id)
+            if job is not None and job.status in ("succeeded", "failed"):
                 return job
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        await asyncio.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.2)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(fut), min(remaining, 1.0))
+    finally:
+        s.waiter.forget(job_id, fut)
 
 
 def _accepted(job_id: str, status: str = "queued") -> JSONResponse:
@@ -254,7 +265,7 @@ async def post_job(
 @router.get("/{job_id}", response_model=Job, summary="Poll a job")
 async def get_job(job_id: str, s: ServicesDep, _auth: AuthDep) -> Job:
     """Status, timestamps, and the verdict or error. Unknown or expired ids: 404."""
-    raw = await s.durable.hgetall(s.keys.job(job_id))
-    if not raw:
+    job = await _read_job(s, job_id)
+    if job is None:
         raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
-    return jobs.decode(job_id, raw)
+    return job
