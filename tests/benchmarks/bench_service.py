@@ -167,7 +167,7 @@ def run_queue_vs_direct(layout, items, tiny, env, api, rdb, keys, server) -> dic
             "shared.cli",
             "worker",
             "--concurrency",
-            "64",
+            "32",
             "--name",
             f"bench-{layout}",
         ],
@@ -217,7 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000, help="cache-hit requests (a)")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--jobs", type=int, default=320, help="distinct jobs for (b) and (c)")
+    parser.add_argument("--jobs", type=int, default=960, help="distinct jobs for (b) and (c)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -243,7 +243,7 @@ def main() -> None:
         "OFA_DEVICE": "cpu",
         "OFA_BATCH_SIZE": "16",
         "OFA_BATCH_WAIT_MS": "5",
-        "OFA_WORKER_THREADS": "64",
+        "OFA_WORKER_THREADS": "32",
         "OFA_DATA_DIR": str(tmp / "data"),
         "BENCH_REDIS_URL": url,
         "PYTHONPATH": str(tmp),
@@ -349,7 +349,7 @@ def main() -> None:
         "",
         "## (b) jobs/s through API + queue + worker vs direct batched scoring; (c) batch size",
         "",
-        f"{args.jobs} distinct items (64x64 JPEGs), 64 concurrent submitters (`?wait=30`). "
+        f"{args.jobs} distinct items (64x64 JPEGs), 64 concurrent submitters (`?wait=30`), a worker with 32 threads. "
         "`shared`: nothing pinned, so the API, Valkey and the load generator take CPU from "
         "the model; `pinned`: worker (1 torch thread) on core 0, everything else on core 1, "
         "baseline on core 0 with 1 thread, as when API and Redis run off the GPU host.",
