@@ -14,11 +14,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics, problems
 from api.deps import Services
-from api.fetch import UrlPolicy
-from api.routes import health, jobs
+from api.routes import health, jobs, scans
 from api.waiter import JobWaiter
 from shared.celery_app import make_celery
 from shared.embedded import redis_urls
+from shared.fetch import UrlPolicy
 from shared.keys import Keys
 from shared.settings import Settings, get_settings
 
@@ -72,7 +72,12 @@ def build_services(settings: Settings) -> Services:
     )
     keys = Keys(settings.key_prefix)
     waiter = JobWaiter(durable, keys.done_channel())
-    return Services(settings, durable, cache, keys, make_celery(settings), policy, waiter)
+    durable_sync = redis.Redis.from_url(
+        durable_url, socket_connect_timeout=3, socket_timeout=10, health_check_interval=30
+    )
+    return Services(
+        settings, durable, durable_sync, cache, keys, make_celery(settings), policy, waiter
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -88,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await services.waiter.close()
         await services.durable.aclose()
+        services.durable_sync.close()
         if services.cache is not services.durable:
             await services.cache.aclose()
 
@@ -112,5 +118,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(MetricsMiddleware)
     app.include_router(jobs.router)
+    app.include_router(scans.router)
     app.include_router(health.router)
     return app

@@ -6,12 +6,13 @@ import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
+import redis
 import redis.asyncio as aioredis
 from celery import Celery
 from fastapi import Depends, HTTPException, Request
 
-from api.fetch import UrlPolicy
 from api.waiter import JobWaiter
+from shared.fetch import UrlPolicy
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -22,6 +23,7 @@ class Services:
 
     settings: Settings
     durable: aioredis.Redis
+    durable_sync: redis.Redis  # for work done in the thread pool (enqueueing)
     cache: aioredis.Redis
     keys: Keys
     celery: Celery

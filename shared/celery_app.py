@@ -13,6 +13,9 @@ from shared.embedded import redis_urls
 from shared.settings import Settings, get_settings
 
 TASK_ENTAIL = "ofa.entail"
+TASK_SCAN = "ofa.scan.run"
+TASK_CALLBACK = "ofa.scan.callback"
+SCAN_QUEUE = "ofa.scans"  # the coordinator's queue: no GPU needed
 
 
 def queue_name(model_id: str, revision: str, bulk: bool = False) -> str:
@@ -42,6 +45,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # tenth sweep, about 100 s), so recovery takes about visibility timeout + interval.
         "unacked_restore_interval": settings.unacked_restore_interval_s,
         "unacked_restore_throttle": 1,
+        # Poll queues in the order a worker lists them (interactive before bulk).
+        "queue_order_strategy": "priority",
     }
     app = Celery("ofa_entail", broker=durable, backend=durable)
     app.conf.update(

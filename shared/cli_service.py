@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
@@ -41,6 +42,8 @@ def ensure_secrets(settings: Settings) -> dict[str, str]:
         "OFA_API_KEYS": os.environ.get("OFA_API_KEYS") or stored.get("OFA_API_KEYS"),
         "OFA_FLOWER_PASSWORD": os.environ.get("OFA_FLOWER_PASSWORD")
         or stored.get("OFA_FLOWER_PASSWORD"),
+        "OFA_WEBHOOK_SECRET": os.environ.get("OFA_WEBHOOK_SECRET")
+        or stored.get("OFA_WEBHOOK_SECRET"),
     }
     generated = False
     for name, value in wanted.items():
@@ -79,6 +82,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Two INFO lines per task add up at hundreds of jobs/s; Flower shows every task.
         for name in ("celery.app.trace", "celery.worker.strategy"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    """Run the scan coordinator (no GPU, no torch): a Celery worker on the scans queue."""
+    from shared.celery_app import SCAN_QUEUE
+    from worker.scan_app import app
+
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={args.concurrency}",
+        f"--queues={SCAN_QUEUE}",
+        "--task-events",
+        "--without-mingle",
+        "--without-gossip",
+        f"--loglevel={'DEBUG' if args.verbose else 'INFO'}",
+        f"--hostname={args.name or 'coordinator'}@%h",
+    ]
     app.worker_main(argv)
     return 0
 
@@ -152,6 +175,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         children["worker"] = subprocess.Popen([*cli, "worker"], env=env)
+        children["coordinator"] = subprocess.Popen([*cli, "coordinator"], env=env)
         children["api"] = subprocess.Popen([*cli, "api"], env=env)
         children["flower"] = subprocess.Popen(
             flower_argv(settings, env["OFA_FLOWER_PASSWORD"]), env=env
@@ -193,14 +217,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 1 if failed and not stopping else 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """Submit an image and a sentence to a running service and wait for the verdict."""
-    import httpx
-    from rich.console import Console
-
-    from shared.cli import _print_verdict
-
-    settings = get_settings()
+def api_key(args: argparse.Namespace, settings: Settings) -> str | None:
+    """--api-key, OFA_API_KEY, or the key `ofa-entail up` generated in data_dir."""
     key = args.api_key or os.environ.get("OFA_API_KEY")
     if not key:
         stored = read_env_file(settings.data_dir / SECRETS_FILE).get("OFA_API_KEYS", "")
@@ -210,6 +228,93 @@ def cmd_check(args: argparse.Namespace) -> int:
             "error: no API key (--api-key, OFA_API_KEY, or run `ofa-entail up` here)",
             file=sys.stderr,
         )
+    return key
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Submit a manifest, show a live progress bar, write the results."""
+    import httpx
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    settings = get_settings()
+    key = api_key(args, settings)
+    if not key:
+        return 2
+    base = (args.url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
+    manifest = Path(args.manifest)
+    fmt = args.format or ("csv" if (args.out or "").endswith(".csv") else "jsonl")
+    console = Console(stderr=True)
+    data = {"callback_url": args.callback_url} if args.callback_url else {}
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
+        with manifest.open("rb") as fh:
+            resp = client.post("/v1/scans", files={"manifest": (manifest.name, fh)}, data=data)
+        if resp.status_code >= 400:
+            detail = resp.json().get("detail", resp.text) if resp.content else resp.text
+            print(f"error: HTTP {resp.status_code}: {detail}", file=sys.stderr)
+            return 1
+        scan = resp.json()
+        scan_id = scan["scan_id"]
+        columns = (
+            SpinnerColumn(),
+            TextColumn("scan {task.fields[scan]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "cached {task.fields[cached]} · failed {task.fields[failed]} · "
+                "{task.fields[rate]:.0f} rows/s"
+            ),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(
+                "scan", total=scan["total"], scan=scan_id[:8], cached=0, failed=0, rate=0.0
+            )
+            while True:
+                doc = client.get(f"/v1/scans/{scan_id}").json()
+                progress.update(
+                    task,
+                    completed=doc["done"] + doc["failed"],
+                    cached=doc["cached"],
+                    failed=doc["failed"],
+                    rate=doc["rate_rows_per_s"],
+                )
+                if doc["status"] in ("succeeded", "cancelled", "failed"):
+                    break
+                time.sleep(0.5)
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(Path(args.out).open("wb")) if args.out else sys.stdout.buffer
+            stream = stack.enter_context(
+                client.stream("GET", f"/v1/scans/{scan_id}/results", params={"format": fmt})
+            )
+            for chunk in stream.iter_bytes():
+                out.write(chunk)
+        where = f"; results in {args.out}" if args.out else ""
+        console.print(
+            f"scan {scan_id} {doc['status']}: {doc['done']} done ({doc['cached']} cached), "
+            f"{doc['failed']} failed{where}"
+        )
+    return 0 if doc["status"] == "succeeded" else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Submit an image and a sentence to a running service and wait for the verdict."""
+    import httpx
+    from rich.console import Console
+
+    from shared.cli import _print_verdict
+
+    settings = get_settings()
+    key = api_key(args, settings)
+    if not key:
         return 2
     base = (args.url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
     headers = {"Authorization": f"Bearer {key}"}
@@ -260,6 +365,20 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--concurrency", type=int, help="threads (default: OFA_WORKER_THREADS)")
     p.add_argument("--name", help="node name prefix (default: ofa)")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("coordinator", help="run the scan coordinator (no GPU)")
+    p.add_argument("--concurrency", type=int, default=4, help="scans worked on at once")
+    p.add_argument("--name", help="node name prefix (default: coordinator)")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("scan", help="scan a manifest through a running service")
+    p.add_argument("manifest", help="JSONL or CSV: id, image, text[, premise, sha256]")
+    p.add_argument("--out", help="results file (default: standard output)")
+    p.add_argument("--format", choices=["jsonl", "csv"], help="results format (default: by --out)")
+    p.add_argument("--url", help="API base URL (default: from settings)")
+    p.add_argument("--api-key", help="default: OFA_API_KEY, or data_dir/secrets.env")
+    p.add_argument("--callback-url", help="POSTed the signed summary when the scan ends")
+    p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("api", help="serve the HTTP API")
     p.add_argument("--host")

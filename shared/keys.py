@@ -1,7 +1,8 @@
 """Cache keys and Redis key names.
 
 The verdict key is SHA-256 over a length-prefixed framing of every input the verdict
-depends on, so no two different inputs can frame to the same bytes. Texts are
+depends on (the image by its own SHA-256), so no two different inputs can frame to
+the same bytes. Texts are
 normalised first (``shared.text.pre_caption``): texts the model sees identically share
 a key. Redis key names all live under one versioned prefix.
 """
@@ -15,7 +16,7 @@ from shared.text import NORMALISER_VERSION, pre_caption
 
 # Bump when the prompt templates or anything else feeding the model changes.
 PROMPT_VERSION = "ve-prompt-1"
-KEY_SCHEME = b"ofa-entail/verdict/1"
+KEY_SCHEME = b"ofa-entail/verdict/2"
 
 
 def _frame(h: hashlib._Hash, part: bytes) -> None:
@@ -23,16 +24,31 @@ def _frame(h: hashlib._Hash, part: bytes) -> None:
     h.update(part)
 
 
+def image_digest(image: bytes) -> bytes:
+    """SHA-256 of the raw image bytes (32 bytes)."""
+    return hashlib.sha256(image).digest()
+
+
 def verdict_key(
     model_id: str, revision: str, image: bytes, text: str, premise: str | None = None
 ) -> str:
     """Hex SHA-256 naming the verdict for these inputs under this model."""
+    return verdict_key_for_digest(model_id, revision, image_digest(image), text, premise)
+
+
+def verdict_key_for_digest(
+    model_id: str, revision: str, digest: bytes, text: str, premise: str | None = None
+) -> str:
+    """The same key from the image's SHA-256 alone, so a scan row that carries (or whose
+    URL last served) a known digest is looked up without downloading the image."""
+    if len(digest) != 32:
+        raise ValueError("an image digest is 32 bytes of SHA-256")
     h = hashlib.sha256()
     _frame(h, KEY_SCHEME)
     _frame(h, model_id.encode())
     _frame(h, revision.encode())
     _frame(h, f"{PROMPT_VERSION}/{NORMALISER_VERSION}".encode())
-    _frame(h, image)
+    _frame(h, digest)
     _frame(h, pre_caption(text).encode())
     if premise is None:
         _frame(h, b"\x00")  # absent premise, distinct from an empty one
@@ -62,6 +78,18 @@ class Keys:
     def inflight(self, key: str) -> str:
         """Durable store: the id of the job computing ``key`` right now."""
         return f"{self.prefix}inflight:{key}"
+
+    def scan(self, scan_id: str) -> str:
+        """Durable store: the scan record (a hash)."""
+        return f"{self.prefix}scan:{scan_id}"
+
+    def scan_lock(self, scan_id: str) -> str:
+        """Durable store: held by the coordinator working on the scan."""
+        return f"{self.prefix}scan:{scan_id}:lock"
+
+    def url_meta(self, url_hash: str) -> str:
+        """Cache store: ETag, Last-Modified and SHA-256 last seen at an image URL."""
+        return f"{self.prefix}urlmeta:{url_hash}"
 
     def done_channel(self) -> str:
         """Pub/sub channel on which workers announce each finished job id."""

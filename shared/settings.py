@@ -71,6 +71,21 @@ class Settings(BaseSettings):
     unacked_restore_interval_s: int = Field(10, ge=1)
     task_max_retries: int = Field(5, ge=0)
 
+    # Catalogue scans. Manifests and per-scan result files live under scan_dir, which
+    # the API and the scan coordinator must share (one host, or a shared volume).
+    scan_dir: Path | None = None  # default: data_dir / "scans"
+    manifest_root: Path | None = None  # server-side manifests allowed under here
+    image_root: Path | None = None  # manifest rows may name image files under here
+    scan_window: int = Field(256, ge=1, le=100_000)  # distinct misses in flight per scan
+    scan_fetch_concurrency: int = Field(16, ge=1, le=512)
+    scan_chunk_rows: int = Field(500, ge=1, le=100_000)
+    scan_slice_s: float = Field(10.0, gt=0)  # a coordinator task's slice before it re-queues
+    scan_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    max_manifest_bytes: int = Field(2 * 1024**3, ge=1024)
+    url_meta_ttl_s: int = Field(90 * 24 * 3600, ge=60)
+    webhook_secret: SecretStr | None = None
+    callback_max_retries: int = Field(8, ge=0)
+
     # Auth. Keys are compared in constant time; comma-separated in the environment.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     flower_user: str = "admin"
@@ -121,6 +136,11 @@ class Settings(BaseSettings):
             if weak:
                 raise ValueError("production API keys must be at least 24 characters")
         return self
+
+    @property
+    def scans_path(self) -> Path:
+        """Where manifests and result files live."""
+        return self.scan_dir or self.data_dir / "scans"
 
     @property
     def model_ref(self) -> str:

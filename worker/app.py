@@ -43,6 +43,7 @@ def entail(
     revision: str,
     text: str,
     premise: str | None = None,
+    scan_id: str | None = None,
 ) -> None:
     """Score one queued job (the batcher groups concurrent ones)."""
     rt = get_runtime()
@@ -50,7 +51,7 @@ def entail(
         # Not ours: back on the queue for a worker serving that model.
         raise Reject(f"this worker serves {rt.model_tag}, not {(model, revision)}", requeue=True)
     try:
-        jobs.run_job(rt, job_id, key, text, premise)
+        jobs.run_job(rt, job_id, key, text, premise, scan_id)
     except Exception as exc:
         retries = self.request.retries
         if retries >= get_settings().task_max_retries:

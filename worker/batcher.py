@@ -1,11 +1,13 @@
 """An in-process dynamic batcher, like Triton's dynamic batching or Ray Serve's
 ``@serve.batch``: callers hand in one item each and wait on a future; one thread
 collects items until ``max_batch`` or until ``max_wait_s`` has passed since the
-first, runs them together, and resolves every future.
+first, runs them together, and resolves every future. Items with a lower priority
+number go first (interactive jobs before bulk scan jobs).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -18,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+STOP = 2**31  # the stop sentinel's priority: after every real item
 
 
 class Batcher(Generic[T, R]):
@@ -34,32 +37,44 @@ class Batcher(Generic[T, R]):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
-        self._queue: queue.Queue[tuple[T, Future[R]] | None] = queue.Queue()
+        # (priority, sequence, item, future); the sequence keeps equal priorities FIFO.
+        self._queue: queue.PriorityQueue[tuple[int, int, T | None, Future[R] | None]] = (
+            queue.PriorityQueue()
+        )
+        self._seq = itertools.count()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, item: T) -> Future[R]:
+    def submit(self, item: T, priority: int = 0) -> Future[R]:
         """Queue one item; its result (or exception) arrives on the returned future."""
         fut: Future[R] = Future()
-        self._queue.put((item, fut))
+        self._queue.put((priority, next(self._seq), item, fut))
         return fut
 
     def close(self) -> None:
         """Finish the items already queued, then stop the thread."""
-        self._queue.put(None)
+        self._queue.put((STOP, next(self._seq), None, None))
         self._thread.join(timeout=30)
+
+    def _next(self, timeout: float | None) -> tuple[T, Future[R]] | None:
+        """The next item (None: the stop sentinel); raises ``queue.Empty`` on timeout."""
+        if timeout is None:
+            _, _, item, fut = self._queue.get()
+        elif timeout > 0:
+            _, _, item, fut = self._queue.get(timeout=timeout)
+        else:
+            _, _, item, fut = self._queue.get_nowait()
+        if fut is None:
+            return None
+        assert item is not None
+        return item, fut
 
     def _collect(self, first: tuple[T, Future[R]]) -> tuple[list[tuple[T, Future[R]]], bool]:
         batch = [first]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
             try:
-                nxt = (
-                    self._queue.get(timeout=remaining)
-                    if remaining > 0
-                    else self._queue.get_nowait()
-                )
+                nxt = self._next(deadline - time.monotonic())
             except queue.Empty:
                 break
             if nxt is None:
@@ -70,7 +85,7 @@ class Batcher(Generic[T, R]):
     def _run(self) -> None:
         stop = False
         while not stop:
-            first = self._queue.get()
+            first = self._next(None)
             if first is None:
                 break
             batch, stop = self._collect(first)

@@ -69,8 +69,19 @@ def fail(rt: Runtime, job_id: str, key: str, error: str) -> None:
     logger.info("job %s failed: %s", job_id, error)
 
 
-def run_job(rt: Runtime, job_id: str, key: str, text: str, premise: str | None) -> dict[str, Any]:
-    """Compute (or find) the verdict for one job and record it."""
+def run_job(
+    rt: Runtime,
+    job_id: str,
+    key: str,
+    text: str,
+    premise: str | None,
+    scan_id: str | None = None,
+) -> dict[str, Any]:
+    """Compute (or find) the verdict for one job and record it. Scan jobs (``scan_id``)
+    yield to interactive ones in the batcher and are dropped when their scan is cancelled."""
+    if scan_id and rt.durable.hget(rt.keys.scan(scan_id), "status") in (b"cancelled",):
+        fail(rt, job_id, key, "scan cancelled")
+        return {}
     if rt.cache is rt.durable:
         pipe = rt.durable.pipeline()
         pipe.get(rt.keys.verdict(key))
@@ -95,7 +106,10 @@ def run_job(rt: Runtime, job_id: str, key: str, text: str, premise: str | None) 
     except BadInputError as exc:
         fail(rt, job_id, key, f"{exc.title}: {exc.detail}")
         return {}
-    result = rt.batcher.submit(prepared).result(timeout=rt.settings.task_soft_time_limit_s)
+    priority = 1 if scan_id else 0
+    result = rt.batcher.submit(prepared, priority).result(
+        timeout=rt.settings.task_soft_time_limit_s
+    )
     model_id, revision = rt.model_tag
     verdict = {**result.to_dict(), "model": {"id": model_id, "revision": revision}, "key": key}
     finish(rt, job_id, key, verdict, cached=False)

@@ -7,10 +7,8 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from typing import Any
 
-import redis
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -19,17 +17,16 @@ from starlette.datastructures import UploadFile
 
 from api import metrics
 from api.deps import AuthDep, Services, ServicesDep
-from api.fetch import fetch_image
 from api.images import check_size, decode_base64, validate_image
 from shared import jobs
-from shared.celery_app import TASK_ENTAIL, queue_name
+from shared.enqueue import enqueue_job
 from shared.errors import (
     BadInputError,
     BadTextError,
     ImageTooLargeError,
-    QueueUnavailableError,
     UnsupportedMediaTypeError,
 )
+from shared.fetch import fetch_image
 from shared.keys import verdict_key
 from shared.schemas import CachedVerdict, Job, JobRequest
 
@@ -37,9 +34,6 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 MULTIPART_OVERHEAD = 64 * 1024
-_DELETE_IF_EQUAL = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-)
 REQUEST_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -167,59 +161,6 @@ def _accepted(job_id: str, status: str = "queued") -> JSONResponse:
     )
 
 
-async def _enqueue(s: Services, sub: Submission, key: str) -> tuple[str, bool]:
-    """Join the job already computing ``key``, or create one. Returns (job id, created)."""
-    model_id, revision = s.settings.model_tag
-    job_id = uuid.uuid4().hex
-    inflight = s.keys.inflight(key)
-    for _ in range(3):
-        if await s.durable.set(inflight, job_id, nx=True, ex=s.settings.job_ttl_s):
-            break
-        existing = await s.durable.get(inflight)
-        if existing:
-            other = existing.decode() if isinstance(existing, bytes) else existing
-            if await s.durable.exists(s.keys.job(other)):
-                metrics.DEDUPLICATED.inc()
-                return other, False
-            # The mark outlived its job record: drop it (only if unchanged) and retry.
-            await s.durable.eval(_DELETE_IF_EQUAL, 1, inflight, other)
-    else:
-        raise QueueUnavailableError("could not register the job; try again")
-
-    job_key, blob_key = s.keys.job(job_id), s.keys.blob(key)
-    record = jobs.new_record(key, model_id, revision, sub.text, sub.premise)
-    try:
-        pipe = s.durable.pipeline(transaction=True)
-        pipe.set(blob_key, sub.image, ex=s.settings.blob_ttl_s)
-        pipe.hset(job_key, mapping=record)
-        pipe.expire(job_key, s.settings.job_ttl_s)
-        await pipe.execute()
-        await run_in_threadpool(
-            s.celery.send_task,
-            TASK_ENTAIL,
-            kwargs={
-                "job_id": job_id,
-                "key": key,
-                "model": model_id,
-                "revision": revision,
-                "text": sub.text,
-                "premise": sub.premise,
-            },
-            task_id=job_id,
-            queue=queue_name(model_id, revision),
-            retry=False,
-        )
-    except Exception as exc:
-        # Leave nothing behind for a request we could not queue.
-        try:
-            await s.durable.delete(job_key, blob_key, inflight)
-        except redis.RedisError:
-            logger.exception("could not clean up after a failed enqueue")
-        raise QueueUnavailableError(f"the job queue is unavailable ({type(exc).__name__})") from exc
-    metrics.ENQUEUED.inc()
-    return job_id, True
-
-
 @router.post(
     "",
     openapi_extra=REQUEST_BODY_DOC,
@@ -254,7 +195,18 @@ async def post_job(
     except BadInputError as exc:
         metrics.REJECTED.labels(exc.type_slug).inc()
         raise
-    job_id, _ = await _enqueue(s, sub, key)
+    job_id, created = await run_in_threadpool(
+        enqueue_job,
+        s.durable_sync,
+        s.celery,
+        s.keys,
+        s.settings,
+        key,
+        sub.image,
+        sub.text,
+        sub.premise,
+    )
+    (metrics.ENQUEUED if created else metrics.DEDUPLICATED).inc()
     if wait > 0:
         job = await _wait_for(s, job_id, min(wait, s.settings.max_wait_s))
         if job is not None:

@@ -7,8 +7,8 @@ import ipaddress
 
 import pytest
 
-from api.fetch import UrlPolicy, fetch_image
 from shared.errors import ImageUrlError
+from shared.fetch import UrlPolicy, fetch_image
 
 POLICY = UrlPolicy(
     timeout_s=2, max_redirects=2, max_bytes=1000, allow_hosts=("images.intranet", "10.20.0.0/16")

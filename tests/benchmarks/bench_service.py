@@ -349,7 +349,8 @@ def main() -> None:
         "",
         "## (b) jobs/s through API + queue + worker vs direct batched scoring; (c) batch size",
         "",
-        f"{args.jobs} distinct items (64x64 JPEGs), 64 concurrent submitters (`?wait=30`), a worker with 32 threads. "
+        f"{args.jobs} distinct items (64x64 JPEGs), 64 concurrent submitters (`?wait=30`), "
+        "a worker with 32 threads. "
         "`shared`: nothing pinned, so the API, Valkey and the load generator take CPU from "
         "the model; `pinned`: worker (1 torch thread) on core 0, everything else on core 1, "
         "baseline on core 0 with 1 thread, as when API and Redis run off the GPU host.",

@@ -48,3 +48,24 @@ def test_failure_reaches_every_waiter():
         with pytest.raises(RuntimeError, match="device lost"):
             f.result(timeout=5)
     b.close()
+
+
+def test_interactive_items_go_before_waiting_bulk_items():
+    order: list[int] = []
+    gate = threading.Event()
+
+    def run(xs):
+        gate.wait(2)
+        order.extend(xs)
+        return list(xs)
+
+    b: Batcher[int, int] = Batcher(run, max_batch=1, max_wait_s=0)
+    first = b.submit(0, priority=1)  # occupies the batcher while the rest queue up
+    time.sleep(0.05)
+    bulk = [b.submit(i, priority=1) for i in range(1, 4)]
+    interactive = b.submit(99, priority=0)
+    gate.set()
+    for f in [first, *bulk, interactive]:
+        f.result(timeout=5)
+    b.close()
+    assert order[0] == 0 and order[1] == 99

@@ -97,21 +97,35 @@ async def _checked_address(url: str, policy: UrlPolicy) -> tuple[str, str, int, 
     return parts.scheme, host, port, addresses[0]
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """What a fetch found: the body, or ``not_modified`` for a conditional request."""
+
+    body: bytes | None
+    etag: str | None
+    last_modified: str | None
+    not_modified: bool = False
+
+
 async def _fetch_once(
-    client: httpx.AsyncClient, url: str, policy: UrlPolicy
-) -> tuple[httpx.Response, bytes | None]:
+    client: httpx.AsyncClient, url: str, policy: UrlPolicy, conditional: dict[str, str]
+) -> tuple[httpx.Response, Fetched | None]:
     scheme, host, port, addr = await _checked_address(url, policy)
     parts = urlsplit(url)
     ip_host = f"[{addr}]" if addr.version == 6 else str(addr)
     pinned = urlunsplit((scheme, f"{ip_host}:{port}", parts.path or "/", parts.query, ""))
     default_port = 443 if scheme == "https" else 80
-    headers = {"Host": host if port == default_port else f"{host}:{port}"}
+    headers = {"Host": host if port == default_port else f"{host}:{port}", **conditional}
     extensions = {"sni_hostname": host} if scheme == "https" else {}
     request = client.build_request("GET", pinned, headers=headers, extensions=extensions)
     response = await client.send(request, stream=True)
     try:
         if response.is_redirect:
             return response, None
+        etag = response.headers.get("etag")
+        modified = response.headers.get("last-modified")
+        if response.status_code == 304 and conditional:
+            return response, Fetched(None, etag, modified, not_modified=True)
         if response.status_code != 200:
             raise ImageUrlError(f"the image URL answered HTTP {response.status_code}")
         declared = response.headers.get("content-length")
@@ -126,27 +140,75 @@ async def _fetch_once(
                 raise ImageTooLargeError(
                     f"the image at the URL is larger than {policy.max_bytes} bytes"
                 )
-        return response, bytes(body)
+        return response, Fetched(bytes(body), etag, modified)
     finally:
         await response.aclose()
 
 
-async def fetch_image(url: str, policy: UrlPolicy) -> bytes:
-    """The bytes at ``url``, or an ``ImageUrlError`` / ``ImageTooLargeError`` saying why not."""
+async def fetch(
+    url: str,
+    policy: UrlPolicy,
+    client: httpx.AsyncClient | None = None,
+    etag: str | None = None,
+    last_modified: str | None = None,
+) -> Fetched:
+    """GET ``url`` under the policy; with ``etag``/``last_modified`` a conditional GET
+    that may answer ``not_modified``. Raises ``ImageUrlError`` / ``ImageTooLargeError``."""
+    conditional = {}
+    if etag:
+        conditional["If-None-Match"] = etag
+    if last_modified:
+        conditional["If-Modified-Since"] = last_modified
+    own = client is None
+    client = client or httpx.AsyncClient(follow_redirects=False, trust_env=False)
     try:
         async with asyncio.timeout(policy.timeout_s):
-            async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
-                current = url
-                for _ in range(policy.max_redirects + 1):
-                    response, body = await _fetch_once(client, current, policy)
-                    if body is not None:
-                        return body
-                    location = response.headers.get("location")
-                    if not location:
-                        raise ImageUrlError("a redirect without a Location header")
-                    current = urljoin(current, location)
-                raise ImageUrlError(f"more than {policy.max_redirects} redirects")
+            current = url
+            for _ in range(policy.max_redirects + 1):
+                response, found = await _fetch_once(client, current, policy, conditional)
+                if found is not None:
+                    return found
+                location = response.headers.get("location")
+                if not location:
+                    raise ImageUrlError("a redirect without a Location header")
+                current = urljoin(current, location)
+            raise ImageUrlError(f"more than {policy.max_redirects} redirects")
     except TimeoutError as exc:
         raise ImageUrlError(f"the image URL did not answer within {policy.timeout_s:g}s") from exc
     except httpx.HTTPError as exc:
         raise ImageUrlError(f"the image URL could not be fetched ({type(exc).__name__})") from exc
+    finally:
+        if own:
+            await client.aclose()
+
+
+async def fetch_image(url: str, policy: UrlPolicy) -> bytes:
+    """The bytes at ``url``, or an ``ImageUrlError`` / ``ImageTooLargeError`` saying why not."""
+    found = await fetch(url, policy)
+    assert found.body is not None
+    return found.body
+
+
+async def post_json(
+    url: str, body: bytes, headers: dict[str, str], policy: UrlPolicy
+) -> httpx.Response:
+    """POST ``body`` to ``url`` under the same address checks as image fetches (the
+    connection goes to the checked address; redirects are not followed)."""
+    scheme, host, port, addr = await _checked_address(url, policy)
+    parts = urlsplit(url)
+    ip_host = f"[{addr}]" if addr.version == 6 else str(addr)
+    pinned = urlunsplit((scheme, f"{ip_host}:{port}", parts.path or "/", parts.query, ""))
+    default_port = 443 if scheme == "https" else 80
+    all_headers = {
+        "Host": host if port == default_port else f"{host}:{port}",
+        "Content-Type": "application/json",
+        **headers,
+    }
+    extensions = {"sni_hostname": host} if scheme == "https" else {}
+    async with httpx.AsyncClient(
+        follow_redirects=False, trust_env=False, timeout=policy.timeout_s
+    ) as client:
+        request = client.build_request(
+            "POST", pinned, content=body, headers=all_headers, extensions=extensions
+        )
+        return await client.send(request)
