@@ -120,7 +120,7 @@ async def _fetch_once(
     request = client.build_request("GET", pinned, headers=headers, extensions=extensions)
     response = await client.send(request, stream=True)
     try:
-        if response.is_redirect:
+        if response.has_redirect_location:
             return response, None
         etag = response.headers.get("etag")
         modified = response.headers.get("last-modified")

@@ -18,6 +18,7 @@ import redis
 from shared.keys import Keys
 
 API_KEY = "test-key-0123456789-abcdefghijkl"
+WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
 PREFIX = "ofa:test:"
 MODEL = ("tiny-random", "seed1")
 
@@ -40,7 +41,9 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def service_env(valkey: str, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def service_env(
+    valkey: str, tiny_dir: Path, scan_roots: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
     """Environment every service process of the tests runs with."""
     env = dict(os.environ)
     env.update(
@@ -66,9 +69,24 @@ def service_env(valkey: str, tiny_dir: Path, tmp_path_factory: pytest.TempPathFa
         OFA_URL_TIMEOUT_S="1.5",
         OFA_URL_MAX_REDIRECTS="2",
         OFA_URL_ALLOW_HOSTS="localhost",
+        OFA_IMAGE_ROOT=str(scan_roots / "images"),
+        OFA_MANIFEST_ROOT=str(scan_roots / "manifests"),
+        OFA_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        OFA_SCAN_SLICE_S="1.0",
+        OFA_SCAN_WINDOW="8",
+        OFA_SCAN_CHUNK_ROWS="6",
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+@pytest.fixture(scope="session")
+def scan_roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where scan tests put image files and server-side manifests."""
+    root = tmp_path_factory.mktemp("scan-roots")
+    (root / "images").mkdir()
+    (root / "manifests").mkdir()
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -83,26 +101,39 @@ def keys() -> Keys:
 
 
 class WorkerProcess:
-    """A real ``ofa-entail worker`` subprocess that tests may kill and restart."""
+    """A real ``ofa-entail worker`` (or ``coordinator``) subprocess that tests may kill
+    and restart."""
 
-    def __init__(self, env: dict, rdb: redis.Redis, log_dir: Path) -> None:
+    def __init__(self, env: dict, rdb: redis.Redis, log_dir: Path, command: str = "worker"):
         self.env = env
         self.rdb = rdb
         self.log_dir = log_dir
+        self.command = command
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def start(self, **overrides: str) -> None:
         env = {**self.env, **overrides}
         self.starts += 1
-        with (self.log_dir / f"worker-{self.starts}.log").open("wb") as log:
+        name = f"{self.command[0]}{self.starts}"
+        with (self.log_dir / f"{self.command}-{self.starts}.log").open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "worker", "--name", f"w{self.starts}"],
+                [sys.executable, "-m", "shared.cli", self.command, "--name", name],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        self.wait_ready()
+        if self.command == "worker":
+            self.wait_ready()
+        else:
+            self.wait_log("ready.")
+
+    def wait_log(self, marker: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in self.log():
+            assert self.proc is not None and self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.1)
 
     def wait_ready(self, timeout: float = 60) -> None:
         key = Keys(PREFIX).workers(*MODEL)
@@ -120,8 +151,9 @@ class WorkerProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
-        # A killed worker leaves its heartbeat behind; forget it like the expiry would.
-        self.rdb.delete(Keys(PREFIX).workers(*MODEL))
+        if self.command == "worker":
+            # A killed worker leaves its heartbeat behind; forget it like the expiry would.
+            self.rdb.delete(Keys(PREFIX).workers(*MODEL))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -132,7 +164,8 @@ class WorkerProcess:
                 self.proc.kill()
 
     def log(self) -> str:
-        return (self.log_dir / f"worker-{self.starts}.log").read_text(errors="replace")[-4000:]
+        path = self.log_dir / f"{self.command}-{self.starts}.log"
+        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
 
 
 @pytest.fixture(scope="session")
@@ -141,6 +174,16 @@ def worker(service_env: dict, rdb: redis.Redis, tmp_path_factory) -> Iterator[Wo
     w.start()
     yield w
     w.stop()
+
+
+@pytest.fixture(scope="session")
+def coordinator(service_env: dict, rdb: redis.Redis, tmp_path_factory) -> Iterator[WorkerProcess]:
+    c = WorkerProcess(
+        service_env, rdb, tmp_path_factory.mktemp("coordinator-logs"), command="coordinator"
+    )
+    c.start()
+    yield c
+    c.stop()
 
 
 def start_api(env: dict, log_path: Path, **overrides: str) -> tuple[subprocess.Popen, str]:
