@@ -2,7 +2,9 @@
 ``@serve.batch``: callers hand in one item each and wait on a future; one thread
 collects items until ``max_batch`` or until ``max_wait_s`` has passed since the
 first, runs them together, and resolves every future. Items with a lower priority
-number go first (interactive jobs before bulk scan jobs).
+number go first (interactive jobs before bulk scan jobs), and a batch that starts with
+a priority-0 item takes no lower-priority ones: an interactive job never waits for a
+batch to fill up with bulk work.
 """
 
 from __future__ import annotations
@@ -56,37 +58,41 @@ class Batcher(Generic[T, R]):
         self._queue.put((STOP, next(self._seq), None, None))
         self._thread.join(timeout=30)
 
-    def _next(self, timeout: float | None) -> tuple[T, Future[R]] | None:
-        """The next item (None: the stop sentinel); raises ``queue.Empty`` on timeout."""
+    def _next(self, timeout: float | None) -> tuple[int, int, T | None, Future[R] | None]:
+        """The next queue entry; raises ``queue.Empty`` on timeout."""
         if timeout is None:
-            _, _, item, fut = self._queue.get()
-        elif timeout > 0:
-            _, _, item, fut = self._queue.get(timeout=timeout)
-        else:
-            _, _, item, fut = self._queue.get_nowait()
-        if fut is None:
-            return None
-        assert item is not None
-        return item, fut
+            return self._queue.get()
+        if timeout > 0:
+            return self._queue.get(timeout=timeout)
+        return self._queue.get_nowait()
 
-    def _collect(self, first: tuple[T, Future[R]]) -> tuple[list[tuple[T, Future[R]]], bool]:
-        batch = [first]
-        deadline = time.monotonic() + self.max_wait_s
+    def _collect(
+        self, first: tuple[int, int, T | None, Future[R] | None]
+    ) -> tuple[list[tuple[T, Future[R]]], bool]:
+        urgent = first[0] == 0
+        assert first[2] is not None and first[3] is not None
+        batch = [(first[2], first[3])]
+        deadline = time.monotonic() + (0.0 if urgent else self.max_wait_s)
         while len(batch) < self.max_batch:
             try:
-                nxt = self._next(deadline - time.monotonic())
+                entry = self._next(deadline - time.monotonic())
             except queue.Empty:
                 break
-            if nxt is None:
+            priority, _, item, fut = entry
+            if fut is None:
                 return batch, True
-            batch.append(nxt)
+            if urgent and priority != 0:
+                self._queue.put(entry)  # keeps its place: same priority and sequence
+                break
+            assert item is not None
+            batch.append((item, fut))
         return batch, False
 
     def _run(self) -> None:
         stop = False
         while not stop:
             first = self._next(None)
-            if first is None:
+            if first[3] is None:
                 break
             batch, stop = self._collect(first)
             live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]

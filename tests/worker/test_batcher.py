@@ -69,3 +69,24 @@ def test_interactive_items_go_before_waiting_bulk_items():
         f.result(timeout=5)
     b.close()
     assert order[0] == 0 and order[1] == 99
+
+
+def test_interactive_batch_does_not_wait_for_bulk_items():
+    batches: list[list[int]] = []
+    gate = threading.Event()
+
+    def run(xs):
+        gate.wait(2)
+        batches.append(list(xs))
+        return list(xs)
+
+    b: Batcher[int, int] = Batcher(run, max_batch=8, max_wait_s=0.01)
+    blocker = b.submit(0, priority=1)  # its batch is running (held at the gate)
+    time.sleep(0.1)
+    bulk = [b.submit(i, priority=1) for i in range(1, 4)]
+    urgent = b.submit(100, priority=0)
+    gate.set()
+    for f in [blocker, *bulk, urgent]:
+        f.result(timeout=5)
+    b.close()
+    assert [100] in batches  # ran alone, not padded out with the waiting bulk items
