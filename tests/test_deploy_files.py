@@ -28,7 +28,11 @@ def test_compose_file_matches_the_compose_specification():
 def test_compose_roles_and_secrets():
     doc = compose()
     services = doc["services"]
-    assert {"redis-durable", "redis-cache", "api", "worker", "flower"} <= set(services)
+    assert {"redis-durable", "redis-cache", "api", "worker", "coordinator", "flower"} <= set(
+        services
+    )
+    assert "deploy" not in services["coordinator"]  # no GPU for the coordinator
+    assert "scans-data:/data/scans" in services["api"]["volumes"]
     durable = services["redis-durable"]["command"]
     assert "--appendonly yes" in durable and "--appendfsync everysec" in durable
     assert "noeviction" in durable
