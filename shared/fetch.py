@@ -97,6 +97,19 @@ async def _checked_address(url: str, policy: UrlPolicy) -> tuple[str, str, int, 
     return parts.scheme, host, port, addresses[0]
 
 
+async def _pinned(url: str, policy: UrlPolicy) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(URL with the checked address in place of the host, Host header, TLS name): the
+    connection goes to the address that was checked, the server still sees its name."""
+    scheme, host, port, addr = await _checked_address(url, policy)
+    parts = urlsplit(url)
+    ip_host = f"[{addr}]" if addr.version == 6 else str(addr)
+    pinned = urlunsplit((scheme, f"{ip_host}:{port}", parts.path or "/", parts.query, ""))
+    default_port = 443 if scheme == "https" else 80
+    headers = {"Host": host if port == default_port else f"{host}:{port}"}
+    extensions = {"sni_hostname": host} if scheme == "https" else {}
+    return pinned, headers, extensions
+
+
 @dataclass(frozen=True)
 class Fetched:
     """What a fetch found: the body, or ``not_modified`` for a conditional request."""
@@ -110,14 +123,10 @@ class Fetched:
 async def _fetch_once(
     client: httpx.AsyncClient, url: str, policy: UrlPolicy, conditional: dict[str, str]
 ) -> tuple[httpx.Response, Fetched | None]:
-    scheme, host, port, addr = await _checked_address(url, policy)
-    parts = urlsplit(url)
-    ip_host = f"[{addr}]" if addr.version == 6 else str(addr)
-    pinned = urlunsplit((scheme, f"{ip_host}:{port}", parts.path or "/", parts.query, ""))
-    default_port = 443 if scheme == "https" else 80
-    headers = {"Host": host if port == default_port else f"{host}:{port}", **conditional}
-    extensions = {"sni_hostname": host} if scheme == "https" else {}
-    request = client.build_request("GET", pinned, headers=headers, extensions=extensions)
+    pinned, headers, extensions = await _pinned(url, policy)
+    request = client.build_request(
+        "GET", pinned, headers={**headers, **conditional}, extensions=extensions
+    )
     response = await client.send(request, stream=True)
     try:
         if response.has_redirect_location:
@@ -194,17 +203,8 @@ async def post_json(
 ) -> httpx.Response:
     """POST ``body`` to ``url`` under the same address checks as image fetches (the
     connection goes to the checked address; redirects are not followed)."""
-    scheme, host, port, addr = await _checked_address(url, policy)
-    parts = urlsplit(url)
-    ip_host = f"[{addr}]" if addr.version == 6 else str(addr)
-    pinned = urlunsplit((scheme, f"{ip_host}:{port}", parts.path or "/", parts.query, ""))
-    default_port = 443 if scheme == "https" else 80
-    all_headers = {
-        "Host": host if port == default_port else f"{host}:{port}",
-        "Content-Type": "application/json",
-        **headers,
-    }
-    extensions = {"sni_hostname": host} if scheme == "https" else {}
+    pinned, host_headers, extensions = await _pinned(url, policy)
+    all_headers = {**host_headers, "Content-Type": "application/json", **headers}
     async with httpx.AsyncClient(
         follow_redirects=False, trust_env=False, timeout=policy.timeout_s
     ) as client:

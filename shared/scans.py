@@ -109,6 +109,20 @@ def read_rows(path: Path, offset: int, start_idx: int, limit: int) -> tuple[list
     return rows, offset
 
 
+def file_under(root: Path | None, name: str, what: str, setting: str) -> Path:
+    """``name`` resolved inside ``root`` (symlinks followed, no escaping with ``..``);
+    ``ValueError`` with a readable reason otherwise."""
+    if root is None:
+        raise ValueError(f"{what}s are not enabled on this server ({setting})")
+    base = root.resolve()
+    path = (base / name).resolve()
+    if not path.is_relative_to(base):
+        raise ValueError(f"the {what} path is outside the {what} root")
+    if not path.is_file():
+        raise ValueError(f"no {what} at {name!r}")
+    return path
+
+
 # --- the results file ------------------------------------------------------------------
 
 SCHEMA = """

@@ -72,7 +72,7 @@ class Batcher(Generic[T, R]):
         urgent = first[0] == 0
         assert first[2] is not None and first[3] is not None
         batch = [(first[2], first[3])]
-        deadline = time.monotonic() + (0.0 if urgent else self.max_wait_s)
+        deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
             try:
                 entry = self._next(deadline - time.monotonic())

@@ -39,10 +39,13 @@ from shared.errors import BadInputError, OfaEntailError
 from shared.fetch import UrlPolicy, fetch
 from shared.images import open_image
 from shared.keys import Keys, image_digest, verdict_key_for_digest
-from shared.scans import ResultsDB, Row, RowResult, now, read_rows, text_of
+from shared.scans import ResultsDB, Row, RowResult, file_under, now, read_rows, text_of
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+SCAN_JOB_LINGER_S = 60
 
 
 class RowError(Exception):
@@ -129,11 +132,11 @@ class Coordinator:
             published = 0.0
             while True:
                 if self.durable.hget(scan_key, "status") == b"cancelled":
-                    self._collect(db)
+                    self._collect(db, scan_id)
                     db.cancel_pending()
                     self._publish_counts(scan_id, db, finished=True)
                     return "done"
-                self._collect(db)
+                self._collect(db, scan_id)
                 next_idx, offset = db.cursor_position()
                 pending = db.pending_count()
                 if next_idx >= total and pending == 0:
@@ -163,7 +166,7 @@ class Coordinator:
 
     # -- completions -----------------------------------------------------------------
 
-    def _collect(self, db: ResultsDB) -> None:
+    def _collect(self, db: ResultsDB, scan_id: str) -> None:
         """Finish pending rows whose job has ended (its record is the source of truth:
         the verdict cache may already have evicted the verdict)."""
         pending = db.pending()
@@ -171,9 +174,10 @@ class Coordinator:
             return
         pipe = self.durable.pipeline(transaction=False)
         for job_id in pending.values():
-            pipe.hmget(self.keys.job(job_id), "status", "verdict", "error")
+            pipe.hmget(self.keys.job(job_id), "status", "verdict", "error", "scan")
         outcomes: dict[str, tuple[str, str | None, str | None]] = {}
-        for (key, _job_id), (status, verdict, error) in zip(
+        ours: list[tuple[str, str]] = []
+        for (key, job_id), (status, verdict, error, scan) in zip(
             pending.items(), pipe.execute(), strict=True
         ):
             if status == b"succeeded":
@@ -182,8 +186,19 @@ class Coordinator:
                 outcomes[key] = ("failed", None, text_of(error or b"failed"))
             elif status is None:
                 outcomes[key] = ("failed", None, "the job record expired before it finished")
+            if status in (b"succeeded", b"failed") and scan == scan_id.encode():
+                ours.append((key, job_id))
         if outcomes:
             db.complete(outcomes)
+        if ours:
+            # The result now lives in the scan's file: this scan's finished job records
+            # and in-flight marks linger briefly (for anything that joined them), then
+            # go, so the durable store holds the window, not the manifest.
+            pipe = self.durable.pipeline(transaction=False)
+            for key, job_id in ours:
+                pipe.expire(self.keys.job(job_id), SCAN_JOB_LINGER_S)
+                pipe.expire(self.keys.inflight(key), SCAN_JOB_LINGER_S)
+            pipe.execute()
 
     # -- new rows --------------------------------------------------------------------
 
@@ -316,15 +331,10 @@ class Coordinator:
         return raw
 
     def _read_path(self, name: str) -> bytes:
-        root = self.settings.image_root
-        if root is None:
-            raise RowError("image paths are not enabled on this server (OFA_IMAGE_ROOT)")
-        base = root.resolve()
-        path = (base / name).resolve()
-        if not path.is_relative_to(base):
-            raise RowError("image path is outside the image root")
-        if not path.is_file():
-            raise RowError(f"no image file {name!r}")
+        try:
+            path = file_under(self.settings.image_root, name, "image", "OFA_IMAGE_ROOT")
+        except ValueError as exc:
+            raise RowError(str(exc)) from exc
         if path.stat().st_size > self.settings.max_upload_bytes:
             raise RowError(f"image is larger than {self.settings.max_upload_bytes} bytes")
         return path.read_bytes()

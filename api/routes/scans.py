@@ -30,6 +30,7 @@ from shared.scans import (
     check_jsonl_head,
     csv_line,
     csv_to_jsonl,
+    file_under,
     now,
     result_line,
     summarize,
@@ -114,15 +115,10 @@ def _save_manifest(src: IO[bytes], folder: Path, fmt: str, max_bytes: int) -> tu
 
 
 def _server_manifest(s: Services, name: str, fmt: str, folder: Path) -> tuple[Path, int]:
-    root = s.settings.manifest_root
-    if root is None:
-        raise ManifestError("server-side manifests are not enabled (OFA_MANIFEST_ROOT)")
-    base = root.resolve()
-    path = (base / name).resolve()
-    if not path.is_relative_to(base):
-        raise ManifestError("the manifest path is outside the manifest root")
-    if not path.is_file():
-        raise ManifestError(f"no manifest at {name!r}")
+    try:
+        path = file_under(s.settings.manifest_root, name, "manifest", "OFA_MANIFEST_ROOT")
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from exc
     if fmt == "csv":
         with path.open("rb") as src:
             return _save_manifest(src, folder, fmt, s.settings.max_manifest_bytes)
