@@ -135,13 +135,14 @@ def main() -> None:
     misses = sum(1 for k in counts) - sum(
         1
         for (image, text) in counts
-        if rdb.exists(keys.verdict(verdict_key_for_digest(*MODEL, digests[image], text)))
+        if cache.exists(keys.verdict(verdict_key_for_digest(*MODEL, digests[image], text)))
     )
     print(f"rows {args.rows}, cached rows {covered}, distinct misses {misses}", flush=True)
 
     env = {
         **os.environ,
         "OFA_REDIS_URL": url,
+        "OFA_CACHE_REDIS_URL": cache_url,
         "OFA_KEY_PREFIX": PREFIX,
         "OFA_MODEL": MODEL[0],
         "OFA_MODEL_REVISION": MODEL[1],
