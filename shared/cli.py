@@ -42,6 +42,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         dtype=settings.dtype,
         max_pixels=settings.max_pixels,
     )
+    if entailer.ckpt.warning:
+        print(f"warning: {entailer.ckpt.warning}", file=sys.stderr)
     data = Path(args.image).read_bytes()
     verdict = entailer.predict(data, args.text, args.premise).to_dict()
     _print_verdict(verdict, args.json)

@@ -188,6 +188,12 @@ def test_manifest_with_duplicates_cached_and_bad_rows(
     # Duplicates computed once: r0/r3/r4 one key, r1/r-dup-path one key, r5 cached.
     time.sleep(0.3)
     assert batch_items(rdb, keys) - items_before == len(sources)
+    # The scan's finished job records do not outlive it by long: Redis holds the window.
+    scan_jobs = [
+        k for k in rdb.scan_iter(keys.job("*")) if rdb.hget(k, "scan") == scan["scan_id"].encode()
+    ]
+    assert len(scan_jobs) == len(sources)
+    assert all(0 < rdb.ttl(k) <= 60 for k in scan_jobs)
 
     # The same manifest again finishes from the cache, re-validating URLs (304s).
     def downloads() -> int:  # img11's row has a wrong sha256: it is re-fetched to fail again

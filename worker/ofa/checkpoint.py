@@ -170,6 +170,7 @@ class Checkpoint:
     text: TextEncoder
     answer2label: dict[str, Any] | None
     model: OFAModel
+    warning: str | None = None  # e.g. "RANDOM WEIGHTS" on checkpoints `model tiny` wrote
 
 
 def load_checkpoint(model_dir: Path) -> Checkpoint:
@@ -177,9 +178,8 @@ def load_checkpoint(model_dir: Path) -> Checkpoint:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(str(model_dir), "no such checkpoint directory")
-    config = OFAConfig.from_dict(
-        read_json(model_dir / "config.json"), str(model_dir / "config.json")
-    )
+    raw_config = read_json(model_dir / "config.json")
+    config = OFAConfig.from_dict(raw_config, str(model_dir / "config.json"))
     task = TaskConfig.from_dict(
         read_json(model_dir / "configuration.json"), str(model_dir / "configuration.json")
     )
@@ -209,7 +209,10 @@ def load_checkpoint(model_dir: Path) -> Checkpoint:
     load_weights(model, state, weights_path)
     model.eval()
     logger.info("loaded %s (%s, d_model=%d)", model_dir, config.resnet_type, config.d_model)
-    return Checkpoint(model_dir, config, task, text, answer2label, model)
+    warning = raw_config.get("warning")
+    if warning:
+        logger.warning("%s: %s", model_dir, warning)
+    return Checkpoint(model_dir, config, task, text, answer2label, model, warning)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
