@@ -7,6 +7,8 @@ an unknown id PENDING).
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 
 from shared.embedded import redis_urls
@@ -28,9 +30,42 @@ def queue_name(model_id: str, revision: str, bulk: bool = False) -> str:
     return f"ofa.{kind}.{model_id}@{revision}"
 
 
+logger = logging.getLogger(__name__)
+
+
+def _tolerate_restore_after_connection_loss() -> None:
+    """Turn a worker that would hang after a Redis restart into one that reconnects.
+
+    When the broker connection drops, kombu closes the channel and tries to restore
+    its unacked messages at once, through the connection that is already gone; the
+    ``AttributeError`` that raises is not a connection error, so the consumer's error
+    handler dies with it and the worker hangs without ever reconnecting. Nothing needs
+    restoring there: unacked messages return through the visibility-timeout sweep. So
+    that one call may fail quietly. (Celery 5.7 / kombu 5.7 can still stop the worker
+    after reconnecting, with another ``AttributeError``; a stopped worker is restarted
+    by its supervisor: ``ofa-entail up``, compose's restart policy, systemd.)
+    """
+    from kombu.transport.virtual.base import QoS
+
+    if getattr(QoS.restore_unacked_once, "_ofa_tolerant", False):
+        return
+    original = QoS.restore_unacked_once
+
+    def restore_unacked_once(self: QoS, stderr: object = None) -> object:
+        try:
+            return original(self, stderr)
+        except AttributeError as exc:
+            logger.warning("unacked messages left for the visibility sweep (%s)", exc)
+            return None
+
+    restore_unacked_once._ofa_tolerant = True  # type: ignore[attr-defined]
+    QoS.restore_unacked_once = restore_unacked_once  # type: ignore[method-assign]
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     """A configured Celery app (broker and result backend: the durable Redis)."""
     settings = settings or get_settings()
+    _tolerate_restore_after_connection_loss()
     durable, _ = redis_urls(settings)
     transport = {
         # A message a dead worker took comes back after this long: above the hard time

@@ -151,7 +151,8 @@ def cmd_flower(_: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Everything on one machine: embedded Valkey (if no Redis set), worker, API, Flower."""
+    """Everything on one machine: embedded Valkey (if no Redis set), worker, scan
+    coordinator, API, Flower; children that exit are restarted."""
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -174,12 +175,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        children["worker"] = subprocess.Popen([*cli, "worker"], env=env)
-        children["coordinator"] = subprocess.Popen([*cli, "coordinator"], env=env)
-        children["api"] = subprocess.Popen([*cli, "api"], env=env)
-        children["flower"] = subprocess.Popen(
-            flower_argv(settings, env["OFA_FLOWER_PASSWORD"]), env=env
-        )
+        commands = {
+            "worker": [*cli, "worker"],
+            "coordinator": [*cli, "coordinator"],
+            "api": [*cli, "api"],
+            "flower": flower_argv(settings, env["OFA_FLOWER_PASSWORD"]),
+        }
+        for name, command in commands.items():
+            children[name] = subprocess.Popen(command, env=env)
         model_id, revision = settings.model_tag
         logger.info("Redis:  %s", env.get("OFA_REDIS_URL") or settings.redis_url)
         logger.info("API:    http://%s:%d  (docs at /docs)", settings.api_host, settings.api_port)
@@ -192,12 +195,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         logger.info("Model:  %s@%s from %s", model_id, revision, settings.model_ref)
         logger.info("API key in %s; press Ctrl-C to stop", settings.data_dir / SECRETS_FILE)
+        # A child that exits is restarted (a worker stops after a broker restart, for
+        # one); one that keeps exiting stops the whole service.
+        restarts: dict[str, list[float]] = {name: [] for name in children}
         while not stopping:
-            for name, proc in children.items():
-                if proc.poll() is not None:
-                    logger.error("%s exited with code %s; stopping", name, proc.returncode)
+            for name, proc in list(children.items()):
+                if proc.poll() is None or stopping:
+                    continue
+                recent = [t for t in restarts[name] if time.monotonic() - t < 60]
+                if len(recent) >= 3:
+                    logger.error("%s keeps exiting (code %s); stopping", name, proc.returncode)
                     stopping = True
                     break
+                logger.warning("%s exited with code %s; restarting it", name, proc.returncode)
+                restarts[name] = [*recent, time.monotonic()]
+                children[name] = subprocess.Popen(commands[name], env=env)
             time.sleep(0.3)
     finally:
         for proc in children.values():

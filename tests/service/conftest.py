@@ -111,6 +111,7 @@ class WorkerProcess:
         self.command = command
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.keys = Keys(env.get("OFA_KEY_PREFIX", PREFIX))
 
     def start(self, **overrides: str) -> None:
         env = {**self.env, **overrides}
@@ -136,7 +137,7 @@ class WorkerProcess:
             time.sleep(0.1)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        key = Keys(PREFIX).workers(*MODEL)
+        key = self.keys.workers(*MODEL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, self.log()
@@ -153,7 +154,7 @@ class WorkerProcess:
         self.proc.wait()
         if self.command == "worker":
             # A killed worker leaves its heartbeat behind; forget it like the expiry would.
-            self.rdb.delete(Keys(PREFIX).workers(*MODEL))
+            self.rdb.delete(self.keys.workers(*MODEL))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
