@@ -420,4 +420,30 @@ class Coordinator:
             self.celery.send_task(TASK_CALLBACK, args=(scan_id,), queue=SCAN_QUEUE)
 
 
-__all__ = ["Coordinator"]
+def remove_expired_scans(
+    scans_path: Path, durable: redis.Redis, keys: Keys, min_age_s: float = 3600
+) -> list[str]:
+    """Delete scan folders (manifest copy, results file) whose scan record has expired.
+
+    Folders younger than ``min_age_s`` are left alone: the API creates the folder just
+    before the record. Returns the ids removed.
+    """
+    import shutil
+
+    removed: list[str] = []
+    if not scans_path.is_dir():
+        return removed
+    now_s = time.time()
+    for folder in scans_path.iterdir():
+        if not folder.is_dir() or now_s - folder.stat().st_mtime < min_age_s:
+            continue
+        if durable.exists(keys.scan(folder.name)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder.name)
+    if removed:
+        logger.info("removed %d expired scan folders", len(removed))
+    return removed
+
+
+__all__ = ["Coordinator", "remove_expired_scans"]

@@ -23,7 +23,7 @@ from shared.fetch import UrlPolicy, post_json
 from shared.keys import Keys
 from shared.scans import summarize, text_of
 from shared.settings import get_settings
-from worker.coordinator import Coordinator
+from worker.coordinator import Coordinator, remove_expired_scans
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +40,19 @@ def coordinator() -> Coordinator:
     return Coordinator(settings, durable, cache_client, app)
 
 
+_last_cleanup = 0.0
+
+
 @app.task(name=TASK_SCAN, bind=True, acks_late=True)
 def run_scan(self: Task, scan_id: str) -> str:
-    """One slice of a scan; queues the next slice until the scan is done."""
-    outcome = coordinator().run(scan_id)
+    """One slice of a scan; queues the next slice until the scan is done. At most once
+    an hour, a coordinator also removes the folders of expired scans."""
+    global _last_cleanup
+    coord = coordinator()
+    if time.monotonic() - _last_cleanup > 3600:
+        _last_cleanup = time.monotonic()
+        remove_expired_scans(coord.settings.scans_path, coord.durable, coord.keys)
+    outcome = coord.run(scan_id)
     if outcome == "more":
         run_scan.apply_async((scan_id,), queue=SCAN_QUEUE)
     elif outcome == "busy":  # another coordinator holds the scan (or a dead one's lock)
