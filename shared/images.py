@@ -1,4 +1,5 @@
-"""Decoding image bytes safely; used by the API (validation) and the worker (model input).
+"""Image bytes checked and decoded safely: by the API (validation), the scan coordinator
+(manifest rows) and the worker (model input).
 
 The pixel cap is checked on the header, before any pixel is decoded, so a
 decompression bomb costs nothing; the full decode catches truncated files.
@@ -6,6 +7,8 @@ decompression bomb costs nothing; the full decode catches truncated files.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import warnings
 
@@ -44,3 +47,25 @@ def open_image(data: bytes, max_pixels: int, formats: frozenset[str] = ACCEPTED_
         raise UnsupportedImageError("the file is not an image format we can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(f"image could not be decoded ({exc})") from exc
+
+
+def decode_base64(data: str, max_bytes: int) -> bytes:
+    """Strict base64 (a ``data:`` URL prefix allowed), refusing oversized payloads early."""
+    if data.startswith("data:"):
+        _, _, data = data.partition(",")
+    if len(data) > (max_bytes * 4) // 3 + 8:
+        raise ImageTooLargeError(f"image is larger than {max_bytes} bytes")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadImageError(f"image_base64 is not valid base64 ({exc})") from exc
+    check_size(raw, max_bytes)
+    return raw
+
+
+def check_size(data: bytes, max_bytes: int) -> None:
+    """Refuse empty or oversized uploads."""
+    if not data:
+        raise BadImageError("image is empty")
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"image is {len(data)} bytes; the limit is {max_bytes}")

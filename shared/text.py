@@ -7,6 +7,9 @@ share a cache key. Bump ``NORMALISER_VERSION`` whenever this behaviour changes.
 from __future__ import annotations
 
 import re
+from typing import Any
+
+from shared.errors import BadTextError
 
 NORMALISER_VERSION = "pre_caption-1"
 _SPACES = re.compile(r"\s{2,}")
@@ -27,3 +30,19 @@ def pre_caption(caption: str, max_words: int | None = None) -> str:
         if len(words) > max_words:
             text = " ".join(words[:max_words])
     return text
+
+
+def check_text(value: Any, name: str, limit: int, required: bool) -> str | None:
+    """A caller's text field: a non-empty string of at most ``limit`` characters, or
+    None when optional and absent; ``BadTextError`` saying what is wrong otherwise."""
+    if value is None or (isinstance(value, str) and not value.strip() and not required):
+        if required:
+            raise BadTextError(f"missing {name}")
+        return None
+    if not isinstance(value, str):
+        raise BadTextError(f"{name} must be a string")
+    if not value.strip():
+        raise BadTextError(f"{name} is empty")
+    if len(value) > limit:
+        raise BadTextError(f"{name} is {len(value)} characters; the limit is {limit}")
+    return value

@@ -20,8 +20,6 @@ keys at a time, so Redis holds the window, not the manifest.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import logging
 import time
@@ -37,10 +35,11 @@ from celery import Celery
 from shared.enqueue import enqueue_job
 from shared.errors import BadInputError, OfaEntailError
 from shared.fetch import UrlPolicy, fetch
-from shared.images import open_image
+from shared.images import decode_base64, open_image
 from shared.keys import Keys, image_digest, verdict_key_for_digest
 from shared.scans import ResultsDB, Row, RowResult, file_under, now, read_rows, text_of
 from shared.settings import Settings
+from shared.text import check_text
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +64,6 @@ class Resolved:
     expected: bytes | None = None  # the row's own sha256, to verify on fetch
     error: str | None = None
     key: str | None = None
-
-
-def _text(fields: dict[str, Any], name: str, limit: int, required: bool) -> str | None:
-    value = fields.get(name)
-    if value is None or value == "":
-        if required:
-            raise RowError(f"missing {name}")
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise RowError(f"{name} must be a non-empty string")
-    if len(value) > limit:
-        raise RowError(f"{name} is {len(value)} characters; the limit is {limit}")
-    return value
 
 
 class Coordinator:
@@ -267,8 +253,8 @@ class Coordinator:
                 raise RowError(fields["__error__"])
             if not row.item_id:
                 raise RowError("missing id")
-            text = _text(fields, "text", s.max_text_chars, required=True)
-            premise = _text(fields, "premise", s.max_text_chars, required=False)
+            text = check_text(fields.get("text"), "text", s.max_text_chars, required=True)
+            premise = check_text(fields.get("premise"), "premise", s.max_text_chars, False)
             assert text is not None
             r = Resolved(row, text, premise)
             expected = fields.get("sha256")
@@ -281,7 +267,7 @@ class Coordinator:
                     raise RowError("sha256 must be 64 hexadecimal characters")
             source, kind = self._image_source(fields)
             if kind == "base64":
-                r.image = self._decode_base64(source)
+                r.image = decode_base64(source, s.max_upload_bytes)
             elif kind == "path":
                 r.image = self._read_path(source)
             else:
@@ -318,17 +304,6 @@ class Coordinator:
         if "://" in image:
             raise RowError("image URLs must be http or https")
         return image, "path"
-
-    def _decode_base64(self, data: str) -> bytes:
-        if data.startswith("data:"):
-            data = data.partition(",")[2]
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise RowError(f"image is not valid base64 ({exc})") from exc
-        if len(raw) > self.settings.max_upload_bytes:
-            raise RowError(f"image is larger than {self.settings.max_upload_bytes} bytes")
-        return raw
 
     def _read_path(self, name: str) -> bytes:
         try:

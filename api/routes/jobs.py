@@ -17,23 +17,23 @@ from starlette.datastructures import UploadFile
 
 from api import metrics
 from api.deps import AuthDep, Services, ServicesDep
-from api.images import check_size, decode_base64, validate_image
 from shared import jobs
 from shared.enqueue import enqueue_job
 from shared.errors import (
     BadInputError,
-    BadTextError,
     ImageTooLargeError,
     UnsupportedMediaTypeError,
 )
 from shared.fetch import fetch_image
+from shared.images import check_size, decode_base64, open_image
 from shared.keys import verdict_key
 from shared.schemas import CachedVerdict, Job, JobRequest
+from shared.text import check_text
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-MULTIPART_OVERHEAD = 64 * 1024
+BODY_OVERHEAD = 64 * 1024  # form fields, multipart boundaries, JSON keys and texts
 REQUEST_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -64,27 +64,14 @@ class Submission:
         self.premise = premise
 
 
-def _check_text(value: Any, name: str, limit: int, required: bool) -> str | None:
-    if value is None or (isinstance(value, str) and not value.strip() and not required):
-        if required:
-            raise BadTextError(f"{name} is required")
-        return None
-    if not isinstance(value, str):
-        raise BadTextError(f"{name} must be a string")
-    if not value.strip():
-        raise BadTextError(f"{name} is empty")
-    if len(value) > limit:
-        raise BadTextError(f"{name} is {len(value)} characters; the limit is {limit}")
-    return value
-
-
 async def _parse(request: Request, s: Services) -> Submission:
     """Read and validate the body (multipart or JSON) without storing anything."""
     limit = s.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body_cap = limit + MULTIPART_OVERHEAD if ctype != "application/json" else limit * 4 // 3
-    if declared and declared.isdigit() and int(declared) > body_cap + MULTIPART_OVERHEAD:
+    # An image of `limit` bytes, base64-encoded in JSON, takes 4/3 as many.
+    image_cap = limit * 4 // 3 if ctype == "application/json" else limit
+    if declared and declared.isdigit() and int(declared) > image_cap + BODY_OVERHEAD:
         raise _too_large(limit)
     text_limit = s.settings.max_text_chars
     if ctype == "multipart/form-data":
@@ -94,8 +81,8 @@ async def _parse(request: Request, s: Services) -> Submission:
             raise BadInputError("the multipart field 'image' (a file) is required")
         image = await upload.read(limit + 1)
         check_size(image, limit)
-        text = _check_text(form.get("text"), "text", text_limit, required=True)
-        premise = _check_text(form.get("premise"), "premise", text_limit, required=False)
+        text = check_text(form.get("text"), "text", text_limit, required=True)
+        premise = check_text(form.get("premise"), "premise", text_limit, required=False)
         assert text is not None
         return Submission(image, text, premise)
     if ctype == "application/json":
@@ -106,8 +93,8 @@ async def _parse(request: Request, s: Services) -> Submission:
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
             )
             raise BadInputError(detail or "invalid JSON body") from exc
-        text = _check_text(body.text, "text", text_limit, required=True)
-        premise = _check_text(body.premise, "premise", text_limit, required=False)
+        text = check_text(body.text, "text", text_limit, required=True)
+        premise = check_text(body.premise, "premise", text_limit, required=False)
         assert text is not None
         if (body.image_base64 is None) == (body.image_url is None):
             raise BadInputError("give exactly one of image_base64 and image_url")
@@ -191,7 +178,7 @@ async def post_job(
         )
     metrics.CACHE.labels("miss").inc()
     try:
-        await run_in_threadpool(validate_image, sub.image, s.settings.max_pixels)
+        await run_in_threadpool(open_image, sub.image, s.settings.max_pixels)
     except BadInputError as exc:
         metrics.REJECTED.labels(exc.type_slug).inc()
         raise

@@ -26,7 +26,7 @@ from PIL import Image
 from shared.errors import UnsupportedConfigError
 from worker.ofa.checkpoint import Checkpoint, load_checkpoint, resolve_model_dir
 from worker.ofa.model import EncoderOutput
-from worker.ofa.preprocess import BOS, EOS, PAD, image_array, open_image
+from worker.ofa.preprocess import EOS, PAD, image_array, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -296,4 +296,4 @@ class Entailer:
         return self.score([self.prepare(image, text, premise)])[0]
 
 
-__all__ = ["BOS", "LABELS", "Answers", "Entailer", "Prepared", "Verdict"]
+__all__ = ["LABELS", "Answers", "Entailer", "Prepared", "Verdict"]
