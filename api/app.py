@@ -8,18 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics, problems
 from api.deps import Services
 from api.routes import health, jobs, scans
-from api.waiter import JobWaiter
-from shared.celery_app import make_celery
-from shared.embedded import redis_urls
-from shared.fetch import UrlPolicy
-from shared.keys import Keys
 from shared.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -53,49 +47,18 @@ class MetricsMiddleware:
             metrics.REQUESTS.labels(path, method, str(status)).inc()
 
 
-def build_services(settings: Settings) -> Services:
-    """Redis clients, the Celery app and the URL policy."""
-    durable_url, cache_url = redis_urls(settings)
-    durable = aioredis.Redis.from_url(
-        durable_url, socket_connect_timeout=3, socket_timeout=10, health_check_interval=30
-    )
-    cache = (
-        durable
-        if cache_url == durable_url
-        else aioredis.Redis.from_url(cache_url, socket_connect_timeout=3, socket_timeout=10)
-    )
-    policy = UrlPolicy(
-        timeout_s=settings.url_timeout_s,
-        max_redirects=settings.url_max_redirects,
-        max_bytes=settings.max_upload_bytes,
-        allow_hosts=tuple(settings.url_allow_hosts),
-    )
-    keys = Keys(settings.key_prefix)
-    waiter = JobWaiter(durable, keys.done_channel())
-    durable_sync = redis.Redis.from_url(
-        durable_url, socket_connect_timeout=3, socket_timeout=10, health_check_interval=30
-    )
-    return Services(
-        settings, durable, durable_sync, cache, keys, make_celery(settings), policy, waiter
-    )
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI application."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = build_services(settings)
+        services = Services.build(settings)
         app.state.services = services
         if not settings.api_keys:
             logger.warning("no API keys configured (OFA_API_KEYS): every job request gets 401")
         yield
-        await services.waiter.close()
-        await services.durable.aclose()
-        services.durable_sync.close()
-        if services.cache is not services.durable:
-            await services.cache.aclose()
+        await services.aclose()
 
     app = FastAPI(
         title="ofa-entail",

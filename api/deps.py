@@ -6,29 +6,54 @@ import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
-import redis
-import redis.asyncio as aioredis
 from celery import Celery
 from fastapi import Depends, HTTPException, Request
 
 from api.waiter import JobWaiter
+from shared import wiring
 from shared.fetch import UrlPolicy
-from shared.keys import Keys
 from shared.settings import Settings
+from shared.store import JobStore, ScanStore, WorkerRegistry
 
 
 @dataclass
 class Services:
-    """What the routes use, built once at start-up (see ``api/app.py``)."""
+    """What the routes use, built once at start-up from the settings."""
 
     settings: Settings
-    durable: aioredis.Redis
-    durable_sync: redis.Redis  # for work done in the thread pool (enqueueing)
-    cache: aioredis.Redis
-    keys: Keys
+    redis: wiring.AsyncRedis
+    redis_sync: wiring.SyncRedis  # for work done in the thread pool (submitting)
+    jobs: JobStore
+    scans: ScanStore
+    workers: WorkerRegistry
     celery: Celery
     url_policy: UrlPolicy
     waiter: JobWaiter
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        """Redis clients, stores, the Celery app and the URL policy."""
+        from shared.celery_app import make_celery
+
+        aio, sync = wiring.async_redis(settings), wiring.sync_redis(settings)
+        keys = wiring.keys(settings)
+        return cls(
+            settings=settings,
+            redis=aio,
+            redis_sync=sync,
+            jobs=JobStore(settings, keys, sync, aio),
+            scans=ScanStore(settings, keys, sync.durable, aio.durable),
+            workers=WorkerRegistry(keys, settings.model_tag),
+            celery=make_celery(settings),
+            url_policy=wiring.url_policy(settings),
+            waiter=JobWaiter(aio.durable, keys.done_channel()),
+        )
+
+    async def aclose(self) -> None:
+        """Stop listening and close every connection pool."""
+        await self.waiter.close()
+        await self.redis.aclose()
+        self.redis_sync.close()
 
 
 def get_services(request: Request) -> Services:

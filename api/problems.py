@@ -9,11 +9,34 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared import errors
 from shared.errors import BadInputError, QueueUnavailableError
 
 logger = logging.getLogger(__name__)
 
 TYPE_BASE = "https://ofa-entail.dev/problems/"
+
+# The one place that knows how each refusal reads over HTTP: (status, type slug).
+# Subclasses not listed take their nearest listed ancestor's entry.
+STATUS_OF: dict[type[BadInputError], tuple[int, str]] = {
+    errors.BadInputError: (422, "invalid-input"),
+    errors.BadImageError: (400, "bad-image"),
+    errors.UnsupportedImageError: (415, "unsupported-image"),
+    errors.ImageTooLargeError: (413, "image-too-large"),
+    errors.BadTextError: (422, "bad-text"),
+    errors.ImageUrlError: (400, "bad-image-url"),
+    errors.UnsupportedMediaTypeError: (415, "unsupported-media-type"),
+    errors.PayloadTooLargeError: (413, "payload-too-large"),
+    errors.ManifestError: (400, "bad-manifest"),
+}
+
+
+def status_of(exc: BadInputError) -> tuple[int, str]:
+    """(HTTP status, problem type slug) for a refusal."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return STATUS_OF[BadInputError]
 
 
 def problem(status: int, title: str, detail: str, slug: str, headers: dict | None = None):
@@ -29,7 +52,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(BadInputError)
     async def bad_input(_: Request, exc: BadInputError) -> JSONResponse:
-        return problem(exc.status, exc.title, exc.detail, exc.type_slug)
+        status, slug = status_of(exc)
+        return problem(status, exc.title, exc.detail, slug)
 
     @app.exception_handler(QueueUnavailableError)
     async def unavailable(_: Request, exc: QueueUnavailableError) -> JSONResponse:

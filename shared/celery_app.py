@@ -11,8 +11,8 @@ import logging
 
 from celery import Celery
 
-from shared.embedded import redis_urls
 from shared.settings import Settings, get_settings
+from shared.wiring import redis_urls
 
 TASK_ENTAIL = "ofa.entail"
 TASK_SCAN = "ofa.scan.run"
@@ -62,9 +62,8 @@ def _tolerate_restore_after_connection_loss() -> None:
     QoS.restore_unacked_once = restore_unacked_once  # type: ignore[method-assign]
 
 
-def make_celery(settings: Settings | None = None) -> Celery:
+def make_celery(settings: Settings) -> Celery:
     """A configured Celery app (broker and result backend: the durable Redis)."""
-    settings = settings or get_settings()
     _tolerate_restore_after_connection_loss()
     durable, _ = redis_urls(settings)
     transport = {
@@ -113,5 +112,5 @@ def make_celery(settings: Settings | None = None) -> Celery:
 # For `celery --app shared.celery_app:app flower` (Flower needs only the broker).
 def __getattr__(name: str) -> Celery:
     if name == "app":
-        return make_celery()
+        return make_celery(get_settings())
     raise AttributeError(name)

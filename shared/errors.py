@@ -1,7 +1,7 @@
 """Every error the service raises on purpose, in one place.
 
-Each class carries the data a caller needs to act on it; only the API layer turns
-them into HTTP responses (see ``api/problems.py``).
+Each class carries the data a caller needs to act on it and a ``title`` in words; none
+knows about HTTP. The API maps them to status codes in one table (``api/problems.py``).
 """
 
 from __future__ import annotations
@@ -60,11 +60,9 @@ class ModelDownloadError(OfaEntailError):
 
 
 class BadInputError(OfaEntailError):
-    """Input that can never succeed; ``status`` is the HTTP status the API answers with."""
+    """Input that can never succeed: refused before anything is stored."""
 
-    status = 422
     title = "Invalid input"
-    type_slug = "invalid-input"
 
     def __init__(self, detail: str) -> None:
         self.detail = detail
@@ -74,49 +72,53 @@ class BadInputError(OfaEntailError):
 class BadImageError(BadInputError):
     """Image bytes that cannot be decoded (corrupt, truncated, empty)."""
 
-    status = 400
     title = "Unreadable image"
-    type_slug = "bad-image"
 
 
 class UnsupportedImageError(BadInputError):
     """A readable file that is not an image format the service accepts."""
 
-    status = 415
     title = "Unsupported image format"
-    type_slug = "unsupported-image"
 
 
 class ImageTooLargeError(BadInputError):
     """Too many bytes, or too many pixels (decompression bomb)."""
 
-    status = 413
     title = "Image too large"
-    type_slug = "image-too-large"
 
 
 class BadTextError(BadInputError):
     """Missing, empty or over-long text."""
 
-    status = 422
     title = "Invalid text"
-    type_slug = "bad-text"
 
 
 class ImageUrlError(BadInputError):
     """An image URL that is refused or cannot be fetched."""
 
-    status = 400
     title = "Image URL refused"
-    type_slug = "bad-image-url"
 
 
 class UnsupportedMediaTypeError(BadInputError):
     """A request body that is neither multipart/form-data nor JSON."""
 
-    status = 415
     title = "Unsupported media type"
-    type_slug = "unsupported-media-type"
+
+
+class PayloadTooLargeError(BadInputError):
+    """A request body (a manifest, say) over its configured size limit."""
+
+    title = "Payload too large"
+
+
+class ManifestError(BadInputError):
+    """A scan manifest that cannot be read at all (row problems are per-row results)."""
+
+    title = "Invalid manifest"
+
+
+class RowError(OfaEntailError):
+    """One manifest row cannot succeed; the message becomes that row's result."""
 
 
 class QueueUnavailableError(OfaEntailError):

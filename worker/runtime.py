@@ -17,15 +17,39 @@ from dataclasses import dataclass, field
 
 import redis
 
-from shared.embedded import redis_urls
-from shared.keys import Keys
+from shared import wiring
+from shared.messages import ModelRef, Verdict
 from shared.settings import Settings
+from shared.store import JobStore, ScanStore, WorkerRegistry
 from worker.batcher import Batcher
-from worker.ofa.entail import Entailer, Prepared, Verdict
+from worker.ofa.entail import Entailer, Prediction, Prepared
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5.0
+
+
+def load_entailer(
+    settings: Settings, model: str | None = None, device: str | None = None
+) -> Entailer:
+    """The configured checkpoint on the configured device (``model`` and ``device``
+    override the settings: the CLI's ``predict --model --device``)."""
+    return Entailer.load(
+        model or settings.model_ref,
+        revision=None if (model or settings.model_dir) else settings.model_revision,
+        cache_dir=str(settings.model_cache_dir) if settings.model_cache_dir else None,
+        device=device or settings.device,
+        dtype=settings.dtype,
+        max_pixels=settings.max_pixels,
+    )
+
+
+def make_verdict(prediction: Prediction, model_tag: tuple[str, str], key: str) -> Verdict:
+    """The service's verdict: the model's prediction, which model, which key."""
+    model_id, revision = model_tag
+    return Verdict.model_validate(
+        {**prediction.to_dict(), "model": ModelRef(id=model_id, revision=revision), "key": key}
+    )
 
 
 @dataclass
@@ -34,10 +58,10 @@ class Runtime:
 
     settings: Settings
     entailer: Entailer
-    durable: redis.Redis
-    cache: redis.Redis
-    keys: Keys
-    batcher: Batcher[Prepared, Verdict]
+    redis: wiring.SyncRedis
+    jobs: JobStore
+    scans: ScanStore
+    batcher: Batcher[Prepared, Prediction]
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -49,16 +73,8 @@ class Runtime:
     @classmethod
     def start(cls, settings: Settings) -> Runtime:
         """Load the model, start the batcher and the heartbeat."""
-        durable_url, cache_url = redis_urls(settings)
         t0 = time.perf_counter()
-        entailer = Entailer.load(
-            settings.model_ref,
-            revision=None if settings.model_dir else settings.model_revision,
-            cache_dir=str(settings.model_cache_dir) if settings.model_cache_dir else None,
-            device=settings.device,
-            dtype=settings.dtype,
-            max_pixels=settings.max_pixels,
-        )
+        entailer = load_entailer(settings)
         logger.info(
             "model %s@%s loaded from %s on %s in %.1fs",
             *settings.model_tag,
@@ -66,40 +82,38 @@ class Runtime:
             entailer.device,
             time.perf_counter() - t0,
         )
-        durable = redis.Redis.from_url(durable_url, health_check_interval=30)
-        cache = durable if cache_url == durable_url else redis.Redis.from_url(cache_url)
-        keys = Keys(settings.key_prefix)
+        clients = wiring.sync_redis(settings)
+        keys = wiring.keys(settings)
+        jobs = JobStore(settings, keys, clients)
 
         def record_batch(size: int, seconds: float) -> None:
-            stats = keys.prefix + "stats:batches"
             try:
-                durable.hincrby(stats, "batches", 1)
-                durable.hincrby(stats, "items", size)
+                jobs.record_batch(size)
             except redis.RedisError:
                 logger.warning("could not record batch statistics")
             logger.debug("batch of %d in %.3fs", size, seconds)
 
-        def run_batch(items: Sequence[Prepared]) -> list[Verdict]:
+        def run_batch(items: Sequence[Prepared]) -> list[Prediction]:
             return entailer.score(items)
 
-        batcher: Batcher[Prepared, Verdict] = Batcher(
+        batcher: Batcher[Prepared, Prediction] = Batcher(
             run_batch, settings.batch_size, settings.batch_wait_ms / 1000, record_batch
         )
-        rt = cls(settings, entailer, durable, cache, keys, batcher)
+        scans = ScanStore(settings, keys, clients.durable)
+        rt = cls(settings, entailer, clients, jobs, scans, batcher)
         threading.Thread(target=rt._heartbeat, name="heartbeat", daemon=True).start()
         return rt
 
+    @property
+    def registry(self) -> WorkerRegistry:
+        """Where this worker announces itself."""
+        return WorkerRegistry(self.jobs.keys, self.model_tag)
+
     def _heartbeat(self) -> None:
         """Announce this worker (and its model) for the API's readiness check."""
-        key = self.keys.workers(*self.model_tag)
         while not self._stop.is_set():
             try:
-                now = time.time()
-                pipe = self.durable.pipeline()
-                pipe.zadd(key, {self.name: now})
-                pipe.zremrangebyscore(key, 0, now - 6 * HEARTBEAT_S)
-                pipe.expire(key, int(10 * HEARTBEAT_S))
-                pipe.execute()
+                self.registry.beat(self.redis.durable, self.name, HEARTBEAT_S)
             except redis.RedisError as exc:
                 logger.warning("heartbeat failed: %s", exc)
             self._stop.wait(HEARTBEAT_S)
@@ -108,7 +122,7 @@ class Runtime:
         """Stop the heartbeat, withdraw from the worker set, finish queued batches."""
         self._stop.set()
         with contextlib.suppress(redis.RedisError):
-            self.durable.zrem(self.keys.workers(*self.model_tag), self.name)
+            self.registry.withdraw(self.redis.durable, self.name)
         self.batcher.close()
 
 
@@ -116,14 +130,12 @@ _runtime: Runtime | None = None
 _lock = threading.Lock()
 
 
-def get_runtime(settings: Settings | None = None) -> Runtime:
+def get_runtime(settings: Settings) -> Runtime:
     """The process's runtime, started on first use."""
     global _runtime
     with _lock:
         if _runtime is None:
-            from shared.settings import get_settings
-
-            _runtime = Runtime.start(settings or get_settings())
+            _runtime = Runtime.start(settings)
         return _runtime
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import redis
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
@@ -13,8 +11,6 @@ from api.deps import ServicesDep
 from api.metrics import REGISTRY
 
 router = APIRouter(tags=["health"])
-
-WORKER_FRESH_S = 30.0
 
 
 @router.get("/healthz", summary="The process is alive")
@@ -30,15 +26,13 @@ async def get_readyz(s: ServicesDep) -> Response:
     problems = []
     workers = 0
     try:
-        await s.durable.ping()
-        workers = await s.durable.zcount(
-            s.keys.workers(*s.settings.model_tag), time.time() - WORKER_FRESH_S, "+inf"
-        )
+        await s.redis.durable.ping()
+        workers = await s.workers.acount(s.redis.durable)
     except redis.RedisError as exc:
         problems.append(f"durable Redis: {exc}")
-    if s.cache is not s.durable:
+    if s.redis.cache is not s.redis.durable:
         try:
-            await s.cache.ping()
+            await s.redis.cache.ping()
         except redis.RedisError as exc:
             problems.append(f"cache Redis: {exc}")
     if not problems and workers == 0:

@@ -17,8 +17,7 @@ from starlette.datastructures import UploadFile
 
 from api import metrics
 from api.deps import AuthDep, Services, ServicesDep
-from shared import jobs
-from shared.enqueue import enqueue_job
+from api.problems import status_of
 from shared.errors import (
     BadInputError,
     ImageTooLargeError,
@@ -27,7 +26,9 @@ from shared.errors import (
 from shared.fetch import fetch_image
 from shared.images import check_size, decode_base64, open_image
 from shared.keys import verdict_key
-from shared.schemas import CachedVerdict, Job, JobRequest
+from shared.messages import CachedVerdict, Job, cached_verdict_body
+from shared.schemas import JobAccepted, JobRequest
+from shared.submit import submit_job
 from shared.text import check_text
 
 logger = logging.getLogger(__name__)
@@ -113,11 +114,6 @@ def _too_large(limit: int) -> BadInputError:
     return ImageTooLargeError(f"the request is larger than the {limit}-byte upload limit")
 
 
-async def _read_job(s: Services, job_id: str) -> Job | None:
-    raw = await s.durable.hgetall(s.keys.job(job_id))
-    return jobs.decode(job_id, raw) if raw else None
-
-
 async def _wait_for(s: Services, job_id: str, seconds: float) -> Job | None:
     """The job once it has ended, or None after ``seconds``.
 
@@ -128,8 +124,8 @@ async def _wait_for(s: Services, job_id: str, seconds: float) -> Job | None:
     fut = s.waiter.register(job_id)
     try:
         while True:
-            job = await _read_job(s, job_id)
-            if job is not None and job.status in ("succeeded", "failed"):
+            job = await s.jobs.aget(job_id)
+            if job is not None and job.status.finished:
                 return job
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -140,9 +136,9 @@ async def _wait_for(s: Services, job_id: str, seconds: float) -> Job | None:
         s.waiter.forget(job_id, fut)
 
 
-def _accepted(job_id: str, status: str = "queued") -> JSONResponse:
+def _accepted(job_id: str) -> JSONResponse:
     return JSONResponse(
-        {"job_id": job_id, "status": status},
+        JobAccepted(job_id=job_id).model_dump(mode="json"),
         status_code=202,
         headers={"Location": f"/v1/jobs/{job_id}", "Retry-After": "1"},
     )
@@ -151,7 +147,10 @@ def _accepted(job_id: str, status: str = "queued") -> JSONResponse:
 @router.post(
     "",
     openapi_extra=REQUEST_BODY_DOC,
-    responses={200: {"model": CachedVerdict}, 202: {"description": "queued: poll Location"}},
+    responses={
+        200: {"model": CachedVerdict},
+        202: {"model": JobAccepted, "description": "queued: poll Location"},
+    },
     summary="Submit an image and a sentence",
 )
 async def post_job(
@@ -164,34 +163,22 @@ async def post_job(
     try:
         sub = await _parse(request, s)
     except BadInputError as exc:
-        metrics.REJECTED.labels(exc.type_slug).inc()
+        metrics.REJECTED.labels(status_of(exc)[1]).inc()
         raise
     model_id, revision = s.settings.model_tag
     key = verdict_key(model_id, revision, sub.image, sub.text, sub.premise)
-    cached = await s.cache.get(s.keys.verdict(key))
+    cached = await s.jobs.acached(key)
     if cached is not None:
         metrics.CACHE.labels("hit").inc()
-        body = cached if isinstance(cached, bytes) else cached.encode()
-        return Response(
-            b'{"status":"succeeded","cached":true,"verdict":' + body + b"}",
-            media_type="application/json",
-        )
+        return Response(cached_verdict_body(cached), media_type="application/json")
     metrics.CACHE.labels("miss").inc()
     try:
         await run_in_threadpool(open_image, sub.image, s.settings.max_pixels)
     except BadInputError as exc:
-        metrics.REJECTED.labels(exc.type_slug).inc()
+        metrics.REJECTED.labels(status_of(exc)[1]).inc()
         raise
     job_id, created = await run_in_threadpool(
-        enqueue_job,
-        s.durable_sync,
-        s.celery,
-        s.keys,
-        s.settings,
-        key,
-        sub.image,
-        sub.text,
-        sub.premise,
+        submit_job, s.jobs, s.celery, key, sub.image, sub.text, sub.premise
     )
     (metrics.ENQUEUED if created else metrics.DEDUPLICATED).inc()
     if wait > 0:
@@ -204,7 +191,7 @@ async def post_job(
 @router.get("/{job_id}", response_model=Job, summary="Poll a job")
 async def get_job(job_id: str, s: ServicesDep, _auth: AuthDep) -> Job:
     """Status, timestamps, and the verdict or error. Unknown or expired ids: 404."""
-    job = await _read_job(s, job_id)
+    job = await s.jobs.aget(job_id)
     if job is None:
         raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
     return job

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -16,25 +13,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import AuthDep, Services, ServicesDep
-from shared.celery_app import SCAN_QUEUE, TASK_SCAN
 from shared.errors import (
     BadInputError,
-    ImageTooLargeError,
-    QueueUnavailableError,
+    ManifestError,
+    PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from shared.scans import (
-    CSV_COLUMNS,
-    ManifestError,
-    ResultsDB,
-    check_jsonl_head,
-    csv_line,
-    csv_to_jsonl,
-    file_under,
-    now,
-    result_line,
-    summarize,
-)
+from shared.messages import ScanSummary
+from shared.scans.folder import ScanFolder
+from shared.scans.results import CSV_COLUMNS, ResultsDB, csv_line, result_line
+from shared.schemas import ScanAccepted
+from shared.submit import manifest_format, submit_scan
 
 router = APIRouter(prefix="/v1/scans", tags=["scans"])
 
@@ -76,56 +65,6 @@ MANIFEST_DOC: dict[str, Any] = {
 }
 
 
-def _format_of(name: str, given: Any) -> str:
-    fmt = (given or ("csv" if name.lower().endswith(".csv") else "jsonl")).lower()
-    if fmt not in ("jsonl", "csv"):
-        raise ManifestError("format must be jsonl or csv")
-    return str(fmt)
-
-
-def _save_manifest(src: IO[bytes], folder: Path, fmt: str, max_bytes: int) -> tuple[Path, int]:
-    """Stream the upload to ``folder/manifest.jsonl`` (CSV converted); returns (path, rows)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / "manifest.jsonl"
-    if fmt == "csv":
-        import io
-
-        text = io.TextIOWrapper(src, encoding="utf-8", newline="")
-        with out.open("w", encoding="utf-8") as dst:
-            try:
-                rows = csv_to_jsonl(text, dst)
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise ManifestError(f"the CSV manifest could not be read ({exc})") from exc
-            finally:
-                text.detach()
-    else:
-        written = 0
-        with out.open("wb") as dst:
-            while chunk := src.read(1 << 20):
-                written += len(chunk)
-                if written > max_bytes:
-                    raise ImageTooLargeError(f"the manifest is larger than {max_bytes} bytes")
-                dst.write(chunk)
-        rows = check_jsonl_head(out)
-    if out.stat().st_size > max_bytes:
-        raise ImageTooLargeError(f"the manifest is larger than {max_bytes} bytes")
-    if rows == 0:
-        raise ManifestError("the manifest has no rows")
-    return out, rows
-
-
-def _server_manifest(s: Services, name: str, fmt: str, folder: Path) -> tuple[Path, int]:
-    try:
-        path = file_under(s.settings.manifest_root, name, "manifest", "OFA_MANIFEST_ROOT")
-    except ValueError as exc:
-        raise ManifestError(str(exc)) from exc
-    if fmt == "csv":
-        with path.open("rb") as src:
-            return _save_manifest(src, folder, fmt, s.settings.max_manifest_bytes)
-    folder.mkdir(parents=True, exist_ok=True)
-    return path, check_jsonl_head(path)  # read in place
-
-
 def _check_callback(s: Services, url: Any) -> str | None:
     if url in (None, ""):
         return None
@@ -138,91 +77,63 @@ def _check_callback(s: Services, url: Any) -> str | None:
     return url
 
 
-@router.post("", openapi_extra=MANIFEST_DOC, status_code=202, summary="Start a scan")
+@router.post(
+    "",
+    openapi_extra=MANIFEST_DOC,
+    status_code=202,
+    response_model=ScanAccepted,
+    summary="Start a scan",
+)
 async def post_scan(request: Request, s: ServicesDep, _auth: AuthDep) -> JSONResponse:
     """Store the manifest (streamed, never whole in memory) and queue the coordinator."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     declared = request.headers.get("content-length")
     limit = s.settings.max_manifest_bytes
     if declared and declared.isdigit() and int(declared) > limit + 65536:
-        raise ImageTooLargeError(f"the manifest is larger than {limit} bytes")
-    scan_id = uuid.uuid4().hex
-    folder = s.settings.scans_path / scan_id
-    try:
-        if ctype == "multipart/form-data":
-            form = await request.form(max_files=1, max_fields=8)
-            upload = form.get("manifest")
-            if not isinstance(upload, UploadFile):
-                raise ManifestError("the multipart field 'manifest' (a file) is required")
-            fmt = _format_of(upload.filename or "", form.get("format"))
-            callback = _check_callback(s, form.get("callback_url"))
-            manifest, total = await run_in_threadpool(
-                _save_manifest, upload.file, folder, fmt, limit
-            )
-        elif ctype == "application/json":
-            try:
-                body = json.loads(await request.body())
-            except json.JSONDecodeError as exc:
-                raise BadInputError(f"the body is not JSON ({exc})") from exc
-            if not isinstance(body, dict) or not isinstance(body.get("path"), str):
-                raise BadInputError("give the manifest's 'path' (under OFA_MANIFEST_ROOT)")
-            fmt = _format_of(body["path"], body.get("format"))
-            callback = _check_callback(s, body.get("callback_url"))
-            manifest, total = await run_in_threadpool(
-                _server_manifest, s, body["path"], fmt, folder
-            )
-        else:
-            raise UnsupportedMediaTypeError(
-                "send the manifest as multipart/form-data, or JSON naming a server-side path"
-            )
-        record: dict[Any, Any] = {
-            "status": "queued",
-            "created_at": now(),
-            "total": str(total),
-            "manifest": str(manifest),
-            "read": "0",
-            "done": "0",
-            "cached": "0",
-            "failed": "0",
-            "pending": "0",
-        }
-        if callback:
-            record["callback_url"] = callback
-        key = s.keys.scan(scan_id)
-        pipe = s.durable.pipeline(transaction=True)
-        pipe.hset(key, mapping=record)
-        pipe.expire(key, s.settings.scan_ttl_s)
-        await pipe.execute()
+        raise PayloadTooLargeError(f"the manifest is larger than {limit} bytes")
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=8)
+        upload = form.get("manifest")
+        if not isinstance(upload, UploadFile):
+            raise ManifestError("the multipart field 'manifest' (a file) is required")
+        fmt = manifest_format(upload.filename or "", form.get("format"))
+        callback = _check_callback(s, form.get("callback_url"))
+        scan_id, total = await run_in_threadpool(
+            submit_scan, s.scans, s.celery, s.settings, fmt, callback, upload=upload.file
+        )
+    elif ctype == "application/json":
         try:
-            await run_in_threadpool(
-                s.celery.send_task, TASK_SCAN, args=(scan_id,), queue=SCAN_QUEUE, retry=False
-            )
-        except Exception as exc:
-            await s.durable.delete(key)
-            raise QueueUnavailableError(
-                f"the scan queue is unavailable ({type(exc).__name__})"
-            ) from exc
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+            body = json.loads(await request.body())
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"the body is not JSON ({exc})") from exc
+        if not isinstance(body, dict) or not isinstance(body.get("path"), str):
+            raise BadInputError("give the manifest's 'path' (under OFA_MANIFEST_ROOT)")
+        fmt = manifest_format(body["path"], body.get("format"))
+        callback = _check_callback(s, body.get("callback_url"))
+        scan_id, total = await run_in_threadpool(
+            submit_scan, s.scans, s.celery, s.settings, fmt, callback, server_path=body["path"]
+        )
+    else:
+        raise UnsupportedMediaTypeError(
+            "send the manifest as multipart/form-data, or JSON naming a server-side path"
+        )
     return JSONResponse(
-        {"scan_id": scan_id, "status": "queued", "total": total},
+        ScanAccepted(scan_id=scan_id, total=total).model_dump(mode="json"),
         status_code=202,
         headers={"Location": f"/v1/scans/{scan_id}", "Retry-After": "2"},
     )
 
 
-async def _summary(s: Services, scan_id: str) -> dict[str, Any]:
-    raw = await s.durable.hgetall(s.keys.scan(scan_id))
-    if not raw:
+def _found(scan_id: str, summary: ScanSummary | None) -> ScanSummary:
+    if summary is None:
         raise HTTPException(404, f"no scan {scan_id} (unknown, or expired)")
-    return summarize(scan_id, raw)
+    return summary
 
 
-@router.get("/{scan_id}", summary="Progress of a scan")
-async def get_scan(scan_id: str, s: ServicesDep, _auth: AuthDep) -> dict[str, Any]:
+@router.get("/{scan_id}", response_model=ScanSummary, summary="Progress of a scan")
+async def get_scan(scan_id: str, s: ServicesDep, _auth: AuthDep) -> ScanSummary:
     """Counts (total, done, cached, failed, pending), rate and ETA."""
-    return await _summary(s, scan_id)
+    return _found(scan_id, await s.scans.asummary(scan_id))
 
 
 @router.get("/{scan_id}/results", summary="Stream a scan's results in manifest order")
@@ -234,8 +145,8 @@ async def get_scan_results(
 ) -> StreamingResponse:
     """One line per manifest row read so far (every row once the scan has finished):
     id, label, answer, probabilities, cached, error."""
-    await _summary(s, scan_id)
-    path = s.settings.scans_path / scan_id / "results.db"
+    _found(scan_id, await s.scans.asummary(scan_id))
+    path = ScanFolder(s.settings.scans_path, scan_id).results
 
     def lines() -> Iterator[bytes]:
         if format == "csv":
@@ -261,13 +172,7 @@ async def get_scan_results(
     )
 
 
-@router.delete("/{scan_id}", summary="Cancel a scan")
-async def delete_scan(scan_id: str, s: ServicesDep, _auth: AuthDep) -> dict[str, Any]:
+@router.delete("/{scan_id}", response_model=ScanSummary, summary="Cancel a scan")
+async def delete_scan(scan_id: str, s: ServicesDep, _auth: AuthDep) -> ScanSummary:
     """Stop reading the manifest and drop its queued bulk jobs; finished results stay."""
-    summary = await _summary(s, scan_id)
-    if summary["status"] in ("queued", "running"):
-        await s.durable.hset(
-            s.keys.scan(scan_id), mapping={"status": "cancelled", "cancelled_at": now()}
-        )
-        summary["status"] = "cancelled"
-    return summary
+    return _found(scan_id, await s.scans.acancel(scan_id))

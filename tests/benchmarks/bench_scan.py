@@ -34,8 +34,7 @@ import httpx
 import redis
 
 from shared.keys import Keys, image_digest, verdict_key_for_digest
-from tests.helpers import small_jpeg
-from tests.service.conftest import free_port
+from tests.helpers import free_port, small_jpeg
 
 API_KEY = "bench-key-0123456789-abcdefghij"
 PREFIX = "ofa:scanbench:"

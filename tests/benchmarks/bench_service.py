@@ -30,8 +30,7 @@ import httpx
 import redis
 
 from shared.keys import Keys, verdict_key
-from tests.helpers import encode_image, photo, small_jpeg
-from tests.service.conftest import free_port
+from tests.helpers import encode_image, free_port, photo, small_jpeg
 
 API_KEY = "bench-key-0123456789-abcdefghij"
 PREFIX = "ofa:bench:"

@@ -97,8 +97,8 @@ class Prepared:
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """The model's answer for one item."""
+class Prediction:
+    """The model's answer for one item (the service wraps it in ``shared.messages.Verdict``)."""
 
     label: str
     answer: str
@@ -275,7 +275,7 @@ class Entailer:
 
     # -- verdicts --
 
-    def verdicts(self, scores: torch.Tensor) -> list[Verdict]:
+    def predictions(self, scores: torch.Tensor) -> list[Prediction]:
         """Turn (B, A) answer scores into verdicts with a probability for every label."""
         probs = torch.softmax(scores.double(), dim=-1)
         out = []
@@ -284,16 +284,18 @@ class Entailer:
             for p, label in zip(row.tolist(), self.answers.labels, strict=True):
                 per_label[label] += p
             best = int(row.argmax())
-            out.append(Verdict(self.answers.labels[best], self.answers.names[best], per_label))
+            out.append(Prediction(self.answers.labels[best], self.answers.names[best], per_label))
         return out
 
-    def score(self, batch: Sequence[Prepared]) -> list[Verdict]:
-        """Verdicts for a batch of prepared items, each equal to scoring it alone."""
-        return self.verdicts(self.answer_log_probs(batch))
+    def score(self, batch: Sequence[Prepared]) -> list[Prediction]:
+        """Predictions for a batch of prepared items, each equal to scoring it alone."""
+        return self.predictions(self.answer_log_probs(batch))
 
-    def predict(self, image: bytes | Image.Image, text: str, premise: str | None = None) -> Verdict:
+    def predict(
+        self, image: bytes | Image.Image, text: str, premise: str | None = None
+    ) -> Prediction:
         """One item, start to finish."""
         return self.score([self.prepare(image, text, premise)])[0]
 
 
-__all__ = ["LABELS", "Answers", "Entailer", "Prepared", "Verdict"]
+__all__ = ["LABELS", "Answers", "Entailer", "Prediction", "Prepared"]

@@ -19,9 +19,7 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from tests.helpers import small_jpeg
-from tests.service.conftest import API_KEY, WEBHOOK_SECRET
-from tests.service.test_jobs import batch_items
+from tests.helpers import API_KEY, WEBHOOK_SECRET, batch_items, small_jpeg
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
 
@@ -375,23 +373,3 @@ def test_server_side_manifest_and_bad_manifests(scan_client, host, scan_roots, r
     )
     assert bad.status_code == 422
     assert set(rdb.scan_iter("ofa:test:scan:*")) == before
-
-
-def test_expired_scan_folders_are_removed(tmp_path: Path, rdb, keys):
-    import os
-
-    from worker.coordinator import remove_expired_scans
-
-    old, live, young = (tmp_path / n for n in ("old-scan", "live-scan", "young-scan"))
-    for folder in (old, live, young):
-        folder.mkdir()
-        (folder / "results.db").write_bytes(b"x")
-    long_ago = time.time() - 7200
-    for folder in (old, live):
-        os.utime(folder, (long_ago, long_ago))
-    rdb.hset(keys.scan("live-scan"), "status", "running")
-    try:
-        assert remove_expired_scans(tmp_path, rdb, keys) == ["old-scan"]
-        assert not old.exists() and live.exists() and young.exists()
-    finally:
-        rdb.delete(keys.scan("live-scan"))

@@ -12,8 +12,7 @@ import httpx
 import pytest
 import redis
 
-from tests.helpers import small_jpeg
-from tests.service.conftest import API_KEY, WorkerProcess, free_port, start_api
+from tests.helpers import API_KEY, WorkerProcess, free_port, small_jpeg, start_api
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
 

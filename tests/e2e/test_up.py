@@ -12,9 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.cli_service import read_env_file
-from tests.helpers import photo
-from tests.service.conftest import free_port
+from shared.cli.secrets import read_env_file
+from tests.helpers import free_port, photo
 
 
 @pytest.mark.slow

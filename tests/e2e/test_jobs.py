@@ -9,32 +9,22 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from shared.celery_app import queue_name
-from shared.keys import Keys, verdict_key
-from tests.helpers import encode_image, photo, small_jpeg
-from tests.service.conftest import API_KEY, MODEL, start_api
+from shared.keys import verdict_key
+from tests.helpers import (
+    API_KEY,
+    MODEL,
+    batch_items,
+    encode_image,
+    photo,
+    poll,
+    queue_len,
+    small_jpeg,
+    start_api,
+)
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
-
-
-def poll(client: httpx.Client, job_id: str, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc = client.get(f"/v1/jobs/{job_id}").json()
-        if doc["status"] in ("succeeded", "failed"):
-            return doc
-        time.sleep(0.05)
-    raise TimeoutError(f"job {job_id} did not finish: {doc}")
-
-
-def queue_len(rdb: redis.Redis) -> int:
-    return int(rdb.llen(queue_name(*MODEL)))
-
-
-def batch_items(rdb: redis.Redis, keys: Keys) -> int:
-    return int(rdb.hget(keys.prefix + "stats:batches", "items") or 0)
 
 
 @pytest.fixture(scope="module")

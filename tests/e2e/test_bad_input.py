@@ -15,8 +15,7 @@ import redis
 from PIL import Image
 
 from shared.celery_app import queue_name
-from tests.helpers import encode_image, photo, small_jpeg
-from tests.service.conftest import MODEL, PREFIX
+from tests.helpers import MODEL, PREFIX, encode_image, photo, small_jpeg
 
 JPEG = encode_image(photo("coffee").resize((64, 48)))
 
@@ -219,7 +218,7 @@ def test_allow_listed_url_is_fetched(client: httpx.Client, worker, image_host: s
 
 
 def test_broker_down_is_503(service_env: dict, tmp_path):
-    from tests.service.conftest import API_KEY, free_port, start_api
+    from tests.helpers import API_KEY, free_port, start_api
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
     proc, base = start_api(service_env, tmp_path / "api.log", OFA_REDIS_URL=dead)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import small_jpeg
-from tests.service.test_jobs import poll
+from tests.helpers import poll, small_jpeg
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
 

@@ -1,0 +1,107 @@
+"""Scan manifests: reading, converting and checking them.
+
+A manifest is JSONL or CSV, one row per item: ``id``, an image (``image``: an http(s)
+URL, a path under the configured image root, or a ``data:``/base64 string; or the
+explicit ``image_url`` / ``image_path`` / ``image_base64``), ``text``, optional
+``premise`` and ``sha256`` (the image's, trusted for the cache lookup and verified
+when the image has to be fetched). CSV manifests are converted to JSONL as they
+arrive, so the coordinator always reads JSONL and can resume from a byte offset.
+
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from shared.errors import ManifestError
+
+ROW_FIELDS = ("id", "image", "image_url", "image_path", "image_base64", "text", "premise", "sha256")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One manifest row, as parsed (not yet validated)."""
+
+    idx: int
+    item_id: str
+    fields: dict[str, Any]
+
+
+def csv_to_jsonl(src: IO[str], dst: IO[str]) -> int:
+    """Stream CSV (with a header) into JSONL; returns the number of rows."""
+    reader = csv.DictReader(src)
+    if not reader.fieldnames or "text" not in reader.fieldnames:
+        raise ManifestError("a CSV manifest needs a header row with at least id, image, text")
+    n = 0
+    for record in reader:
+        clean = {k: v for k, v in record.items() if k in ROW_FIELDS and v not in (None, "")}
+        dst.write(json.dumps(clean, ensure_ascii=False) + "\n")
+        n += 1
+    return n
+
+
+def check_jsonl_head(path: Path) -> int:
+    """Validate that the first non-empty line is a JSON object; returns the row count."""
+    n = 0
+    first = True
+    with path.open("rb") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            if first:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ManifestError(f"the first manifest line is not JSON ({exc})") from exc
+                if not isinstance(obj, dict):
+                    raise ManifestError("manifest lines must be JSON objects")
+                first = False
+            n += 1
+    return n
+
+
+def read_rows(path: Path, offset: int, start_idx: int, limit: int) -> tuple[list[Row], int]:
+    """Up to ``limit`` rows from byte ``offset`` (row numbers from ``start_idx``).
+
+    Returns the rows and the offset after the last one. A line that is not a JSON
+    object still becomes a row (its error is recorded as that row's result).
+    """
+    rows: list[Row] = []
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        while len(rows) < limit:
+            line = fh.readline()
+            if not line:
+                break
+            if not line.strip():
+                offset = fh.tell()
+                continue
+            idx = start_idx + len(rows)
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                obj = {"__error__": f"row is not a JSON object ({exc})"}
+            item_id = obj.get("id")
+            rows.append(Row(idx, str(item_id) if item_id is not None else "", obj))
+            offset = fh.tell()
+    return rows, offset
+
+
+def file_under(root: Path | None, name: str, what: str, setting: str) -> Path:
+    """``name`` resolved inside ``root`` (symlinks followed, no escaping with ``..``);
+    ``ValueError`` with a readable reason otherwise."""
+    if root is None:
+        raise ValueError(f"{what}s are not enabled on this server ({setting})")
+    base = root.resolve()
+    path = (base / name).resolve()
+    if not path.is_relative_to(base):
+        raise ValueError(f"the {what} path is outside the {what} root")
+    if not path.is_file():
+        raise ValueError(f"no {what} at {name!r}")
+    return path

@@ -1,0 +1,167 @@
+"""Submitting work: a job (from the API or a scan's coordinator) and a scan (from the
+API). Both store their record first, then send the Celery message; if the broker
+refuses, everything stored is removed again and ``QueueUnavailableError`` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import IO
+
+import redis
+from celery import Celery
+
+from shared.celery_app import SCAN_QUEUE, TASK_ENTAIL, TASK_SCAN, queue_name
+from shared.errors import ManifestError, PayloadTooLargeError, QueueUnavailableError
+from shared.messages import EntailTask
+from shared.scans.folder import ScanFolder
+from shared.scans.manifest import check_jsonl_head, csv_to_jsonl, file_under
+from shared.settings import Settings
+from shared.store import JobStore, ScanStore
+
+logger = logging.getLogger(__name__)
+
+
+def submit_job(
+    store: JobStore,
+    celery: Celery,
+    key: str,
+    image: bytes,
+    text: str,
+    premise: str | None,
+    scan_id: str | None = None,
+) -> tuple[str, bool]:
+    """Join the job computing ``key`` or create and send one; returns (job id, created).
+
+    Interactive jobs go to the model's interactive queue, scan jobs (``scan_id``) to
+    its bulk queue.
+    """
+    try:
+        job_id, created = store.create_or_join(key, image, text, premise, scan_id)
+    except redis.RedisError as exc:
+        raise QueueUnavailableError(f"the job store is unavailable ({type(exc).__name__})") from exc
+    if not created:
+        return job_id, False
+    model_id, revision = store.settings.model_tag
+    msg = EntailTask(
+        job_id=job_id,
+        key=key,
+        model=model_id,
+        revision=revision,
+        text=text,
+        premise=premise,
+        scan_id=scan_id,
+    )
+    try:
+        celery.send_task(
+            TASK_ENTAIL,
+            kwargs={"msg": msg.model_dump()},
+            task_id=job_id,
+            queue=queue_name(model_id, revision, bulk=msg.bulk),
+            retry=False,
+        )
+    except Exception as exc:
+        try:
+            store.discard(job_id, key)
+        except redis.RedisError:
+            logger.exception("could not clean up after a failed enqueue")
+        raise QueueUnavailableError(f"the job queue is unavailable ({type(exc).__name__})") from exc
+    return job_id, True
+
+
+# --- scans -----------------------------------------------------------------------------
+
+
+def manifest_format(name: str, given: object) -> str:
+    """``jsonl`` or ``csv``: as given, else from the file name."""
+    if given in (None, ""):
+        return "csv" if name.lower().endswith(".csv") else "jsonl"
+    if not isinstance(given, str) or given.lower() not in ("jsonl", "csv"):
+        raise ManifestError("format must be jsonl or csv")
+    return given.lower()
+
+
+def save_manifest(src: IO[bytes], dst: Path, fmt: str, max_bytes: int) -> int:
+    """Stream an upload to ``dst`` as JSONL (CSV converted on the way); returns the
+    number of rows. Never holds the whole manifest in memory."""
+    if fmt == "csv":
+        import io
+
+        text = io.TextIOWrapper(src, encoding="utf-8", newline="")
+        with dst.open("w", encoding="utf-8") as out:
+            try:
+                rows = csv_to_jsonl(text, out)
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise ManifestError(f"the CSV manifest could not be read ({exc})") from exc
+            finally:
+                text.detach()
+    else:
+        written = 0
+        with dst.open("wb") as out:
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > max_bytes:
+                    raise PayloadTooLargeError(f"the manifest is larger than {max_bytes} bytes")
+                out.write(chunk)
+        rows = check_jsonl_head(dst)
+    if dst.stat().st_size > max_bytes:
+        raise PayloadTooLargeError(f"the manifest is larger than {max_bytes} bytes")
+    if rows == 0:
+        raise ManifestError("the manifest has no rows")
+    return rows
+
+
+def submit_scan(
+    store: ScanStore,
+    celery: Celery,
+    settings: Settings,
+    fmt: str,
+    callback_url: str | None,
+    upload: IO[bytes] | None = None,
+    server_path: str | None = None,
+) -> tuple[str, int]:
+    """Store a manifest (an upload, or a file under ``OFA_MANIFEST_ROOT``), write the
+    scan record and queue the coordinator; returns (scan id, rows).
+
+    Blocking (file I/O): the API calls it from its thread pool. Nothing is left behind
+    when anything fails.
+    """
+    folder = ScanFolder(settings.scans_path, uuid.uuid4().hex)
+    try:
+        folder.create()
+        if upload is not None:
+            manifest = folder.manifest
+            total = save_manifest(upload, manifest, fmt, settings.max_manifest_bytes)
+        else:
+            assert server_path is not None
+            try:
+                path = file_under(
+                    settings.manifest_root, server_path, "manifest", "OFA_MANIFEST_ROOT"
+                )
+            except ValueError as exc:
+                raise ManifestError(str(exc)) from exc
+            if fmt == "csv":
+                manifest = folder.manifest
+                with path.open("rb") as src:
+                    total = save_manifest(src, manifest, fmt, settings.max_manifest_bytes)
+            else:
+                manifest, total = path, check_jsonl_head(path)  # read in place
+        try:
+            store.create(folder.scan_id, total, str(manifest), callback_url)
+        except redis.RedisError as exc:
+            raise QueueUnavailableError(
+                f"the scan store is unavailable ({type(exc).__name__})"
+            ) from exc
+        try:
+            celery.send_task(TASK_SCAN, args=(folder.scan_id,), queue=SCAN_QUEUE, retry=False)
+        except Exception as exc:
+            store.discard(folder.scan_id)
+            raise QueueUnavailableError(
+                f"the scan queue is unavailable ({type(exc).__name__})"
+            ) from exc
+    except BaseException:
+        folder.remove()
+        raise
+    return folder.scan_id, total

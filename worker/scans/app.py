@@ -1,0 +1,81 @@
+"""The scan coordinator's Celery app: slices of scans and signed completion callbacks.
+
+No torch here: run it on any machine with ``ofa-entail coordinator``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import cache
+
+from celery import Task
+
+from shared import wiring
+from shared.celery_app import SCAN_QUEUE, TASK_CALLBACK, TASK_SCAN, make_celery
+from shared.settings import get_settings
+from shared.store import JobStore, ScanStore
+from worker.scans.callback import CallbackFailed, deliver
+from worker.scans.coordinator import Coordinator, remove_expired_scans
+from worker.scans.resolver import RowResolver
+
+logger = logging.getLogger(__name__)
+
+settings = get_settings()
+app = make_celery(settings)
+
+
+@cache
+def coordinator() -> Coordinator:
+    """The process's coordinator (Redis clients built once)."""
+    clients = wiring.sync_redis(settings)
+    keys = wiring.keys(settings)
+    return Coordinator(
+        settings,
+        JobStore(settings, keys, clients),
+        ScanStore(settings, keys, clients.durable),
+        RowResolver(settings, keys, clients.cache, wiring.url_policy(settings)),
+        app,
+    )
+
+
+_last_cleanup = 0.0
+
+
+@app.task(name=TASK_SCAN, bind=True, acks_late=True)
+def run_scan(self: Task, scan_id: str) -> str:
+    """One slice of a scan; queues the next slice until the scan is done. At most once
+    an hour, a coordinator also removes the folders of expired scans."""
+    global _last_cleanup
+    coord = coordinator()
+    if time.monotonic() - _last_cleanup > 3600:
+        _last_cleanup = time.monotonic()
+        remove_expired_scans(settings, coord.scans)
+    outcome = coord.run(scan_id)
+    if outcome == "more":
+        run_scan.apply_async((scan_id,), queue=SCAN_QUEUE)
+    elif outcome == "busy":  # another coordinator holds the scan (or a dead one's lock)
+        run_scan.apply_async((scan_id,), queue=SCAN_QUEUE, countdown=2)
+    return outcome
+
+
+@app.task(name=TASK_CALLBACK, bind=True, acks_late=True)
+def send_callback(self: Task, scan_id: str) -> None:
+    """POST the scan summary to its callback URL, signed; retried with backoff."""
+    scans = coordinator().scans
+    summary = scans.summary(scan_id)
+    if summary is None or not summary.callback_url or settings.webhook_secret is None:
+        return
+    secret = settings.webhook_secret.get_secret_value().encode()
+    try:
+        deliver(summary, summary.callback_url, secret, wiring.url_policy(settings, 0))
+    except CallbackFailed as exc:
+        retries = self.request.retries
+        url = summary.callback_url
+        if retries >= settings.callback_max_retries:
+            logger.error("scan %s: callback to %s failed for good: %s", scan_id, url, exc)
+            scans.callback_failed(scan_id, str(exc))
+            return
+        logger.warning("scan %s: callback failed (%s); retry %d", scan_id, exc, retries + 1)
+        raise self.retry(exc=exc, countdown=min(2**retries, 300)) from exc
+    scans.callback_delivered(scan_id)

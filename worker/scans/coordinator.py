@@ -1,0 +1,226 @@
+"""The scan coordinator: streams a manifest through the cache and the bulk queue.
+
+Runs as short Celery tasks on its own queue (no GPU, no torch). Each task works on one
+scan for ``scan_slice_s`` seconds, records everything it did in the scan's results
+file (rows and the manifest cursor, in one transaction), then queues its own
+continuation. A coordinator killed mid-slice loses nothing: its message comes back
+after the visibility timeout and the next slice resumes from the file; a lock stops
+two coordinators working on one scan.
+
+Per chunk of rows: resolve each row (``resolver``); look keys up in one pipelined
+MGET; hits are final at once; misses (deduplicated within the scan, and across scans
+and interactive jobs through the in-flight marks) are queued as bulk jobs, never more
+than ``scan_window`` distinct keys at a time, so Redis holds the window, not the
+manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import httpx
+from celery import Celery
+
+from shared.errors import RowError
+from shared.messages import JobStatus, RowState, ScanStatus
+from shared.scans.folder import ScanFolder
+from shared.scans.manifest import Row, read_rows
+from shared.scans.results import ResultsDB, RowResult
+from shared.settings import Settings
+from shared.store import JobStore, ScanStore
+from shared.submit import submit_job
+from worker.scans.resolver import Resolved, RowResolver
+
+logger = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """Works on scans in slices; one instance per coordinator process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        jobs: JobStore,
+        scans: ScanStore,
+        resolver: RowResolver,
+        celery: Celery,
+    ) -> None:
+        self.settings = settings
+        self.jobs = jobs
+        self.scans = scans
+        self.resolver = resolver
+        self.celery = celery
+
+    # -- one slice -------------------------------------------------------------------
+
+    def run(self, scan_id: str) -> str:
+        """Work on ``scan_id`` for one slice: "more", "done" or "busy" (locked elsewhere)."""
+        lock_ttl = int(2 * self.settings.scan_slice_s + 10)
+        token = self.scans.lock(scan_id, lock_ttl)
+        if token is None:
+            return "busy"
+        try:
+            return self._slice(scan_id, lock_ttl)
+        finally:
+            self.scans.unlock(scan_id, token)
+
+    def _slice(self, scan_id: str, lock_ttl: int) -> str:
+        record = self.scans.get(scan_id)
+        if not record:
+            logger.warning("scan %s has no record (expired?)", scan_id)
+            return "done"
+        status = ScanStatus(record.get("status", ScanStatus.QUEUED))
+        if status in (ScanStatus.SUCCEEDED, ScanStatus.FAILED):
+            return "done"
+        folder = ScanFolder(self.settings.scans_path, scan_id)
+        db = ResultsDB(folder.results)
+        try:
+            if status == ScanStatus.QUEUED:
+                self.scans.start(scan_id)
+            manifest = Path(record["manifest"])
+            total = int(record.get("total", 0))
+            deadline = time.monotonic() + self.settings.scan_slice_s
+            published = 0.0
+            while True:
+                if self.scans.status(scan_id) == ScanStatus.CANCELLED:
+                    self._collect(db, scan_id)
+                    db.cancel_pending()
+                    self.scans.publish_counts(scan_id, db.counts(), finished=True)
+                    return "done"
+                self._collect(db, scan_id)
+                next_idx, offset = db.cursor_position()
+                pending = db.pending_count()
+                if next_idx >= total and pending == 0:
+                    self._finish(scan_id, record, db)
+                    return "done"
+                room = self.settings.scan_window - pending
+                if next_idx < total and room > 0:
+                    limit = max(1, min(self.settings.scan_chunk_rows, room))
+                    rows, new_offset = read_rows(manifest, offset, next_idx, limit)
+                    if not rows:  # fewer rows than counted: the manifest changed
+                        self.scans.set_total(scan_id, next_idx)
+                        total = next_idx
+                        continue
+                    results = asyncio.run(self._process(scan_id, rows, db))
+                    db.record(results, rows[-1].idx + 1, new_offset)
+                else:
+                    time.sleep(0.05)
+                if time.monotonic() - published > 0.5:
+                    self.scans.publish_counts(scan_id, db.counts())
+                    self.scans.renew_lock(scan_id, lock_ttl)
+                    published = time.monotonic()
+                if time.monotonic() > deadline:
+                    self.scans.publish_counts(scan_id, db.counts())
+                    return "more"
+        finally:
+            db.close()
+
+    # -- completions -----------------------------------------------------------------
+
+    def _collect(self, db: ResultsDB, scan_id: str) -> None:
+        """Finish pending rows whose job has ended (its record is the source of truth:
+        the verdict cache may already have evicted the verdict)."""
+        pending = db.pending()
+        if not pending:
+            return
+        outcomes: dict[str, tuple[RowState, str | None, str | None]] = {}
+        ours: list[tuple[str, str]] = []
+        for (key, job_id), got in zip(
+            pending.items(), self.jobs.outcomes(pending.values()), strict=True
+        ):
+            if got.status == JobStatus.SUCCEEDED:
+                outcomes[key] = (RowState.DONE, got.verdict, None)
+            elif got.status == JobStatus.FAILED:
+                outcomes[key] = (RowState.FAILED, None, got.error or "failed")
+            elif got.status is None:
+                outcomes[key] = (RowState.FAILED, None, "the job record expired before it finished")
+            if got.status is not None and got.status.finished and got.scan_id == scan_id:
+                ours.append((key, job_id))
+        if outcomes:
+            db.complete(outcomes)
+        if ours:
+            self.jobs.linger(ours)
+
+    # -- new rows --------------------------------------------------------------------
+
+    async def _process(self, scan_id: str, rows: list[Row], db: ResultsDB) -> list[RowResult]:
+        limits = httpx.Limits(max_connections=self.settings.scan_fetch_concurrency)
+        async with httpx.AsyncClient(
+            follow_redirects=False, trust_env=False, limits=limits
+        ) as client:
+            sem = asyncio.Semaphore(self.settings.scan_fetch_concurrency)
+
+            async def resolve(row: Row) -> Resolved:
+                async with sem:
+                    return await self.resolver.resolve(row, client)
+
+            resolved = await asyncio.gather(*(resolve(r) for r in rows))
+            unique = list(dict.fromkeys(r.key for r in resolved if r.key is not None))
+            hits = self.jobs.cached_many(unique)
+            already = db.pending()
+            jobs: dict[str, str] = {}
+            results: list[RowResult] = []
+            for r in resolved:
+                row = r.row
+                if r.error is not None or r.key is None:
+                    error = r.error or "no image"
+                    results.append(RowResult(row.idx, row.item_id, RowState.FAILED, error=error))
+                    continue
+                if r.key in hits:
+                    verdict = hits[r.key].decode()
+                    results.append(
+                        RowResult(
+                            row.idx, row.item_id, RowState.DONE, r.key, cached=True, verdict=verdict
+                        )
+                    )
+                    continue
+                job_id = already.get(r.key) or jobs.get(r.key)
+                if job_id is None:
+                    try:
+                        image = await self.resolver.image_for_job(r, client)
+                        job_id, _ = submit_job(
+                            self.jobs, self.celery, r.key, image, r.text, r.premise, scan_id
+                        )
+                    except RowError as exc:
+                        results.append(
+                            RowResult(row.idx, row.item_id, RowState.FAILED, r.key, error=str(exc))
+                        )
+                        continue
+                    jobs[r.key] = job_id
+                results.append(
+                    RowResult(row.idx, row.item_id, RowState.PENDING, r.key, job_id=job_id)
+                )
+            return results
+
+    # -- the end ---------------------------------------------------------------------
+
+    def _finish(self, scan_id: str, record: dict[str, str], db: ResultsDB) -> None:
+        counts = db.counts()
+        self.scans.finish(scan_id, counts)
+        logger.info("scan %s finished: %s", scan_id, counts)
+        if record.get("callback_url"):
+            from shared.celery_app import SCAN_QUEUE, TASK_CALLBACK
+
+            self.celery.send_task(TASK_CALLBACK, args=(scan_id,), queue=SCAN_QUEUE)
+
+
+def remove_expired_scans(
+    settings: Settings, scans: ScanStore, min_age_s: float = 3600
+) -> list[str]:
+    """Delete scan folders (manifest copy, results file) whose scan record has expired.
+
+    Folders younger than ``min_age_s`` are left alone: the API creates the folder just
+    before the record. Returns the ids removed.
+    """
+    removed: list[str] = []
+    for folder in ScanFolder.stale(settings.scans_path, min_age_s):
+        if scans.exists(folder.scan_id):
+            continue
+        folder.remove()
+        removed.append(folder.scan_id)
+    if removed:
+        logger.info("removed %d expired scan folders", len(removed))
+    return removed

@@ -1,0 +1,180 @@
+"""How a manifest row becomes texts, an image digest (and maybe bytes) and a key.
+
+Images come from a URL, a path under ``OFA_IMAGE_ROOT`` or base64, with bounded
+concurrency (the caller's semaphore). An unchanged remote image is not downloaded
+again: its ETag / Last-Modified and SHA-256 are remembered in the cache store, and
+asked about with If-None-Match / If-Modified-Since. A row's own ``sha256`` is trusted
+for the cache lookup and checked whenever the image has to be fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import redis
+
+from shared.errors import BadInputError, OfaEntailError, RowError
+from shared.fetch import UrlPolicy, fetch
+from shared.images import decode_base64, open_image
+from shared.keys import Keys, image_digest, verdict_key_for_digest
+from shared.scans.manifest import Row, file_under
+from shared.settings import Settings
+from shared.store import decode_hash
+from shared.text import check_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Resolved:
+    """A row with its image identified (bytes may still be unfetched)."""
+
+    row: Row
+    text: str
+    premise: str | None
+    digest: bytes | None = None
+    image: bytes | None = None
+    url: str | None = None
+    expected: bytes | None = None  # the row's own sha256, to verify on fetch
+    error: str | None = None
+    key: str | None = None
+
+
+class RowResolver:
+    """Resolves rows for one coordinator process (owns the remembered URL metadata)."""
+
+    def __init__(
+        self, settings: Settings, keys: Keys, cache: redis.Redis, policy: UrlPolicy
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.cache = cache
+        self.policy = policy
+
+    async def resolve(self, row: Row, client: httpx.AsyncClient) -> Resolved:
+        """The row's texts, image digest (and bytes when read) and key, or its error."""
+        try:
+            r = await self._resolve(row, client)
+        except (RowError, BadInputError, OfaEntailError) as exc:
+            return Resolved(row, "", None, error=str(exc))
+        if r.digest is not None:
+            model_id, revision = self.settings.model_tag
+            r.key = verdict_key_for_digest(model_id, revision, r.digest, r.text, r.premise)
+        return r
+
+    async def _resolve(self, row: Row, client: httpx.AsyncClient) -> Resolved:
+        fields = row.fields
+        s = self.settings
+        if "__error__" in fields:
+            raise RowError(fields["__error__"])
+        if not row.item_id:
+            raise RowError("missing id")
+        text = check_text(fields.get("text"), "text", s.max_text_chars, required=True)
+        premise = check_text(fields.get("premise"), "premise", s.max_text_chars, False)
+        assert text is not None
+        r = Resolved(row, text, premise)
+        expected = fields.get("sha256")
+        if expected is not None:
+            try:
+                r.expected = bytes.fromhex(str(expected))
+            except ValueError:
+                r.expected = b""
+            if len(r.expected) != 32:
+                raise RowError("sha256 must be 64 hexadecimal characters")
+        source, kind = self._image_source(fields)
+        if kind == "base64":
+            r.image = decode_base64(source, s.max_upload_bytes)
+        elif kind == "path":
+            r.image = self._read_path(source)
+        else:
+            r.url = source
+            if r.expected is not None:
+                r.digest = r.expected  # trusted for the lookup; verified if fetched
+                return r
+            await self._fetch_url(r, client)
+        if r.image is not None:
+            r.digest = image_digest(r.image)
+            if r.expected is not None and r.digest != r.expected:
+                raise RowError("the image does not match the row's sha256")
+        return r
+
+    def _image_source(self, fields: dict[str, Any]) -> tuple[str, str]:
+        for name, kind in (
+            ("image_url", "url"),
+            ("image_path", "path"),
+            ("image_base64", "base64"),
+        ):
+            if fields.get(name):
+                return str(fields[name]), kind
+        image = fields.get("image")
+        if not image or not isinstance(image, str):
+            raise RowError("missing image")
+        if image.startswith(("http://", "https://")):
+            return image, "url"
+        if image.startswith("data:"):
+            return image, "base64"
+        if "://" in image:
+            raise RowError("image URLs must be http or https")
+        return image, "path"
+
+    def _read_path(self, name: str) -> bytes:
+        try:
+            path = file_under(self.settings.image_root, name, "image", "OFA_IMAGE_ROOT")
+        except ValueError as exc:
+            raise RowError(str(exc)) from exc
+        if path.stat().st_size > self.settings.max_upload_bytes:
+            raise RowError(f"image is larger than {self.settings.max_upload_bytes} bytes")
+        return path.read_bytes()
+
+    async def _fetch_url(self, r: Resolved, client: httpx.AsyncClient) -> None:
+        """Conditional GET when the URL was seen before; fills digest (and image on 200)."""
+        assert r.url is not None
+        meta_key = self.keys.url_meta(hashlib.sha256(r.url.encode()).hexdigest())
+        meta = decode_hash(self.cache.hgetall(meta_key))
+        known = meta.get("sha256")
+        found = await fetch(
+            r.url,
+            self.policy,
+            client,
+            etag=meta.get("etag") if known else None,
+            last_modified=meta.get("last_modified") if known else None,
+        )
+        if found.not_modified and known:
+            r.digest = bytes.fromhex(known)
+            return
+        assert found.body is not None
+        r.image = found.body
+        fields: dict[Any, Any] = {"sha256": hashlib.sha256(found.body).hexdigest()}
+        if found.etag:
+            fields["etag"] = found.etag
+        if found.last_modified:
+            fields["last_modified"] = found.last_modified
+        if found.etag or found.last_modified:
+            pipe = self.cache.pipeline(transaction=False)
+            pipe.delete(meta_key)
+            pipe.hset(meta_key, mapping=fields)
+            pipe.expire(meta_key, self.settings.url_meta_ttl_s)
+            pipe.execute()
+
+    async def image_for_job(self, r: Resolved, client: httpx.AsyncClient) -> bytes:
+        """The image bytes a miss's job needs, fetched if only the digest is known,
+        and checked to decode (a row the model could never take fails here)."""
+        if r.image is None:
+            assert r.url is not None
+            try:
+                found = await fetch(r.url, self.policy, client)
+            except OfaEntailError as exc:
+                raise RowError(str(exc)) from exc
+            assert found.body is not None
+            if r.expected is not None and image_digest(found.body) != r.expected:
+                raise RowError("the image does not match the row's sha256")
+            r.image = found.body
+        try:
+            open_image(r.image, self.settings.max_pixels)
+        except BadInputError as exc:
+            raise RowError(f"{exc.title}: {exc.detail}") from exc
+        return r.image
