@@ -14,6 +14,8 @@ import logging
 import redis
 import redis.asyncio as aioredis
 
+from shared.store import text_of
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,7 +39,7 @@ class JobWaiter:
                 await pubsub.subscribe(self.channel)
                 async for message in pubsub.listen():
                     job_id = message["data"]
-                    job_id = job_id.decode() if isinstance(job_id, bytes) else str(job_id)
+                    job_id = text_of(job_id)
                     for fut in self._waiting.pop(job_id, []):
                         if not fut.done():
                             fut.set_result(None)

@@ -419,7 +419,7 @@ class ScanStore:
 
     def callback_delivered(self, scan_id: str) -> None:
         """The completion callback was accepted."""
-        self.durable.hset(self.keys.scan(scan_id), "callback_delivered_at", f"{time.time():.3f}")
+        self.durable.hset(self.keys.scan(scan_id), "callback_delivered_at", now())
 
     def callback_failed(self, scan_id: str, error: str) -> None:
         """The completion callback failed for good."""

@@ -156,3 +156,82 @@ def client(api: str) -> Iterator[httpx.Client]:
         base_url=api, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
     ) as c:
         yield c
+
+
+# --- the in-process layer: the code called directly, against the same Valkey ----------
+
+INPROC_MODEL = ("inproc-random", "r1")  # queues no end-to-end worker listens on
+
+
+@pytest.fixture(scope="session")
+def inproc_settings(valkey: str, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Settings for code called in this process: its own key prefix and model tag, so
+    nothing it queues reaches the end-to-end worker."""
+    from shared.settings import Settings
+
+    root = tmp_path_factory.mktemp("inproc")
+    (root / "images").mkdir()
+    (root / "manifests").mkdir()
+    return Settings(
+        redis_url=valkey,
+        key_prefix="ofa:inproc:",
+        model=INPROC_MODEL[0],
+        model_revision=INPROC_MODEL[1],
+        model_dir=tiny_dir,
+        device="cpu",
+        api_keys=[API_KEY],  # type: ignore[list-item]
+        data_dir=root / "data",
+        image_root=root / "images",
+        manifest_root=root / "manifests",
+        max_upload_bytes=2 * 1024 * 1024,
+        max_pixels=4_000_000,
+        max_text_chars=300,
+        max_manifest_bytes=64 * 1024,
+        batch_wait_ms=1,
+        scan_slice_s=1.0,
+        scan_window=8,
+        scan_chunk_rows=6,
+    )
+
+
+@pytest.fixture(scope="session")
+def inproc_redis(inproc_settings):
+    """Blocking clients for the in-process layer (closed at the end)."""
+    from shared import wiring
+
+    clients = wiring.sync_redis(inproc_settings)
+    yield clients
+    clients.close()
+
+
+@pytest.fixture
+def jobs(inproc_settings, inproc_redis):
+    """The job store of the in-process layer."""
+    from shared import wiring
+    from shared.store import JobStore
+
+    return JobStore(inproc_settings, wiring.keys(inproc_settings), inproc_redis)
+
+
+@pytest.fixture
+def scans(inproc_settings, inproc_redis):
+    """The scan store of the in-process layer (blocking side)."""
+    from shared import wiring
+    from shared.store import ScanStore
+
+    return ScanStore(inproc_settings, wiring.keys(inproc_settings), inproc_redis.durable)
+
+
+@pytest.fixture
+def clean_inproc(inproc_settings, rdb: redis.Redis) -> Iterator[None]:
+    """Every in-process test starts with no keys under its prefix and empty queues."""
+    from shared.celery_app import queue_name
+
+    def wipe() -> None:
+        for key in rdb.scan_iter(f"{inproc_settings.key_prefix}*"):
+            rdb.delete(key)
+        rdb.delete(queue_name(*INPROC_MODEL), queue_name(*INPROC_MODEL, bulk=True))
+
+    wipe()
+    yield
+    wipe()

@@ -4,6 +4,7 @@ real service processes (worker, coordinator, uvicorn) the end-to-end tests drive
 from __future__ import annotations
 
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from PIL import Image
 
 from shared.celery_app import queue_name
 from shared.keys import Keys
+from shared.messages import Verdict
 from worker.ofa.config import OFAConfig
 
 API_KEY = "test-key-0123456789-abcdefghijkl"
@@ -192,3 +194,26 @@ def queue_len(rdb: redis.Redis) -> int:
 def batch_items(rdb: redis.Redis, keys: Keys) -> int:
     """Items the workers have scored so far (the batch statistics counter)."""
     return int(rdb.hget(keys.batch_stats(), "items") or 0)
+
+
+VERDICT = Verdict.model_validate(
+    {
+        "label": "neutral",
+        "answer": "maybe",
+        "probabilities": {"entailment": 0.2, "contradiction": 0.3, "neutral": 0.5},
+        "model": {"id": "m", "revision": "r"},
+        "key": "k" * 64,
+    }
+)
+
+
+def broker_messages(rdb: redis.Redis, queue: str) -> list[dict]:
+    """The Celery messages waiting on ``queue``, decoded (kombu's Redis layout)."""
+    import base64
+
+    out = []
+    for raw in rdb.lrange(queue, 0, -1):
+        envelope = json.loads(raw)
+        body = json.loads(base64.b64decode(envelope["body"]))
+        out.append({"headers": envelope["headers"], "args": body[0], "kwargs": body[1]})
+    return out

@@ -76,14 +76,15 @@ async def _parse(request: Request, s: Services) -> Submission:
         raise _too_large(limit)
     text_limit = s.settings.max_text_chars
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=8)
-        upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise BadInputError("the multipart field 'image' (a file) is required")
-        image = await upload.read(limit + 1)
-        check_size(image, limit)
-        text = check_text(form.get("text"), "text", text_limit, required=True)
-        premise = check_text(form.get("premise"), "premise", text_limit, required=False)
+        # The context closes the spooled upload files, whatever happens.
+        async with request.form(max_files=1, max_fields=8) as form:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise BadInputError("the multipart field 'image' (a file) is required")
+            image = await upload.read(limit + 1)
+            check_size(image, limit)
+            text = check_text(form.get("text"), "text", text_limit, required=True)
+            premise = check_text(form.get("premise"), "premise", text_limit, required=False)
         assert text is not None
         return Submission(image, text, premise)
     if ctype == "application/json":

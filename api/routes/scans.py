@@ -92,15 +92,15 @@ async def post_scan(request: Request, s: ServicesDep, _auth: AuthDep) -> JSONRes
     if declared and declared.isdigit() and int(declared) > limit + 65536:
         raise PayloadTooLargeError(f"the manifest is larger than {limit} bytes")
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=8)
-        upload = form.get("manifest")
-        if not isinstance(upload, UploadFile):
-            raise ManifestError("the multipart field 'manifest' (a file) is required")
-        fmt = manifest_format(upload.filename or "", form.get("format"))
-        callback = _check_callback(s, form.get("callback_url"))
-        scan_id, total = await run_in_threadpool(
-            submit_scan, s.scans, s.celery, s.settings, fmt, callback, upload=upload.file
-        )
+        async with request.form(max_files=1, max_fields=8) as form:
+            upload = form.get("manifest")
+            if not isinstance(upload, UploadFile):
+                raise ManifestError("the multipart field 'manifest' (a file) is required")
+            fmt = manifest_format(upload.filename or "", form.get("format"))
+            callback = _check_callback(s, form.get("callback_url"))
+            scan_id, total = await run_in_threadpool(
+                submit_scan, s.scans, s.celery, s.settings, fmt, callback, upload=upload.file
+            )
     elif ctype == "application/json":
         try:
             body = json.loads(await request.body())

@@ -1,0 +1,110 @@
+"""The API in process: the ASGI app (lifespan and all) against the embedded Valkey,
+without a worker. What a request stores, sends and answers."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from shared.celery_app import queue_name
+from shared.keys import verdict_key
+from shared.messages import CachedVerdict, JobStatus
+from tests.conftest import INPROC_MODEL
+from tests.helpers import API_KEY, VERDICT, small_jpeg
+
+pytestmark = pytest.mark.usefixtures("clean_inproc")
+
+
+@pytest.fixture
+def api(inproc_settings) -> Iterator[TestClient]:
+    with TestClient(create_app(inproc_settings), headers={"X-API-Key": API_KEY}) as client:
+        yield client
+
+
+def stored(rdb: redis.Redis, settings) -> set[bytes]:
+    return set(rdb.scan_iter(f"{settings.key_prefix}*"))
+
+
+def test_a_miss_is_recorded_and_queued_then_joined(api, rdb, inproc_settings):
+    image = small_jpeg(seed=101)
+    resp = api.post("/v1/jobs", data={"text": "a dog"}, files={"image": ("a.jpg", image)})
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job_id"]
+    assert resp.headers["location"] == f"/v1/jobs/{job_id}"
+    assert rdb.llen(queue_name(*INPROC_MODEL)) == 1
+    polled = api.get(f"/v1/jobs/{job_id}")
+    assert polled.status_code == 200 and polled.json()["status"] == JobStatus.QUEUED
+    # Texts that normalise the same join the same job.
+    again = api.post("/v1/jobs", data={"text": "A  dog"}, files={"image": ("a.jpg", image)})
+    assert again.status_code == 202 and again.json()["job_id"] == job_id
+    assert rdb.llen(queue_name(*INPROC_MODEL)) == 1
+
+
+def test_a_cached_verdict_answers_200_without_queueing(api, jobs, rdb, inproc_settings):
+    image = small_jpeg(seed=102)
+    key = verdict_key(*INPROC_MODEL, image, "a cat", None)
+    job_id, _ = jobs.create_or_join(key, image, "a cat", None)
+    jobs.succeed(job_id, key, VERDICT, cached=False)
+    before = stored(rdb, inproc_settings)
+    resp = api.post("/v1/jobs", data={"text": "a cat"}, files={"image": ("a.jpg", image)})
+    assert resp.status_code == 200, resp.text
+    assert CachedVerdict.model_validate_json(resp.content).verdict == VERDICT
+    assert stored(rdb, inproc_settings) == before
+    assert rdb.llen(queue_name(*INPROC_MODEL)) == 0
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "status", "slug"),
+    [
+        ({"image": ("a.jpg", b"not an image")}, {"text": "x"}, 415, "unsupported-image"),
+        ({"image": ("a.jpg", small_jpeg(seed=3)[:200])}, {"text": "x"}, 400, "bad-image"),
+        ({"image": ("a.jpg", small_jpeg(seed=4))}, {"text": ""}, 422, "bad-text"),
+        ({"image": ("a.jpg", small_jpeg(seed=5))}, {"text": "x" * 301}, 422, "bad-text"),
+        (None, {"text": "x"}, 422, "invalid-input"),
+    ],
+)
+def test_bad_input_stores_nothing(api, rdb, inproc_settings, files, data, status, slug):
+    resp = api.post("/v1/jobs", data=data, files=files or {"other": ("x", b"x")})
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/problem+json"
+    assert resp.json()["type"].endswith("/" + slug)
+    assert stored(rdb, inproc_settings) == set()
+    assert rdb.llen(queue_name(*INPROC_MODEL)) == 0
+
+
+def test_unknown_job_and_auth(api, inproc_settings):
+    resp = api.get("/v1/jobs/nope")
+    assert resp.status_code == 404 and resp.json()["title"] == "Not found"
+    with TestClient(create_app(inproc_settings)) as anonymous:
+        assert anonymous.get("/v1/jobs/nope").status_code == 401
+
+
+def test_scan_submit_follow_cancel(api, rdb, inproc_settings):
+    manifest = (
+        b'{"id": "1", "image": "a.jpg", "text": "one"}\n'
+        b'{"id": "2", "image": "b.jpg", "text": "two"}\n'
+    )
+    resp = api.post("/v1/scans", files={"manifest": ("m.jsonl", io.BytesIO(manifest))})
+    assert resp.status_code == 202, resp.text
+    scan_id, total = resp.json()["scan_id"], resp.json()["total"]
+    assert total == 2
+    summary = api.get(f"/v1/scans/{scan_id}").json()
+    assert summary["status"] == "queued" and summary["total"] == 2
+    cancelled = api.delete(f"/v1/scans/{scan_id}")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    results = api.get(f"/v1/scans/{scan_id}/results", params={"format": "csv"})
+    assert results.status_code == 200 and results.text.startswith("id,label,answer")
+    assert api.get("/v1/scans/nope").status_code == 404
+
+
+def test_oversized_manifest_is_payload_too_large(api, rdb, inproc_settings):
+    big = b'{"id": "1", "image": "a.jpg", "text": "' + b"x" * 70_000 + b'"}\n'
+    resp = api.post("/v1/scans", files={"manifest": ("m.jsonl", io.BytesIO(big))})
+    assert resp.status_code == 413, resp.text
+    assert resp.json()["type"].endswith("/payload-too-large")
+    assert stored(rdb, inproc_settings) == set()

@@ -1,0 +1,119 @@
+"""The record owners against a real Valkey: every transition of a job and a scan."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+
+from shared import wiring
+from shared.messages import JobStatus, ScanCounts, ScanStatus
+from shared.store import JobStore, ScanStore, summarize
+from tests.helpers import VERDICT
+
+pytestmark = pytest.mark.usefixtures("clean_inproc")
+
+
+def test_create_join_start_succeed(jobs: JobStore, rdb: redis.Redis):
+    job_id, created = jobs.create_or_join("k1", b"img", "a cat", None)
+    assert created
+    job = jobs.get(job_id)
+    assert job is not None and job.status == JobStatus.QUEUED and job.created_at
+    assert jobs.create_or_join("k1", b"img", "a cat", None) == (job_id, False)
+    cached, blob = jobs.start(job_id, "k1")
+    assert cached is None and blob == b"img"
+    assert jobs.get(job_id).status == JobStatus.RUNNING  # type: ignore[union-attr]
+    jobs.succeed(job_id, "k1", VERDICT, cached=False)
+    done = jobs.get(job_id)
+    assert done is not None and done.status == JobStatus.SUCCEEDED and done.verdict == VERDICT
+    assert not rdb.exists(jobs.keys.blob("k1"))
+    # The mark stays with the finished job: a racing submit joins it.
+    assert jobs.create_or_join("k1", b"img", "a cat", None) == (job_id, False)
+    assert jobs.cached_many(["k1", "k2"]) == {"k1": VERDICT.model_dump_json().encode()}
+    # A redelivered message finds the verdict and reads no blob.
+    assert jobs.start(job_id, "k1") == (VERDICT.model_dump_json().encode(), None)
+
+
+def test_fail_frees_the_key(jobs: JobStore, rdb: redis.Redis):
+    job_id, _ = jobs.create_or_join("k2", b"img", "t", "p", scan_id="s1")
+    jobs.fail(job_id, "k2", "broken")
+    job = jobs.get(job_id)
+    assert job is not None and job.status == JobStatus.FAILED and job.error == "broken"
+    assert not rdb.exists(jobs.keys.inflight("k2"), jobs.keys.blob("k2"))
+    other, created = jobs.create_or_join("k2", b"img", "t", "p")
+    assert created and other != job_id
+    [outcome] = jobs.outcomes([job_id])
+    assert outcome.status == JobStatus.FAILED and outcome.scan_id == "s1"
+
+
+def test_a_mark_without_its_record_is_replaced(jobs: JobStore, rdb: redis.Redis):
+    rdb.set(jobs.keys.inflight("k3"), "ghost")
+    job_id, created = jobs.create_or_join("k3", b"img", "t", None)
+    assert created and job_id != "ghost"
+
+
+def test_discard_leaves_nothing(jobs: JobStore, rdb: redis.Redis, inproc_settings):
+    job_id, _ = jobs.create_or_join("k4", b"img", "t", None)
+    jobs.discard(job_id, "k4")
+    assert list(rdb.scan_iter(f"{inproc_settings.key_prefix}*")) == []
+
+
+def test_scan_lifecycle(scans: ScanStore, inproc_settings):
+    scans.create("s1", 10, "/m.jsonl", "http://cb")
+    assert scans.status("s1") == ScanStatus.QUEUED
+    scans.start("s1")
+    scans.publish_counts("s1", ScanCounts(read=4, done=3, cached=1, failed=1))
+    summary = scans.summary("s1")
+    assert summary is not None and summary.status == ScanStatus.RUNNING
+    assert (summary.done, summary.failed, summary.cached, summary.total) == (3, 1, 1, 10)
+    assert summary.callback_url == "http://cb"
+    token = scans.lock("s1", 5)
+    assert token and scans.lock("s1", 5) is None
+    scans.unlock("s1", "not-mine")
+    assert scans.lock("s1", 5) is None
+    scans.unlock("s1", token)
+    assert scans.lock("s1", 5) is not None
+    scans.finish("s1", ScanCounts(read=10, done=9, failed=1))
+    final = scans.summary("s1")
+    assert final is not None and final.status == ScanStatus.SUCCEEDED and final.eta_s == 0.0
+
+
+def test_cancel_only_unfinished_scans(inproc_settings, scans: ScanStore):
+    scans.create("a", 1, "/m", None)
+    scans.create("b", 1, "/m", None)
+    scans.finish("b", ScanCounts(read=1, done=1))
+
+    async def go() -> tuple:
+        aio = wiring.async_redis(inproc_settings)
+        store = ScanStore(inproc_settings, wiring.keys(inproc_settings), adurable=aio.durable)
+        try:
+            return (
+                await store.acancel("a"),
+                await store.acancel("b"),
+                await store.acancel("missing"),
+            )
+        finally:
+            await aio.aclose()
+
+    a, b, missing = asyncio.run(go())
+    assert a.status == ScanStatus.CANCELLED and b.status == ScanStatus.SUCCEEDED
+    assert missing is None
+
+
+def test_summary_rate_and_eta():
+    now = time.time()
+    s = summarize(
+        "x",
+        {
+            "status": "running",
+            "total": "100",
+            "done": "40",
+            "failed": "10",
+            "started_at": str(now - 10),
+        },
+    )
+    assert s.rate_rows_per_s == pytest.approx(5.0, rel=0.05)
+    assert s.eta_s == pytest.approx(10.0, rel=0.05)
+    assert summarize("y", {"status": "queued"}).eta_s == 0.0

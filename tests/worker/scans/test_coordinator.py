@@ -1,0 +1,124 @@
+"""The coordinator called directly: a manifest through resolution, the cache, the bulk
+queue and the results file, with the real ``run_job`` draining the queue in between."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared import wiring
+from shared.celery_app import make_celery, queue_name
+from shared.keys import verdict_key
+from shared.messages import EntailTask, ScanStatus
+from shared.scans.folder import ScanFolder
+from shared.scans.results import ResultsDB, result_line
+from tests.conftest import INPROC_MODEL
+from tests.helpers import VERDICT, broker_messages, small_jpeg
+from worker.jobs import run_job
+from worker.runtime import Runtime
+from worker.scans.coordinator import Coordinator, remove_expired_scans
+from worker.scans.resolver import RowResolver
+
+pytestmark = pytest.mark.usefixtures("clean_inproc")
+
+
+@pytest.fixture(scope="module")
+def rt(inproc_settings) -> Iterator[Runtime]:
+    runtime = Runtime.start(inproc_settings)
+    yield runtime
+    runtime.stop()
+    runtime.redis.close()
+
+
+@pytest.fixture
+def coord(inproc_settings, jobs, scans, inproc_redis) -> Coordinator:
+    resolver = RowResolver(
+        inproc_settings, jobs.keys, inproc_redis.cache, wiring.url_policy(inproc_settings)
+    )
+    return Coordinator(inproc_settings, jobs, scans, resolver, make_celery(inproc_settings))
+
+
+def b64(data: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
+def drain_bulk_queue(rt: Runtime, rdb) -> int:
+    """What a worker would do with the bulk messages: run each job."""
+    queue = queue_name(*INPROC_MODEL, bulk=True)
+    messages = broker_messages(rdb, queue)
+    rdb.delete(queue)
+    for message in messages:
+        run_job(rt, EntailTask.model_validate(message["kwargs"]["msg"]))
+    return len(messages)
+
+
+def test_a_scan_end_to_end_in_process(coord, rt, jobs, scans, rdb, inproc_settings):
+    miss, hit, on_disk = small_jpeg(seed=201), small_jpeg(seed=202), small_jpeg(seed=203)
+    assert inproc_settings.image_root is not None
+    (inproc_settings.image_root / "disk.jpg").write_bytes(on_disk)
+    key = verdict_key(*INPROC_MODEL, hit, "cached row", None)
+    job_id, _ = jobs.create_or_join(key, hit, "cached row", None)
+    jobs.succeed(job_id, key, VERDICT, cached=False)
+    rows = [
+        {"id": "miss", "image": b64(miss), "text": "a thing"},
+        {"id": "dup", "image_base64": b64(miss), "text": "A  thing"},
+        {"id": "hit", "image": b64(hit), "text": "cached row"},
+        {"id": "disk", "image": "disk.jpg", "text": "from disk"},
+        {"id": "notext", "image": b64(miss)},
+        {"id": "escape", "image": "../etc/passwd", "text": "x"},
+    ]
+    folder = ScanFolder(inproc_settings.scans_path, "scan-inproc")
+    folder.create()
+    folder.manifest.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    scans.create(folder.scan_id, len(rows) + 1, str(folder.manifest), None)
+
+    assert coord.run(folder.scan_id) == "more"  # two distinct misses wait for a worker
+    assert drain_bulk_queue(rt, rdb) == 2  # "miss" and "dup" share one job
+    assert coord.run(folder.scan_id) == "done"
+
+    summary = scans.summary(folder.scan_id)
+    assert summary is not None and summary.status == ScanStatus.SUCCEEDED
+    assert (summary.total, summary.done, summary.cached, summary.failed) == (7, 4, 1, 3)
+    db = ResultsDB(folder.results, readonly=True)
+    try:
+        out = {
+            doc["id"] or f"row{i}": doc for i, doc in enumerate(map(result_line, db.iter_results()))
+        }
+    finally:
+        db.close()
+    assert out["miss"]["label"] and out["miss"]["probabilities"] == out["dup"]["probabilities"]
+    assert out["hit"]["cached"] and out["hit"]["label"] == VERDICT.label
+    assert out["disk"]["label"] and not out["disk"]["cached"]
+    assert "missing text" in out["notext"]["error"]
+    assert "outside the image root" in out["escape"]["error"]
+    assert "not a JSON object" in out["row6"]["error"]
+    expected = rt.entailer.predict(miss, "a thing")
+    assert out["miss"]["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
+
+
+def test_a_scan_held_elsewhere_is_busy(coord, scans):
+    scans.create("held", 1, "/nowhere", None)
+    token = scans.lock("held", 30)
+    assert token is not None
+    assert coord.run("held") == "busy"
+    scans.unlock("held", token)
+
+
+def test_expired_scan_folders_are_removed(tmp_path: Path, scans, inproc_settings):
+    settings = inproc_settings.model_copy(update={"scan_dir": tmp_path})
+    old, live, young = (tmp_path / n for n in ("old-scan", "live-scan", "young-scan"))
+    for folder in (old, live, young):
+        folder.mkdir()
+        (folder / "results.db").write_bytes(b"x")
+    long_ago = time.time() - 7200
+    for folder in (old, live):
+        os.utime(folder, (long_ago, long_ago))
+    scans.create("live-scan", 1, "/m", None)
+    assert remove_expired_scans(settings, scans) == ["old-scan"]
+    assert not old.exists() and live.exists() and young.exists()

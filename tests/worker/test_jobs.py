@@ -1,0 +1,86 @@
+"""``run_job`` called directly on the tiny checkpoint: every path a job can take in a
+worker, without Celery in between."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from shared.keys import verdict_key
+from shared.messages import EntailTask, JobStatus
+from tests.conftest import INPROC_MODEL
+from worker.jobs import run_job
+from worker.runtime import Runtime
+
+pytestmark = pytest.mark.usefixtures("clean_inproc")
+
+
+@pytest.fixture(scope="module")
+def rt(inproc_settings) -> Iterator[Runtime]:
+    runtime = Runtime.start(inproc_settings)
+    yield runtime
+    runtime.stop()
+    runtime.redis.close()
+
+
+def queued(rt: Runtime, image: bytes, text: str, scan_id: str | None = None) -> EntailTask:
+    key = verdict_key(*INPROC_MODEL, image, text, None)
+    job_id, _ = rt.jobs.create_or_join(key, image, text, None, scan_id)
+    return EntailTask(
+        job_id=job_id,
+        key=key,
+        model=INPROC_MODEL[0],
+        revision=INPROC_MODEL[1],
+        text=text,
+        scan_id=scan_id,
+    )
+
+
+def test_scores_then_finishes_redelivery_from_the_cache(rt: Runtime):
+    from tests.helpers import encode_image, photo
+
+    image = encode_image(photo("chelsea").resize((64, 48)))
+    msg = queued(rt, image, "a cat")
+    items = rt.jobs.batch_stats().get("items", 0)
+    verdict = run_job(rt, msg)
+    expected = rt.entailer.predict(image, "a cat")
+    assert verdict is not None and verdict.label == expected.label
+    assert verdict.probabilities.model_dump() == pytest.approx(expected.probabilities, abs=1e-6)
+    assert (verdict.model.id, verdict.model.revision) == INPROC_MODEL and verdict.key == msg.key
+    job = rt.jobs.get(msg.job_id)
+    assert job is not None and job.status == JobStatus.SUCCEEDED and not job.cached
+    assert rt.jobs.batch_stats()["items"] == items + 1
+    # The same message again (a redelivery): the cached verdict, no model run.
+    assert run_job(rt, msg) == verdict
+    assert rt.jobs.get(msg.job_id).cached  # type: ignore[union-attr]
+    assert rt.jobs.batch_stats()["items"] == items + 1
+
+
+def test_an_image_the_model_cannot_read_fails_at_once(rt: Runtime):
+    from tests.helpers import small_jpeg
+
+    msg = queued(rt, small_jpeg(seed=6)[:300], "x")  # truncated
+    assert run_job(rt, msg) is None
+    job = rt.jobs.get(msg.job_id)
+    assert job is not None and job.status == JobStatus.FAILED
+    assert job.error is not None and job.error.startswith("Unreadable image")
+
+
+def test_an_expired_blob_fails_readably(rt: Runtime, rdb):
+    from tests.helpers import small_jpeg
+
+    msg = queued(rt, small_jpeg(seed=7), "x")
+    rdb.delete(rt.jobs.keys.blob(msg.key))
+    assert run_job(rt, msg) is None
+    assert "expired" in (rt.jobs.get(msg.job_id).error or "")  # type: ignore[union-attr]
+
+
+def test_a_cancelled_scan_drops_its_jobs(rt: Runtime):
+    from tests.helpers import small_jpeg
+
+    rt.scans.create("s-cancel", 1, "/m", None)
+    msg = queued(rt, small_jpeg(seed=8), "x", scan_id="s-cancel")
+    rt.scans.durable.hset(rt.scans.keys.scan("s-cancel"), "status", "cancelled")
+    assert run_job(rt, msg) is None
+    assert rt.jobs.get(msg.job_id).error == "scan cancelled"  # type: ignore[union-attr]
