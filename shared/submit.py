@@ -83,16 +83,17 @@ def manifest_format(name: str, given: object) -> str:
     return given.lower()
 
 
-def save_manifest(src: IO[bytes], dst: Path, fmt: str, max_bytes: int) -> int:
+def save_manifest(src: IO[bytes], dst: Path, fmt: str, max_bytes: int, max_image_bytes: int) -> int:
     """Stream an upload to ``dst`` as JSONL (CSV converted on the way); returns the
-    number of rows. Never holds the whole manifest in memory."""
+    number of rows. Never holds the whole manifest in memory; a CSV cell may hold a
+    base64 image up to ``max_image_bytes``."""
     if fmt == "csv":
         import io
 
         text = io.TextIOWrapper(src, encoding="utf-8", newline="")
         with dst.open("w", encoding="utf-8") as out:
             try:
-                rows = csv_to_jsonl(text, out)
+                rows = csv_to_jsonl(text, out, max_cell_chars=(max_image_bytes * 4) // 3 + 1024)
             except (UnicodeDecodeError, ValueError) as exc:
                 raise ManifestError(f"the CSV manifest could not be read ({exc})") from exc
             finally:
@@ -133,7 +134,9 @@ def submit_scan(
         folder.create()
         if upload is not None:
             manifest = folder.manifest
-            total = save_manifest(upload, manifest, fmt, settings.max_manifest_bytes)
+            total = save_manifest(
+                upload, manifest, fmt, settings.max_manifest_bytes, settings.max_upload_bytes
+            )
         else:
             assert server_path is not None
             try:
@@ -145,7 +148,9 @@ def submit_scan(
             if fmt == "csv":
                 manifest = folder.manifest
                 with path.open("rb") as src:
-                    total = save_manifest(src, manifest, fmt, settings.max_manifest_bytes)
+                    total = save_manifest(
+                        src, manifest, fmt, settings.max_manifest_bytes, settings.max_upload_bytes
+                    )
             else:
                 manifest, total = path, check_jsonl_head(path)  # read in place
         try:

@@ -21,11 +21,14 @@ from shared.errors import (
 )
 from shared.messages import ScanSummary
 from shared.scans.folder import ScanFolder
+from shared.scans.manifest import parse_line
 from shared.scans.results import CSV_COLUMNS, ResultsDB, csv_line, result_line
 from shared.schemas import ScanAccepted
 from shared.submit import manifest_format, submit_scan
 
 router = APIRouter(prefix="/v1/scans", tags=["scans"])
+
+MAX_PATH_CHARS = 1024
 
 MANIFEST_DOC: dict[str, Any] = {
     "requestBody": {
@@ -103,11 +106,13 @@ async def post_scan(request: Request, s: ServicesDep, _auth: AuthDep) -> JSONRes
             )
     elif ctype == "application/json":
         try:
-            body = json.loads(await request.body())
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"the body is not JSON ({exc})") from exc
-        if not isinstance(body, dict) or not isinstance(body.get("path"), str):
+            body = parse_line(await request.body())
+        except ValueError as exc:
+            raise BadInputError(f"the body is {exc}") from exc
+        if not isinstance(body.get("path"), str):
             raise BadInputError("give the manifest's 'path' (under OFA_MANIFEST_ROOT)")
+        if len(body["path"]) > MAX_PATH_CHARS:
+            raise ManifestError(f"the manifest path is longer than {MAX_PATH_CHARS} characters")
         fmt = manifest_format(body["path"], body.get("format"))
         callback = _check_callback(s, body.get("callback_url"))
         scan_id, total = await run_in_threadpool(

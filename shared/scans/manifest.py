@@ -31,17 +31,39 @@ class Row:
     fields: dict[str, Any]
 
 
-def csv_to_jsonl(src: IO[str], dst: IO[str]) -> int:
-    """Stream CSV (with a header) into JSONL; returns the number of rows."""
-    reader = csv.DictReader(src)
-    if not reader.fieldnames or "text" not in reader.fieldnames:
-        raise ManifestError("a CSV manifest needs a header row with at least id, image, text")
-    n = 0
-    for record in reader:
-        clean = {k: v for k, v in record.items() if k in ROW_FIELDS and v not in (None, "")}
-        dst.write(json.dumps(clean, ensure_ascii=False) + "\n")
-        n += 1
+def csv_to_jsonl(src: IO[str], dst: IO[str], max_cell_chars: int) -> int:
+    """Stream CSV (with a header) into JSONL; returns the number of rows. A cell may
+    be as long as ``max_cell_chars`` (a base64 image at the upload limit)."""
+    # The csv module's cap is process-wide (128 KiB by default): raise it, never lower.
+    csv.field_size_limit(max(csv.field_size_limit(), max_cell_chars))
+    try:
+        reader = csv.DictReader(src)
+        if not reader.fieldnames or "text" not in reader.fieldnames:
+            raise ManifestError("a CSV manifest needs a header row with at least id, image, text")
+        n = 0
+        for record in reader:
+            clean = {k: v for k, v in record.items() if k in ROW_FIELDS and v not in (None, "")}
+            dst.write(json.dumps(clean, ensure_ascii=False) + "\n")
+            n += 1
+    except csv.Error as exc:
+        raise ManifestError(f"the CSV manifest could not be read ({exc})") from exc
     return n
+
+
+def parse_line(line: bytes) -> dict[str, Any]:
+    """One JSONL line as a JSON object; ``ValueError`` saying why not (not UTF-8, not
+    JSON, nested too deep, not an object)."""
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    return obj
 
 
 def check_jsonl_head(path: Path) -> int:
@@ -54,11 +76,11 @@ def check_jsonl_head(path: Path) -> int:
                 continue
             if first:
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ManifestError(f"the first manifest line is not JSON ({exc})") from exc
-                if not isinstance(obj, dict):
-                    raise ManifestError("manifest lines must be JSON objects")
+                    parse_line(line)
+                except ValueError as exc:
+                    if str(exc) == "not a JSON object":
+                        raise ManifestError("manifest lines must be JSON objects") from exc
+                    raise ManifestError(f"the first manifest line is {exc}") from exc
                 first = False
             n += 1
     return n
@@ -82,12 +104,13 @@ def read_rows(path: Path, offset: int, start_idx: int, limit: int) -> tuple[list
                 continue
             idx = start_idx + len(rows)
             try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
+                obj = parse_line(line)
             except ValueError as exc:
                 obj = {"__error__": f"row is not a JSON object ({exc})"}
             item_id = obj.get("id")
+            if isinstance(item_id, bool) or not isinstance(item_id, str | int | float | None):
+                obj = {"__error__": "id must be a string or a number"}
+                item_id = None
             rows.append(Row(idx, str(item_id) if item_id is not None else "", obj))
             offset = fh.tell()
     return rows, offset
@@ -98,10 +121,15 @@ def file_under(root: Path | None, name: str, what: str, setting: str) -> Path:
     ``ValueError`` with a readable reason otherwise."""
     if root is None:
         raise ValueError(f"{what}s are not enabled on this server ({setting})")
-    base = root.resolve()
-    path = (base / name).resolve()
-    if not path.is_relative_to(base):
-        raise ValueError(f"the {what} path is outside the {what} root")
-    if not path.is_file():
-        raise ValueError(f"no {what} at {name!r}")
+    if "\x00" in name:
+        raise ValueError(f"the {what} path contains a NUL character")
+    try:
+        base = root.resolve()
+        path = (base / name).resolve()
+        if not path.is_relative_to(base):
+            raise ValueError(f"the {what} path is outside the {what} root")
+        if not path.is_file():
+            raise ValueError(f"no {what} at {name[:200]!r}")
+    except OSError as exc:  # a name too long for the file system, say
+        raise ValueError(f"the {what} path cannot be used ({exc.strerror})") from exc
     return path

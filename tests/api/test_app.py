@@ -108,3 +108,62 @@ def test_oversized_manifest_is_payload_too_large(api, rdb, inproc_settings):
     assert resp.status_code == 413, resp.text
     assert resp.json()["type"].endswith("/payload-too-large")
     assert stored(rdb, inproc_settings) == set()
+
+
+DEEP = b"[" * 20_000 + b"]" * 20_000
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status"),
+    [
+        (b'{"path": "\xff\xfe"}', {"content-type": "application/json"}, 422),
+        (DEEP, {"content-type": "application/json"}, 422),
+        (b'{"path": "m.jsonl", "format": 3}', {"content-type": "application/json"}, 400),
+        (b'{"path": "m.jsonl", "format": ["csv"]}', {"content-type": "application/json"}, 400),
+        (b'{"path": "m.jsonl", "callback_url": 5}', {"content-type": "application/json"}, 422),
+        (b'{"path": "' + b"a" * 300 + b'.jsonl"}', {"content-type": "application/json"}, 400),
+        (b'{"path": "' + b"a/" * 600 + b'"}', {"content-type": "application/json"}, 400),
+        (b'{"path": 7}', {"content-type": "application/json"}, 422),
+    ],
+)
+def test_malformed_scan_bodies_are_4xx_and_store_nothing(
+    api, rdb, inproc_settings, content, headers, status
+):
+    folders = set(inproc_settings.scans_path.glob("*"))
+    resp = api.post("/v1/scans", content=content, headers=headers)
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/problem+json"
+    assert stored(rdb, inproc_settings) == set()
+    assert set(inproc_settings.scans_path.glob("*")) == folders
+
+
+@pytest.mark.parametrize(
+    ("name", "manifest", "why"),
+    [
+        ("m.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xff", "not UTF-8"),
+        ("m.jsonl", DEEP + b"\n", "nested too deeply"),
+        ("m.jsonl", b"[1]\n", "JSON objects"),
+        ("m.csv", b"id,image,text\n1,a.jpg,\xff\xfe\n", "could not be read"),
+    ],
+)
+def test_malformed_manifests_are_400_and_store_nothing(
+    api, rdb, inproc_settings, name, manifest, why
+):
+    folders = set(inproc_settings.scans_path.glob("*"))
+    resp = api.post("/v1/scans", files={"manifest": (name, io.BytesIO(manifest))})
+    assert resp.status_code == 400, resp.text
+    assert why in resp.json()["detail"]
+    assert stored(rdb, inproc_settings) == set()
+    assert set(inproc_settings.scans_path.glob("*")) == folders
+
+
+def test_a_csv_cell_may_hold_an_image_at_the_upload_limit(api, inproc_settings):
+    import base64
+
+    cell = base64.b64encode(b"\xff" * 150_000).decode()  # 200 KB of base64 > csv's 128 KiB
+    manifest = f"id,image_base64,text\n1,{cell},a cat\n".encode()
+    settings = inproc_settings.model_copy(update={"max_manifest_bytes": 1024 * 1024})
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
+        resp = client.post("/v1/scans", files={"manifest": ("m.csv", io.BytesIO(manifest))})
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["total"] == 1

@@ -61,6 +61,10 @@ class RowResolver:
             r = await self._resolve(row, client)
         except (RowError, BadInputError, OfaEntailError) as exc:
             return Resolved(row, "", None, error=str(exc))
+        except (OSError, ValueError, TypeError, RecursionError, httpx.HTTPError) as exc:
+            # Whatever else a row provokes is that row's error, never the slice's.
+            logger.warning("row %d: %s: %s", row.idx, type(exc).__name__, exc)
+            return Resolved(row, "", None, error=f"{type(exc).__name__}: {exc}"[:500])
         if r.digest is not None:
             model_id, revision = self.settings.model_tag
             r.key = verdict_key_for_digest(model_id, revision, r.digest, r.text, r.premise)

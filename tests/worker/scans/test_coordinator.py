@@ -75,8 +75,11 @@ def test_a_scan_end_to_end_in_process(coord, rt, jobs, scans, rdb, inproc_settin
     ]
     folder = ScanFolder(inproc_settings.scans_path, "scan-inproc")
     folder.create()
-    folder.manifest.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
-    scans.create(folder.scan_id, len(rows) + 1, str(folder.manifest), None)
+    deep = '{"id": "deep", "text": "x", "image": ' + "[" * 5000 + "]" * 5000 + "}\n"
+    folder.manifest.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + "not json\n" + deep
+    )
+    scans.create(folder.scan_id, len(rows) + 2, str(folder.manifest), None)
 
     assert coord.run(folder.scan_id) == "more"  # two distinct misses wait for a worker
     assert drain_bulk_queue(rt, rdb) == 2  # "miss" and "dup" share one job
@@ -84,7 +87,7 @@ def test_a_scan_end_to_end_in_process(coord, rt, jobs, scans, rdb, inproc_settin
 
     summary = scans.summary(folder.scan_id)
     assert summary is not None and summary.status == ScanStatus.SUCCEEDED
-    assert (summary.total, summary.done, summary.cached, summary.failed) == (7, 4, 1, 3)
+    assert (summary.total, summary.done, summary.cached, summary.failed) == (8, 4, 1, 4)
     db = ResultsDB(folder.results, readonly=True)
     try:
         out = {
@@ -98,6 +101,7 @@ def test_a_scan_end_to_end_in_process(coord, rt, jobs, scans, rdb, inproc_settin
     assert "missing text" in out["notext"]["error"]
     assert "outside the image root" in out["escape"]["error"]
     assert "not a JSON object" in out["row6"]["error"]
+    assert "nested too deeply" in out["row7"]["error"]  # that row's error; the scan went on
     expected = rt.entailer.predict(miss, "a thing")
     assert out["miss"]["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
 
