@@ -76,9 +76,7 @@ def test_a_scan_end_to_end_in_process(coord, rt, jobs, scans, rdb, inproc_settin
     folder = ScanFolder(inproc_settings.scans_path, "scan-inproc")
     folder.create()
     deep = '{"id": "deep", "text": "x", "image": ' + "[" * 5000 + "]" * 5000 + "}\n"
-    folder.manifest.write_text(
-        "".join(json.dumps(r) + "\n" for r in rows) + "not json\n" + deep
-    )
+    folder.manifest.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n" + deep)
     scans.create(folder.scan_id, len(rows) + 2, str(folder.manifest), None)
 
     assert coord.run(folder.scan_id) == "more"  # two distinct misses wait for a worker
