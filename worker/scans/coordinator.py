@@ -204,7 +204,9 @@ class Coordinator:
         if record.get("callback_url"):
             from shared.celery_app import SCAN_QUEUE, TASK_CALLBACK
 
-            self.celery.send_task(TASK_CALLBACK, args=(scan_id,), queue=SCAN_QUEUE)
+            self.celery.send_task(
+                TASK_CALLBACK, args=(scan_id,), queue=SCAN_QUEUE, ignore_result=True
+            )
 
 
 def remove_expired_scans(
