@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import metrics
 from shared import errors
 from shared.errors import BadInputError, QueueUnavailableError
 
@@ -53,6 +54,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(BadInputError)
     async def bad_input(_: Request, exc: BadInputError) -> JSONResponse:
         status, slug = status_of(exc)
+        metrics.REJECTED.labels(slug).inc()
         return problem(status, exc.title, exc.detail, slug)
 
     @app.exception_handler(QueueUnavailableError)

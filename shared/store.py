@@ -401,17 +401,21 @@ class ScanStore:
         """The manifest turned out shorter than counted."""
         self.durable.hset(self.keys.scan(scan_id), "total", str(total))
 
-    def publish_counts(self, scan_id: str, counts: ScanCounts, finished: bool = False) -> None:
-        """Progress counters from the results file (and the end time, when finished)."""
+    @staticmethod
+    def _count_fields(counts: ScanCounts, finished: bool) -> dict[str, str]:
         fields = {k: str(v) for k, v in counts.model_dump().items()}
         if finished:
             fields["finished_at"] = now()
+        return fields
+
+    def publish_counts(self, scan_id: str, counts: ScanCounts, finished: bool = False) -> None:
+        """Progress counters from the results file (and the end time, when finished)."""
+        fields = self._count_fields(counts, finished)
         self.durable.hset(self.keys.scan(scan_id), mapping=fields)  # type: ignore[arg-type]
 
     def finish(self, scan_id: str, counts: ScanCounts) -> None:
         """running -> succeeded, with the final counts."""
-        fields = {k: str(v) for k, v in counts.model_dump().items()}
-        fields.update(status=ScanStatus.SUCCEEDED, finished_at=now())
+        fields = {**self._count_fields(counts, True), "status": ScanStatus.SUCCEEDED}
         pipe = self.durable.pipeline(transaction=True)
         pipe.hset(self.keys.scan(scan_id), mapping=fields)  # type: ignore[arg-type]
         pipe.expire(self.keys.scan(scan_id), self.settings.scan_ttl_s)

@@ -121,12 +121,14 @@ class WorkerProcess:
             time.sleep(0.1)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        key = self.keys.workers(*MODEL)
+        from shared.store import WorkerRegistry
+
+        registry = WorkerRegistry(self.keys, MODEL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, self.log()
-            members = self.rdb.zrangebyscore(key, time.time() - 10, "+inf")
-            if any(m.decode().endswith(f":{self.proc.pid}") for m in members):
+            members = registry.members(self.rdb, within_s=10)
+            if any(m.endswith(f":{self.proc.pid}") for m in members):
                 time.sleep(0.5)  # the consumer attaches right after the model is loaded
                 return
             time.sleep(0.1)

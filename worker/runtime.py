@@ -62,6 +62,7 @@ class Runtime:
     jobs: JobStore
     scans: ScanStore
     batcher: Batcher[Prepared, Prediction]
+    registry: WorkerRegistry
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -100,14 +101,10 @@ class Runtime:
             run_batch, settings.batch_size, settings.batch_wait_ms / 1000, record_batch
         )
         scans = ScanStore(settings, keys, clients.durable)
-        rt = cls(settings, entailer, clients, jobs, scans, batcher)
+        registry = WorkerRegistry(keys, settings.model_tag)
+        rt = cls(settings, entailer, clients, jobs, scans, batcher, registry)
         threading.Thread(target=rt._heartbeat, name="heartbeat", daemon=True).start()
         return rt
-
-    @property
-    def registry(self) -> WorkerRegistry:
-        """Where this worker announces itself."""
-        return WorkerRegistry(self.jobs.keys, self.model_tag)
 
     def _heartbeat(self) -> None:
         """Announce this worker (and its model) for the API's readiness check."""

@@ -17,7 +17,6 @@ from starlette.datastructures import UploadFile
 
 from api import metrics
 from api.deps import AuthDep, Services, ServicesDep
-from api.problems import status_of
 from shared.errors import (
     BadInputError,
     ImageTooLargeError,
@@ -161,11 +160,7 @@ async def post_job(
     wait: float = Query(0, ge=0, description="seconds to hold the request for the verdict"),
 ) -> Response:
     """Answer from the cache (200), or queue the work and return a job id (202)."""
-    try:
-        sub = await _parse(request, s)
-    except BadInputError as exc:
-        metrics.REJECTED.labels(status_of(exc)[1]).inc()
-        raise
+    sub = await _parse(request, s)
     model_id, revision = s.settings.model_tag
     key = verdict_key(model_id, revision, sub.image, sub.text, sub.premise)
     cached = await s.jobs.acached(key)
@@ -173,11 +168,7 @@ async def post_job(
         metrics.CACHE.labels("hit").inc()
         return Response(cached_verdict_body(cached), media_type="application/json")
     metrics.CACHE.labels("miss").inc()
-    try:
-        await run_in_threadpool(open_image, sub.image, s.settings.max_pixels)
-    except BadInputError as exc:
-        metrics.REJECTED.labels(status_of(exc)[1]).inc()
-        raise
+    await run_in_threadpool(open_image, sub.image, s.settings.max_pixels)
     job_id, created = await run_in_threadpool(
         submit_job, s.jobs, s.celery, key, sub.image, sub.text, sub.premise
     )
