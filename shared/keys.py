@@ -95,6 +95,30 @@ class Keys:
         """Pub/sub channel on which workers announce each finished job id."""
         return f"{self.prefix}done"
 
+    def job_deadlines(self) -> str:
+        """Durable store: sorted set of unfinished job ids by deadline (dispatch or lease)."""
+        return f"{self.prefix}jobs:deadlines"
+
+    def job_pending(self) -> str:
+        """Durable store: sorted set of unfinished job ids by creation time."""
+        return f"{self.prefix}jobs:pending"
+
+    def job_prefix(self) -> str:
+        """The job keys' common prefix (for scripts that name another job)."""
+        return f"{self.prefix}job:"
+
+    def scan_deadlines(self) -> str:
+        """Durable store: sorted set of scans not yet finalised, by deadline."""
+        return f"{self.prefix}scans:deadlines"
+
+    def reaper_lock(self) -> str:
+        """Durable store: held by the one reaper acting this period."""
+        return f"{self.prefix}reaper:lock"
+
+    def reaper_stats(self) -> str:
+        """Durable store: a hash of the reaper's counters and its last run."""
+        return f"{self.prefix}stats:reaper"
+
     def batch_stats(self) -> str:
         """Durable store: a hash counting model passes and items (tests, benchmarks)."""
         return f"{self.prefix}stats:batches"

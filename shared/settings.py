@@ -69,7 +69,21 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(120, ge=1)
     # How often workers sweep for messages whose holder died (kombu's default is ~100 s).
     unacked_restore_interval_s: int = Field(10, ge=1)
-    task_max_retries: int = Field(5, ge=0)
+
+    # Leases and the reaper (the job record, not the broker, is the source of truth).
+    # A queued job not started within dispatch_deadline_s is sent again; a running job
+    # holds a lease its worker renews every lease_s / 3; every reaper_interval_s one
+    # reaper (in some worker or coordinator) re-sends what is overdue.
+    dispatch_deadline_s: float = Field(300.0, gt=0)
+    lease_s: float = Field(30.0, gt=0)
+    reaper_interval_s: float = Field(5.0, gt=0)
+    max_attempts: int = Field(3, ge=1)  # starts (worker died, or a transient error) before failing
+    max_dispatches: int = Field(10, ge=1)  # sends of a job no worker ever started
+    retry_backoff_s: float = Field(2.0, ge=0)  # first wait after a transient error (doubles)
+    scan_max_slice_failures: int = Field(5, ge=1)
+    # "fsync": POST answers 202 only once WAITAOF confirms the job record is on disk.
+    durable_ack: Literal["off", "fsync"] | None = None  # default: fsync in production
+    durable_ack_timeout_ms: int = Field(2000, ge=1)
 
     # Catalogue scans. Manifests and per-scan result files live under scan_dir, which
     # the API and the scan coordinator must share (one host, or a shared volume).
@@ -136,6 +150,13 @@ class Settings(BaseSettings):
             if weak:
                 raise ValueError("production API keys must be at least 24 characters")
         return self
+
+    @property
+    def durable_ack_on(self) -> bool:
+        """Whether submissions wait for the durable store's fsync (production default)."""
+        if self.durable_ack is None:
+            return self.environment == "production"
+        return self.durable_ack == "fsync"
 
     @property
     def scans_path(self) -> Path:

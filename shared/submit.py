@@ -15,13 +15,40 @@ from celery import Celery
 
 from shared.celery_app import SCAN_QUEUE, TASK_ENTAIL, TASK_SCAN, queue_name
 from shared.errors import ManifestError, PayloadTooLargeError, QueueUnavailableError
-from shared.messages import EntailTask
+from shared.messages import EntailTask, JobStatus
 from shared.scans.folder import ScanFolder
 from shared.scans.manifest import check_jsonl_head, csv_to_jsonl, file_under
 from shared.settings import Settings
 from shared.store import JobStore, ScanStore
 
 logger = logging.getLogger(__name__)
+
+
+def send_job(celery: Celery, msg: EntailTask) -> None:
+    """Send the ``ofa.entail`` message to the model's interactive or bulk queue."""
+    celery.send_task(
+        TASK_ENTAIL,
+        kwargs={"msg": msg.model_dump()},
+        task_id=msg.job_id,
+        queue=queue_name(msg.model, msg.revision, bulk=msg.bulk),
+        retry=False,
+        # Job records carry the outcome: no result-backend subscription per task
+        # (it costs a round trip, and ~19 s of reconnect attempts when Redis is down).
+        ignore_result=True,
+    )
+
+
+def message_of(job_id: str, record: dict[str, str]) -> EntailTask:
+    """A job's message, rebuilt from its record (how the reaper sends it again)."""
+    return EntailTask(
+        job_id=job_id,
+        key=record["key"],
+        model=record["model"],
+        revision=record["revision"],
+        text=record["text"],
+        premise=record.get("premise"),
+        scan_id=record.get("scan"),
+    )
 
 
 def submit_job(
@@ -35,18 +62,21 @@ def submit_job(
 ) -> tuple[str, bool]:
     """Join the job computing ``key`` or create and send one; returns (job id, created).
 
-    Interactive jobs go to the model's interactive queue, scan jobs (``scan_id``) to
-    its bulk queue.
+    The record and its dispatch deadline are written before the message is sent, so a
+    crash in between leaves a job the reaper sends. Interactive jobs go to the model's
+    interactive queue, scan jobs (``scan_id``) to its bulk queue.
     """
     try:
-        job_id, created = store.create_or_join(key, image, text, premise, scan_id)
+        got = store.create_or_join(key, image, text, premise, scan_id)
     except redis.RedisError as exc:
         raise QueueUnavailableError(f"the job store is unavailable ({type(exc).__name__})") from exc
-    if not created:
-        return job_id, False
+    if not got.created:
+        if got.overdue:  # an in-flight mark is never trusted past its job's deadline
+            _send_again(store, celery, got.job_id)
+        return got.job_id, False
     model_id, revision = store.settings.model_tag
     msg = EntailTask(
-        job_id=job_id,
+        job_id=got.job_id,
         key=key,
         model=model_id,
         revision=revision,
@@ -55,26 +85,41 @@ def submit_job(
         scan_id=scan_id,
     )
     try:
-        celery.send_task(
-            TASK_ENTAIL,
-            kwargs={"msg": msg.model_dump()},
-            task_id=job_id,
-            queue=queue_name(model_id, revision, bulk=msg.bulk),
-            retry=False,
-            # Job records carry the outcome: no result-backend subscription per task
-            # (it costs a round trip, and ~19 s of reconnect attempts when Redis is down).
-            ignore_result=True,
-        )
+        send_job(celery, msg)
     except Exception as exc:
         try:
-            store.discard(job_id, key)
+            store.discard(got.job_id, key)
         except redis.RedisError:
             logger.exception("could not clean up after a failed enqueue")
         raise QueueUnavailableError(f"the job queue is unavailable ({type(exc).__name__})") from exc
-    return job_id, True
+    return got.job_id, True
+
+
+def _send_again(store: JobStore, celery: Celery, job_id: str) -> None:
+    """Best effort: the reaper does the same on its next pass if this fails."""
+    record = store.record(job_id)
+    if not record or JobStatus(record.get("status", "queued")).finished:
+        return
+    try:
+        send_job(celery, message_of(job_id, record))
+        store.redispatched(job_id)
+    except Exception as exc:
+        logger.warning("could not send overdue job %s again: %s", job_id, exc)
 
 
 # --- scans -----------------------------------------------------------------------------
+
+
+def send_slice(celery: Celery, scan_id: str, countdown: float | None = None) -> None:
+    """Queue a slice of the scan's coordinator work."""
+    celery.send_task(
+        TASK_SCAN,
+        args=(scan_id,),
+        queue=SCAN_QUEUE,
+        retry=False,
+        ignore_result=True,
+        countdown=countdown,
+    )
 
 
 def manifest_format(name: str, given: object) -> str:
@@ -163,9 +208,7 @@ def submit_scan(
                 f"the scan store is unavailable ({type(exc).__name__})"
             ) from exc
         try:
-            celery.send_task(
-                TASK_SCAN, args=(folder.scan_id,), queue=SCAN_QUEUE, retry=False, ignore_result=True
-            )
+            send_slice(celery, folder.scan_id)
         except Exception as exc:
             store.discard(folder.scan_id)
             raise QueueUnavailableError(

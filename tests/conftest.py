@@ -87,6 +87,11 @@ def service_env(
         OFA_TASK_TIME_LIMIT_S="6",
         OFA_VISIBILITY_TIMEOUT_S="8",
         OFA_UNACKED_RESTORE_INTERVAL_S="2",
+        # Short leases and deadlines so the reaper heals within seconds.
+        OFA_DISPATCH_DEADLINE_S="6",
+        OFA_LEASE_S="3",
+        OFA_REAPER_INTERVAL_S="1",
+        OFA_RETRY_BACKOFF_S="0.5",
         OFA_MAX_UPLOAD_BYTES=str(2 * 1024 * 1024),
         OFA_MAX_PIXELS=str(4_000_000),
         OFA_MAX_TEXT_CHARS="300",

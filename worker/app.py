@@ -32,7 +32,7 @@ def _load_model(**_: Any) -> None:
         # Two INFO lines per task add up at hundreds of jobs/s; Flower shows every task.
         for name in ("celery.app.trace", "celery.worker.strategy"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    get_runtime(settings)
+    get_runtime(settings, app)
 
 
 @worker_shutdown.connect
@@ -43,17 +43,11 @@ def _unload(**_: Any) -> None:
 @app.task(name=TASK_ENTAIL, bind=True, acks_late=True, pydantic=True)
 def entail(self: Task, msg: EntailTask) -> None:
     """Score one queued job (the batcher groups concurrent ones)."""
-    rt = get_runtime(settings)
+    rt = get_runtime(settings, app)
     if (msg.model, msg.revision) != rt.model_tag:
         # Not ours: back on the queue for a worker serving that model.
         raise Reject(f"this worker serves {rt.model_tag}, not {(msg.model, msg.revision)}", True)
     try:
         jobs.run_job(rt, msg)
     except Exception as exc:
-        retries = self.request.retries
-        if retries >= settings.task_max_retries:
-            logger.exception("job %s failed for good", msg.job_id)
-            jobs.fail(rt, msg, f"gave up after {retries} retries: {exc}")
-            return
-        logger.warning("job %s: %s; retry %d", msg.job_id, exc, retries + 1)
-        raise self.retry(exc=exc, countdown=min(2**retries, 30)) from exc
+        jobs.retry_later(rt, msg, exc)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+import redis
+
 from shared.errors import BadInputError
 from shared.messages import EntailTask, ScanStatus, Verdict
 from worker.runtime import Runtime, make_verdict
@@ -23,28 +25,52 @@ def fail(rt: Runtime, msg: EntailTask, error: str) -> None:
 
 
 def run_job(rt: Runtime, msg: EntailTask) -> Verdict | None:
-    """Compute (or find) the verdict for one job and record it; None when the job
-    failed. Scan jobs yield to interactive ones in the batcher and are dropped when
-    their scan is cancelled."""
-    if msg.scan_id and rt.scans.status(msg.scan_id) == ScanStatus.CANCELLED:
+    """Compute (or find) the verdict for one job and record it; None when there was
+    nothing to do or the job failed. Idempotent: a message for a finished job, or for
+    one another worker holds a live lease on, does nothing. Scan jobs yield to
+    interactive ones in the batcher and are dropped when their scan is cancelled,
+    unless someone else joined them."""
+    if (
+        msg.scan_id
+        and rt.scans.status(msg.scan_id) == ScanStatus.CANCELLED
+        and not rt.jobs.is_shared(msg.job_id)
+    ):
         fail(rt, msg, "scan cancelled")
         return None
-    cached, blob = rt.jobs.start(msg.job_id, msg.key)
-    if cached is not None:
-        rt.jobs.succeed(msg.job_id, msg.key, cached, cached=True)
-        return Verdict.model_validate_json(cached)
-    if blob is None:
+    started = rt.jobs.start(msg.job_id, msg.key)
+    if started.action == "poison":
+        fail(rt, msg, f"gave up after {started.attempts - 1} attempts that did not finish")
+        return None
+    if started.action != "run":
+        return None  # finished, gone, or running elsewhere
+    if started.cached is not None:
+        rt.jobs.succeed(msg.job_id, msg.key, started.cached, cached=True)
+        return Verdict.model_validate_json(started.cached)
+    if started.blob is None:
         fail(rt, msg, "the image expired before a worker could take the job")
         return None
     try:
-        prepared = rt.entailer.prepare(blob, msg.text, msg.premise)
+        prepared = rt.entailer.prepare(started.blob, msg.text, msg.premise)
     except BadInputError as exc:
         fail(rt, msg, f"{exc.title}: {exc.detail}")
         return None
     priority = 1 if msg.bulk else 0
-    prediction = rt.batcher.submit(prepared, priority).result(
-        timeout=rt.settings.task_soft_time_limit_s
-    )
+    with rt.leases.holding(msg.job_id):
+        prediction = rt.batcher.submit(prepared, priority).result(
+            timeout=rt.settings.task_soft_time_limit_s
+        )
     verdict = make_verdict(prediction, rt.model_tag, msg.key)
     rt.jobs.succeed(msg.job_id, msg.key, verdict, cached=False)
     return verdict
+
+
+def retry_later(rt: Runtime, msg: EntailTask, exc: Exception) -> None:
+    """A transient failure: the job goes back to queued and the reaper sends it again
+    after a backoff (counted against ``max_attempts``). No broker retry is involved, so
+    an unreachable broker loses nothing; if Redis itself is unreachable, the job's
+    lease runs out and the reaper takes it up all the same."""
+    try:
+        backoff = rt.jobs.release(msg.job_id)
+        logger.warning("job %s: %s; sent again in %.0fs", msg.job_id, exc, backoff)
+    except redis.RedisError as again:
+        logger.warning("job %s: %s; left to its lease (%s)", msg.job_id, exc, again)

@@ -16,12 +16,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis
+from celery import Celery
 
 from shared import wiring
+from shared.celery_app import make_celery
 from shared.messages import ModelRef, Verdict
+from shared.reaper import Reaper
 from shared.settings import Settings
 from shared.store import JobStore, ScanStore, WorkerRegistry
 from worker.batcher import Batcher
+from worker.leases import Leases
 from worker.ofa.entail import Entailer, Prediction, Prepared
 
 logger = logging.getLogger(__name__)
@@ -63,6 +67,8 @@ class Runtime:
     scans: ScanStore
     batcher: Batcher[Prepared, Prediction]
     registry: WorkerRegistry
+    leases: Leases
+    reaper: Reaper
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -72,8 +78,9 @@ class Runtime:
         return self.settings.model_tag
 
     @classmethod
-    def start(cls, settings: Settings) -> Runtime:
-        """Load the model, start the batcher and the heartbeat."""
+    def start(cls, settings: Settings, celery: Celery | None = None) -> Runtime:
+        """Load the model, start the batcher, the heartbeat, lease renewal and the
+        reaper (which sends messages through ``celery``: the worker's own app)."""
         t0 = time.perf_counter()
         entailer = load_entailer(settings)
         logger.info(
@@ -102,7 +109,10 @@ class Runtime:
         )
         scans = ScanStore(settings, keys, clients.durable)
         registry = WorkerRegistry(keys, settings.model_tag)
-        rt = cls(settings, entailer, clients, jobs, scans, batcher, registry)
+        leases = Leases(jobs, settings.lease_s)
+        reaper = Reaper(settings, jobs, scans, celery or make_celery(settings))
+        reaper.start()
+        rt = cls(settings, entailer, clients, jobs, scans, batcher, registry, leases, reaper)
         threading.Thread(target=rt._heartbeat, name="heartbeat", daemon=True).start()
         return rt
 
@@ -118,21 +128,23 @@ class Runtime:
     def stop(self) -> None:
         """Stop the heartbeat, withdraw from the worker set, finish queued batches."""
         self._stop.set()
+        self.reaper.stop()
         with contextlib.suppress(redis.RedisError):
             self.registry.withdraw(self.redis.durable, self.name)
         self.batcher.close()
+        self.leases.stop()
 
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
 
 
-def get_runtime(settings: Settings) -> Runtime:
+def get_runtime(settings: Settings, celery: Celery | None = None) -> Runtime:
     """The process's runtime, started on first use."""
     global _runtime
     with _lock:
         if _runtime is None:
-            _runtime = Runtime.start(settings)
+            _runtime = Runtime.start(settings, celery)
         return _runtime
 
 

@@ -48,7 +48,7 @@ def test_a_miss_is_recorded_and_queued_then_joined(api, rdb, inproc_settings):
 def test_a_cached_verdict_answers_200_without_queueing(api, jobs, rdb, inproc_settings):
     image = small_jpeg(seed=102)
     key = verdict_key(*INPROC_MODEL, image, "a cat", None)
-    job_id, _ = jobs.create_or_join(key, image, "a cat", None)
+    job_id = jobs.create_or_join(key, image, "a cat", None).job_id
     jobs.succeed(job_id, key, VERDICT, cached=False)
     before = stored(rdb, inproc_settings)
     resp = api.post("/v1/jobs", data={"text": "a cat"}, files={"image": ("a.jpg", image)})

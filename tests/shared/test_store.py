@@ -17,45 +17,101 @@ pytestmark = pytest.mark.usefixtures("clean_inproc")
 
 
 def test_create_join_start_succeed(jobs: JobStore, rdb: redis.Redis):
-    job_id, created = jobs.create_or_join("k1", b"img", "a cat", None)
-    assert created
+    got = jobs.create_or_join("k1", b"img", "a cat", None)
+    assert got.created and not got.overdue
+    job_id = got.job_id
     job = jobs.get(job_id)
     assert job is not None and job.status == JobStatus.QUEUED and job.created_at
-    assert jobs.create_or_join("k1", b"img", "a cat", None) == (job_id, False)
-    cached, blob = jobs.start(job_id, "k1")
-    assert cached is None and blob == b"img"
+    # Queued with a dispatch deadline, in the pending index.
+    deadline = rdb.zscore(jobs.keys.job_deadlines(), job_id)
+    assert deadline is not None and deadline > time.time() + 100
+    assert jobs.backlog()[0] == 1
+    joined = jobs.create_or_join("k1", b"img", "a cat", None)
+    assert (joined.job_id, joined.created) == (job_id, False) and jobs.is_shared(job_id)
+    started = jobs.start(job_id, "k1")
+    assert started.action == "run" and started.cached is None and started.blob == b"img"
+    assert started.attempts == 1
     assert jobs.get(job_id).status == JobStatus.RUNNING  # type: ignore[union-attr]
+    lease = rdb.zscore(jobs.keys.job_deadlines(), job_id)
+    assert lease is not None and lease < deadline  # a 30 s lease, not the dispatch deadline
+    # A second message while the lease is live: nothing to do.
+    assert jobs.start(job_id, "k1").action == "busy"
     jobs.succeed(job_id, "k1", VERDICT, cached=False)
     done = jobs.get(job_id)
     assert done is not None and done.status == JobStatus.SUCCEEDED and done.verdict == VERDICT
     assert not rdb.exists(jobs.keys.blob("k1"))
+    assert rdb.zscore(jobs.keys.job_deadlines(), job_id) is None and jobs.backlog()[0] == 0
     # The mark stays with the finished job: a racing submit joins it.
-    assert jobs.create_or_join("k1", b"img", "a cat", None) == (job_id, False)
+    assert jobs.create_or_join("k1", b"img", "a cat", None).job_id == job_id
     assert jobs.cached_many(["k1", "k2"]) == {"k1": VERDICT.model_dump_json().encode()}
-    # A redelivered message finds the verdict and reads no blob.
-    assert jobs.start(job_id, "k1") == (VERDICT.model_dump_json().encode(), None)
+    # A message for a finished job does nothing.
+    assert jobs.start(job_id, "k1").action == "finished"
+    assert jobs.start("no-such-job", "k1").action == "gone"
+
+
+def test_a_redelivery_after_the_lease_finishes_from_the_cache(jobs: JobStore, rdb: redis.Redis):
+    job_id = jobs.create_or_join("k5", b"img", "t", None).job_id
+    jobs.start(job_id, "k5")
+    rdb.set(jobs.keys.verdict("k5"), VERDICT.model_dump_json())
+    rdb.zadd(jobs.keys.job_deadlines(), {job_id: time.time() - 1})  # the lease ran out
+    assert jobs.overdue() == [job_id]
+    again = jobs.start(job_id, "k5")
+    assert again.action == "run" and again.cached == VERDICT.model_dump_json().encode()
+    assert again.blob is None and again.attempts == 2
+
+
+def test_release_requeues_with_backoff_and_poison_after_max_attempts(
+    jobs: JobStore, rdb: redis.Redis, inproc_settings
+):
+    job_id = jobs.create_or_join("k6", b"img", "t", None).job_id
+    for attempt in range(1, inproc_settings.max_attempts + 1):
+        started = jobs.start(job_id, "k6")
+        assert started.action == "run" and started.attempts == attempt
+        backoff = jobs.release(job_id)
+        assert backoff == inproc_settings.retry_backoff_s * 2 ** (attempt - 1)
+        assert jobs.get(job_id).status == JobStatus.QUEUED  # type: ignore[union-attr]
+    assert jobs.start(job_id, "k6").action == "poison"
+
+
+def test_renew_extends_only_unfinished_leases(jobs: JobStore, rdb: redis.Redis):
+    live = jobs.create_or_join("k7", b"img", "t", None).job_id
+    jobs.start(live, "k7")
+    rdb.zadd(jobs.keys.job_deadlines(), {live: time.time() + 1})
+    jobs.renew([live, "finished-long-ago"])
+    assert rdb.zscore(jobs.keys.job_deadlines(), live) > time.time() + 20
+    assert rdb.zscore(jobs.keys.job_deadlines(), "finished-long-ago") is None
+    jobs.redispatched(live)
+    record = jobs.record(live)
+    assert record["status"] == JobStatus.QUEUED and record["dispatches"] == "1"
+
+
+def test_joining_an_overdue_job_says_so(jobs: JobStore, rdb: redis.Redis):
+    job_id = jobs.create_or_join("k8", b"img", "t", None).job_id
+    rdb.zadd(jobs.keys.job_deadlines(), {job_id: time.time() - 5})
+    joined = jobs.create_or_join("k8", b"img", "t", None)
+    assert joined.job_id == job_id and not joined.created and joined.overdue
 
 
 def test_fail_frees_the_key(jobs: JobStore, rdb: redis.Redis):
-    job_id, _ = jobs.create_or_join("k2", b"img", "t", "p", scan_id="s1")
+    job_id = jobs.create_or_join("k2", b"img", "t", "p", scan_id="s1").job_id
     jobs.fail(job_id, "k2", "broken")
     job = jobs.get(job_id)
     assert job is not None and job.status == JobStatus.FAILED and job.error == "broken"
     assert not rdb.exists(jobs.keys.inflight("k2"), jobs.keys.blob("k2"))
-    other, created = jobs.create_or_join("k2", b"img", "t", "p")
-    assert created and other != job_id
+    other = jobs.create_or_join("k2", b"img", "t", "p")
+    assert other.created and other.job_id != job_id
     [outcome] = jobs.outcomes([job_id])
     assert outcome.status == JobStatus.FAILED and outcome.scan_id == "s1"
 
 
 def test_a_mark_without_its_record_is_replaced(jobs: JobStore, rdb: redis.Redis):
     rdb.set(jobs.keys.inflight("k3"), "ghost")
-    job_id, created = jobs.create_or_join("k3", b"img", "t", None)
-    assert created and job_id != "ghost"
+    got = jobs.create_or_join("k3", b"img", "t", None)
+    assert got.created and got.job_id != "ghost"
 
 
 def test_discard_leaves_nothing(jobs: JobStore, rdb: redis.Redis, inproc_settings):
-    job_id, _ = jobs.create_or_join("k4", b"img", "t", None)
+    job_id = jobs.create_or_join("k4", b"img", "t", None).job_id
     jobs.discard(job_id, "k4")
     assert list(rdb.scan_iter(f"{inproc_settings.key_prefix}*")) == []
 

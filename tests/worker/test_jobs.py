@@ -3,6 +3,7 @@ worker, without Celery in between."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -26,7 +27,7 @@ def rt(inproc_settings) -> Iterator[Runtime]:
 
 def queued(rt: Runtime, image: bytes, text: str, scan_id: str | None = None) -> EntailTask:
     key = verdict_key(*INPROC_MODEL, image, text, None)
-    job_id, _ = rt.jobs.create_or_join(key, image, text, None, scan_id)
+    job_id = rt.jobs.create_or_join(key, image, text, None, scan_id).job_id
     return EntailTask(
         job_id=job_id,
         key=key,
@@ -51,7 +52,14 @@ def test_scores_then_finishes_redelivery_from_the_cache(rt: Runtime):
     job = rt.jobs.get(msg.job_id)
     assert job is not None and job.status == JobStatus.SUCCEEDED and not job.cached
     assert rt.jobs.batch_stats()["items"] == items + 1
-    # The same message again (a redelivery): the cached verdict, no model run.
+    # The same message again (a duplicate): the job is finished, nothing runs.
+    assert run_job(rt, msg) is None
+    assert rt.jobs.batch_stats()["items"] == items + 1
+    # A worker that died after caching the verdict but before finishing the record:
+    # the redelivered message (its lease ran out) finishes from the cache, no model run.
+    rdb = rt.redis.durable
+    rdb.hset(rt.jobs.keys.job(msg.job_id), "status", "running")
+    rdb.zadd(rt.jobs.keys.job_deadlines(), {msg.job_id: time.time() - 1})
     assert run_job(rt, msg) == verdict
     assert rt.jobs.get(msg.job_id).cached  # type: ignore[union-attr]
     assert rt.jobs.batch_stats()["items"] == items + 1

@@ -8,13 +8,17 @@ from __future__ import annotations
 import logging
 import time
 from functools import cache
+from typing import Any
 
 from celery import Task
+from celery.signals import worker_init
 
 from shared import wiring
-from shared.celery_app import SCAN_QUEUE, TASK_CALLBACK, TASK_SCAN, make_celery
+from shared.celery_app import TASK_CALLBACK, TASK_SCAN, make_celery
+from shared.reaper import Reaper
 from shared.settings import get_settings
 from shared.store import JobStore, ScanStore
+from shared.submit import send_slice
 from worker.scans.callback import CallbackFailed, deliver
 from worker.scans.coordinator import Coordinator, remove_expired_scans
 from worker.scans.resolver import RowResolver
@@ -39,6 +43,13 @@ def coordinator() -> Coordinator:
     )
 
 
+@worker_init.connect
+def _start_reaper(**_: Any) -> None:
+    """Coordinators reap too: any live process heals what a dead one left."""
+    coord = coordinator()
+    Reaper(settings, coord.jobs, coord.scans, app).start()
+
+
 _last_cleanup = 0.0
 
 
@@ -51,12 +62,31 @@ def run_scan(self: Task, scan_id: str) -> str:
     if time.monotonic() - _last_cleanup > 3600:
         _last_cleanup = time.monotonic()
         remove_expired_scans(settings, coord.scans)
-    outcome = coord.run(scan_id)
+    try:
+        outcome = coord.run(scan_id)
+    except Exception as exc:
+        return _slice_crashed(coord, scan_id, exc)
     if outcome == "more":
-        run_scan.apply_async((scan_id,), queue=SCAN_QUEUE)
+        send_slice(app, scan_id)
+        coord.scans.hold(scan_id, queued=True)
+        coord.scans.slice_ok(scan_id)
     elif outcome == "busy":  # another coordinator holds the scan (or a dead one's lock)
-        run_scan.apply_async((scan_id,), queue=SCAN_QUEUE, countdown=2)
+        send_slice(app, scan_id, countdown=2)
     return outcome
+
+
+def _slice_crashed(coord: Coordinator, scan_id: str, exc: Exception) -> str:
+    """Try the slice again after a pause; a scan whose slices keep crashing fails (with
+    its callback). If Redis itself is down, the scan's deadline runs out and the reaper
+    sends the slice again."""
+    logger.exception("scan %s: slice crashed", scan_id)
+    failures = coord.scans.slice_failed(scan_id)
+    if failures >= settings.scan_max_slice_failures:
+        coord.fail(scan_id, f"the coordinator failed {failures} times in a row: {exc}")
+        return "failed"
+    send_slice(app, scan_id, countdown=min(2.0**failures, 60.0))
+    coord.scans.hold(scan_id, queued=True)
+    return "retry"
 
 
 @app.task(name=TASK_CALLBACK, bind=True, acks_late=True)

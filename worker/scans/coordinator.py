@@ -73,11 +73,13 @@ class Coordinator:
             logger.warning("scan %s has no record (expired?)", scan_id)
             return "done"
         status = ScanStatus(record.get("status", ScanStatus.QUEUED))
-        if status in (ScanStatus.SUCCEEDED, ScanStatus.FAILED):
+        if status.finished and record.get("finished_at"):
+            self.scans.forget(scan_id)  # finalised already (a duplicate message)
             return "done"
         folder = ScanFolder(self.settings.scans_path, scan_id)
         db = ResultsDB(folder.results)
         try:
+            self.scans.hold(scan_id)
             if status == ScanStatus.QUEUED:
                 self.scans.start(scan_id)
             manifest = Path(record["manifest"])
@@ -88,7 +90,7 @@ class Coordinator:
                 if self.scans.status(scan_id) == ScanStatus.CANCELLED:
                     self._collect(db, scan_id)
                     db.cancel_pending()
-                    self.scans.publish_counts(scan_id, db.counts(), finished=True)
+                    self._finish(scan_id, record, db, ScanStatus.CANCELLED)
                     return "done"
                 self._collect(db, scan_id)
                 next_idx, offset = db.cursor_position()
@@ -111,6 +113,7 @@ class Coordinator:
                 if time.monotonic() - published > 0.5:
                     self.scans.publish_counts(scan_id, db.counts())
                     self.scans.renew_lock(scan_id, lock_ttl)
+                    self.scans.hold(scan_id)
                     published = time.monotonic()
                 if time.monotonic() > deadline:
                     self.scans.publish_counts(scan_id, db.counts())
@@ -197,16 +200,35 @@ class Coordinator:
 
     # -- the end ---------------------------------------------------------------------
 
-    def _finish(self, scan_id: str, record: dict[str, str], db: ResultsDB) -> None:
+    def _finish(
+        self,
+        scan_id: str,
+        record: dict[str, str],
+        db: ResultsDB,
+        status: ScanStatus = ScanStatus.SUCCEEDED,
+        error: str | None = None,
+    ) -> None:
         counts = db.counts()
-        self.scans.finish(scan_id, counts)
-        logger.info("scan %s finished: %s", scan_id, counts)
+        self.scans.finish(scan_id, counts, status, error)
+        logger.info("scan %s %s: %s", scan_id, status, counts)
         if record.get("callback_url"):
             from shared.celery_app import SCAN_QUEUE, TASK_CALLBACK
 
             self.celery.send_task(
                 TASK_CALLBACK, args=(scan_id,), queue=SCAN_QUEUE, ignore_result=True
             )
+
+    def fail(self, scan_id: str, error: str) -> None:
+        """End a scan whose slices keep crashing: failed, with what was done so far."""
+        record = self.scans.get(scan_id)
+        if not record:
+            return
+        folder = ScanFolder(self.settings.scans_path, scan_id)
+        db = ResultsDB(folder.results)
+        try:
+            self._finish(scan_id, record, db, ScanStatus.FAILED, error)
+        finally:
+            db.close()
 
 
 def remove_expired_scans(

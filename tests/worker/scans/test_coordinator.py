@@ -63,7 +63,7 @@ def test_a_scan_end_to_end_in_process(coord, rt, jobs, scans, rdb, inproc_settin
     assert inproc_settings.image_root is not None
     (inproc_settings.image_root / "disk.jpg").write_bytes(on_disk)
     key = verdict_key(*INPROC_MODEL, hit, "cached row", None)
-    job_id, _ = jobs.create_or_join(key, hit, "cached row", None)
+    job_id = jobs.create_or_join(key, hit, "cached row", None).job_id
     jobs.succeed(job_id, key, VERDICT, cached=False)
     rows = [
         {"id": "miss", "image": b64(miss), "text": "a thing"},

@@ -1,0 +1,121 @@
+"""The reaper: the job record is the source of truth, the broker is a hint.
+
+Every worker and coordinator runs one in a thread; a lock lets one act per period.
+Each pass takes the jobs past their deadline (a queued job whose message never got to
+a worker, or a running job whose worker stopped renewing its lease) and sends them
+again; a job started ``max_attempts`` times without finishing, or sent
+``max_dispatches`` times without ever starting, fails with a clear error and frees its
+key. Scans whose coordinator went quiet get their next slice sent again. Every
+handler on the other end is idempotent, so a message sent twice costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+import redis
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from shared.messages import JobStatus
+from shared.settings import Settings
+from shared.store import JobStore, ScanStore
+from shared.submit import message_of, send_job, send_slice
+
+logger = logging.getLogger(__name__)
+
+
+class Reaper:
+    """Re-sends overdue work; one pass per ``reaper_interval_s`` across all processes."""
+
+    def __init__(self, settings: Settings, jobs: JobStore, scans: ScanStore, celery: Celery):
+        self.settings = settings
+        self.jobs = jobs
+        self.scans = scans
+        self.celery = celery
+        self.keys = jobs.keys
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- one pass --------------------------------------------------------------------
+
+    def run_once(self) -> dict[str, int] | None:
+        """Reap if this process holds the period's lock; the counts of what it did."""
+        durable = self.jobs.sync.durable
+        period = self.settings.reaper_interval_s
+        if not durable.set(self.keys.reaper_lock(), self.token, nx=True, px=int(period * 900)):
+            return None
+        done = {"resent": 0, "poisoned": 0, "scans_resent": 0}
+        for job_id in self.jobs.overdue():
+            outcome = self._reap_job(job_id)
+            done[outcome] = done.get(outcome, 0) + 1
+        for scan_id in self.scans.overdue():
+            if self._reap_scan(scan_id):
+                done["scans_resent"] += 1
+        pipe = durable.pipeline(transaction=False)
+        for name, n in done.items():
+            if n and name in ("resent", "poisoned", "scans_resent"):
+                pipe.hincrby(self.keys.reaper_stats(), name, n)
+        pipe.hset(self.keys.reaper_stats(), "last_run", f"{time.time():.3f}")
+        pipe.execute()
+        if done["resent"] or done["poisoned"] or done["scans_resent"]:
+            logger.warning("reaper: %s", done)
+        return done
+
+    def _reap_job(self, job_id: str) -> str:
+        record = self.jobs.record(job_id)
+        status = JobStatus(record["status"]) if record.get("status") else None
+        if status is None or status.finished:
+            self.jobs.forget(job_id)
+            return "forgotten"
+        s = self.settings
+        attempts = int(record.get("attempts", 0))
+        dispatches = int(record.get("dispatches", 0))
+        if status == JobStatus.RUNNING and attempts >= s.max_attempts:
+            error = (
+                f"gave up after {attempts} attempts: the worker running this job stopped "
+                "each time (a poison input, or a failing worker)"
+            )
+        elif dispatches >= s.max_dispatches:
+            error = f"no worker took this job after {dispatches + 1} sends"
+        else:
+            send_job(self.celery, message_of(job_id, record))
+            self.jobs.redispatched(job_id)
+            return "resent"
+        logger.error("job %s: %s", job_id, error)
+        self.jobs.fail(job_id, record["key"], error)
+        return "poisoned"
+
+    def _reap_scan(self, scan_id: str) -> bool:
+        if not self.scans.exists(scan_id):
+            self.scans.forget(scan_id)
+            return False
+        send_slice(self.celery, scan_id)
+        self.scans.hold(scan_id, queued=True)
+        return True
+
+    # -- the thread ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run passes in a daemon thread until ``stop``."""
+        self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.reaper_interval_s):
+            try:
+                self.run_once()
+            except (redis.RedisError, OSError, OperationalError) as exc:  # down: next time
+                logger.warning("reaper pass failed: %s", exc)
+            except Exception:
+                logger.exception("reaper pass failed")
+
+    def stop(self) -> None:
+        """Stop the thread (it finishes its pass)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

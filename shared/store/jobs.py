@@ -1,0 +1,406 @@
+"""Jobs: records, image blobs, in-flight marks, deadlines, and the verdict cache."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shared.errors import QueueUnavailableError
+from shared.keys import Keys
+from shared.messages import Job, JobStatus, Verdict
+from shared.settings import Settings
+from shared.store.codec import DELETE_IF_EQUAL, bytes_of, decode_hash, now, text_of
+from shared.wiring import AsyncRedis, SyncRedis
+
+# Once a scan's coordinator has copied a job's outcome into the scan's results file,
+# the job record and its in-flight mark linger this long (for anything that joined the
+# job), then go: the durable store holds the scan's window, not its manifest.
+SCAN_JOB_LINGER_S = 60
+
+
+# KEYS: inflight, job, blob, deadlines, pending
+# ARGV: job id, job ttl, blob ttl, image, dispatch deadline, now, job key prefix, fields...
+_CREATE_OR_JOIN = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local other = ARGV[7] .. cur
+  if redis.call('EXISTS', other) == 1 then
+    redis.call('HSET', other, 'shared', '1')
+    return {cur, 0, redis.call('ZSCORE', KEYS[4], cur)}
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[3])
+redis.call('HSET', KEYS[2], unpack(ARGV, 8))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
+return {ARGV[1], 1, false}
+"""
+
+# KEYS: job, deadlines, blob, verdict
+# ARGV: job id, now, lease deadline, 1 when the verdict cache is this server
+_START = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'succeeded' or status == 'failed' then return {'finished'} end
+if status == 'running' then
+  local d = redis.call('ZSCORE', KEYS[2], ARGV[1])
+  if d and tonumber(d) > tonumber(ARGV[2]) then return {'busy'} end
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local verdict = false
+if ARGV[4] == '1' then verdict = redis.call('GET', KEYS[4]) end
+if verdict then return {'run', attempts, verdict, false} end
+return {'run', attempts, false, redis.call('GET', KEYS[3])}
+"""
+
+
+@dataclass(frozen=True)
+class Created:
+    """What ``create_or_join`` did."""
+
+    job_id: str
+    created: bool
+    overdue: bool = False  # joined a job past its deadline: send it again now
+
+
+@dataclass(frozen=True)
+class Started:
+    """What a worker should do with a message: ``run`` (with the cached verdict or the
+    image), or nothing (``finished``, ``gone``, ``busy``), or fail it (``poison``)."""
+
+    action: str
+    cached: bytes | None = None
+    blob: bytes | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A job's state as a scan coordinator collects it."""
+
+    status: JobStatus | None  # None: the record is gone
+    verdict: str | None
+    error: str | None
+    scan_id: str | None
+
+
+class JobStore:
+    """Jobs, their image blobs and in-flight marks (durable), and verdicts (cache)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keys: Keys,
+        sync: SyncRedis | None = None,
+        aio: AsyncRedis | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self._sync = sync
+        self._aio = aio
+
+    @property
+    def sync(self) -> SyncRedis:
+        assert self._sync is not None, "this JobStore was built without blocking clients"
+        return self._sync
+
+    @property
+    def aio(self) -> AsyncRedis:
+        assert self._aio is not None, "this JobStore was built without asyncio clients"
+        return self._aio
+
+    # -- creation --------------------------------------------------------------------
+
+    def create_or_join(
+        self, key: str, image: bytes, text: str, premise: str | None, scan_id: str | None = None
+    ) -> Created:
+        """Join the job computing ``key`` (marking it shared), or store a new queued job:
+        mark, image blob, record and dispatch deadline, atomically. A mark whose job
+        record is gone is replaced. With durable acknowledgement on, returns only once
+        the durable store has fsynced the write (WAITAOF on the connection that wrote)."""
+        model_id, revision = self.settings.model_tag
+        job_id = uuid.uuid4().hex
+        t = time.time()
+        record: dict[str, str] = {
+            "status": JobStatus.QUEUED,
+            "key": key,
+            "model": model_id,
+            "revision": revision,
+            "text": text,
+            "created_at": f"{t:.6f}",
+        }
+        if premise is not None:
+            record["premise"] = premise
+        if scan_id:
+            record["scan"] = scan_id
+        fields = [x for pair in record.items() for x in pair]
+        k = self.keys
+        args: list[str | bytes | float] = [
+            job_id,
+            self.settings.job_ttl_s,
+            self.settings.blob_ttl_s,
+            image,
+            t + self.settings.dispatch_deadline_s,
+            t,
+            k.job_prefix(),
+            *fields,
+        ]
+        keys = [k.inflight(key), k.job(job_id), k.blob(key), k.job_deadlines(), k.job_pending()]
+        pipe = self.sync.durable.pipeline(transaction=False)
+        pipe.eval(_CREATE_OR_JOIN, len(keys), *keys, *args)
+        if self.settings.durable_ack_on:
+            pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
+        replies = pipe.execute()
+        got, created, deadline = replies[0]
+        if self.settings.durable_ack_on and created and int(replies[1][0]) < 1:
+            self.discard(job_id, key)
+            raise QueueUnavailableError("the durable store did not confirm the job on disk")
+        overdue = deadline is not None and float(deadline) < t
+        return Created(text_of(got), bool(created), overdue)
+
+    def discard(self, job_id: str, key: str) -> None:
+        """Remove a job that was never sent (its record, blob, mark and deadlines)."""
+        pipe = self.sync.durable.pipeline()
+        pipe.delete(self.keys.job(job_id), self.keys.blob(key))
+        pipe.eval(DELETE_IF_EQUAL, 1, self.keys.inflight(key), job_id)
+        pipe.zrem(self.keys.job_deadlines(), job_id)
+        pipe.zrem(self.keys.job_pending(), job_id)
+        pipe.execute()
+
+    # -- the worker's transitions ----------------------------------------------------
+
+    def start(self, job_id: str, key: str) -> Started:
+        """Take the job (a message for it arrived): what the worker should do.
+
+        Finished, vanished, or running under another worker's live lease: nothing
+        (duplicate messages are harmless). Otherwise the job is running under a lease
+        of ``lease_s``; the cached verdict is returned if there is one (a redelivery
+        finishes without computing), else the image blob. A job started more than
+        ``max_attempts`` times is reported as poison.
+        """
+        r, k = self.sync, self.keys
+        t = time.time()
+        same = r.cache is r.durable
+        keys = [k.job(job_id), k.job_deadlines(), k.blob(key), k.verdict(key)]
+        args: list[str | float] = [job_id, t, t + self.settings.lease_s, 1 if same else 0]
+        reply = r.durable.eval(_START, len(keys), *keys, *args)
+        action = text_of(reply[0])
+        if action != "run":
+            return Started(action, attempts=int(reply[1]) if len(reply) > 1 else 0)
+        attempts = int(reply[1])
+        cached, blob = bytes_of(reply[2]), bytes_of(reply[3])
+        if not same:
+            cached = bytes_of(r.cache.get(k.verdict(key)))
+        if attempts > self.settings.max_attempts and cached is None:
+            return Started("poison", attempts=attempts)
+        return Started(
+            "run", cached=cached, blob=None if cached is not None else blob, attempts=attempts
+        )
+
+    def renew(self, job_ids: Iterable[str]) -> None:
+        """Extend the leases of jobs this worker is computing (only while unfinished)."""
+        ids = list(job_ids)
+        if ids:
+            deadline = time.time() + self.settings.lease_s
+            self.sync.durable.zadd(self.keys.job_deadlines(), dict.fromkeys(ids, deadline), xx=True)
+
+    def release(self, job_id: str) -> float:
+        """A transient failure: back to queued, to be sent again by the reaper after a
+        backoff that doubles with each attempt. Returns the backoff."""
+        attempts = int(self.sync.durable.hget(self.keys.job(job_id), "attempts") or 1)
+        backoff = min(self.settings.retry_backoff_s * 2 ** max(attempts - 1, 0), 300.0)
+        pipe = self.sync.durable.pipeline()
+        pipe.hset(self.keys.job(job_id), "status", JobStatus.QUEUED)
+        pipe.zadd(self.keys.job_deadlines(), {job_id: time.time() + backoff}, xx=True)
+        pipe.execute()
+        return backoff
+
+    def succeed(self, job_id: str, key: str, verdict: Verdict | bytes, cached: bool) -> None:
+        """Cache the verdict and finish the job. The in-flight mark stays (as long as
+        the record) pointing at this finished job: a submit that raced past the cache
+        lookup joins it instead of starting another."""
+        doc = verdict if isinstance(verdict, bytes) else verdict.model_dump_json().encode()
+        fields = {
+            "status": JobStatus.SUCCEEDED,
+            "verdict": doc,
+            "cached": "1" if cached else "0",
+            "finished_at": now(),
+        }
+        r = self.sync
+        if r.cache is r.durable:
+            self._finish(job_id, key, fields, keep_mark=True, verdict=doc)
+        else:
+            # The verdict first: a job never reads as succeeded before it is cached.
+            r.cache.set(self.keys.verdict(key), doc, ex=self.settings.verdict_ttl_s)
+            self._finish(job_id, key, fields, keep_mark=True)
+
+    def fail(self, job_id: str, key: str, error: str) -> None:
+        """Fail the job for good; the next identical submission starts afresh."""
+        fields = {"status": JobStatus.FAILED, "error": error, "finished_at": now()}
+        self._finish(job_id, key, fields, keep_mark=False)
+
+    def _finish(
+        self,
+        job_id: str,
+        key: str,
+        fields: dict[str, Any],
+        keep_mark: bool,
+        verdict: bytes | None = None,
+    ) -> None:
+        """Final fields, no deadline, the blob gone, waiting API requests told; one
+        round trip."""
+        ttl = self.settings.job_ttl_s
+        pipe = self.sync.durable.pipeline()
+        if verdict is not None:
+            pipe.set(self.keys.verdict(key), verdict, ex=self.settings.verdict_ttl_s)
+        pipe.hset(self.keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
+        pipe.expire(self.keys.job(job_id), ttl)
+        if keep_mark:
+            pipe.expire(self.keys.inflight(key), ttl)
+        else:
+            pipe.eval(DELETE_IF_EQUAL, 1, self.keys.inflight(key), job_id)
+        pipe.delete(self.keys.blob(key))
+        pipe.zrem(self.keys.job_deadlines(), job_id)
+        pipe.zrem(self.keys.job_pending(), job_id)
+        pipe.publish(self.keys.done_channel(), job_id)
+        pipe.execute()
+
+    # -- the reaper's view -----------------------------------------------------------
+
+    def overdue(self, limit: int = 500) -> list[str]:
+        """Unfinished jobs past their deadline, most overdue first."""
+        ids = self.sync.durable.zrangebyscore(
+            self.keys.job_deadlines(), "-inf", time.time(), start=0, num=limit
+        )
+        return [text_of(i) for i in ids]
+
+    def record(self, job_id: str) -> dict[str, str]:
+        """The raw record ({} when gone)."""
+        return decode_hash(self.sync.durable.hgetall(self.keys.job(job_id)))
+
+    def forget(self, job_id: str) -> None:
+        """Drop a finished or vanished job from the deadline indexes."""
+        pipe = self.sync.durable.pipeline()
+        pipe.zrem(self.keys.job_deadlines(), job_id)
+        pipe.zrem(self.keys.job_pending(), job_id)
+        pipe.execute()
+
+    def redispatched(self, job_id: str) -> None:
+        """The job's message was sent again: queued, with a new dispatch deadline."""
+        pipe = self.sync.durable.pipeline()
+        pipe.hset(self.keys.job(job_id), "status", JobStatus.QUEUED)
+        pipe.hincrby(self.keys.job(job_id), "dispatches", 1)
+        deadline = time.time() + self.settings.dispatch_deadline_s
+        pipe.zadd(self.keys.job_deadlines(), {job_id: deadline}, xx=True)
+        pipe.execute()
+
+    def is_shared(self, job_id: str) -> bool:
+        """True once another submission (interactive, or another scan) joined the job."""
+        return self.sync.durable.hget(self.keys.job(job_id), "shared") is not None
+
+    def backlog(self) -> tuple[int, int, float | None]:
+        """(unfinished jobs, jobs past their deadline, creation time of the oldest)."""
+        now_s = time.time()
+        pipe = self.sync.durable.pipeline(transaction=False)
+        pipe.zcard(self.keys.job_pending())
+        pipe.zcount(self.keys.job_deadlines(), "-inf", now_s)
+        pipe.zrange(self.keys.job_pending(), 0, 0, withscores=True)
+        pending, overdue, oldest = pipe.execute()
+        return int(pending), int(overdue), float(oldest[0][1]) if oldest else None
+
+    async def abacklog(self) -> tuple[int, int, float | None]:
+        """``backlog`` for the API's event loop (its /metrics)."""
+        now_s = time.time()
+        pipe = self.aio.durable.pipeline(transaction=False)
+        pipe.zcard(self.keys.job_pending())
+        pipe.zcount(self.keys.job_deadlines(), "-inf", now_s)
+        pipe.zrange(self.keys.job_pending(), 0, 0, withscores=True)
+        pending, overdue, oldest = await pipe.execute()
+        return int(pending), int(overdue), float(oldest[0][1]) if oldest else None
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _decode(self, job_id: str, raw: dict[Any, Any]) -> Job:
+        fields = decode_hash(raw)
+
+        def num(name: str) -> float | None:
+            value = fields.get(name)
+            return float(value) if value else None
+
+        verdict = fields.get("verdict")
+        return Job(
+            job_id=job_id,
+            status=JobStatus(fields.get("status") or JobStatus.QUEUED),
+            cached=fields.get("cached") == "1",
+            created_at=num("created_at"),
+            started_at=num("started_at"),
+            finished_at=num("finished_at"),
+            verdict=Verdict.model_validate_json(verdict) if verdict else None,
+            error=fields.get("error"),
+        )
+
+    def get(self, job_id: str) -> Job | None:
+        """The job, or None when unknown or expired."""
+        raw = self.sync.durable.hgetall(self.keys.job(job_id))
+        return self._decode(job_id, raw) if raw else None
+
+    async def aget(self, job_id: str) -> Job | None:
+        """The job, or None when unknown or expired."""
+        raw = await self.aio.durable.hgetall(self.keys.job(job_id))
+        return self._decode(job_id, raw) if raw else None
+
+    async def acached(self, key: str) -> bytes | None:
+        """The cached verdict's JSON for ``key``, if any."""
+        return bytes_of(await self.aio.cache.get(self.keys.verdict(key)))
+
+    def cached_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Cached verdicts' JSON for those of ``keys`` that have one (one MGET)."""
+        if not keys:
+            return {}
+        values = self.sync.cache.mget([self.keys.verdict(k) for k in keys])
+        found = {k: bytes_of(v) for k, v in zip(keys, values, strict=True)}
+        return {k: v for k, v in found.items() if v is not None}
+
+    def outcomes(self, job_ids: Iterable[str]) -> list[Outcome]:
+        """Each job's status, verdict, error and scan (one pipelined round trip)."""
+        pipe = self.sync.durable.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.keys.job(job_id), "status", "verdict", "error", "scan")
+        out = []
+        for status, verdict, error, scan in pipe.execute():
+            out.append(
+                Outcome(
+                    JobStatus(text_of(status)) if status is not None else None,
+                    text_of(verdict) if verdict is not None else None,
+                    text_of(error) if error is not None else None,
+                    text_of(scan) if scan is not None else None,
+                )
+            )
+        return out
+
+    def linger(self, finished: Iterable[tuple[str, str]]) -> None:
+        """(key, job id) pairs whose outcome a scan has copied: expire them soon."""
+        pipe = self.sync.durable.pipeline(transaction=False)
+        for key, job_id in finished:
+            pipe.expire(self.keys.job(job_id), SCAN_JOB_LINGER_S)
+            pipe.expire(self.keys.inflight(key), SCAN_JOB_LINGER_S)
+        pipe.execute()
+
+    def record_batch(self, size: int) -> None:
+        """Count one model pass of ``size`` items (tests and benchmarks read it)."""
+        pipe = self.sync.durable.pipeline(transaction=False)
+        pipe.hincrby(self.keys.batch_stats(), "batches", 1)
+        pipe.hincrby(self.keys.batch_stats(), "items", size)
+        pipe.execute()
+
+    def batch_stats(self) -> dict[str, int]:
+        """{"batches": n, "items": m} counted so far."""
+        raw = decode_hash(self.sync.durable.hgetall(self.keys.batch_stats()))
+        return {k: int(v) for k, v in raw.items()}

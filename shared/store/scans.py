@@ -1,0 +1,229 @@
+"""Scan records, their coordinator lock and their deadlines."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import redis
+import redis.asyncio as aioredis
+
+from shared.errors import QueueUnavailableError
+from shared.keys import Keys
+from shared.messages import ScanCounts, ScanStatus, ScanSummary
+from shared.settings import Settings
+from shared.store.codec import DELETE_IF_EQUAL, decode_hash, now, text_of
+
+
+class ScanStore:
+    """Scan records (progress counters, status, callback state) and coordinator locks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keys: Keys,
+        durable: redis.Redis | None = None,
+        adurable: aioredis.Redis | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self._durable = durable
+        self._adurable = adurable
+
+    @property
+    def durable(self) -> redis.Redis:
+        assert self._durable is not None, "this ScanStore was built without a blocking client"
+        return self._durable
+
+    @property
+    def adurable(self) -> aioredis.Redis:
+        assert self._adurable is not None, "this ScanStore was built without an asyncio client"
+        return self._adurable
+
+    # -- the API's side --------------------------------------------------------------
+
+    def create(self, scan_id: str, total: int, manifest: str, callback_url: str | None) -> None:
+        """A queued scan of ``total`` rows read from ``manifest``."""
+        record: dict[str, str] = {
+            "status": ScanStatus.QUEUED,
+            "created_at": now(),
+            "total": str(total),
+            "manifest": manifest,
+            **{name: "0" for name in ScanCounts.model_fields},
+        }
+        if callback_url:
+            record["callback_url"] = callback_url
+        key = self.keys.scan(scan_id)
+        pipe = self.durable.pipeline(transaction=True)
+        pipe.hset(key, mapping=record)  # type: ignore[arg-type]
+        pipe.expire(key, self.settings.scan_ttl_s)
+        pipe.zadd(self.keys.scan_deadlines(), {scan_id: self._deadline(queued=True)})
+        if self.settings.durable_ack_on:
+            # After EXEC, on the same connection: the record is on disk before the 202.
+            pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
+        replies = pipe.execute()
+        if self.settings.durable_ack_on and int(replies[-1][0]) < 1:
+            self.discard(scan_id)
+            raise QueueUnavailableError("the durable store did not confirm the scan on disk")
+
+    def discard(self, scan_id: str) -> None:
+        """Remove a scan whose coordinator task could not be sent."""
+        pipe = self.durable.pipeline()
+        pipe.delete(self.keys.scan(scan_id))
+        pipe.zrem(self.keys.scan_deadlines(), scan_id)
+        pipe.execute()
+
+    def _deadline(self, queued: bool) -> float:
+        """When a scan nobody is working on is taken up again by the reaper: a queued
+        slice message has the dispatch deadline; a running slice renews a lease."""
+        s = self.settings
+        return time.time() + (s.dispatch_deadline_s if queued else 2 * s.scan_slice_s + s.lease_s)
+
+    def hold(self, scan_id: str, queued: bool = False) -> None:
+        """A coordinator is working on the scan (or has just queued its next slice)."""
+        self.durable.zadd(self.keys.scan_deadlines(), {scan_id: self._deadline(queued)}, xx=True)
+
+    def overdue(self, limit: int = 100) -> list[str]:
+        """Scans not yet finalised whose coordinator has gone quiet, most overdue first."""
+        ids = self.durable.zrangebyscore(
+            self.keys.scan_deadlines(), "-inf", time.time(), start=0, num=limit
+        )
+        return [text_of(i) for i in ids]
+
+    def slice_failed(self, scan_id: str) -> int:
+        """Count a slice that crashed; returns the failures in a row."""
+        return int(self.durable.hincrby(self.keys.scan(scan_id), "slice_failures", 1))
+
+    def slice_ok(self, scan_id: str) -> None:
+        """A slice ran to its end: the failure count starts again."""
+        self.durable.hset(self.keys.scan(scan_id), "slice_failures", "0")
+
+    async def asummary(self, scan_id: str) -> ScanSummary | None:
+        """The scan's progress, or None when unknown or expired."""
+        raw = await self.adurable.hgetall(self.keys.scan(scan_id))
+        return summarize(scan_id, decode_hash(raw)) if raw else None
+
+    async def acancel(self, scan_id: str) -> ScanSummary | None:
+        """Cancel a queued or running scan (finished ones are left as they are)."""
+        summary = await self.asummary(scan_id)
+        if summary is not None and not summary.status.finished:
+            await self.adurable.hset(
+                self.keys.scan(scan_id),
+                mapping={"status": ScanStatus.CANCELLED, "cancelled_at": now()},
+            )
+            summary.status = ScanStatus.CANCELLED
+        return summary
+
+    # -- the coordinator's side ------------------------------------------------------
+
+    def get(self, scan_id: str) -> dict[str, str]:
+        """The raw record ({} when unknown or expired)."""
+        return decode_hash(self.durable.hgetall(self.keys.scan(scan_id)))
+
+    def summary(self, scan_id: str) -> ScanSummary | None:
+        """The scan's progress, or None when unknown or expired."""
+        raw = self.get(scan_id)
+        return summarize(scan_id, raw) if raw else None
+
+    def status(self, scan_id: str) -> ScanStatus | None:
+        """The scan's status alone."""
+        value = self.durable.hget(self.keys.scan(scan_id), "status")
+        return ScanStatus(text_of(value)) if value is not None else None
+
+    def exists(self, scan_id: str) -> bool:
+        """True while the scan's record lives."""
+        return bool(self.durable.exists(self.keys.scan(scan_id)))
+
+    def start(self, scan_id: str) -> None:
+        """queued -> running."""
+        self.durable.hset(
+            self.keys.scan(scan_id), mapping={"status": ScanStatus.RUNNING, "started_at": now()}
+        )
+
+    def set_total(self, scan_id: str, total: int) -> None:
+        """The manifest turned out shorter than counted."""
+        self.durable.hset(self.keys.scan(scan_id), "total", str(total))
+
+    @staticmethod
+    def _count_fields(counts: ScanCounts, finished: bool) -> dict[str, str]:
+        fields = {k: str(v) for k, v in counts.model_dump().items()}
+        if finished:
+            fields["finished_at"] = now()
+        return fields
+
+    def publish_counts(self, scan_id: str, counts: ScanCounts, finished: bool = False) -> None:
+        """Progress counters from the results file (and the end time, when finished)."""
+        fields = self._count_fields(counts, finished)
+        self.durable.hset(self.keys.scan(scan_id), mapping=fields)  # type: ignore[arg-type]
+
+    def finish(
+        self,
+        scan_id: str,
+        counts: ScanCounts,
+        status: ScanStatus = ScanStatus.SUCCEEDED,
+        error: str | None = None,
+    ) -> None:
+        """The end: succeeded, cancelled (kept) or failed, with the final counts; the
+        scan leaves the reaper's index."""
+        fields = {**self._count_fields(counts, True), "status": status}
+        if error:
+            fields["error"] = error
+        pipe = self.durable.pipeline(transaction=True)
+        pipe.hset(self.keys.scan(scan_id), mapping=fields)  # type: ignore[arg-type]
+        pipe.expire(self.keys.scan(scan_id), self.settings.scan_ttl_s)
+        pipe.zrem(self.keys.scan_deadlines(), scan_id)
+        pipe.execute()
+
+    def forget(self, scan_id: str) -> None:
+        """Drop a vanished scan from the reaper's index."""
+        self.durable.zrem(self.keys.scan_deadlines(), scan_id)
+
+    def callback_delivered(self, scan_id: str) -> None:
+        """The completion callback was accepted."""
+        self.durable.hset(self.keys.scan(scan_id), "callback_delivered_at", now())
+
+    def callback_failed(self, scan_id: str, error: str) -> None:
+        """The completion callback failed for good."""
+        self.durable.hset(self.keys.scan(scan_id), "callback_error", error)
+
+    def lock(self, scan_id: str, ttl_s: int) -> str | None:
+        """Take the scan's coordinator lock; returns its token, or None if held."""
+        token = uuid.uuid4().hex
+        ok = self.durable.set(self.keys.scan_lock(scan_id), token, nx=True, ex=ttl_s)
+        return token if ok else None
+
+    def renew_lock(self, scan_id: str, ttl_s: int) -> None:
+        """Extend a lock this coordinator holds."""
+        self.durable.expire(self.keys.scan_lock(scan_id), ttl_s)
+
+    def unlock(self, scan_id: str, token: str) -> None:
+        """Release the lock if it is still ours."""
+        self.durable.eval(DELETE_IF_EQUAL, 1, self.keys.scan_lock(scan_id), token)
+
+
+def summarize(scan_id: str, raw: dict[str, str]) -> ScanSummary:
+    """A decoded scan record as the API and callbacks report it: counts, rate
+    (finished rows per second since the start) and ETA."""
+    counts = {name: int(raw.get(name, 0)) for name in (*ScanCounts.model_fields, "total")}
+    times = {
+        name: float(raw[name]) if raw.get(name) else None
+        for name in ("created_at", "started_at", "finished_at")
+    }
+    started = times["started_at"]
+    end = times["finished_at"] or time.time()
+    finished_rows = counts["done"] + counts["failed"]
+    rate = finished_rows / (end - started) if started and end > started else 0.0
+    remaining = counts["total"] - finished_rows
+    eta = round(remaining / rate, 1) if rate > 0 and remaining > 0 else None
+    if remaining <= 0:
+        eta = 0.0
+    return ScanSummary(
+        scan_id=scan_id,
+        status=ScanStatus(raw.get("status", ScanStatus.QUEUED)),
+        **counts,
+        **times,
+        rate_rows_per_s=round(rate, 3),
+        eta_s=eta,
+        callback_url=raw.get("callback_url") or None,
+        error=raw.get("error") or None,
+    )
