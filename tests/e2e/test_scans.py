@@ -19,7 +19,7 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from tests.helpers import API_KEY, WEBHOOK_SECRET, batch_items, small_jpeg
+from tests.helpers import API_KEY, WEBHOOK_SECRET, batch_items, poll, small_jpeg
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
 
@@ -227,6 +227,64 @@ def test_cancel_keeps_finished_results(scan_client, host):
     assert all(r["label"] or r["error"] == "scan cancelled" for r in out)
     time.sleep(2)  # a cancelled scan stays cancelled
     assert scan_client.get(f"/v1/scans/{scan['scan_id']}").json()["status"] == "cancelled"
+
+
+@pytest.mark.slow
+def test_cancel_spares_jobs_others_wait_for(scan_client, client, host, worker, direct, rdb, keys):
+    """Scan A shares two keys with scan B and one with an interactive job; cancelling A
+    drops only its own key's job, B and the interactive job get verdicts, and A's
+    callback arrives with status cancelled."""
+    Host.callbacks.clear()
+    shared_x, shared_y, own_z = "img70.jpg", "img71.jpg", "img72.jpg"
+    row = lambda i, name: {"id": i, "image": f"{host}/img/{name}", "text": f"share {name}"}  # noqa: E731
+    worker.kill()  # nothing computes until every job is queued and A is cancelled
+    try:
+        a = start(
+            scan_client,
+            [row("ax", shared_x), row("ay", shared_y), row("az", own_z)],
+            callback_url=f"{host}/hook-a",
+        )
+        deadline = time.monotonic() + 30
+        while scan_client.get(f"/v1/scans/{a['scan_id']}").json()["pending"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        b = start(scan_client, [row("bx", shared_x), row("by", shared_y)])
+        while scan_client.get(f"/v1/scans/{b['scan_id']}").json()["pending"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        joined = client.post(
+            "/v1/jobs",
+            data={"text": f"share {shared_x}"},
+            files={"image": ("x.jpg", IMAGES[shared_x])},
+        )
+        assert joined.status_code == 202, joined.text
+        assert scan_client.delete(f"/v1/scans/{a['scan_id']}").json()["status"] == "cancelled"
+    finally:
+        worker.start()
+    done_a = wait_scan(scan_client, a["scan_id"])
+    assert done_a["status"] == "cancelled"
+    done_b = wait_scan(scan_client, b["scan_id"])
+    assert done_b["status"] == "succeeded" and done_b["done"] == 2 and done_b["failed"] == 0
+    for r in results(scan_client, b["scan_id"]):
+        name = shared_x if r["id"] == "bx" else shared_y
+        want = direct.predict(IMAGES[name], f"share {name}")
+        assert r["label"] == want.label
+        assert r["probabilities"] == pytest.approx(want.probabilities, abs=1e-6)
+    job = poll(client, joined.json()["job_id"])
+    assert job["status"] == "succeeded"
+    assert job["verdict"]["probabilities"] == pytest.approx(
+        direct.predict(IMAGES[shared_x], f"share {shared_x}").probabilities, abs=1e-6
+    )
+    a_rows = {r["id"]: r for r in results(scan_client, a["scan_id"])}
+    assert a_rows["az"]["error"] == "scan cancelled"
+    deadline = time.monotonic() + 30
+    while not any(h.get("X-OFA-Scan") == a["scan_id"] for h, _ in Host.callbacks):
+        assert time.monotonic() < deadline, "no callback for the cancelled scan"
+        time.sleep(0.1)
+    body = next(b for h, b in Host.callbacks if h.get("X-OFA-Scan") == a["scan_id"])
+    assert json.loads(body)["status"] == "cancelled"
+    # Nothing left behind: no blob for any of these keys, no job past its deadline.
+    assert not list(rdb.scan_iter(keys.prefix + "blob:*"))
 
 
 @pytest.mark.slow
