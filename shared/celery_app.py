@@ -43,7 +43,8 @@ def _tolerate_restore_after_connection_loss() -> None:
     restoring there: unacked messages return through the visibility-timeout sweep. So
     that one call may fail quietly. (Celery 5.7 / kombu 5.7 can still stop the worker
     after reconnecting, with another ``AttributeError``; a stopped worker is restarted
-    by its supervisor: ``ofa-entail up``, compose's restart policy, systemd.)
+    by its supervisor: ``ofa-entail up``, compose's restart policy, systemd; the next
+    function removes the cause we have seen.)
     """
     from kombu.transport.virtual.base import QoS
 
@@ -62,9 +63,50 @@ def _tolerate_restore_after_connection_loss() -> None:
     QoS.restore_unacked_once = restore_unacked_once  # type: ignore[method-assign]
 
 
+def _tolerate_ack_on_a_closed_channel() -> None:
+    """Keep the worker alive when a task finishes after a broker restart.
+
+    A task that was running when the connection dropped acknowledges its message on
+    the old channel, whose connection kombu has already dropped: the ``AttributeError``
+    that raises is not a connection error, so it escapes into the consumer and stops
+    the worker ("Unrecoverable error"). That acknowledgement cannot be made anyway
+    (the channel is gone); the message stays in the unacked index, comes back after
+    the visibility timeout, and its handler finds the job finished and does nothing.
+    """
+    from kombu.transport.redis import QoS as RedisQoS
+
+    if getattr(RedisQoS.ack, "_ofa_tolerant", False):
+        return
+    original_ack, original_reject = RedisQoS.ack, RedisQoS.reject
+
+    def closed(qos: RedisQoS) -> bool:
+        return getattr(qos.channel, "connection", None) is None
+
+    def ack(self: RedisQoS, delivery_tag: object) -> None:
+        try:
+            original_ack(self, delivery_tag)
+        except AttributeError:
+            if not closed(self):
+                raise
+            logger.warning("message %s not acknowledged: its channel closed", delivery_tag)
+
+    def reject(self: RedisQoS, delivery_tag: object, requeue: bool = False) -> None:
+        try:
+            original_reject(self, delivery_tag, requeue=requeue)
+        except AttributeError:
+            if not closed(self):
+                raise
+            logger.warning("message %s not rejected: its channel closed", delivery_tag)
+
+    ack._ofa_tolerant = True  # type: ignore[attr-defined]
+    RedisQoS.ack = ack  # type: ignore[method-assign]
+    RedisQoS.reject = reject  # type: ignore[method-assign]
+
+
 def make_celery(settings: Settings) -> Celery:
     """A configured Celery app (broker and result backend: the durable Redis)."""
     _tolerate_restore_after_connection_loss()
+    _tolerate_ack_on_a_closed_channel()
     durable, _ = redis_urls(settings)
     transport = {
         # A message a dead worker took comes back after this long: above the hard time
