@@ -13,7 +13,7 @@ from api.waiter import JobWaiter
 from shared import wiring
 from shared.fetch import UrlPolicy
 from shared.settings import Settings
-from shared.store import JobStore, ScanStore, WorkerRegistry
+from shared.store import JobStore, ReaperLog, ScanStore, WorkerRegistry
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Services:
     jobs: JobStore
     scans: ScanStore
     workers: WorkerRegistry
+    reaper_log: ReaperLog
     celery: Celery
     url_policy: UrlPolicy
     waiter: JobWaiter
@@ -44,6 +45,7 @@ class Services:
             jobs=JobStore(settings, keys, sync, aio),
             scans=ScanStore(settings, keys, sync.durable, aio.durable),
             workers=WorkerRegistry(keys, settings.model_tag),
+            reaper_log=ReaperLog(keys),
             celery=make_celery(settings),
             url_policy=wiring.url_policy(settings),
             waiter=JobWaiter(aio.durable, keys.done_channel()),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 REGISTRY = CollectorRegistry()
 
@@ -22,3 +25,41 @@ DEDUPLICATED = Counter(
     "ofa_jobs_deduplicated_total", "Submits joined to a job already in flight", registry=REGISTRY
 )
 REJECTED = Counter("ofa_inputs_rejected_total", "Bad inputs refused", ["type"], registry=REGISTRY)
+
+# Read from the durable store at scrape time (every API process reports the same):
+# the work the reaper watches over, and what it has done.
+JOBS_PENDING = Gauge("ofa_jobs_pending", "Jobs queued or running", registry=REGISTRY)
+JOBS_OVERDUE = Gauge(
+    "ofa_jobs_overdue", "Unfinished jobs past their dispatch deadline or lease", registry=REGISTRY
+)
+OLDEST_PENDING = Gauge(
+    "ofa_oldest_pending_job_seconds", "Age of the oldest unfinished job", registry=REGISTRY
+)
+REAPER_AGE = Gauge(
+    "ofa_reaper_last_run_seconds",
+    "Seconds since the reaper's last pass (-1: never)",
+    registry=REGISTRY,
+)
+
+
+class ReaperCounters:
+    """The reaper's counters (kept in Redis by the workers), as Prometheus counters."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """Called by the registry on each scrape."""
+        helps = {
+            "resent": "Overdue jobs the reaper sent again",
+            "poisoned": "Jobs failed by the reaper after too many attempts or sends",
+            "scans_resent": "Quiet scans whose next slice the reaper sent again",
+        }
+        for name, text in helps.items():
+            family = CounterMetricFamily(f"ofa_reaper_{name}", text)
+            family.add_metric([], self.values.get(name, 0))
+            yield family
+
+
+REAPER = ReaperCounters()
+REGISTRY.register(REAPER)

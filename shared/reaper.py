@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 
 import redis
@@ -22,7 +21,7 @@ from kombu.exceptions import OperationalError
 
 from shared.messages import JobStatus
 from shared.settings import Settings
-from shared.store import JobStore, ScanStore
+from shared.store import JobStore, ReaperLog, ScanStore
 from shared.submit import message_of, send_job, send_slice
 
 logger = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ class Reaper:
         self.jobs = jobs
         self.scans = scans
         self.celery = celery
-        self.keys = jobs.keys
+        self.log = ReaperLog(jobs.keys)
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -46,8 +45,7 @@ class Reaper:
     def run_once(self) -> dict[str, int] | None:
         """Reap if this process holds the period's lock; the counts of what it did."""
         durable = self.jobs.sync.durable
-        period = self.settings.reaper_interval_s
-        if not durable.set(self.keys.reaper_lock(), self.token, nx=True, px=int(period * 900)):
+        if not self.log.take_turn(durable, self.token, self.settings.reaper_interval_s):
             return None
         done = {"resent": 0, "poisoned": 0, "scans_resent": 0}
         for job_id in self.jobs.overdue():
@@ -56,12 +54,7 @@ class Reaper:
         for scan_id in self.scans.overdue():
             if self._reap_scan(scan_id):
                 done["scans_resent"] += 1
-        pipe = durable.pipeline(transaction=False)
-        for name, n in done.items():
-            if n and name in ("resent", "poisoned", "scans_resent"):
-                pipe.hincrby(self.keys.reaper_stats(), name, n)
-        pipe.hset(self.keys.reaper_stats(), "last_run", f"{time.time():.3f}")
-        pipe.execute()
+        self.log.record(durable, done)
         if done["resent"] or done["poisoned"] or done["scans_resent"]:
             logger.warning("reaper: %s", done)
         return done

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api import metrics
 from api.deps import ServicesDep
 from api.metrics import REGISTRY
 
@@ -38,6 +41,12 @@ async def get_readyz(s: ServicesDep) -> Response:
     if not problems and workers == 0:
         model_id, revision = s.settings.model_tag
         problems.append(f"no worker is serving {model_id}@{revision}")
+    if not problems:
+        _, age = await s.reaper_log.aread(s.redis.durable)
+        limit = max(3 * s.settings.reaper_interval_s, 15.0)
+        if age is None or age > limit:
+            since = "ever" if age is None else f"for {age:.0f}s"
+            problems.append(f"the reaper has not run {since}: overdue jobs are not re-sent")
     body = {
         "status": "ready" if not problems else "not ready",
         "workers": workers,
@@ -47,6 +56,18 @@ async def get_readyz(s: ServicesDep) -> Response:
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-async def get_metrics() -> Response:
-    """Request counts, cache hits and misses, enqueued jobs, latency histograms."""
+async def get_metrics(s: ServicesDep) -> Response:
+    """Request counts, cache hits and misses, enqueued jobs, latency histograms; the
+    backlog (pending, overdue, oldest) and the reaper's counters, read from Redis."""
+    try:
+        pending, overdue, oldest = await s.jobs.abacklog()
+        counts, age = await s.reaper_log.aread(s.redis.durable)
+    except redis.RedisError:
+        pass  # the process's own metrics still answer; the store's stay as last read
+    else:
+        metrics.JOBS_PENDING.set(pending)
+        metrics.JOBS_OVERDUE.set(overdue)
+        metrics.OLDEST_PENDING.set(time.time() - oldest if oldest else 0)
+        metrics.REAPER_AGE.set(age if age is not None else -1)
+        metrics.REAPER.values = counts
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -16,13 +16,14 @@ or ``acancel`` (API) at any point before the end.
 from shared.store.codec import bytes_of, decode_hash, now, text_of
 from shared.store.jobs import SCAN_JOB_LINGER_S, Created, JobStore, Outcome, Started
 from shared.store.scans import ScanStore, summarize
-from shared.store.workers import WorkerRegistry
+from shared.store.workers import ReaperLog, WorkerRegistry
 
 __all__ = [
     "SCAN_JOB_LINGER_S",
     "Created",
     "JobStore",
     "Outcome",
+    "ReaperLog",
     "ScanStore",
     "Started",
     "WorkerRegistry",

@@ -39,3 +39,33 @@ class WorkerRegistry:
     def members(self, durable: redis.Redis, within_s: float) -> list[str]:
         """Names of workers heard from in the last ``within_s`` seconds."""
         return [text_of(m) for m in durable.zrangebyscore(self.key, time.time() - within_s, "+inf")]
+
+
+class ReaperLog:
+    """The reaper's lock, its counters and the time of its last pass."""
+
+    COUNTERS = ("resent", "poisoned", "scans_resent")
+
+    def __init__(self, keys: Keys) -> None:
+        self.lock_key = keys.reaper_lock()
+        self.key = keys.reaper_stats()
+
+    def take_turn(self, durable: redis.Redis, token: str, period_s: float) -> bool:
+        """True for the one process whose pass this period is."""
+        return bool(durable.set(self.lock_key, token, nx=True, px=max(1, int(period_s * 900))))
+
+    def record(self, durable: redis.Redis, counts: dict[str, int]) -> None:
+        """Add a pass's counts and stamp its time."""
+        pipe = durable.pipeline(transaction=False)
+        for name in self.COUNTERS:
+            if counts.get(name):
+                pipe.hincrby(self.key, name, counts[name])
+        pipe.hset(self.key, "last_run", f"{time.time():.3f}")
+        pipe.execute()
+
+    async def aread(self, adurable: aioredis.Redis) -> tuple[dict[str, int], float | None]:
+        """(counters, seconds since the last pass, or None if none ever ran)."""
+        raw = {text_of(k): text_of(v) for k, v in (await adurable.hgetall(self.key)).items()}
+        last = raw.get("last_run")
+        counts = {name: int(raw.get(name, 0)) for name in self.COUNTERS}
+        return counts, time.time() - float(last) if last else None

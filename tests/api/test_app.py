@@ -167,3 +167,29 @@ def test_a_csv_cell_may_hold_an_image_at_the_upload_limit(api, inproc_settings):
         resp = client.post("/v1/scans", files={"manifest": ("m.csv", io.BytesIO(manifest))})
     assert resp.status_code == 202, resp.text
     assert resp.json()["total"] == 1
+
+
+def test_metrics_show_the_backlog_and_the_reaper(api, jobs, rdb, inproc_settings):
+    import time
+
+    from shared.store import ReaperLog
+
+    job_id = jobs.create_or_join("m1", b"img", "t", None).job_id
+    jobs.create_or_join("m2", b"img", "t", None)
+    rdb.zadd(jobs.keys.job_deadlines(), {job_id: time.time() - 1})
+    ReaperLog(jobs.keys).record(rdb, {"resent": 3, "poisoned": 1})
+    text = api.get("/metrics").text
+    assert "ofa_jobs_pending 2.0" in text and "ofa_jobs_overdue 1.0" in text
+    assert "ofa_reaper_resent_total 3.0" in text and "ofa_reaper_poisoned_total 1.0" in text
+    assert "ofa_oldest_pending_job_seconds" in text and "ofa_reaper_last_run_seconds" in text
+
+
+def test_readyz_reports_a_reaper_that_has_not_run(api, jobs, rdb, inproc_settings):
+    from shared.store import ReaperLog, WorkerRegistry
+
+    WorkerRegistry(jobs.keys, INPROC_MODEL).beat(rdb, "w:1", 5)
+    rdb.delete(jobs.keys.reaper_stats())
+    resp = api.get("/readyz")
+    assert resp.status_code == 503 and "the reaper has not run ever" in resp.json()["problems"][0]
+    ReaperLog(jobs.keys).record(rdb, {})
+    assert api.get("/readyz").status_code == 200
