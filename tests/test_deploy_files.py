@@ -34,7 +34,8 @@ def test_compose_roles_and_secrets():
     assert "deploy" not in services["coordinator"]  # no GPU for the coordinator
     assert "scans-data:/data/scans" in services["api"]["volumes"]
     durable = services["redis-durable"]["command"]
-    assert "--appendonly yes" in durable and "--appendfsync everysec" in durable
+    # always, not everysec: production waits for WAITAOF on every submission.
+    assert "--appendonly yes" in durable and "--appendfsync always" in durable
     assert "noeviction" in durable
     cache = services["redis-cache"]["command"]
     assert "allkeys-lru" in cache and "--maxmemory" in cache
