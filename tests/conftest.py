@@ -104,6 +104,7 @@ def service_env(
         OFA_SCAN_SLICE_S="1.0",
         OFA_SCAN_WINDOW="8",
         OFA_SCAN_CHUNK_ROWS="6",
+        OFA_SCAN_MAX_SLICE_FAILURES="3",
         PYTHONUNBUFFERED="1",
     )
     return env

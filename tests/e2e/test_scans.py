@@ -431,3 +431,35 @@ def test_server_side_manifest_and_bad_manifests(scan_client, host, scan_roots, r
     )
     assert bad.status_code == 422
     assert set(rdb.scan_iter("ofa:test:scan:*")) == before
+
+
+@pytest.mark.slow
+def test_a_scan_whose_slices_keep_crashing_fails_with_its_callback(
+    scan_client, host, coordinator, scan_roots, rdb, keys
+):
+    """The server-side manifest vanishes before the coordinator reads it: each slice
+    crashes, is tried again after a pause, and after OFA_SCAN_MAX_SLICE_FAILURES the
+    scan ends failed, says why, and sends its callback."""
+    Host.callbacks.clear()
+    path = scan_roots / "manifests" / "vanishing.jsonl"
+    path.write_text(json.dumps({"id": "v0", "image": f"{host}/img/img8.jpg", "text": "v"}) + "\n")
+    coordinator.kill()  # so that the file is gone before any slice runs
+    try:
+        resp = scan_client.post(
+            "/v1/scans", json={"path": "vanishing.jsonl", "callback_url": f"{host}/hook-v"}
+        )
+        assert resp.status_code == 202, resp.text
+        path.unlink()
+    finally:
+        coordinator.start()
+    scan_id = resp.json()["scan_id"]
+    doc = wait_scan(scan_client, scan_id, timeout=60)
+    assert doc["status"] == "failed"
+    assert "failed 3 times in a row" in doc["error"] and "vanishing.jsonl" in doc["error"]
+    deadline = time.monotonic() + 30
+    while not any(h.get("X-OFA-Scan") == scan_id for h, _ in Host.callbacks):
+        assert time.monotonic() < deadline, "no callback for the failed scan"
+        time.sleep(0.1)
+    body = next(b for h, b in Host.callbacks if h.get("X-OFA-Scan") == scan_id)
+    assert json.loads(body)["status"] == "failed"
+    assert rdb.zscore(keys.scan_deadlines(), scan_id) is None  # nothing left to reap

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -71,6 +72,13 @@ def test_up_check_flower_and_clean_shutdown(tiny_dir: Path, tmp_path: Path):
                 break
             assert time.monotonic() < deadline, page.text[:2000]
             time.sleep(0.5)
+        # No secret on any command line (`ps` shows them to every local user).
+        cmdlines = []
+        for proc_file in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):  # a process may end while we look
+                cmdlines.append(proc_file.read_bytes())
+        assert any(b"flower" in c for c in cmdlines)
+        assert not [c for c in cmdlines if password.encode() in c]
     finally:
         up.send_signal(signal.SIGINT)
         try:
