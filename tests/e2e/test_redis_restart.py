@@ -101,6 +101,7 @@ def test_scan_survives_a_redis_restart(
             else:
                 failed += 1
             time.sleep(0.05)
+        print(f"\n{failed} of 40 API requests failed right after the restart")
         assert failed <= 3, f"{failed} of 40 requests failed after the restart"
 
         deadline = time.monotonic() + 150
