@@ -124,7 +124,7 @@ def test_other_revision_is_not_served_from_cache(client, worker, service_env, rd
         proc.wait(timeout=10)
         rdb.delete(queue_name(MODEL[0], "seed2"))
     # No seed2 worker will ever come: drop the job (the reaper then forgets it).
-    rdb.delete(keys.job(job_id))
+    rdb.delete(keys.job(job_id), keys.blob(verdict_key(MODEL[0], "seed2", image, "x")))
 
 
 def test_unknown_job_is_404(client):

@@ -19,7 +19,8 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from tests.helpers import API_KEY, WEBHOOK_SECRET, batch_items, poll, small_jpeg
+from shared.keys import verdict_key
+from tests.helpers import API_KEY, MODEL, WEBHOOK_SECRET, batch_items, poll, small_jpeg
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
 
@@ -283,8 +284,12 @@ def test_cancel_spares_jobs_others_wait_for(scan_client, client, host, worker, d
         time.sleep(0.1)
     body = next(b for h, b in Host.callbacks if h.get("X-OFA-Scan") == a["scan_id"])
     assert json.loads(body)["status"] == "cancelled"
-    # Nothing left behind: no blob for any of these keys, no job past its deadline.
-    assert not list(rdb.scan_iter(keys.prefix + "blob:*"))
+    # Nothing left behind: no image blob, no deadline, for any of these keys' jobs.
+    for name in (shared_x, shared_y, own_z):
+        key = verdict_key(*MODEL, IMAGES[name], f"share {name}", None)
+        assert not rdb.exists(keys.blob(key))
+        mark = rdb.get(keys.inflight(key))
+        assert mark is None or rdb.zscore(keys.job_deadlines(), mark) is None
 
 
 @pytest.mark.slow
