@@ -75,10 +75,11 @@ class Reaper:
             )
         elif dispatches >= s.max_dispatches:
             error = f"no worker took this job after {dispatches + 1} sends"
-        else:
+        elif self.jobs.claim_overdue(job_id):  # claim first: never two senders at once
             send_job(self.celery, message_of(job_id, record))
-            self.jobs.redispatched(job_id)
             return "resent"
+        else:
+            return "moved"  # a worker started it (or it ended) since we looked
         logger.error("job %s: %s", job_id, error)
         self.jobs.fail(job_id, record["key"], error)
         return "poisoned"

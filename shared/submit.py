@@ -101,8 +101,8 @@ def _send_again(store: JobStore, celery: Celery, job_id: str) -> None:
     if not record or JobStatus(record.get("status", "queued")).finished:
         return
     try:
-        send_job(celery, message_of(job_id, record))
-        store.redispatched(job_id)
+        if store.claim_overdue(job_id):
+            send_job(celery, message_of(job_id, record))
     except Exception as exc:
         logger.warning("could not send overdue job %s again: %s", job_id, exc)
 

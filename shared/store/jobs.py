@@ -75,6 +75,17 @@ def confirm_on_disk(reply: Any, undo: Callable[[], None], what: str) -> None:
         raise QueueUnavailableError(f"the durable store did not confirm the {what} on disk in time")
 
 
+# KEYS: job, deadlines; ARGV: job id, now, new dispatch deadline
+_CLAIM_OVERDUE = """
+local d = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not d or tonumber(d) > tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HINCRBY', KEYS[1], 'dispatches', 1)
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class Created:
     """What ``create_or_join`` did."""
@@ -307,14 +318,23 @@ class JobStore:
         pipe.zrem(self.keys.job_pending(), job_id)
         pipe.execute()
 
-    def redispatched(self, job_id: str) -> None:
-        """The job's message was sent again: queued, with a new dispatch deadline."""
-        pipe = self.sync.durable.pipeline()
-        pipe.hset(self.keys.job(job_id), "status", JobStatus.QUEUED)
-        pipe.hincrby(self.keys.job(job_id), "dispatches", 1)
-        deadline = time.time() + self.settings.dispatch_deadline_s
-        pipe.zadd(self.keys.job_deadlines(), {job_id: deadline}, xx=True)
-        pipe.execute()
+    def claim_overdue(self, job_id: str) -> bool:
+        """Atomically take an overdue job for sending again: queued, one more dispatch,
+        a new dispatch deadline. False when its deadline moved meanwhile (a worker
+        started it, or it finished): then nothing is to be sent."""
+        k = self.keys
+        t = time.time()
+        return bool(
+            self.sync.durable.eval(
+                _CLAIM_OVERDUE,
+                2,
+                k.job(job_id),
+                k.job_deadlines(),
+                job_id,
+                t,
+                t + self.settings.dispatch_deadline_s,
+            )
+        )
 
     def is_shared(self, job_id: str) -> bool:
         """True once another submission (interactive, or another scan) joined the job."""

@@ -80,7 +80,10 @@ def test_renew_extends_only_unfinished_leases(jobs: JobStore, rdb: redis.Redis):
     jobs.renew([live, "finished-long-ago"])
     assert rdb.zscore(jobs.keys.job_deadlines(), live) > time.time() + 20
     assert rdb.zscore(jobs.keys.job_deadlines(), "finished-long-ago") is None
-    jobs.redispatched(live)
+    # Only an overdue job can be claimed for sending again, and only once.
+    assert not jobs.claim_overdue(live)
+    rdb.zadd(jobs.keys.job_deadlines(), {live: time.time() - 1})
+    assert jobs.claim_overdue(live) and not jobs.claim_overdue(live)
     record = jobs.record(live)
     assert record["status"] == JobStatus.QUEUED and record["dispatches"] == "1"
 
