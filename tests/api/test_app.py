@@ -110,53 +110,6 @@ def test_oversized_manifest_is_payload_too_large(api, rdb, inproc_settings):
     assert stored(rdb, inproc_settings) == set()
 
 
-DEEP = b"[" * 20_000 + b"]" * 20_000
-
-
-@pytest.mark.parametrize(
-    ("content", "headers", "status"),
-    [
-        (b'{"path": "\xff\xfe"}', {"content-type": "application/json"}, 422),
-        (DEEP, {"content-type": "application/json"}, 422),
-        (b'{"path": "m.jsonl", "format": 3}', {"content-type": "application/json"}, 400),
-        (b'{"path": "m.jsonl", "format": ["csv"]}', {"content-type": "application/json"}, 400),
-        (b'{"path": "m.jsonl", "callback_url": 5}', {"content-type": "application/json"}, 422),
-        (b'{"path": "' + b"a" * 300 + b'.jsonl"}', {"content-type": "application/json"}, 400),
-        (b'{"path": "' + b"a/" * 600 + b'"}', {"content-type": "application/json"}, 400),
-        (b'{"path": 7}', {"content-type": "application/json"}, 422),
-    ],
-)
-def test_malformed_scan_bodies_are_4xx_and_store_nothing(
-    api, rdb, inproc_settings, content, headers, status
-):
-    folders = set(inproc_settings.scans_path.glob("*"))
-    resp = api.post("/v1/scans", content=content, headers=headers)
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"] == "application/problem+json"
-    assert stored(rdb, inproc_settings) == set()
-    assert set(inproc_settings.scans_path.glob("*")) == folders
-
-
-@pytest.mark.parametrize(
-    ("name", "manifest", "why"),
-    [
-        ("m.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xff", "not UTF-8"),
-        ("m.jsonl", DEEP + b"\n", "nested too deeply"),
-        ("m.jsonl", b"[1]\n", "JSON objects"),
-        ("m.csv", b"id,image,text\n1,a.jpg,\xff\xfe\n", "could not be read"),
-    ],
-)
-def test_malformed_manifests_are_400_and_store_nothing(
-    api, rdb, inproc_settings, name, manifest, why
-):
-    folders = set(inproc_settings.scans_path.glob("*"))
-    resp = api.post("/v1/scans", files={"manifest": (name, io.BytesIO(manifest))})
-    assert resp.status_code == 400, resp.text
-    assert why in resp.json()["detail"]
-    assert stored(rdb, inproc_settings) == set()
-    assert set(inproc_settings.scans_path.glob("*")) == folders
-
-
 def test_a_csv_cell_may_hold_an_image_at_the_upload_limit(api, inproc_settings):
     import base64
 

@@ -8,6 +8,7 @@ import http.server
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -68,9 +69,17 @@ def image_host() -> Iterator[str]:
     server.server_close()
 
 
-def snapshot(rdb: redis.Redis) -> tuple[set[bytes], int]:
-    keys = {k for k in rdb.scan_iter(PREFIX + "*") if b":workers:" not in k}
-    return keys, int(rdb.llen(queue_name(*MODEL)))
+# Keys the service's own background work touches (heartbeats, the reaper's lock and
+# counters, the indexes of unfinished work): their presence is not what a request left.
+BACKGROUND = (b":workers:", b":reaper:lock", b":stats:", b":jobs:", b":scans:deadlines")
+
+
+def snapshot(rdb: redis.Redis) -> tuple[set[bytes], int, int]:
+    keys = {k for k in rdb.scan_iter(PREFIX + "*") if not any(b in k for b in BACKGROUND)}
+    unfinished = int(rdb.zcard(PREFIX + "jobs:pending")) + int(
+        rdb.zcard(PREFIX + "scans:deadlines")
+    )
+    return keys, int(rdb.llen(queue_name(*MODEL))), unfinished
 
 
 def bomb_png() -> bytes:
@@ -237,3 +246,55 @@ def test_broker_down_is_503(service_env: dict, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# --- malformed scan requests (real uvicorn): each a 4xx, nothing stored ----------------
+
+
+def scan_folders(service_env: dict) -> set[Path]:
+    return set((Path(service_env["OFA_DATA_DIR"]) / "scans").glob("*"))
+
+
+DEEP = b"[" * 20_000 + b"]" * 20_000
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status"),
+    [
+        (b'{"path": "\xff\xfe"}', {"content-type": "application/json"}, 422),
+        (DEEP, {"content-type": "application/json"}, 422),
+        (b'{"path": "m.jsonl", "format": 3}', {"content-type": "application/json"}, 400),
+        (b'{"path": "m.jsonl", "format": ["csv"]}', {"content-type": "application/json"}, 400),
+        (b'{"path": "m.jsonl", "callback_url": 5}', {"content-type": "application/json"}, 422),
+        (b'{"path": "' + b"a" * 300 + b'.jsonl"}', {"content-type": "application/json"}, 400),
+        (b'{"path": "' + b"a/" * 600 + b'"}', {"content-type": "application/json"}, 400),
+        (b'{"path": 7}', {"content-type": "application/json"}, 422),
+    ],
+)
+def test_malformed_scan_bodies_are_4xx_and_store_nothing(
+    client, rdb, service_env, content, headers, status
+):
+    folders, before = scan_folders(service_env), snapshot(rdb)
+    resp = client.post("/v1/scans", content=content, headers=headers)
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/problem+json"
+    assert snapshot(rdb) == before and scan_folders(service_env) == folders
+
+
+@pytest.mark.parametrize(
+    ("name", "manifest", "why"),
+    [
+        ("m.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xff", "not UTF-8"),
+        ("m.jsonl", DEEP + b"\n", "nested too deeply"),
+        ("m.jsonl", b"[1]\n", "JSON objects"),
+        ("m.csv", b"id,image,text\n1,a.jpg,\xff\xfe\n", "could not be read"),
+    ],
+)
+def test_malformed_manifests_are_400_and_store_nothing(
+    client, rdb, service_env, name, manifest, why
+):
+    folders, before = scan_folders(service_env), snapshot(rdb)
+    resp = client.post("/v1/scans", files={"manifest": (name, manifest)})
+    assert resp.status_code == 400, resp.text
+    assert why in resp.json()["detail"]
+    assert snapshot(rdb) == before and scan_folders(service_env) == folders
