@@ -76,6 +76,7 @@ def test_a_job_whose_message_never_left_is_sent_by_the_reaper(worker, jobs, dire
     took = wait_finished(jobs, got.job_id, timeout=DISPATCH_S + 3 * REAPER_S + 10)
     job = jobs.get(got.job_id)
     assert job is not None and job.status == JobStatus.SUCCEEDED, job
+    print(f"\nno message: finished {took:.1f}s after the record was written")
     assert took <= DISPATCH_S + REAPER_S + 3  # the dispatch deadline plus one period (+ slack)
     want = direct.predict(image, "a lost message")
     assert job.verdict is not None and job.verdict.label == want.label
@@ -92,6 +93,7 @@ def test_a_job_whose_worker_vanished_runs_again_after_its_lease(worker, jobs, di
     took = wait_finished(jobs, got.job_id, timeout=LEASE_S + 3 * REAPER_S + 10)
     job = jobs.get(got.job_id)
     assert job is not None and job.status == JobStatus.SUCCEEDED, job
+    print(f"\nvanished worker: finished {took:.1f}s after its start")
     assert took <= LEASE_S + REAPER_S + 3
     record = jobs.record(got.job_id)
     assert record["attempts"] == "2" and record["dispatches"] == "1"
