@@ -13,6 +13,7 @@ import redis
 
 from shared.errors import BadInputError
 from shared.messages import EntailTask, ScanStatus, Verdict
+from shared.store import StartAction
 from worker.runtime import Runtime, make_verdict
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,10 @@ def run_job(rt: Runtime, msg: EntailTask) -> Verdict | None:
         fail(rt, msg, "scan cancelled")
         return None
     started = rt.jobs.start(msg.job_id, msg.key)
-    if started.action == "poison":
+    if started.action == StartAction.POISON:
         fail(rt, msg, f"gave up after {started.attempts - 1} attempts that did not finish")
         return None
-    if started.action != "run":
+    if started.action != StartAction.RUN:
         return None  # finished, gone, or running elsewhere
     if started.cached is not None:
         rt.jobs.succeed(msg.job_id, msg.key, started.cached, cached=True)

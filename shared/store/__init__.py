@@ -14,7 +14,14 @@ or ``acancel`` (API) at any point before the end.
 """
 
 from shared.store.codec import bytes_of, decode_hash, now, text_of
-from shared.store.jobs import SCAN_JOB_LINGER_S, Created, JobStore, Outcome, Started
+from shared.store.jobs import (
+    SCAN_JOB_LINGER_S,
+    Created,
+    JobStore,
+    Outcome,
+    StartAction,
+    Started,
+)
 from shared.store.scans import ScanStore, summarize
 from shared.store.workers import ReaperLog, WorkerRegistry
 
@@ -25,6 +32,7 @@ __all__ = [
     "Outcome",
     "ReaperLog",
     "ScanStore",
+    "StartAction",
     "Started",
     "WorkerRegistry",
     "bytes_of",

@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from shared.errors import QueueUnavailableError
@@ -95,12 +96,21 @@ class Created:
     overdue: bool = False  # joined a job past its deadline: send it again now
 
 
+class StartAction(StrEnum):
+    """What a worker should do with a message for a job."""
+
+    RUN = "run"  # compute it (or finish it from the cached verdict)
+    FINISHED = "finished"  # nothing: it has ended
+    GONE = "gone"  # nothing: its record expired
+    BUSY = "busy"  # nothing: another worker holds a live lease on it
+    POISON = "poison"  # fail it: started too many times without finishing
+
+
 @dataclass(frozen=True)
 class Started:
-    """What a worker should do with a message: ``run`` (with the cached verdict or the
-    image), or nothing (``finished``, ``gone``, ``busy``), or fail it (``poison``)."""
+    """What ``start`` decided, with the cached verdict or the image when it is RUN."""
 
-    action: str
+    action: StartAction
     cached: bytes | None = None
     blob: bytes | None = None
     attempts: int = 0
@@ -217,17 +227,20 @@ class JobStore:
         keys = [k.job(job_id), k.job_deadlines(), k.blob(key), k.verdict(key)]
         args: list[str | float] = [job_id, t, t + self.settings.lease_s, 1 if same else 0]
         reply = r.durable.eval(_START, len(keys), *keys, *args)
-        action = text_of(reply[0])
-        if action != "run":
-            return Started(action, attempts=int(reply[1]) if len(reply) > 1 else 0)
+        action = StartAction(text_of(reply[0]))
+        if action != StartAction.RUN:
+            return Started(action)
         attempts = int(reply[1])
         cached, blob = bytes_of(reply[2]), bytes_of(reply[3])
         if not same:
             cached = bytes_of(r.cache.get(k.verdict(key)))
         if attempts > self.settings.max_attempts and cached is None:
-            return Started("poison", attempts=attempts)
+            return Started(StartAction.POISON, attempts=attempts)
         return Started(
-            "run", cached=cached, blob=None if cached is not None else blob, attempts=attempts
+            StartAction.RUN,
+            cached=cached,
+            blob=None if cached is not None else blob,
+            attempts=attempts,
         )
 
     def renew(self, job_ids: Iterable[str]) -> None:
@@ -340,25 +353,27 @@ class JobStore:
         """True once another submission (interactive, or another scan) joined the job."""
         return self.sync.durable.hget(self.keys.job(job_id), "shared") is not None
 
+    def _queue_backlog(self, pipe: Any) -> None:
+        pipe.zcard(self.keys.job_pending())
+        pipe.zcount(self.keys.job_deadlines(), "-inf", time.time())
+        pipe.zrange(self.keys.job_pending(), 0, 0, withscores=True)
+
+    @staticmethod
+    def _backlog_of(replies: list[Any]) -> tuple[int, int, float | None]:
+        pending, overdue, oldest = replies
+        return int(pending), int(overdue), float(oldest[0][1]) if oldest else None
+
     def backlog(self) -> tuple[int, int, float | None]:
         """(unfinished jobs, jobs past their deadline, creation time of the oldest)."""
-        now_s = time.time()
         pipe = self.sync.durable.pipeline(transaction=False)
-        pipe.zcard(self.keys.job_pending())
-        pipe.zcount(self.keys.job_deadlines(), "-inf", now_s)
-        pipe.zrange(self.keys.job_pending(), 0, 0, withscores=True)
-        pending, overdue, oldest = pipe.execute()
-        return int(pending), int(overdue), float(oldest[0][1]) if oldest else None
+        self._queue_backlog(pipe)
+        return self._backlog_of(pipe.execute())
 
     async def abacklog(self) -> tuple[int, int, float | None]:
         """``backlog`` for the API's event loop (its /metrics)."""
-        now_s = time.time()
         pipe = self.aio.durable.pipeline(transaction=False)
-        pipe.zcard(self.keys.job_pending())
-        pipe.zcount(self.keys.job_deadlines(), "-inf", now_s)
-        pipe.zrange(self.keys.job_pending(), 0, 0, withscores=True)
-        pending, overdue, oldest = await pipe.execute()
-        return int(pending), int(overdue), float(oldest[0][1]) if oldest else None
+        self._queue_backlog(pipe)
+        return self._backlog_of(await pipe.execute())
 
     # -- reading ---------------------------------------------------------------------
 
