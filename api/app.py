@@ -11,7 +11,7 @@ import redis
 from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import metrics, problems
+from api import docs, metrics, problems
 from api.deps import Services
 from api.routes import health, jobs, scans
 from shared.settings import Settings, get_settings
@@ -65,8 +65,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0",
         summary="Does this image support this sentence? Visual entailment with OFA.",
         lifespan=lifespan,
+        docs_url=None,  # served below from vendored assets: no CDN, works offline
+        redoc_url=None,
     )
     problems.install(app)
+    docs.install(app)
 
     @app.exception_handler(redis.RedisError)
     async def redis_down(request: Request, exc: redis.RedisError) -> Response:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from api.waiter import JobWaiter
 from shared import wiring
@@ -67,14 +68,26 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def require_api_key(request: Request, services: ServicesDep) -> None:
+# Declared as security schemes, so the OpenAPI document says how to authenticate and
+# the docs' Authorize button sends the key (either one is enough).
+BEARER = HTTPBearer(
+    auto_error=False, scheme_name="bearer", description="`Authorization: Bearer KEY`"
+)
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key", auto_error=False, scheme_name="apiKey", description="`X-API-Key: KEY`"
+)
+
+
+def require_api_key(
+    services: ServicesDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+    header_key: Annotated[str | None, Security(API_KEY_HEADER)],
+) -> None:
     """Accept ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` matching a configured key."""
     keys = services.settings.api_keys
     if not keys:
         raise HTTPException(401, "no API keys are configured on the server (OFA_API_KEYS)")
-    auth = request.headers.get("authorization", "")
-    given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-    given = given or request.headers.get("x-api-key", "")
+    given = (bearer.credentials.strip() if bearer else "") or (header_key or "")
     if not given or not any(
         hmac.compare_digest(given.encode(), k.get_secret_value().encode()) for k in keys
     ):

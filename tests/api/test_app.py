@@ -146,3 +146,33 @@ def test_readyz_reports_a_reaper_that_has_not_run(api, jobs, rdb, inproc_setting
     assert resp.status_code == 503 and "the reaper has not run ever" in resp.json()["problems"][0]
     ReaperLog(jobs.keys).record(rdb, {})
     assert api.get("/readyz").status_code == 200
+
+
+def test_docs_work_offline_and_declare_how_to_authenticate(api):
+    import re
+
+    for page, asset_names in (
+        ("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")),
+        ("/redoc", ("redoc.standalone.js",)),
+    ):
+        html = api.get(page)
+        assert html.status_code == 200
+        # Every script, stylesheet and icon is served by the API itself.
+        refs = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+        assert refs and all(r.startswith("/static/vendor/") for r in refs), refs
+        assert "fonts.googleapis" not in html.text and "cdn.jsdelivr" not in html.text
+        for name in asset_names:
+            [ref] = [r for r in refs if r.endswith(name)]
+            asset = api.get(ref)
+            assert asset.status_code == 200 and len(asset.content) > 100_000
+    spec = api.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "`Authorization: Bearer KEY`",
+    }
+    assert schemes["apiKey"]["type"] == "apiKey" and schemes["apiKey"]["name"] == "X-API-Key"
+    post = spec["paths"]["/v1/jobs"]["post"]
+    assert {"bearer": []} in post["security"] and {"apiKey": []} in post["security"]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
