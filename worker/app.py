@@ -41,13 +41,23 @@ def _unload(**_: Any) -> None:
 
 
 @app.task(name=TASK_ENTAIL, bind=True, acks_late=True, pydantic=True)
-def entail(self: Task, msg: EntailTask) -> None:
-    """Score one queued job (the batcher groups concurrent ones)."""
+def entail(self: Task, msg: EntailTask) -> str:
+    """Score one queued job (the batcher groups concurrent ones). Returns a one-line
+    summary of the verdict: Celery's task events carry it, so Flower's task pages show
+    each job's verdict (the job record stays the source of truth)."""
     rt = get_runtime(settings, app)
     if (msg.model, msg.revision) != rt.model_tag:
         # Not ours: back on the queue for a worker serving that model.
         raise Reject(f"this worker serves {rt.model_tag}, not {(msg.model, msg.revision)}", True)
     try:
-        jobs.run_job(rt, msg)
+        verdict = jobs.run_job(rt, msg)
     except Exception as exc:
         jobs.retry_later(rt, msg, exc)
+        return f"retrying later: {type(exc).__name__}: {exc}"[:200]
+    if verdict is None:
+        return f"no new verdict (finished, failed or taken elsewhere): GET /v1/jobs/{msg.job_id}"
+    p = verdict.probabilities
+    return (
+        f"{verdict.label} ({verdict.answer}) entailment={p.entailment:.3f} "
+        f"contradiction={p.contradiction:.3f} neutral={p.neutral:.3f}"
+    )

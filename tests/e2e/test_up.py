@@ -72,6 +72,15 @@ def test_up_check_flower_and_clean_shutdown(tiny_dir: Path, tmp_path: Path):
                 break
             assert time.monotonic() < deadline, page.text[:2000]
             time.sleep(0.5)
+        # Flower shows each job's verdict (the task's result, from its events).
+        deadline = time.monotonic() + 30
+        while True:
+            tasks = httpx.get(f"{flower}/api/tasks", auth=("admin", password), timeout=5)
+            results = [t.get("result") or "" for t in tasks.json().values()]
+            if any("entailment=" in r and "neutral=" in r for r in results):
+                break
+            assert time.monotonic() < deadline, tasks.text[:2000]
+            time.sleep(0.5)
         # No secret on any command line (`ps` shows them to every local user).
         cmdlines = []
         for proc_file in Path("/proc").glob("[0-9]*/cmdline"):
