@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 from pathlib import Path
 
 from shared.cli.output import print_verdict
@@ -25,9 +24,12 @@ def api_key(args: argparse.Namespace, settings: Settings) -> str | None:
     return key
 
 
+def _base_url(args: argparse.Namespace, settings: Settings) -> str:
+    return args.url or f"http://{settings.api_host}:{settings.api_port}"
+
+
 def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
     """Submit a manifest, show a live progress bar, write the results."""
-    import httpx
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -38,111 +40,80 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
         TimeRemainingColumn,
     )
 
+    from shared.client import ApiError, Client
+    from shared.messages import ScanSummary
+
     key = api_key(args, settings)
     if not key:
         return 2
-    base = (args.url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
-    manifest = Path(args.manifest)
     fmt = args.format or ("csv" if (args.out or "").endswith(".csv") else "jsonl")
     console = Console(stderr=True)
-    data = {"callback_url": args.callback_url} if args.callback_url else {}
-    headers = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
-        with manifest.open("rb") as fh:
-            resp = client.post("/v1/scans", files={"manifest": (manifest.name, fh)}, data=data)
-        if resp.status_code >= 400:
-            detail = resp.json().get("detail", resp.text) if resp.content else resp.text
-            print(f"error: HTTP {resp.status_code}: {detail}", file=sys.stderr)
-            return 1
-        scan = resp.json()
-        scan_id = scan["scan_id"]
-        columns = (
-            SpinnerColumn(),
-            TextColumn("scan {task.fields[scan]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(
-                "cached {task.fields[cached]} · failed {task.fields[failed]} · "
-                "{task.fields[rate]:.0f} rows/s"
-            ),
-            TimeRemainingColumn(),
-        )
+    columns = (
+        SpinnerColumn(),
+        TextColumn("scan {task.fields[scan]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "cached {task.fields[cached]} · failed {task.fields[failed]} · "
+            "{task.fields[rate]:.0f} rows/s"
+        ),
+        TimeRemainingColumn(),
+    )
+    with Client(_base_url(args, settings), key, timeout=300) as client:
         with Progress(*columns, console=console) as progress:
-            task = progress.add_task(
-                "scan", total=scan["total"], scan=scan_id[:8], cached=0, failed=0, rate=0.0
-            )
-            while True:
-                doc = client.get(f"/v1/scans/{scan_id}").json()
+            bar = progress.add_task("scan", total=None, scan="", cached=0, failed=0, rate=0.0)
+
+            def show(doc: ScanSummary) -> None:
                 progress.update(
-                    task,
-                    completed=doc["done"] + doc["failed"],
-                    cached=doc["cached"],
-                    failed=doc["failed"],
-                    rate=doc["rate_rows_per_s"],
+                    bar,
+                    total=doc.total,
+                    completed=doc.done + doc.failed,
+                    scan=doc.scan_id[:8],
+                    cached=doc.cached,
+                    failed=doc.failed,
+                    rate=doc.rate_rows_per_s,
                 )
-                if doc["status"] in ("succeeded", "cancelled", "failed"):
-                    break
-                time.sleep(0.5)
+
+            try:
+                doc = client.scan(args.manifest, on_progress=show, callback_url=args.callback_url)
+            except ApiError as exc:
+                print(f"error: HTTP {exc.status}: {exc.detail}", file=sys.stderr)
+                return 1
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(Path(args.out).open("wb")) if args.out else sys.stdout.buffer
-            stream = stack.enter_context(
-                client.stream("GET", f"/v1/scans/{scan_id}/results", params={"format": fmt})
-            )
-            for chunk in stream.iter_bytes():
-                out.write(chunk)
-        where = f"; results in {args.out}" if args.out else ""
-        console.print(
-            f"scan {scan_id} {doc['status']}: {doc['done']} done ({doc['cached']} cached), "
-            f"{doc['failed']} failed{where}"
-        )
-    return 0 if doc["status"] == "succeeded" else 1
+            for _ in client.scan_results(doc.scan_id, fmt, out=out):
+                pass
+    where = f"; results in {args.out}" if args.out else ""
+    console.print(
+        f"scan {doc.scan_id} {doc.status}: {doc.done} done ({doc.cached} cached), "
+        f"{doc.failed} failed{where}"
+    )
+    return 0 if doc.status == "succeeded" else 1
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     """Submit an image and a sentence to a running service and wait for the verdict."""
-    import httpx
     from rich.console import Console
+
+    from shared.client import ApiError, Client, JobFailed, WaitTimeout
 
     key = api_key(args, settings)
     if not key:
         return 2
-    base = (args.url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
-    headers = {"Authorization": f"Bearer {key}"}
-    image = Path(args.image)
-    data = {"text": args.text} | ({"premise": args.premise} if args.premise else {})
     console = Console(stderr=True)
-    deadline = time.monotonic() + args.timeout
-    with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
-        with image.open("rb") as fh:
-            resp = client.post("/v1/jobs", data=data, files={"image": (image.name, fh)})
-        if resp.status_code >= 400:
-            body = resp.json() if resp.headers.get("content-type", "").endswith("json") else {}
-            print(
-                f"error: HTTP {resp.status_code}: {body.get('detail', resp.text)}", file=sys.stderr
-            )
+    with Client(_base_url(args, settings), key) as client:
+        try:
+            with console.status("waiting for the verdict…", spinner="dots"):
+                result = client.check(args.image, args.text, args.premise, timeout=args.timeout)
+        except ApiError as exc:
+            print(f"error: HTTP {exc.status}: {exc.detail}", file=sys.stderr)
             return 1
-        doc = resp.json()
-        if resp.status_code == 202:
-            job_id = doc["job_id"]
-            with console.status(f"job {job_id} queued…", spinner="dots") as status:
-                while True:
-                    doc = client.get(f"/v1/jobs/{job_id}").json()
-                    status.update(f"job {job_id} {doc['status']}…")
-                    if doc["status"] in ("succeeded", "failed"):
-                        break
-                    if time.monotonic() > deadline:
-                        print(
-                            f"error: job {job_id} still {doc['status']} after {args.timeout:g}s",
-                            file=sys.stderr,
-                        )
-                        return 1
-                    time.sleep(0.2)
-        if doc["status"] == "failed":
-            print(f"error: job failed: {doc.get('error')}", file=sys.stderr)
+        except (JobFailed, WaitTimeout) as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 1
-        if doc.get("cached"):
-            console.print("(from cache)")
-        print_verdict(doc["verdict"], args.json)
+    if result.cached:
+        console.print("(from cache)")
+    print_verdict(result.verdict.model_dump(), args.json)
     return 0
 
 
