@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import httpx
 
-from shared.messages import Job, JobStatus, ScanSummary, Verdict
+from shared.messages import Job, JobStatus, ScanReport, ScanSummary, Verdict
 
 ImageInput = bytes | str | Path  # bytes, a file path, or an http(s) URL
 Progress = Callable[[ScanSummary], None]
@@ -241,6 +241,20 @@ class Client:
                 return summary
             time.sleep(poll_s)
             summary = self.scan_status(summary.scan_id)
+
+    def scan_report(self, scan_id: str) -> ScanReport:
+        """Accuracy, confusion matrix and precision/recall over rows with a gold label."""
+        response = self.http.get(f"/v1/scans/{scan_id}/report")
+        if response.status_code >= 400:
+            raise ApiError.from_response(response)
+        return ScanReport.model_validate(response.json())
+
+    def scan_report_html(self, scan_id: str) -> str:
+        """The same report as a self-contained HTML page."""
+        response = self.http.get(f"/v1/scans/{scan_id}/report", params={"format": "html"})
+        if response.status_code >= 400:
+            raise ApiError.from_response(response)
+        return response.text
 
     def scan_results(
         self, scan_id: str, fmt: str = "jsonl", out: IO[bytes] | None = None

@@ -163,3 +163,28 @@ class ScanCounts(BaseModel):
     cached: int = 0
     failed: int = 0
     pending: int = 0
+
+
+class CurvePoint(BaseModel):
+    """Precision and recall of one label when it is predicted at probability >= threshold."""
+
+    threshold: float
+    precision: float | None  # None: nothing predicted at this threshold
+    recall: float | None  # None: no row has this gold label
+
+
+class ScanReport(BaseModel):
+    """How the model did on a scan's rows that carry a gold ``label``."""
+
+    scan_id: str
+    labelled: int = Field(
+        description="finished rows with a gold label (the others are not counted)"
+    )
+    accuracy: float | None = Field(None, description="share of labelled rows predicted right")
+    labels: list[str]
+    confusion: dict[str, dict[str, int]] = Field(
+        description="gold label -> predicted label -> rows"
+    )
+    curves: dict[str, list[CurvePoint]] = Field(
+        description="per label: precision and recall across thresholds on its probability"
+    )

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -19,9 +19,10 @@ from shared.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from shared.messages import ScanSummary
+from shared.messages import ScanReport, ScanSummary
 from shared.scans.folder import ScanFolder
 from shared.scans.manifest import parse_line
+from shared.scans.report import build_report, report_html
 from shared.scans.results import CSV_COLUMNS, ResultsDB, csv_line, result_line
 from shared.schemas import ScanAccepted
 from shared.submit import manifest_format, submit_scan
@@ -175,6 +176,39 @@ async def get_scan_results(
         media_type=media,
         headers={"Content-Disposition": f'attachment; filename="scan-{scan_id}.{format}"'},
     )
+
+
+def _report(s: Services, scan_id: str) -> ScanReport:
+    path = ScanFolder(s.settings.scans_path, scan_id).results
+    if not path.exists():
+        return build_report(scan_id, [])
+    db = ResultsDB(path, readonly=True)
+    try:
+        return build_report(scan_id, db.labelled())
+    finally:
+        db.close()
+
+
+@router.get(
+    "/{scan_id}/report",
+    response_model=ScanReport,
+    summary="How the model did on rows with a gold label",
+    responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}},
+)
+async def get_scan_report(
+    scan_id: str,
+    s: ServicesDep,
+    _auth: AuthDep,
+    format: Literal["json", "html"] = Query("json"),
+) -> Response:
+    """Accuracy, confusion matrix, and precision/recall per label across thresholds,
+    over the finished rows whose manifest line has a gold ``label`` (others are not
+    counted); ``format=html`` draws them as a self-contained page."""
+    _found(scan_id, await s.scans.asummary(scan_id))
+    report = await run_in_threadpool(_report, s, scan_id)
+    if format == "html":
+        return HTMLResponse(report_html(report))
+    return JSONResponse(report.model_dump(mode="json"))
 
 
 @router.delete("/{scan_id}", response_model=ScanSummary, summary="Cancel a scan")

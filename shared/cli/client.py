@@ -83,7 +83,11 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
             out = stack.enter_context(Path(args.out).open("wb")) if args.out else sys.stdout.buffer
             for _ in client.scan_results(doc.scan_id, fmt, out=out):
                 pass
+        if args.report:
+            Path(args.report).write_text(client.scan_report_html(doc.scan_id), encoding="utf-8")
     where = f"; results in {args.out}" if args.out else ""
+    if args.report:
+        where += f"; report in {args.report}"
     console.print(
         f"scan {doc.scan_id} {doc.status}: {doc.done} done ({doc.cached} cached), "
         f"{doc.failed} failed{where}"
@@ -126,6 +130,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", help="API base URL (default: from settings)")
     p.add_argument("--api-key", help="default: OFA_API_KEY, or data_dir/secrets.env")
     p.add_argument("--callback-url", help="POSTed the signed summary when the scan ends")
+    p.add_argument(
+        "--report",
+        help="write an HTML report (accuracy, confusion matrix, precision-recall curves) "
+        "over rows that carry a gold label",
+    )
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("check", help="ask a running service about one image and sentence")

@@ -19,7 +19,17 @@ from typing import IO, Any
 
 from shared.errors import ManifestError
 
-ROW_FIELDS = ("id", "image", "image_url", "image_path", "image_base64", "text", "premise", "sha256")
+ROW_FIELDS = (
+    "id",
+    "image",
+    "image_url",
+    "image_path",
+    "image_base64",
+    "text",
+    "premise",
+    "sha256",
+    "label",  # optional gold label: entailment, contradiction or neutral (scan reports)
+)
 
 
 @dataclass(frozen=True)
@@ -133,3 +143,15 @@ def file_under(root: Path | None, name: str, what: str, setting: str) -> Path:
     except OSError as exc:  # a name too long for the file system, say
         raise ValueError(f"the {what} path cannot be used ({exc.strerror})") from exc
     return path
+
+
+GOLD_LABELS = ("entailment", "contradiction", "neutral")
+
+
+def gold_label(fields: dict[str, Any]) -> str | None:
+    """A row's gold label when it gives a valid one (case-insensitive); else None:
+    rows without one are simply not counted in the scan's report."""
+    value = fields.get("label")
+    if isinstance(value, str) and value.strip().lower() in GOLD_LABELS:
+        return value.strip().lower()
+    return None

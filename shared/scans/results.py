@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS rows (
     state TEXT NOT NULL,          -- pending | done | failed
     cached INTEGER NOT NULL DEFAULT 0,
     verdict TEXT,                 -- JSON
-    error TEXT
+    error TEXT,
+    gold TEXT                     -- the row's own label, when the manifest gave one
 );
 CREATE INDEX IF NOT EXISTS rows_pending ON rows (state, key);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,6 +47,7 @@ class RowResult:
     cached: bool = False
     verdict: str | None = None
     error: str | None = None
+    gold: str | None = None
 
 
 class ResultsDB:
@@ -63,6 +65,9 @@ class ResultsDB:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(SCHEMA)
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(rows)")}
+        if "gold" not in columns:  # a results file written before gold labels
+            self.conn.execute("ALTER TABLE rows ADD COLUMN gold TEXT")
 
     def close(self) -> None:
         """Close the connection."""
@@ -79,9 +84,19 @@ class ResultsDB:
             self.conn.execute("BEGIN")
             self.conn.executemany(
                 "INSERT OR REPLACE INTO rows (idx, item_id, key, job_id, state, cached, verdict,"
-                " error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " error, gold) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (r.idx, r.item_id, r.key, r.job_id, r.state, int(r.cached), r.verdict, r.error)
+                    (
+                        r.idx,
+                        r.item_id,
+                        r.key,
+                        r.job_id,
+                        r.state,
+                        int(r.cached),
+                        r.verdict,
+                        r.error,
+                        r.gold,
+                    )
                     for r in results
                 ],
             )
@@ -131,6 +146,17 @@ class ResultsDB:
         ).fetchone()
         read, done, cached, failed, pending = (int(v or 0) for v in row)
         return ScanCounts(read=read, done=done, cached=cached, failed=failed, pending=pending)
+
+    def labelled(self) -> Iterator[tuple[str, str]]:
+        """(gold label, verdict JSON) of every finished row that carries a gold label."""
+        try:
+            yield from self.conn.execute(
+                "SELECT gold, verdict FROM rows WHERE gold IS NOT NULL AND state = ? "
+                "AND verdict IS NOT NULL ORDER BY idx",
+                (RowState.DONE,),
+            )
+        except sqlite3.OperationalError:  # a results file from before gold labels
+            return
 
     def iter_results(self, batch: int = 1000) -> Iterator[tuple[Any, ...]]:
         """(idx, item_id, state, cached, verdict, error) in manifest order."""

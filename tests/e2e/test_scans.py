@@ -468,3 +468,80 @@ def test_a_scan_whose_slices_keep_crashing_fails_with_its_callback(
     body = next(b for h, b in Host.callbacks if h.get("X-OFA-Scan") == scan_id)
     assert json.loads(body)["status"] == "failed"
     assert rdb.zscore(keys.scan_deadlines(), scan_id) is None  # nothing left to reap
+
+
+def test_report_over_gold_labels(api, worker, coordinator, service_env, direct, tmp_path):
+    """Rows with a gold label give accuracy and a confusion matrix equal to what the
+    test computes itself from direct scoring; rows without one are not counted."""
+    import base64
+
+    from shared.client import Client
+
+    golds = ["entailment", "contradiction", "neutral", "Entailment", "neutral", None, "bogus"]
+    rows, images = [], {}
+    for i, gold in enumerate(golds):
+        image = small_jpeg(seed=3000 + i, size=40)
+        images[f"g{i}"] = image
+        row = {
+            "id": f"g{i}",
+            "image": "data:image/jpeg;base64," + base64.b64encode(image).decode(),
+            "text": f"gold {i}",
+        }
+        if gold is not None:
+            row["label"] = gold
+        rows.append(row)
+    manifest = tmp_path / "gold.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, report_file = tmp_path / "results.jsonl", tmp_path / "report.html"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "scan",
+            str(manifest),
+            "--url",
+            api,
+            "--api-key",
+            API_KEY,
+            "--out",
+            str(out),
+            "--report",
+            str(report_file),
+        ],
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    # Expected, computed here: direct scoring against the valid gold labels.
+    labels = ("entailment", "contradiction", "neutral")
+    confusion = {g: dict.fromkeys(labels, 0) for g in labels}
+    for i, gold in enumerate(golds):
+        if gold is None or gold.lower() not in labels:
+            continue
+        predicted = direct.predict(images[f"g{i}"], f"gold {i}").label
+        confusion[gold.lower()][predicted] += 1
+    counted = sum(sum(row.values()) for row in confusion.values())
+    assert counted == 5
+    assert len(out.read_text().splitlines()) == len(rows)
+    with Client(api, API_KEY) as ofa:
+        scans = [line for line in done.stderr.splitlines() if line.startswith("scan ")]
+        scan_id = scans[-1].split()[1]
+        report = ofa.scan_report(scan_id)
+    assert report.labelled == 5
+    assert report.confusion == confusion
+    assert report.accuracy == pytest.approx(sum(confusion[g][g] for g in labels) / 5)
+    for label in labels:
+        low = report.curves[label][0]  # threshold 0: everything is predicted
+        assert low.threshold == 0.0 and low.precision == pytest.approx(
+            sum(confusion[label].values()) / 5
+        )
+        assert low.recall == (1.0 if sum(confusion[label].values()) else None)
+    page = report_file.read_text()
+    assert (
+        "<svg" in page
+        and "Confusion matrix" in page
+        and "http" not in page.replace("http://www.w3.org/2000/svg", "")
+    )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,7 @@ from celery import Celery
 from shared.errors import RowError
 from shared.messages import JobStatus, RowState, ScanStatus
 from shared.scans.folder import ScanFolder
-from shared.scans.manifest import Row, read_rows
+from shared.scans.manifest import Row, gold_label, read_rows
 from shared.scans.results import ResultsDB, RowResult
 from shared.settings import Settings
 from shared.store import JobStore, ScanStore
@@ -196,7 +197,8 @@ class Coordinator:
                 results.append(
                     RowResult(row.idx, row.item_id, RowState.PENDING, r.key, job_id=job_id)
                 )
-            return results
+            golds = {row.idx: gold_label(row.fields) for row in rows}
+            return [replace(res, gold=golds[res.idx]) for res in results]
 
     # -- the end ---------------------------------------------------------------------
 
