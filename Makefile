@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= .data
 TINY := $(DATA)/tiny-model
 
-.PHONY: install up test lint bench clean
+.PHONY: install browser up test lint bench clean
 
 # torch first, from the CPU wheel (`pip install torch==2.13.0`), so that nothing later
 # pulls the multi-GB CUDA build; then the project with its test extra.
@@ -35,7 +35,15 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: install lint
+# Headless Chromium and its driver for the browser tests: Debian's packages.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "installing Debian's chromium and chromium-driver (browser tests)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium chromium-driver >/dev/null; \
+	fi
+
+test: install browser lint
 	$(PY) -m pytest
 
 bench: install

@@ -1,5 +1,6 @@
-"""API documentation pages that work offline: Swagger UI and ReDoc served from assets
-vendored into ``api/static/vendor`` (see its PROVENANCE.md), never from a CDN."""
+"""The pages a person opens: the web page at ``/`` (``api/static``: plain HTML, CSS and
+JavaScript) and API documentation that works offline: Swagger UI and ReDoc served from
+assets vendored into ``api/static/vendor`` (see its PROVENANCE.md), never from a CDN."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC = Path(__file__).parent / "static"
@@ -17,6 +18,10 @@ VENDOR = "/static/vendor"
 def install(app: FastAPI) -> None:
     """Mount the static assets and add ``/docs`` and ``/redoc``."""
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def get_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/docs", include_in_schema=False)
     async def get_docs() -> HTMLResponse:
