@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api import metrics
 from shared import errors
@@ -32,6 +34,29 @@ STATUS_OF: dict[type[BadInputError], tuple[int, str]] = {
 }
 
 
+_MEANING = {
+    400: "Unreadable image, bad base64, refused image URL, or an unreadable manifest",
+    401: "Missing or invalid API key",
+    404: "Unknown or expired id",
+    413: "Too many bytes or pixels",
+    415: "Unsupported image format or request body",
+    422: "Invalid request: missing, empty or over-long fields, wrong types",
+    503: "Redis or the broker is unavailable (Retry-After says when to retry)",
+}
+
+
+def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for these error codes, as problem+json."""
+    schema = {"$ref": "#/components/schemas/Problem"}  # added by ``install``
+    return {
+        code: {
+            "description": _MEANING[code],
+            "content": {"application/problem+json": {"schema": schema}},
+        }
+        for code in codes
+    }
+
+
 def status_of(exc: BadInputError) -> tuple[int, str]:
     """(HTTP status, problem type slug) for a refusal."""
     for cls in type(exc).__mro__:
@@ -49,7 +74,25 @@ def problem(status: int, title: str, detail: str, slug: str, headers: dict | Non
 
 
 def install(app: FastAPI) -> None:
-    """Register the exception handlers."""
+    """Register the exception handlers, and in the OpenAPI document the schemas that
+    responses name by reference only (Problem, CachedVerdict)."""
+    from shared.messages import CachedVerdict
+    from shared.schemas import Problem
+
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()  # FastAPI keeps it as app.openapi_schema
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            for model in (Problem, CachedVerdict):
+                doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(doc.pop("$defs", {}))
+                schemas[model.__name__] = doc
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(BadInputError)
     async def bad_input(_: Request, exc: BadInputError) -> JSONResponse:
@@ -75,7 +118,12 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; list every
+            # method any route for this path accepts.
+            headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
         title = {
             401: "Unauthorized",
             404: "Not found",
@@ -88,5 +136,15 @@ def install(app: FastAPI) -> None:
             title,
             str(exc.detail),
             title.lower().replace(" ", "-"),
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )
+
+
+def allowed_methods(request: Request) -> set[str]:
+    """Every HTTP method some route accepts at this request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return methods

@@ -32,3 +32,12 @@ class ScanAccepted(BaseModel):
     scan_id: str
     status: Literal[ScanStatus.QUEUED] = ScanStatus.QUEUED
     total: int
+
+
+class Problem(BaseModel):
+    """An error, as RFC 9457 ``application/problem+json``."""
+
+    type: str = Field(description="a URI naming the kind of problem")
+    title: str
+    status: int
+    detail: str

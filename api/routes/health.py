@@ -6,7 +6,7 @@ import time
 
 import redis
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api import metrics
@@ -22,7 +22,27 @@ async def get_healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis reachable and a worker serves the model")
+READY_BODY = {
+    "type": "object",
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "not ready"]},
+        "workers": {"type": "integer"},
+        "problems": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
+@router.get(
+    "/readyz",
+    summary="Redis reachable and a worker serves the model",
+    responses={
+        200: {"content": {"application/json": {"schema": READY_BODY}}},
+        503: {
+            "description": "not ready, with the reasons",
+            "content": {"application/json": {"schema": READY_BODY}},
+        },
+    },
+)
 async def get_readyz(s: ServicesDep) -> Response:
     """200 when both stores answer and at least one worker for the configured model
     sent a heartbeat in the last 30 seconds; otherwise 503 with the reasons."""
@@ -55,7 +75,12 @@ async def get_readyz(s: ServicesDep) -> Response:
     return JSONResponse(body, status_code=200 if not problems else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def get_metrics(s: ServicesDep) -> Response:
     """Request counts, cache hits and misses, enqueued jobs, latency histograms; the
     backlog (pending, overdue, oldest) and the reaper's counters, read from Redis."""

@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 
 from api import metrics
 from api.deps import AuthDep, Services, ServicesDep
+from api.problems import documented
 from shared.errors import (
     BadInputError,
     ImageTooLargeError,
@@ -25,13 +26,13 @@ from shared.errors import (
 from shared.fetch import fetch_image
 from shared.images import check_size, decode_base64, open_image
 from shared.keys import verdict_key
-from shared.messages import CachedVerdict, Job, cached_verdict_body
+from shared.messages import Job, cached_verdict_body
 from shared.schemas import JobAccepted, JobRequest
 from shared.submit import submit_job
 from shared.text import check_text
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=documented(401, 422, 503))
 
 BODY_OVERHEAD = 64 * 1024  # form fields, multipart boundaries, JSON keys and texts
 REQUEST_BODY_DOC: dict[str, Any] = {
@@ -148,8 +149,31 @@ def _accepted(job_id: str) -> JSONResponse:
     "",
     openapi_extra=REQUEST_BODY_DOC,
     responses={
-        200: {"model": CachedVerdict},
-        202: {"model": JobAccepted, "description": "queued: poll Location"},
+        200: {
+            "description": "the verdict: from the cache (a CachedVerdict) at once, or, with "
+            "?wait=, the finished job (a Job) once it ended within the wait",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "anyOf": [
+                            {"$ref": "#/components/schemas/CachedVerdict"},
+                            {"$ref": "#/components/schemas/Job"},
+                        ]
+                    }
+                }
+            },
+        },
+        202: {
+            "model": JobAccepted,
+            "description": "queued: poll Location",
+            "links": {
+                "GetJob": {
+                    "operationId": "get_job_v1_jobs__job_id__get",
+                    "parameters": {"job_id": "$response.body#/job_id"},
+                }
+            },
+        },
+        **documented(400, 413, 415),
     },
     summary="Submit an image and a sentence",
 )
@@ -180,7 +204,7 @@ async def post_job(
     return _accepted(job_id)
 
 
-@router.get("/{job_id}", response_model=Job, summary="Poll a job")
+@router.get("/{job_id}", response_model=Job, summary="Poll a job", responses=documented(404))
 async def get_job(job_id: str, s: ServicesDep, _auth: AuthDep) -> Job:
     """Status, timestamps, and the verdict or error. Unknown or expired ids: 404."""
     job = await s.jobs.aget(job_id)

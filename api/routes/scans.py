@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import AuthDep, Services, ServicesDep
+from api.problems import documented
 from shared.errors import (
     BadInputError,
     ManifestError,
@@ -27,7 +28,7 @@ from shared.scans.results import CSV_COLUMNS, ResultsDB, csv_line, result_line
 from shared.schemas import ScanAccepted
 from shared.submit import manifest_format, submit_scan
 
-router = APIRouter(prefix="/v1/scans", tags=["scans"])
+router = APIRouter(prefix="/v1/scans", tags=["scans"], responses=documented(401, 422, 503))
 
 MAX_PATH_CHARS = 1024
 
@@ -87,6 +88,21 @@ def _check_callback(s: Services, url: Any) -> str | None:
     status_code=202,
     response_model=ScanAccepted,
     summary="Start a scan",
+    responses={
+        202: {
+            "description": "stored and queued: follow Location",
+            "links": {
+                op: {"operationId": op_id, "parameters": {"scan_id": "$response.body#/scan_id"}}
+                for op, op_id in (
+                    ("GetScan", "get_scan_v1_scans__scan_id__get"),
+                    ("GetScanResults", "get_scan_results_v1_scans__scan_id__results_get"),
+                    ("GetScanReport", "get_scan_report_v1_scans__scan_id__report_get"),
+                    ("CancelScan", "delete_scan_v1_scans__scan_id__delete"),
+                )
+            },
+        },
+        **documented(400, 413, 415),
+    },
 )
 async def post_scan(request: Request, s: ServicesDep, _auth: AuthDep) -> JSONResponse:
     """Store the manifest (streamed, never whole in memory) and queue the coordinator."""
@@ -136,13 +152,32 @@ def _found(scan_id: str, summary: ScanSummary | None) -> ScanSummary:
     return summary
 
 
-@router.get("/{scan_id}", response_model=ScanSummary, summary="Progress of a scan")
+@router.get(
+    "/{scan_id}",
+    response_model=ScanSummary,
+    summary="Progress of a scan",
+    responses=documented(404),
+)
 async def get_scan(scan_id: str, s: ServicesDep, _auth: AuthDep) -> ScanSummary:
     """Counts (total, done, cached, failed, pending), rate and ETA."""
     return _found(scan_id, await s.scans.asummary(scan_id))
 
 
-@router.get("/{scan_id}/results", summary="Stream a scan's results in manifest order")
+@router.get(
+    "/{scan_id}/results",
+    summary="Stream a scan's results in manifest order",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "one line per manifest row read so far",
+            "content": {
+                "application/x-ndjson": {"schema": {"type": "string"}},
+                "text/csv": {"schema": {"type": "string"}},
+            },
+        },
+        **documented(404),
+    },
+)
 async def get_scan_results(
     scan_id: str,
     s: ServicesDep,
@@ -193,7 +228,10 @@ def _report(s: Services, scan_id: str) -> ScanReport:
     "/{scan_id}/report",
     response_model=ScanReport,
     summary="How the model did on rows with a gold label",
-    responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}},
+    responses={
+        200: {"content": {"text/html": {"schema": {"type": "string"}}}},
+        **documented(404),
+    },
 )
 async def get_scan_report(
     scan_id: str,
@@ -211,7 +249,12 @@ async def get_scan_report(
     return JSONResponse(report.model_dump(mode="json"))
 
 
-@router.delete("/{scan_id}", response_model=ScanSummary, summary="Cancel a scan")
+@router.delete(
+    "/{scan_id}",
+    response_model=ScanSummary,
+    summary="Cancel a scan",
+    responses=documented(404),
+)
 async def delete_scan(scan_id: str, s: ServicesDep, _auth: AuthDep) -> ScanSummary:
     """Stop reading the manifest and drop its queued bulk jobs; finished results stay."""
     return _found(scan_id, await s.scans.acancel(scan_id))
