@@ -77,13 +77,16 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
 
 
 async def _checked_address(url: str, policy: UrlPolicy) -> tuple[str, str, int, IPAddress]:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host, explicit_port = parts.hostname, parts.port
+    except ValueError as exc:  # an unclosed IPv6 bracket, a port out of range
+        raise ImageUrlError(f"the image URL cannot be parsed ({exc})") from exc
     if parts.scheme not in ("http", "https"):
         raise ImageUrlError(f"only http and https image URLs are accepted, not {parts.scheme!r}")
-    host = parts.hostname
     if not host:
         raise ImageUrlError("the image URL has no host")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = explicit_port or (443 if parts.scheme == "https" else 80)
     addresses = await resolve(host, port)
     if not addresses:
         raise ImageUrlError(f"{host!r} resolves to no address")

@@ -1,8 +1,10 @@
 """Running one job: the domain logic behind the Celery task.
 
-Redelivered jobs (a worker died, the message came back) find the verdict in the
-cache and finish without computing again. Input the model can never accept fails the
-job at once; anything else propagates for the task to retry.
+Every message is handled idempotently (``JobStore.start`` decides): a finished job,
+a vanished one, or one another worker holds a live lease on is left alone; a job whose
+verdict is cached finishes without computing. Input the model can never accept fails
+the job at once; any other error puts it back to queued for the reaper to send again
+(``retry_later``).
 """
 
 from __future__ import annotations

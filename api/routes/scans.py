@@ -73,9 +73,14 @@ MANIFEST_DOC: dict[str, Any] = {
 def _check_callback(s: Services, url: Any) -> str | None:
     if url in (None, ""):
         return None
-    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        host = parts.hostname if parts else None
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parts = host = None
+    if parts is None or parts.scheme not in ("http", "https"):
         raise BadInputError("callback_url must be an http(s) URL")
-    if not urlsplit(url).hostname:
+    if not host:
         raise BadInputError("callback_url has no host")
     if s.settings.webhook_secret is None:
         raise BadInputError("callbacks need a signing secret on the server (OFA_WEBHOOK_SECRET)")
