@@ -24,6 +24,9 @@ ENQUEUED = Counter("ofa_jobs_enqueued_total", "Jobs sent to the workers", regist
 DEDUPLICATED = Counter(
     "ofa_jobs_deduplicated_total", "Submits joined to a job already in flight", registry=REGISTRY
 )
+SHED = Counter(
+    "ofa_jobs_shed_total", "Submissions refused because too much work waits", registry=REGISTRY
+)
 REJECTED = Counter("ofa_inputs_rejected_total", "Bad inputs refused", ["type"], registry=REGISTRY)
 
 # Read from the durable store at scrape time (every API process reports the same):

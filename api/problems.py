@@ -13,7 +13,7 @@ from starlette.routing import Match
 
 from api import metrics
 from shared import errors
-from shared.errors import BadInputError, QueueUnavailableError
+from shared.errors import BadInputError, OverloadedError, QueueUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ _MEANING = {
     413: "Too many bytes or pixels",
     415: "Unsupported image format or request body",
     422: "Invalid request: missing, empty or over-long fields, wrong types",
-    503: "Redis or the broker is unavailable (Retry-After says when to retry)",
+    503: "Overloaded (load shedding), or Redis or the broker is unavailable; "
+    "Retry-After says when to retry",
 }
 
 
@@ -105,6 +106,17 @@ def install(app: FastAPI) -> None:
         logger.warning("queue unavailable: %s", exc.detail)
         return problem(
             503, "Service unavailable", exc.detail, "unavailable", headers={"Retry-After": "5"}
+        )
+
+    @app.exception_handler(OverloadedError)
+    async def overloaded(_: Request, exc: OverloadedError) -> JSONResponse:
+        metrics.SHED.inc()
+        return problem(
+            503,
+            "Overloaded",
+            exc.detail,
+            "overloaded",
+            headers={"Retry-After": str(exc.retry_after_s)},
         )
 
     @app.exception_handler(RequestValidationError)

@@ -121,6 +121,18 @@ class RowError(OfaEntailError):
     """One manifest row cannot succeed; the message becomes that row's result."""
 
 
+class OverloadedError(OfaEntailError):
+    """Too much work is waiting: come back later (load shedding)."""
+
+    def __init__(self, pending: int, limit: int, retry_after_s: int) -> None:
+        self.pending, self.limit, self.retry_after_s = pending, limit, retry_after_s
+        self.detail = (
+            f"{pending} jobs are waiting (the limit is {limit}); cached verdicts and polls "
+            f"still work, new work is refused for now: retry in {retry_after_s}s"
+        )
+        super().__init__(self.detail)
+
+
 class QueueUnavailableError(OfaEntailError):
     """The broker or the durable store cannot be reached."""
 

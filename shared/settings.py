@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     url_max_redirects: int = Field(3, ge=0)
     url_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_wait_s: float = Field(30.0, ge=0)
+    # Load shedding: past this many unfinished jobs, new interactive submissions that
+    # are not cache hits get 503 + Retry-After (cache hits and polls still work). 0: off.
+    max_pending_jobs: int = Field(10_000, ge=0)
 
     # Lifetimes (seconds).
     verdict_ttl_s: int = Field(30 * 24 * 3600, ge=1)

@@ -21,6 +21,7 @@ from api.problems import documented
 from shared.errors import (
     BadInputError,
     ImageTooLargeError,
+    OverloadedError,
     UnsupportedMediaTypeError,
 )
 from shared.fetch import fetch_image
@@ -193,6 +194,9 @@ async def post_job(
         return Response(cached_verdict_body(cached), media_type="application/json")
     metrics.CACHE.labels("miss").inc()
     await run_in_threadpool(open_image, sub.image, s.settings.max_pixels)
+    limit = s.settings.max_pending_jobs
+    if limit and (pending := await s.jobs.apending()) >= limit:
+        raise OverloadedError(pending, limit, retry_after_s=5)
     job_id, created = await run_in_threadpool(
         submit_job, s.jobs, s.celery, key, sub.image, sub.text, sub.premise
     )

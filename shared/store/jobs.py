@@ -353,6 +353,10 @@ class JobStore:
         """True once another submission (interactive, or another scan) joined the job."""
         return self.sync.durable.hget(self.keys.job(job_id), "shared") is not None
 
+    async def apending(self) -> int:
+        """Unfinished jobs right now (load shedding's measure)."""
+        return int(await self.aio.durable.zcard(self.keys.job_pending()))
+
     def _queue_backlog(self, pipe: Any) -> None:
         pipe.zcard(self.keys.job_pending())
         pipe.zcount(self.keys.job_deadlines(), "-inf", time.time())

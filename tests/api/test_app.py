@@ -176,3 +176,30 @@ def test_docs_work_offline_and_declare_how_to_authenticate(api):
     post = spec["paths"]["/v1/jobs"]["post"]
     assert {"bearer": []} in post["security"] and {"apiKey": []} in post["security"]
     assert "security" not in spec["paths"]["/healthz"]["get"]
+
+
+def test_load_shedding_refuses_new_work_but_not_cache_hits(jobs, rdb, inproc_settings):
+    settings = inproc_settings.model_copy(update={"max_pending_jobs": 2})
+    cached_image = small_jpeg(seed=120)
+    key = verdict_key(*INPROC_MODEL, cached_image, "cached", None)
+    done = jobs.create_or_join(key, cached_image, "cached", None).job_id
+    jobs.succeed(done, key, VERDICT, cached=False)
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
+        for i in range(2):
+            resp = client.post(
+                "/v1/jobs", data={"text": "x"}, files={"image": ("a.jpg", small_jpeg(seed=121 + i))}
+            )
+            assert resp.status_code == 202, resp.text
+        before = stored(rdb, inproc_settings)
+        shed = client.post(
+            "/v1/jobs", data={"text": "x"}, files={"image": ("a.jpg", small_jpeg(seed=130))}
+        )
+        assert shed.status_code == 503 and shed.headers["retry-after"] == "5"
+        assert shed.json()["type"].endswith("/overloaded") and "2 jobs are waiting" in shed.text
+        assert stored(rdb, inproc_settings) == before  # nothing stored for it
+        hit = client.post(
+            "/v1/jobs", data={"text": "cached"}, files={"image": ("a.jpg", cached_image)}
+        )
+        assert hit.status_code == 200  # cache hits are still served
+        assert client.get(f"/v1/jobs/{done}").status_code == 200  # and polls
+        assert "ofa_jobs_shed_total 1.0" in client.get("/metrics").text
