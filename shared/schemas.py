@@ -26,6 +26,17 @@ class JobAccepted(BaseModel):
     status: Literal[JobStatus.QUEUED] = JobStatus.QUEUED
 
 
+class JobCancelled(BaseModel):
+    """What ``DELETE /v1/jobs/{id}`` did."""
+
+    job_id: str
+    outcome: Literal["cancelled", "detached", "unchanged"] = Field(
+        description="cancelled: it will not run; detached: others joined it, it runs on for "
+        "them; unchanged: it was already running or finished (its verdict is cached)"
+    )
+    status: JobStatus
+
+
 class ScanAccepted(BaseModel):
     """``POST /v1/scans`` stored the manifest and queued the coordinator."""
 

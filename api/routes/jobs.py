@@ -28,7 +28,7 @@ from shared.fetch import fetch_image
 from shared.images import check_size, decode_base64, open_image
 from shared.keys import verdict_key
 from shared.messages import Job, cached_verdict_body
-from shared.schemas import JobAccepted, JobRequest
+from shared.schemas import JobAccepted, JobCancelled, JobRequest
 from shared.submit import submit_job
 from shared.text import check_text
 
@@ -215,3 +215,21 @@ async def get_job(job_id: str, s: ServicesDep, _auth: AuthDep) -> Job:
     if job is None:
         raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
     return job
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobCancelled,
+    summary="Cancel a job",
+    responses=documented(404),
+)
+async def delete_job(job_id: str, s: ServicesDep, _auth: AuthDep) -> JobCancelled:
+    """A queued job nobody else joined is cancelled (it ends failed, "cancelled", and
+    the next identical submission starts afresh). A job others joined keeps running for
+    them ("detached"); a running or finished job is left to finish and its verdict is
+    still cached ("unchanged")."""
+    got = await s.jobs.acancel(job_id)
+    if got is None:
+        raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
+    outcome, status = got
+    return JobCancelled(job_id=job_id, outcome=outcome, status=status)

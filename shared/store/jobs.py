@@ -76,6 +76,25 @@ def confirm_on_disk(reply: Any, undo: Callable[[], None], what: str) -> None:
         raise QueueUnavailableError(f"the durable store did not confirm the {what} on disk in time")
 
 
+# KEYS: job, deadlines, pending, blob, inflight
+# ARGV: job id, now (finished_at), job ttl, done channel
+# A queued job nobody joined is cancelled (failed, its key freed); otherwise nothing
+# changes and the reply says why: {outcome, status}.
+_CANCEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', ''} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' then return {'unchanged', status} end
+if redis.call('HEXISTS', KEYS[1], 'shared') == 1 then return {'detached', status} end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error', 'cancelled', 'finished_at', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[4])
+if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return {'cancelled', 'failed'}
+"""
+
 # KEYS: job, deadlines; ARGV: job id, now, new dispatch deadline
 _CLAIM_OVERDUE = """
 local d = redis.call('ZSCORE', KEYS[2], ARGV[1])
@@ -348,6 +367,32 @@ class JobStore:
                 t + self.settings.dispatch_deadline_s,
             )
         )
+
+    async def acancel(self, job_id: str) -> tuple[str, str] | None:
+        """Cancel a queued job nobody else joined (it fails as "cancelled" and its key
+        is free again); a joined one is left for its other waiters ("detached"), a
+        running or finished one is left to finish, its verdict cached ("unchanged").
+        Returns (outcome, status), or None when the job is unknown."""
+        key = await self.aio.durable.hget(self.keys.job(job_id), "key")
+        if key is None:
+            return None
+        k, verdict_key = self.keys, text_of(key)
+        outcome, status = await self.aio.durable.eval(
+            _CANCEL,
+            5,
+            k.job(job_id),
+            k.job_deadlines(),
+            k.job_pending(),
+            k.blob(verdict_key),
+            k.inflight(verdict_key),
+            job_id,
+            now(),
+            self.settings.job_ttl_s,
+            k.done_channel(),
+        )
+        if text_of(outcome) == "gone":
+            return None
+        return text_of(outcome), text_of(status)
 
     def is_shared(self, job_id: str) -> bool:
         """True once another submission (interactive, or another scan) joined the job."""

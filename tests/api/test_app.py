@@ -203,3 +203,35 @@ def test_load_shedding_refuses_new_work_but_not_cache_hits(jobs, rdb, inproc_set
         assert hit.status_code == 200  # cache hits are still served
         assert client.get(f"/v1/jobs/{done}").status_code == 200  # and polls
         assert "ofa_jobs_shed_total 1.0" in client.get("/metrics").text
+
+
+def test_delete_cancels_only_what_nobody_else_waits_for(api, jobs, rdb, inproc_settings):
+    def submit(seed: int) -> str:
+        resp = api.post(
+            "/v1/jobs",
+            data={"text": "cancel me"},
+            files={"image": ("a.jpg", small_jpeg(seed=seed))},
+        )
+        assert resp.status_code == 202, resp.text
+        return resp.json()["job_id"]
+
+    alone = submit(140)
+    gone = api.delete(f"/v1/jobs/{alone}").json()
+    assert gone == {"job_id": alone, "outcome": "cancelled", "status": "failed"}
+    assert api.get(f"/v1/jobs/{alone}").json()["error"] == "cancelled"
+    key = verdict_key(*INPROC_MODEL, small_jpeg(seed=140), "cancel me", None)
+    assert not rdb.exists(jobs.keys.blob(key), jobs.keys.inflight(key))
+    assert rdb.zscore(jobs.keys.job_deadlines(), alone) is None
+    assert submit(140) != alone  # the key is free: a fresh job
+
+    joined = submit(141)
+    assert submit(141) == joined  # a second caller joins it
+    kept = api.delete(f"/v1/jobs/{joined}").json()
+    assert kept["outcome"] == "detached" and kept["status"] == "queued"
+    assert api.get(f"/v1/jobs/{joined}").json()["status"] == "queued"
+
+    running = submit(142)
+    jobs.start(running, verdict_key(*INPROC_MODEL, small_jpeg(seed=142), "cancel me", None))
+    left = api.delete(f"/v1/jobs/{running}").json()
+    assert left["outcome"] == "unchanged" and left["status"] == "running"
+    assert api.delete("/v1/jobs/nope").status_code == 404
