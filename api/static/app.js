@@ -177,6 +177,11 @@ function scanView(s) {
 async function download(scanId, format) {
   const response = await fetch(`/v1/scans/${scanId}/results?format=${format}`,
     { headers: { Authorization: `Bearer ${apiKey()}` } });
+  if (!response.ok) {
+    const problem = await response.json().catch(() => ({ title: response.statusText }));
+    showProblem($("scan"), { problem: Object.assign({ status: response.status }, problem) });
+    return;
+  }
   const blob = await response.blob();
   const link = el("a", { href: URL.createObjectURL(blob), download: `scan-${scanId}.${format}` });
   document.body.append(link);
