@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from celery import Celery
 from fastapi import Depends, HTTPException, Request, Security
@@ -15,6 +15,8 @@ from shared import wiring
 from shared.fetch import UrlPolicy
 from shared.settings import Settings
 from shared.store import JobStore, ReaperLog, ScanStore, WorkerRegistry
+from shared.store.apikeys import ALL_SCOPES, ApiKeyStore, Caller, KeyCache, Limits, Scope, digest
+from shared.store.limits import Decision, RateLimiter
 
 
 @dataclass
@@ -31,6 +33,9 @@ class Services:
     celery: Celery
     url_policy: UrlPolicy
     waiter: JobWaiter
+    apikeys: ApiKeyStore
+    key_cache: KeyCache
+    limiter: RateLimiter
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -50,6 +55,9 @@ class Services:
             celery=make_celery(settings),
             url_policy=wiring.url_policy(settings),
             waiter=JobWaiter(aio.durable, keys.done_channel()),
+            apikeys=ApiKeyStore(keys, aio=aio.durable, hit_factor=settings.cache_hit_rate_factor),
+            key_cache=KeyCache(settings.key_cache_s),
+            limiter=RateLimiter(keys, aio.durable),
         )
 
     async def aclose(self) -> None:
@@ -78,22 +86,73 @@ API_KEY_HEADER = APIKeyHeader(
 )
 
 
-def require_api_key(
+class RateLimitedError(Exception):
+    """A caller over its rate limit (429, with the limit's headers)."""
+
+    def __init__(self, decision: Decision, what: str) -> None:
+        self.decision = decision
+        self.detail = (
+            f"the rate limit of this API key for {what} is used up: "
+            f"retry in {decision.headers()['Retry-After']}s"
+        )
+        super().__init__(self.detail)
+
+
+def _env_caller(services: Services, given: str) -> Caller | None:
+    """An ``OFA_API_KEYS`` entry matching ``given``: every scope, the default limits."""
+    settings = services.settings
+    for k in settings.api_keys:
+        if hmac.compare_digest(given.encode(), k.get_secret_value().encode()):
+            limits = Limits(
+                settings.rate_limit_per_min,
+                settings.rate_limit_burst,
+                settings.cache_hit_rate_factor,
+            )
+            return Caller(f"env-{digest(given)[:16]}", "OFA_API_KEYS", ALL_SCOPES, limits)
+    return None
+
+
+async def authenticate(
     services: ServicesDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
     header_key: Annotated[str | None, Security(API_KEY_HEADER)],
-) -> None:
-    """Accept ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` matching a configured key."""
-    keys = services.settings.api_keys
-    if not keys:
-        raise HTTPException(401, "no API keys are configured on the server (OFA_API_KEYS)")
-    given = (bearer.credentials.strip() if bearer else "") or (header_key or "")
-    if not given or not any(
-        hmac.compare_digest(given.encode(), k.get_secret_value().encode()) for k in keys
-    ):
-        raise HTTPException(
-            401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
-        )
+) -> Caller:
+    """The caller presenting ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``: a key
+    record (``ofa-entail keys``) or an ``OFA_API_KEYS`` entry. Unknown, wrong or revoked
+    keys get 401."""
+    given = (bearer.credentials.strip() if bearer else "") or (header_key or "").strip()
+    if not given:
+        raise HTTPException(401, "missing API key", headers={"WWW-Authenticate": "Bearer"})
+    caller = services.key_cache.get(given) or _env_caller(services, given)
+    if caller is None:
+        caller = await services.apikeys.averify(given)
+        if caller is None:
+            raise HTTPException(
+                401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"}
+            )
+    services.key_cache.put(given, caller)
+    return caller
 
 
-AuthDep = Annotated[None, Depends(require_api_key)]
+def _scoped(scope: Scope) -> Any:
+    async def check(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
+        if not caller.may(scope):
+            raise HTTPException(
+                403, f"this API key ({caller.name}) lacks the '{scope.value}' scope"
+            )
+        return caller
+
+    return check
+
+
+ReadDep = Annotated[Caller, Depends(_scoped(Scope.READ))]
+JobsDep = Annotated[Caller, Depends(_scoped(Scope.JOBS))]
+ScansDep = Annotated[Caller, Depends(_scoped(Scope.SCANS))]
+
+
+async def charge(services: Services, caller: Caller, bucket: str, what: str) -> Decision | None:
+    """Count one request against the caller's limit; ``RateLimitedError`` when over."""
+    decision = await services.limiter.charge(caller, bucket)
+    if decision is not None and not decision.admitted:
+        raise RateLimitedError(decision, what)
+    return decision

@@ -27,11 +27,21 @@ DEDUPLICATED = Counter(
 SHED = Counter(
     "ofa_jobs_shed_total", "Submissions refused because too much work waits", registry=REGISTRY
 )
+RATE_LIMITED = Counter(
+    "ofa_requests_rate_limited_total", "Requests refused by a key's rate limit", registry=REGISTRY
+)
 REJECTED = Counter("ofa_inputs_rejected_total", "Bad inputs refused", ["type"], registry=REGISTRY)
 
 # Read from the durable store at scrape time (every API process reports the same):
 # the work the reaper watches over, and what it has done.
 JOBS_PENDING = Gauge("ofa_jobs_pending", "Jobs queued or running", registry=REGISTRY)
+MODEL_WORK = Gauge(
+    "ofa_model_work",
+    "Jobs for this model not yet finished: queued, reserved by a worker, or running "
+    "(from the job index, not the broker's list; what the worker autoscaler follows)",
+    ["model", "revision"],
+    registry=REGISTRY,
+)
 JOBS_OVERDUE = Gauge(
     "ofa_jobs_overdue", "Unfinished jobs past their dispatch deadline or lease", registry=REGISTRY
 )

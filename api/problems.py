@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from api import metrics
+from api.deps import RateLimitedError
 from shared import errors
 from shared.errors import BadInputError, OverloadedError, QueueUnavailableError
 
@@ -36,7 +37,9 @@ STATUS_OF: dict[type[BadInputError], tuple[int, str]] = {
 
 _MEANING = {
     400: "Unreadable image, bad base64, refused image URL, or an unreadable manifest",
-    401: "Missing or invalid API key",
+    401: "Missing, invalid or revoked API key",
+    403: "The API key lacks the scope this call needs",
+    429: "The API key's rate limit is used up; Retry-After and RateLimit-* say when it refills",
     404: "Unknown or expired id",
     413: "Too many bytes or pixels",
     415: "Unsupported image format or request body",
@@ -66,9 +69,14 @@ def status_of(exc: BadInputError) -> tuple[int, str]:
     return STATUS_OF[BadInputError]
 
 
+def problem_body(status: int, title: str, detail: str, slug: str) -> dict[str, Any]:
+    """A problem's JSON body."""
+    return {"type": TYPE_BASE + slug, "title": title, "status": status, "detail": detail}
+
+
 def problem(status: int, title: str, detail: str, slug: str, headers: dict | None = None):
     """A problem+json response."""
-    body = {"type": TYPE_BASE + slug, "title": title, "status": status, "detail": detail}
+    body = problem_body(status, title, detail, slug)
     return JSONResponse(
         body, status_code=status, media_type="application/problem+json", headers=headers
     )
@@ -108,6 +116,13 @@ def install(app: FastAPI) -> None:
             503, "Service unavailable", exc.detail, "unavailable", headers={"Retry-After": "5"}
         )
 
+    @app.exception_handler(RateLimitedError)
+    async def rate_limited(_: Request, exc: RateLimitedError) -> JSONResponse:
+        metrics.RATE_LIMITED.inc()
+        return problem(
+            429, "Too many requests", exc.detail, "rate-limited", headers=exc.decision.headers()
+        )
+
     @app.exception_handler(OverloadedError)
     async def overloaded(_: Request, exc: OverloadedError) -> JSONResponse:
         metrics.SHED.inc()
@@ -138,6 +153,7 @@ def install(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
         title = {
             401: "Unauthorized",
+            403: "Forbidden",
             404: "Not found",
             405: "Method not allowed",
             413: "Request too large",

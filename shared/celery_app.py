@@ -17,6 +17,7 @@ from shared.wiring import redis_urls
 TASK_ENTAIL = "ofa.entail"
 TASK_SCAN = "ofa.scan.run"
 TASK_CALLBACK = "ofa.scan.callback"
+TASK_JOB_CALLBACK = "ofa.job.callback"
 SCAN_QUEUE = "ofa.scans"  # the coordinator's queue: no GPU needed
 
 

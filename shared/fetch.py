@@ -76,16 +76,25 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     return [ipaddress.ip_address(info[4][0]) for info in infos]
 
 
-async def _checked_address(url: str, policy: UrlPolicy) -> tuple[str, str, int, IPAddress]:
+async def check_url(url: str, policy: UrlPolicy, what: str) -> None:
+    """Refuse a URL the service must not call (a webhook, say) with the same guards as
+    image URLs: http(s), a host, and no private or local address off the allow-list.
+    ``ImageUrlError`` names ``what``."""
+    await _checked_address(url, policy, what)
+
+
+async def _checked_address(
+    url: str, policy: UrlPolicy, what: str = "the image URL"
+) -> tuple[str, str, int, IPAddress]:
     try:
         parts = urlsplit(url)
         host, explicit_port = parts.hostname, parts.port
     except ValueError as exc:  # an unclosed IPv6 bracket, a port out of range
-        raise ImageUrlError(f"the image URL cannot be parsed ({exc})") from exc
+        raise ImageUrlError(f"{what} cannot be parsed ({exc})") from exc
     if parts.scheme not in ("http", "https"):
-        raise ImageUrlError(f"only http and https image URLs are accepted, not {parts.scheme!r}")
+        raise ImageUrlError(f"{what} must be http or https, not {parts.scheme!r}")
     if not host:
-        raise ImageUrlError("the image URL has no host")
+        raise ImageUrlError(f"{what} has no host")
     port = explicit_port or (443 if parts.scheme == "https" else 80)
     addresses = await resolve(host, port)
     if not addresses:

@@ -75,6 +75,10 @@ class Keys:
         """Durable store: the job record (a hash)."""
         return f"{self.prefix}job:{job_id}"
 
+    def job_hooks(self, job_id: str) -> str:
+        """Durable store: webhooks to send when the job ends (a list of JSON)."""
+        return f"{self.prefix}job:{job_id}:hooks"
+
     def inflight(self, key: str) -> str:
         """Durable store: the id of the job computing ``key`` right now."""
         return f"{self.prefix}inflight:{key}"
@@ -126,3 +130,15 @@ class Keys:
     def workers(self, model_id: str, revision: str) -> str:
         """Durable store: sorted set of workers serving a model, scored by heartbeat time."""
         return f"{self.prefix}workers:{model_id}@{revision}"
+
+    def api_key(self, key_id: str) -> str:
+        """Durable store: an API key's record (a hash: name, scopes, limits, SHA-256)."""
+        return f"{self.prefix}apikey:{key_id}"
+
+    def api_key_index(self) -> str:
+        """Durable store: the set of every API key id ever created (revoked ones too)."""
+        return f"{self.prefix}apikeys"
+
+    def rate_bucket(self, who: str, bucket: str) -> str:
+        """Durable store: a rate limit's theoretical arrival time (GCRA), in ms."""
+        return f"{self.prefix}rate:{who}:{bucket}"

@@ -22,7 +22,7 @@ from kombu.exceptions import OperationalError
 from shared.messages import JobStatus
 from shared.settings import Settings
 from shared.store import JobStore, ReaperLog, ScanStore
-from shared.submit import message_of, send_job, send_slice
+from shared.submit import message_of, send_hooks, send_job, send_slice
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Reaper:
         else:
             return "moved"  # a worker started it (or it ended) since we looked
         logger.error("job %s: %s", job_id, error)
-        self.jobs.fail(job_id, record["key"], error)
+        send_hooks(self.celery, job_id, self.jobs.fail(job_id, record["key"], error))
         return "poisoned"
 
     def _reap_scan(self, scan_id: str) -> bool:

@@ -17,6 +17,33 @@ class JobRequest(BaseModel):
     premise: str | None = Field(None, description="optional premise text")
     image_base64: str | None = Field(None, description="the image file, base64-encoded")
     image_url: str | None = Field(None, description="an http(s) URL of the image")
+    callback_url: str | None = Field(
+        None,
+        description="POSTed the finished job, signed (X-OFA-Signature), when it ends; "
+        "not called for an answer served from the cache",
+    )
+
+
+class BatchRequest(BaseModel):
+    """JSON form of ``POST /v1/jobs/batch``."""
+
+    items: list[JobRequest] = Field(description="the items, answered in the same order")
+
+
+class BatchItem(BaseModel):
+    """One item's answer: a cached verdict (200), a job id (202), or its own problem."""
+
+    index: int
+    status: int = Field(description="the HTTP status this item alone would have had")
+    job_id: str | None = None
+    verdict: dict | None = Field(None, description="the cached verdict (status 200)")
+    problem: dict | None = Field(None, description="why the item was refused (4xx/5xx)")
+
+
+class BatchAccepted(BaseModel):
+    """What ``POST /v1/jobs/batch`` did with each item."""
+
+    items: list[BatchItem]
 
 
 class JobAccepted(BaseModel):

@@ -104,7 +104,17 @@ class Settings(BaseSettings):
     callback_max_retries: int = Field(8, ge=0)
 
     # Auth. Keys are compared in constant time; comma-separated in the environment.
+    # These have every scope and the default limits; key records (``ofa-entail keys``)
+    # carry their own scopes and limits.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    key_cache_s: float = Field(5.0, ge=0)  # a revoked key stops working within this
+    # Per-key rate limits (GCRA in the durable store, shared by every API process):
+    # submissions that compute, per minute, and the burst; cache hits get
+    # cache_hit_rate_factor times both. 0: unlimited.
+    rate_limit_per_min: float = Field(600.0, ge=0)
+    rate_limit_burst: int = Field(60, ge=1)
+    cache_hit_rate_factor: float = Field(10.0, ge=1)
+    batch_max_items: int = Field(32, ge=1, le=1000)
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
 
@@ -142,7 +152,6 @@ class Settings(BaseSettings):
                 name
                 for name, value in (
                     ("OFA_REDIS_URL", self.redis_url),
-                    ("OFA_API_KEYS", self.api_keys),
                     ("OFA_FLOWER_PASSWORD", self.flower_password),
                 )
                 if not value

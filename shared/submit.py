@@ -13,13 +13,13 @@ from typing import IO
 import redis
 from celery import Celery
 
-from shared.celery_app import SCAN_QUEUE, TASK_ENTAIL, TASK_SCAN, queue_name
+from shared.celery_app import SCAN_QUEUE, TASK_ENTAIL, TASK_JOB_CALLBACK, TASK_SCAN, queue_name
 from shared.errors import ManifestError, PayloadTooLargeError, QueueUnavailableError
 from shared.messages import EntailTask, JobStatus
 from shared.scans.folder import ScanFolder
 from shared.scans.manifest import check_jsonl_head, csv_to_jsonl, file_under
 from shared.settings import Settings
-from shared.store import JobStore, ScanStore
+from shared.store import Hook, JobStore, ScanStore
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,22 @@ def send_job(celery: Celery, msg: EntailTask) -> None:
         # (it costs a round trip, and ~19 s of reconnect attempts when Redis is down).
         ignore_result=True,
     )
+
+
+def send_hooks(celery: Celery, job_id: str, hooks: list[Hook]) -> None:
+    """Queue the delivery of a finished job's webhooks (the coordinator POSTs them).
+    Best effort: a broker outage here is logged, the job itself is already done."""
+    for hook in hooks:
+        try:
+            celery.send_task(
+                TASK_JOB_CALLBACK,
+                args=(job_id, hook.url, hook.delivery_id),
+                queue=SCAN_QUEUE,
+                retry=True,
+                ignore_result=True,
+            )
+        except Exception as exc:
+            logger.error("job %s: webhook to %s not queued: %s", job_id, hook.url, exc)
 
 
 def message_of(job_id: str, record: dict[str, str]) -> EntailTask:
@@ -59,8 +75,10 @@ def submit_job(
     text: str,
     premise: str | None,
     scan_id: str | None = None,
+    callback_url: str | None = None,
 ) -> tuple[str, bool]:
     """Join the job computing ``key`` or create and send one; returns (job id, created).
+    A ``callback_url`` is POSTed the finished job (signed) when it ends.
 
     The record and its dispatch deadline are written before the message is sent, so a
     crash in between leaves a job the reaper sends. Interactive jobs go to the model's
@@ -70,6 +88,8 @@ def submit_job(
         got = store.create_or_join(key, image, text, premise, scan_id)
     except redis.RedisError as exc:
         raise QueueUnavailableError(f"the job store is unavailable ({type(exc).__name__})") from exc
+    if callback_url:
+        _hook(store, celery, got.job_id, callback_url)
     if not got.created:
         if got.overdue:  # an in-flight mark is never trusted past its job's deadline
             _send_again(store, celery, got.job_id)
@@ -93,6 +113,15 @@ def submit_job(
             logger.exception("could not clean up after a failed enqueue")
         raise QueueUnavailableError(f"the job queue is unavailable ({type(exc).__name__})") from exc
     return got.job_id, True
+
+
+def _hook(store: JobStore, celery: Celery, job_id: str, url: str) -> None:
+    try:
+        outcome, hook = store.add_hook(job_id, url)
+    except redis.RedisError as exc:
+        raise QueueUnavailableError(f"the job store is unavailable ({type(exc).__name__})") from exc
+    if outcome == "finished":  # ended meanwhile: nobody else will send it
+        send_hooks(celery, job_id, [hook])
 
 
 def _send_again(store: JobStore, celery: Celery, job_id: str) -> None:

@@ -77,6 +77,9 @@ def service_env(
         OFA_MODEL_REVISION=MODEL[1],
         OFA_MODEL_DIR=str(tiny_dir),
         OFA_API_KEYS=API_KEY,
+        # The shared key is unlimited; rate-limit tests use key records with limits.
+        OFA_RATE_LIMIT_PER_MIN="0",
+        OFA_KEY_CACHE_S="1",
         OFA_DATA_DIR=str(tmp_path_factory.mktemp("data")),
         OFA_DEVICE="cpu",
         OFA_BATCH_SIZE="16",
@@ -186,6 +189,8 @@ def inproc_settings(valkey: str, tiny_dir: Path, tmp_path_factory: pytest.TempPa
         model_dir=tiny_dir,
         device="cpu",
         api_keys=[API_KEY],  # type: ignore[list-item]
+        rate_limit_per_min=0,
+        key_cache_s=0,
         data_dir=root / "data",
         image_root=root / "images",
         manifest_root=root / "manifests",

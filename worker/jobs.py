@@ -16,6 +16,7 @@ import redis
 from shared.errors import BadInputError
 from shared.messages import EntailTask, ScanStatus, Verdict
 from shared.store import StartAction
+from shared.submit import send_hooks
 from worker.runtime import Runtime, make_verdict
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def fail(rt: Runtime, msg: EntailTask, error: str) -> None:
     """Fail the job for good; the next identical submission may try again."""
-    rt.jobs.fail(msg.job_id, msg.key, error)
+    send_hooks(rt.celery, msg.job_id, rt.jobs.fail(msg.job_id, msg.key, error))
     logger.info("job %s failed: %s", msg.job_id, error)
 
 
@@ -47,7 +48,8 @@ def run_job(rt: Runtime, msg: EntailTask) -> Verdict | None:
     if started.action != StartAction.RUN:
         return None  # finished, gone, or running elsewhere
     if started.cached is not None:
-        rt.jobs.succeed(msg.job_id, msg.key, started.cached, cached=True)
+        hooks = rt.jobs.succeed(msg.job_id, msg.key, started.cached, cached=True)
+        send_hooks(rt.celery, msg.job_id, hooks)
         return Verdict.model_validate_json(started.cached)
     if started.blob is None:
         fail(rt, msg, "the image expired before a worker could take the job")
@@ -63,7 +65,7 @@ def run_job(rt: Runtime, msg: EntailTask) -> Verdict | None:
             timeout=rt.settings.task_soft_time_limit_s
         )
     verdict = make_verdict(prediction, rt.model_tag, msg.key)
-    rt.jobs.succeed(msg.job_id, msg.key, verdict, cached=False)
+    send_hooks(rt.celery, msg.job_id, rt.jobs.succeed(msg.job_id, msg.key, verdict, cached=False))
     return verdict
 
 

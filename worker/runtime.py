@@ -69,6 +69,7 @@ class Runtime:
     registry: WorkerRegistry
     leases: Leases
     reaper: Reaper
+    celery: Celery  # the worker's own app: what webhooks and the reaper send through
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -110,9 +111,12 @@ class Runtime:
         scans = ScanStore(settings, keys, clients.durable)
         registry = WorkerRegistry(keys, settings.model_tag)
         leases = Leases(jobs, settings.lease_s)
-        reaper = Reaper(settings, jobs, scans, celery or make_celery(settings))
+        celery = celery or make_celery(settings)
+        reaper = Reaper(settings, jobs, scans, celery)
         reaper.start()
-        rt = cls(settings, entailer, clients, jobs, scans, batcher, registry, leases, reaper)
+        rt = cls(
+            settings, entailer, clients, jobs, scans, batcher, registry, leases, reaper, celery
+        )
         threading.Thread(target=rt._heartbeat, name="heartbeat", daemon=True).start()
         return rt
 

@@ -91,6 +91,7 @@ async def get_metrics(s: ServicesDep) -> Response:
         pass  # the process's own metrics still answer; the store's stay as last read
     else:
         metrics.JOBS_PENDING.set(pending)
+        metrics.MODEL_WORK.labels(*s.settings.model_tag).set(pending)
         metrics.JOBS_OVERDUE.set(overdue)
         metrics.OLDEST_PENDING.set(time.time() - oldest if oldest else 0)
         metrics.REAPER_AGE.set(age if age is not None else -1)

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -16,24 +18,35 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api import metrics
-from api.deps import AuthDep, Services, ServicesDep
-from api.problems import documented
+from api.callbacks import check_callback
+from api.deps import JobsDep, RateLimitedError, ReadDep, Services, ServicesDep, charge
+from api.problems import documented, problem_body, status_of
 from shared.errors import (
     BadInputError,
     ImageTooLargeError,
     OverloadedError,
+    QueueUnavailableError,
     UnsupportedMediaTypeError,
 )
 from shared.fetch import fetch_image
 from shared.images import check_size, decode_base64, open_image
 from shared.keys import verdict_key
 from shared.messages import Job, cached_verdict_body
-from shared.schemas import JobAccepted, JobCancelled, JobRequest
+from shared.schemas import (
+    BatchAccepted,
+    BatchItem,
+    BatchRequest,
+    JobAccepted,
+    JobCancelled,
+    JobRequest,
+)
+from shared.store.apikeys import Caller
+from shared.store.limits import Decision
 from shared.submit import submit_job
 from shared.text import check_text
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=documented(401, 422, 503))
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=documented(401, 403, 422, 429, 503))
 
 BODY_OVERHEAD = 64 * 1024  # form fields, multipart boundaries, JSON keys and texts
 REQUEST_BODY_DOC: dict[str, Any] = {
@@ -48,6 +61,7 @@ REQUEST_BODY_DOC: dict[str, Any] = {
                         "image": {"type": "string", "format": "binary"},
                         "text": {"type": "string"},
                         "premise": {"type": "string"},
+                        "callback_url": {"type": "string"},
                     },
                 }
             },
@@ -58,55 +72,89 @@ REQUEST_BODY_DOC: dict[str, Any] = {
 
 
 class Submission:
-    """A parsed, validated request: image bytes and texts."""
+    """A parsed, validated request: image bytes, texts, and an optional webhook."""
 
-    def __init__(self, image: bytes, text: str, premise: str | None) -> None:
+    def __init__(
+        self, image: bytes, text: str, premise: str | None, callback_url: str | None = None
+    ) -> None:
         self.image = image
         self.text = text
         self.premise = premise
+        self.callback_url = callback_url
+
+
+def _json_error(exc: ValidationError) -> BadInputError:
+    detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return BadInputError(detail or "invalid JSON body")
+
+
+async def _from_fields(
+    s: Services, image: bytes, text: Any, premise: Any, callback: Any
+) -> Submission:
+    """Check an uploaded image's size and the text fields."""
+    limit = s.settings.max_text_chars
+    check_size(image, s.settings.max_upload_bytes)
+    checked = check_text(text, "text", limit, required=True)
+    assert checked is not None
+    return Submission(
+        image,
+        checked,
+        check_text(premise, "premise", limit, required=False),
+        await check_callback(s, callback),
+    )
+
+
+async def _from_json(s: Services, body: JobRequest) -> Submission:
+    """A JSON item: texts checked, then the image decoded or fetched."""
+    limit = s.settings.max_text_chars
+    text = check_text(body.text, "text", limit, required=True)
+    premise = check_text(body.premise, "premise", limit, required=False)
+    assert text is not None
+    if (body.image_base64 is None) == (body.image_url is None):
+        raise BadInputError("give exactly one of image_base64 and image_url")
+    callback = await check_callback(s, body.callback_url)
+    if body.image_base64 is not None:
+        image = decode_base64(body.image_base64, s.settings.max_upload_bytes)
+    else:
+        assert body.image_url is not None
+        image = await fetch_image(body.image_url, s.url_policy)
+    return Submission(image, text, premise, callback)
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _check_declared(request: Request, s: Services, items: int = 1) -> None:
+    """Refuse a body whose declared length cannot fit ``items`` images (413)."""
+    limit = s.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    # An image of `limit` bytes, base64-encoded in JSON, takes 4/3 as many.
+    image_cap = limit * 4 // 3 if _content_type(request) == "application/json" else limit
+    if declared and declared.isdigit() and int(declared) > items * (image_cap + BODY_OVERHEAD):
+        raise _too_large(limit * items)
 
 
 async def _parse(request: Request, s: Services) -> Submission:
     """Read and validate the body (multipart or JSON) without storing anything."""
-    limit = s.settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    # An image of `limit` bytes, base64-encoded in JSON, takes 4/3 as many.
-    image_cap = limit * 4 // 3 if ctype == "application/json" else limit
-    if declared and declared.isdigit() and int(declared) > image_cap + BODY_OVERHEAD:
-        raise _too_large(limit)
-    text_limit = s.settings.max_text_chars
+    _check_declared(request, s)
+    ctype = _content_type(request)
     if ctype == "multipart/form-data":
         # The context closes the spooled upload files, whatever happens.
         async with request.form(max_files=1, max_fields=8) as form:
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
                 raise BadInputError("the multipart field 'image' (a file) is required")
-            image = await upload.read(limit + 1)
-            check_size(image, limit)
-            text = check_text(form.get("text"), "text", text_limit, required=True)
-            premise = check_text(form.get("premise"), "premise", text_limit, required=False)
-        assert text is not None
-        return Submission(image, text, premise)
+            image = await upload.read(s.settings.max_upload_bytes + 1)
+            return await _from_fields(
+                s, image, form.get("text"), form.get("premise"), form.get("callback_url")
+            )
     if ctype == "application/json":
         try:
             body = JobRequest.model_validate_json(await request.body())
         except ValidationError as exc:
-            detail = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-            )
-            raise BadInputError(detail or "invalid JSON body") from exc
-        text = check_text(body.text, "text", text_limit, required=True)
-        premise = check_text(body.premise, "premise", text_limit, required=False)
-        assert text is not None
-        if (body.image_base64 is None) == (body.image_url is None):
-            raise BadInputError("give exactly one of image_base64 and image_url")
-        if body.image_base64 is not None:
-            image = decode_base64(body.image_base64, limit)
-        else:
-            assert body.image_url is not None
-            image = await fetch_image(body.image_url, s.url_policy)
-        return Submission(image, text, premise)
+            raise _json_error(exc) from exc
+        return await _from_json(s, body)
     raise UnsupportedMediaTypeError(
         f"send multipart/form-data or application/json, not {ctype or 'nothing'}"
     )
@@ -138,12 +186,41 @@ async def _wait_for(s: Services, job_id: str, seconds: float) -> Job | None:
         s.waiter.forget(job_id, fut)
 
 
-def _accepted(job_id: str) -> JSONResponse:
-    return JSONResponse(
-        JobAccepted(job_id=job_id).model_dump(mode="json"),
-        status_code=202,
-        headers={"Location": f"/v1/jobs/{job_id}", "Retry-After": "1"},
+@dataclass
+class Answer:
+    """What one submission came to: a cached verdict, or a job (created or joined)."""
+
+    cached: bytes | None = None
+    job_id: str | None = None
+    created: bool = False
+    limited: Decision | None = None
+
+
+async def _submit(s: Services, caller: Caller, sub: Submission) -> Answer:
+    """The cache, the caller's rate limit, the image check, load shedding, then the
+    job; each refusal raises before anything is stored."""
+    model_id, revision = s.settings.model_tag
+    key = verdict_key(model_id, revision, sub.image, sub.text, sub.premise)
+    cached = await s.jobs.acached(key)
+    if cached is not None:
+        metrics.CACHE.labels("hit").inc()
+        limited = await charge(s, caller, "hit", "cached verdicts")
+        return Answer(cached=cached, limited=limited)
+    metrics.CACHE.labels("miss").inc()
+    await run_in_threadpool(open_image, sub.image, s.settings.max_pixels)
+    limit = s.settings.max_pending_jobs
+    if (
+        limit
+        and (pending := await s.jobs.apending()) >= limit
+        and not await s.jobs.ain_flight(key)  # joining queued work adds none
+    ):
+        raise OverloadedError(pending, limit, retry_after_s=5)
+    limited = await charge(s, caller, "miss", "new jobs")
+    job_id, created = await run_in_threadpool(
+        submit_job, s.jobs, s.celery, key, sub.image, sub.text, sub.premise, None, sub.callback_url
     )
+    (metrics.ENQUEUED if created else metrics.DEDUPLICATED).inc()
+    return Answer(job_id=job_id, created=created, limited=limited)
 
 
 @router.post(
@@ -181,35 +258,157 @@ def _accepted(job_id: str) -> JSONResponse:
 async def post_job(
     request: Request,
     s: ServicesDep,
-    _auth: AuthDep,
+    caller: JobsDep,
     wait: float = Query(0, ge=0, description="seconds to hold the request for the verdict"),
 ) -> Response:
     """Answer from the cache (200), or queue the work and return a job id (202)."""
-    sub = await _parse(request, s)
-    model_id, revision = s.settings.model_tag
-    key = verdict_key(model_id, revision, sub.image, sub.text, sub.premise)
-    cached = await s.jobs.acached(key)
-    if cached is not None:
-        metrics.CACHE.labels("hit").inc()
-        return Response(cached_verdict_body(cached), media_type="application/json")
-    metrics.CACHE.labels("miss").inc()
-    await run_in_threadpool(open_image, sub.image, s.settings.max_pixels)
-    limit = s.settings.max_pending_jobs
-    if limit and (pending := await s.jobs.apending()) >= limit:
-        raise OverloadedError(pending, limit, retry_after_s=5)
-    job_id, created = await run_in_threadpool(
-        submit_job, s.jobs, s.celery, key, sub.image, sub.text, sub.premise
-    )
-    (metrics.ENQUEUED if created else metrics.DEDUPLICATED).inc()
+    answer = await _submit(s, caller, await _parse(request, s))
+    headers = answer.limited.headers() if answer.limited else {}
+    if answer.cached is not None:
+        return Response(
+            cached_verdict_body(answer.cached), media_type="application/json", headers=headers
+        )
+    assert answer.job_id is not None
     if wait > 0:
-        job = await _wait_for(s, job_id, min(wait, s.settings.max_wait_s))
+        job = await _wait_for(s, answer.job_id, min(wait, s.settings.max_wait_s))
         if job is not None:
-            return JSONResponse(json.loads(job.model_dump_json()))
-    return _accepted(job_id)
+            return JSONResponse(json.loads(job.model_dump_json()), headers=headers)
+    headers.update({"Location": f"/v1/jobs/{answer.job_id}", "Retry-After": "1"})
+    return JSONResponse(
+        JobAccepted(job_id=answer.job_id).model_dump(mode="json"), status_code=202, headers=headers
+    )
+
+
+BATCH_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": BatchRequest.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "description": "item i: a file image_i, text_i, optional premise_i and "
+                    "callback_url_i (i = 0, 1, ...)",
+                    "required": ["image_0", "text_0"],
+                    "properties": {
+                        "image_0": {"type": "string", "format": "binary"},
+                        "text_0": {"type": "string"},
+                        "premise_0": {"type": "string"},
+                        "callback_url_0": {"type": "string"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def _problem_of(exc: Exception) -> tuple[int, dict[str, Any]]:
+    """(status, problem body) for an item's refusal, as the single endpoint gives it."""
+    if isinstance(exc, BadInputError):
+        status, slug = status_of(exc)
+        metrics.REJECTED.labels(slug).inc()
+        title, detail = exc.title, exc.detail
+    elif isinstance(exc, RateLimitedError):
+        metrics.RATE_LIMITED.inc()
+        status, slug, title, detail = 429, "rate-limited", "Too many requests", exc.detail
+        retry = exc.decision.headers()["Retry-After"]
+        return status, problem_body(status, title, detail, slug) | {"retry_after": int(retry)}
+    elif isinstance(exc, OverloadedError):
+        metrics.SHED.inc()
+        status, slug, title, detail = 503, "overloaded", "Overloaded", exc.detail
+    elif isinstance(exc, QueueUnavailableError):
+        status, slug, title, detail = 503, "unavailable", "Service unavailable", exc.detail
+    else:
+        raise exc
+    return status, problem_body(status, title, detail, slug)
+
+
+async def _batch_items(request: Request, s: Services) -> list[Submission | Exception]:
+    """Each item parsed on its own: a Submission, or the refusal it gets."""
+    cap = s.settings.batch_max_items
+    _check_declared(request, s, cap)
+    ctype = _content_type(request)
+    out: list[Submission | Exception] = []
+    if ctype == "application/json":
+        try:
+            body = BatchRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise _json_error(exc) from exc
+        if not body.items or len(body.items) > cap:
+            raise BadInputError(f"give 1 to {cap} items, not {len(body.items)}")
+        for item in body.items:
+            try:
+                out.append(await _from_json(s, item))
+            except BadInputError as exc:
+                out.append(exc)
+        return out
+    if ctype == "multipart/form-data":
+        async with request.form(max_files=cap, max_fields=4 * cap + 4) as form:
+            indexes = sorted(
+                {int(k.split("_")[-1]) for k in form if re.fullmatch(r"(image|text)_\d{1,4}", k)}
+            )
+            if not indexes or len(indexes) > cap or indexes != list(range(len(indexes))):
+                raise BadInputError(
+                    f"give 1 to {cap} items as image_0/text_0, image_1/text_1, ... numbered "
+                    "from 0 without gaps"
+                )
+            for i in indexes:
+                upload = form.get(f"image_{i}")
+                try:
+                    if not isinstance(upload, UploadFile):
+                        raise BadInputError(f"the multipart field 'image_{i}' (a file) is required")
+                    image = await upload.read(s.settings.max_upload_bytes + 1)
+                    out.append(
+                        await _from_fields(
+                            s,
+                            image,
+                            form.get(f"text_{i}"),
+                            form.get(f"premise_{i}"),
+                            form.get(f"callback_url_{i}"),
+                        )
+                    )
+                except BadInputError as exc:
+                    out.append(exc)
+        return out
+    raise UnsupportedMediaTypeError(
+        f"send multipart/form-data or application/json, not {ctype or 'nothing'}"
+    )
+
+
+@router.post(
+    "/batch",
+    openapi_extra=BATCH_BODY_DOC,
+    response_model=BatchAccepted,
+    response_model_exclude_none=True,
+    summary="Submit several items at once",
+    responses=documented(400, 413, 415),
+)
+async def post_batch(request: Request, s: ServicesDep, caller: JobsDep) -> BatchAccepted:
+    """Up to ``OFA_BATCH_MAX_ITEMS`` items, each answered on its own, in order: a cached
+    verdict (status 200), a job id to poll (202), or its own problem (4xx/5xx, as the
+    single endpoint would give). A refused item stores nothing; the others go on. Each
+    item counts against the key's rate limit like a single submission."""
+    answers: list[BatchItem] = []
+    for index, item in enumerate(await _batch_items(request, s)):
+        try:
+            if isinstance(item, Exception):
+                raise item
+            got = await _submit(s, caller, item)
+        except Exception as exc:
+            status, body = _problem_of(exc)
+            answers.append(BatchItem(index=index, status=status, problem=body))
+            continue
+        if got.cached is not None:
+            verdict = json.loads(cached_verdict_body(got.cached))["verdict"]
+            answers.append(BatchItem(index=index, status=200, verdict=verdict))
+        else:
+            answers.append(BatchItem(index=index, status=202, job_id=got.job_id))
+    return BatchAccepted(items=answers)
 
 
 @router.get("/{job_id}", response_model=Job, summary="Poll a job", responses=documented(404))
-async def get_job(job_id: str, s: ServicesDep, _auth: AuthDep) -> Job:
+async def get_job(job_id: str, s: ServicesDep, _auth: ReadDep) -> Job:
     """Status, timestamps, and the verdict or error. Unknown or expired ids: 404."""
     job = await s.jobs.aget(job_id)
     if job is None:
@@ -223,7 +422,7 @@ async def get_job(job_id: str, s: ServicesDep, _auth: AuthDep) -> Job:
     summary="Cancel a job",
     responses=documented(404),
 )
-async def delete_job(job_id: str, s: ServicesDep, _auth: AuthDep) -> JobCancelled:
+async def delete_job(job_id: str, s: ServicesDep, _auth: JobsDep) -> JobCancelled:
     """A queued job nobody else joined is cancelled (it ends failed, "cancelled", and
     the next identical submission starts afresh). A job others joined keeps running for
     them ("detached"); a running or finished job is left to finish and its verdict is

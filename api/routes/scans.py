@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.deps import AuthDep, Services, ServicesDep
+from api.callbacks import check_callback
+from api.deps import ReadDep, ScansDep, Services, ServicesDep, charge
 from api.problems import documented
 from shared.errors import (
     BadInputError,
@@ -28,7 +28,9 @@ from shared.scans.results import CSV_COLUMNS, ResultsDB, csv_line, result_line
 from shared.schemas import ScanAccepted
 from shared.submit import manifest_format, submit_scan
 
-router = APIRouter(prefix="/v1/scans", tags=["scans"], responses=documented(401, 422, 503))
+router = APIRouter(
+    prefix="/v1/scans", tags=["scans"], responses=documented(401, 403, 422, 429, 503)
+)
 
 MAX_PATH_CHARS = 1024
 
@@ -70,23 +72,6 @@ MANIFEST_DOC: dict[str, Any] = {
 }
 
 
-def _check_callback(s: Services, url: Any) -> str | None:
-    if url in (None, ""):
-        return None
-    try:
-        parts = urlsplit(url) if isinstance(url, str) else None
-        host = parts.hostname if parts else None
-    except ValueError:  # e.g. an unclosed IPv6 bracket
-        parts = host = None
-    if parts is None or parts.scheme not in ("http", "https"):
-        raise BadInputError("callback_url must be an http(s) URL")
-    if not host:
-        raise BadInputError("callback_url has no host")
-    if s.settings.webhook_secret is None:
-        raise BadInputError("callbacks need a signing secret on the server (OFA_WEBHOOK_SECRET)")
-    return url
-
-
 @router.post(
     "",
     openapi_extra=MANIFEST_DOC,
@@ -109,20 +94,21 @@ def _check_callback(s: Services, url: Any) -> str | None:
         **documented(400, 413, 415),
     },
 )
-async def post_scan(request: Request, s: ServicesDep, _auth: AuthDep) -> JSONResponse:
+async def post_scan(request: Request, s: ServicesDep, caller: ScansDep) -> JSONResponse:
     """Store the manifest (streamed, never whole in memory) and queue the coordinator."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     declared = request.headers.get("content-length")
     limit = s.settings.max_manifest_bytes
     if declared and declared.isdigit() and int(declared) > limit + 65536:
         raise PayloadTooLargeError(f"the manifest is larger than {limit} bytes")
+    await charge(s, caller, "miss", "scans")
     if ctype == "multipart/form-data":
         async with request.form(max_files=1, max_fields=8) as form:
             upload = form.get("manifest")
             if not isinstance(upload, UploadFile):
                 raise ManifestError("the multipart field 'manifest' (a file) is required")
             fmt = manifest_format(upload.filename or "", form.get("format"))
-            callback = _check_callback(s, form.get("callback_url"))
+            callback = await check_callback(s, form.get("callback_url"))
             scan_id, total = await run_in_threadpool(
                 submit_scan, s.scans, s.celery, s.settings, fmt, callback, upload=upload.file
             )
@@ -136,7 +122,7 @@ async def post_scan(request: Request, s: ServicesDep, _auth: AuthDep) -> JSONRes
         if len(body["path"]) > MAX_PATH_CHARS:
             raise ManifestError(f"the manifest path is longer than {MAX_PATH_CHARS} characters")
         fmt = manifest_format(body["path"], body.get("format"))
-        callback = _check_callback(s, body.get("callback_url"))
+        callback = await check_callback(s, body.get("callback_url"))
         scan_id, total = await run_in_threadpool(
             submit_scan, s.scans, s.celery, s.settings, fmt, callback, server_path=body["path"]
         )
@@ -163,7 +149,7 @@ def _found(scan_id: str, summary: ScanSummary | None) -> ScanSummary:
     summary="Progress of a scan",
     responses=documented(404),
 )
-async def get_scan(scan_id: str, s: ServicesDep, _auth: AuthDep) -> ScanSummary:
+async def get_scan(scan_id: str, s: ServicesDep, _auth: ReadDep) -> ScanSummary:
     """Counts (total, done, cached, failed, pending), rate and ETA."""
     return _found(scan_id, await s.scans.asummary(scan_id))
 
@@ -186,7 +172,7 @@ async def get_scan(scan_id: str, s: ServicesDep, _auth: AuthDep) -> ScanSummary:
 async def get_scan_results(
     scan_id: str,
     s: ServicesDep,
-    _auth: AuthDep,
+    _auth: ReadDep,
     format: Literal["jsonl", "csv"] = Query("jsonl"),
 ) -> StreamingResponse:
     """One line per manifest row read so far (every row once the scan has finished):
@@ -241,7 +227,7 @@ def _report(s: Services, scan_id: str) -> ScanReport:
 async def get_scan_report(
     scan_id: str,
     s: ServicesDep,
-    _auth: AuthDep,
+    _auth: ReadDep,
     format: Literal["json", "html"] = Query("json"),
 ) -> Response:
     """Accuracy, confusion matrix, and precision/recall per label across thresholds,
@@ -260,6 +246,6 @@ async def get_scan_report(
     summary="Cancel a scan",
     responses=documented(404),
 )
-async def delete_scan(scan_id: str, s: ServicesDep, _auth: AuthDep) -> ScanSummary:
+async def delete_scan(scan_id: str, s: ServicesDep, _auth: ScansDep) -> ScanSummary:
     """Stop reading the manifest and drop its queued bulk jobs; finished results stay."""
     return _found(scan_id, await s.scans.acancel(scan_id))

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from shared.cli import client, local, serve
+from shared.cli import client, keys, local, serve
 
 logger = logging.getLogger("ofa_entail")
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_commands(sub)
     serve.add_commands(sub)
     client.add_commands(sub)
+    keys.add_commands(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ from shared.store.codec import bytes_of, decode_hash, now, text_of
 from shared.store.jobs import (
     SCAN_JOB_LINGER_S,
     Created,
+    Hook,
     JobStore,
     Outcome,
     StartAction,
@@ -28,6 +29,7 @@ from shared.store.workers import ReaperLog, WorkerRegistry
 __all__ = [
     "SCAN_JOB_LINGER_S",
     "Created",
+    "Hook",
     "JobStore",
     "Outcome",
     "ReaperLog",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -104,6 +105,36 @@ redis.call('HINCRBY', KEYS[1], 'dispatches', 1)
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
+
+
+# KEYS: job, hooks; ARGV: hook (JSON), ttl. A webhook joins a job that has not ended;
+# the finisher takes the list in the same transaction as the final status, so each hook
+# is sent by exactly one party: the finisher, or (reply 'finished') the caller.
+_ADD_HOOK = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'gone' end
+if status == 'succeeded' or status == 'failed' then return 'finished' end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 'added'
+"""
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A webhook waiting for a job: where to POST, and the delivery's id (the same on
+    every retry, so receivers can drop replays)."""
+
+    url: str
+    delivery_id: str
+
+    def encode(self) -> str:
+        return json.dumps({"url": self.url, "delivery": self.delivery_id})
+
+    @classmethod
+    def decode(cls, raw: Any) -> Hook:
+        doc = json.loads(text_of(raw))
+        return cls(doc["url"], doc["delivery"])
 
 
 @dataclass(frozen=True)
@@ -223,7 +254,7 @@ class JobStore:
     def discard(self, job_id: str, key: str) -> None:
         """Remove a job that was never sent (its record, blob, mark and deadlines)."""
         pipe = self.sync.durable.pipeline()
-        pipe.delete(self.keys.job(job_id), self.keys.blob(key))
+        pipe.delete(self.keys.job(job_id), self.keys.blob(key), self.keys.job_hooks(job_id))
         pipe.eval(DELETE_IF_EQUAL, 1, self.keys.inflight(key), job_id)
         pipe.zrem(self.keys.job_deadlines(), job_id)
         pipe.zrem(self.keys.job_pending(), job_id)
@@ -280,7 +311,22 @@ class JobStore:
         pipe.execute()
         return backoff
 
-    def succeed(self, job_id: str, key: str, verdict: Verdict | bytes, cached: bool) -> None:
+    def add_hook(self, job_id: str, url: str) -> tuple[str, Hook]:
+        """Ask for ``url`` to be told when the job ends: ('added', hook) when the
+        finisher will send it, ('finished', hook) when the job already ended (the
+        caller sends it), ('gone', hook) when the job is unknown."""
+        hook = Hook(url, uuid.uuid4().hex)
+        got = self.sync.durable.eval(
+            _ADD_HOOK,
+            2,
+            self.keys.job(job_id),
+            self.keys.job_hooks(job_id),
+            hook.encode(),
+            self.settings.job_ttl_s,
+        )
+        return text_of(got), hook
+
+    def succeed(self, job_id: str, key: str, verdict: Verdict | bytes, cached: bool) -> list[Hook]:
         """Cache the verdict and finish the job. The in-flight mark stays (as long as
         the record) pointing at this finished job: a submit that raced past the cache
         lookup joins it instead of starting another."""
@@ -293,16 +339,15 @@ class JobStore:
         }
         r = self.sync
         if r.cache is r.durable:
-            self._finish(job_id, key, fields, keep_mark=True, verdict=doc)
-        else:
-            # The verdict first: a job never reads as succeeded before it is cached.
-            r.cache.set(self.keys.verdict(key), doc, ex=self.settings.verdict_ttl_s)
-            self._finish(job_id, key, fields, keep_mark=True)
+            return self._finish(job_id, key, fields, keep_mark=True, verdict=doc)
+        # The verdict first: a job never reads as succeeded before it is cached.
+        r.cache.set(self.keys.verdict(key), doc, ex=self.settings.verdict_ttl_s)
+        return self._finish(job_id, key, fields, keep_mark=True)
 
-    def fail(self, job_id: str, key: str, error: str) -> None:
+    def fail(self, job_id: str, key: str, error: str) -> list[Hook]:
         """Fail the job for good; the next identical submission starts afresh."""
         fields = {"status": JobStatus.FAILED, "error": error, "finished_at": now()}
-        self._finish(job_id, key, fields, keep_mark=False)
+        return self._finish(job_id, key, fields, keep_mark=False)
 
     def _finish(
         self,
@@ -311,9 +356,9 @@ class JobStore:
         fields: dict[str, Any],
         keep_mark: bool,
         verdict: bytes | None = None,
-    ) -> None:
-        """Final fields, no deadline, the blob gone, waiting API requests told; one
-        round trip."""
+    ) -> list[Hook]:
+        """Final fields, no deadline, the blob gone, waiting API requests told, the
+        job's webhooks taken (returned, for the caller to send); one round trip."""
         ttl = self.settings.job_ttl_s
         pipe = self.sync.durable.pipeline()
         if verdict is not None:
@@ -328,7 +373,10 @@ class JobStore:
         pipe.zrem(self.keys.job_deadlines(), job_id)
         pipe.zrem(self.keys.job_pending(), job_id)
         pipe.publish(self.keys.done_channel(), job_id)
-        pipe.execute()
+        pipe.lrange(self.keys.job_hooks(job_id), 0, -1)
+        pipe.delete(self.keys.job_hooks(job_id))
+        hooks = pipe.execute()[-2]
+        return [Hook.decode(h) for h in hooks]
 
     # -- the reaper's view -----------------------------------------------------------
 
@@ -401,6 +449,10 @@ class JobStore:
     async def apending(self) -> int:
         """Unfinished jobs right now (load shedding's measure)."""
         return int(await self.aio.durable.zcard(self.keys.job_pending()))
+
+    async def ain_flight(self, key: str) -> bool:
+        """Whether a job computing ``key`` exists (a submission would join it)."""
+        return bool(await self.aio.durable.exists(self.keys.inflight(key)))
 
     def _queue_backlog(self, pipe: Any) -> None:
         pipe.zcard(self.keys.job_pending())

@@ -14,12 +14,12 @@ from celery import Task
 from celery.signals import worker_init
 
 from shared import wiring
-from shared.celery_app import TASK_CALLBACK, TASK_SCAN, make_celery
+from shared.celery_app import TASK_CALLBACK, TASK_JOB_CALLBACK, TASK_SCAN, make_celery
 from shared.reaper import Reaper
 from shared.settings import get_settings
 from shared.store import JobStore, ScanStore
 from shared.submit import send_slice
-from worker.scans.callback import CallbackFailed, deliver
+from worker.scans.callback import CallbackFailed, deliver, deliver_job
 from worker.scans.coordinator import Coordinator, remove_expired_scans
 from worker.scans.resolver import RowResolver
 
@@ -109,3 +109,23 @@ def send_callback(self: Task, scan_id: str) -> None:
         logger.warning("scan %s: callback failed (%s); retry %d", scan_id, exc, retries + 1)
         raise self.retry(exc=exc, countdown=min(2**retries, 300)) from exc
     scans.callback_delivered(scan_id)
+
+
+@app.task(name=TASK_JOB_CALLBACK, bind=True, acks_late=True)
+def send_job_callback(self: Task, job_id: str, url: str, delivery_id: str) -> str:
+    """POST a finished job to a webhook its submitter gave, signed; retried with
+    backoff (1 s, 2 s, 4 s ... up to 5 min) ``OFA_CALLBACK_MAX_RETRIES`` times."""
+    job = coordinator().jobs.get(job_id)
+    if job is None or settings.webhook_secret is None:
+        return "job expired, or no webhook secret: nothing sent"
+    secret = settings.webhook_secret.get_secret_value().encode()
+    try:
+        deliver_job(job, url, delivery_id, secret, wiring.url_policy(settings, 0))
+    except CallbackFailed as exc:
+        retries = self.request.retries
+        if retries >= settings.callback_max_retries:
+            logger.error("job %s: webhook to %s failed for good: %s", job_id, url, exc)
+            return f"failed for good: {exc}"
+        logger.warning("job %s: webhook failed (%s); retry %d", job_id, exc, retries + 1)
+        raise self.retry(exc=exc, countdown=min(2**retries, 300)) from exc
+    return f"delivered {delivery_id} to {url}"
