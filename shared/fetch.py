@@ -92,7 +92,7 @@ async def _checked_address(
     except ValueError as exc:  # an unclosed IPv6 bracket, a port out of range
         raise ImageUrlError(f"{what} cannot be parsed ({exc})") from exc
     if parts.scheme not in ("http", "https"):
-        raise ImageUrlError(f"{what} must be http or https, not {parts.scheme!r}")
+        raise ImageUrlError(f"only http and https URLs are accepted, not {parts.scheme!r}")
     if not host:
         raise ImageUrlError(f"{what} has no host")
     port = explicit_port or (443 if parts.scheme == "https" else 80)

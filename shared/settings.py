@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
 
+    # Probe files for orchestrators: a worker writes ``ready`` once its model is loaded
+    # and touches ``alive`` on every heartbeat (``ofa-entail probe ready|alive``).
+    health_dir: Path | None = None
+
     # Network.
     api_host: str = "127.0.0.1"
     api_port: int = 8000

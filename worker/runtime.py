@@ -118,7 +118,18 @@ class Runtime:
             settings, entailer, clients, jobs, scans, batcher, registry, leases, reaper, celery
         )
         threading.Thread(target=rt._heartbeat, name="heartbeat", daemon=True).start()
+        rt._probe_file("ready")
         return rt
+
+    def _probe_file(self, name: str) -> None:
+        """Touch ``health_dir/name`` (the orchestrator's readiness and liveness probes)."""
+        if self.settings.health_dir is None:
+            return
+        try:
+            self.settings.health_dir.mkdir(parents=True, exist_ok=True)
+            (self.settings.health_dir / name).touch()
+        except OSError as exc:
+            logger.warning("could not touch the probe file %s: %s", name, exc)
 
     def _heartbeat(self) -> None:
         """Announce this worker (and its model) for the API's readiness check."""
@@ -127,6 +138,9 @@ class Runtime:
                 self.registry.beat(self.redis.durable, self.name, HEARTBEAT_S)
             except redis.RedisError as exc:
                 logger.warning("heartbeat failed: %s", exc)
+            # Alive means this process still runs its loops; a Redis outage is not
+            # cured by a restart, so it does not stop the touch.
+            self._probe_file("alive")
             self._stop.wait(HEARTBEAT_S)
 
     def stop(self) -> None:

@@ -198,6 +198,23 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed and not stopping else 0
 
 
+def cmd_probe(args: argparse.Namespace, settings: Settings) -> int:
+    """0 when the worker is ready (model loaded) or alive (heartbeat recent), else 1."""
+    if settings.health_dir is None:
+        print("error: OFA_HEALTH_DIR is not set", file=sys.stderr)
+        return 1
+    path = settings.health_dir / args.what
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        print(f"not {args.what}: {path} does not exist", file=sys.stderr)
+        return 1
+    if args.what == "alive" and age > args.max_age:
+        print(f"not alive: last heartbeat {age:.0f}s ago", file=sys.stderr)
+        return 1
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the commands that run the service."""
     p = sub.add_parser("up", help="run everything here: Redis (embedded), worker, API, Flower")
@@ -221,3 +238,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("flower", help="run Flower (monitoring) with basic auth")
     p.set_defaults(func=cmd_flower)
+
+    p = sub.add_parser(
+        "probe", help="a worker's readiness or liveness, from its probe files (OFA_HEALTH_DIR)"
+    )
+    p.add_argument("what", choices=("ready", "alive"))
+    p.add_argument("--max-age", type=float, default=60.0, help="alive: seconds (default 60)")
+    p.set_defaults(func=cmd_probe)
