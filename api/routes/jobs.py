@@ -61,7 +61,9 @@ REQUEST_BODY_DOC: dict[str, Any] = {
                         "image": {"type": "string", "format": "binary"},
                         "text": {"type": "string"},
                         "premise": {"type": "string"},
-                        "callback_url": {"type": "string"},
+                        # An empty example: Swagger UI's "Try it out" would otherwise
+                        # fill in "string", which is no URL.
+                        "callback_url": {"type": "string", "format": "uri", "example": ""},
                     },
                 }
             },
