@@ -1,0 +1,74 @@
+"""The GCRA rate limiter and API key records, against the embedded Valkey."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from shared.keys import Keys
+from shared.store.apikeys import ALL_SCOPES, ApiKeyStore, Caller, Limits, Scope, parse_scopes
+from shared.store.limits import RateLimiter
+
+KEYS = Keys("ofa:limits-test:")
+
+
+def caller(name: str, per_minute: float, burst: int, hit_factor: float = 10) -> Caller:
+    return Caller(name, name, ALL_SCOPES, Limits(per_minute, burst, hit_factor))
+
+
+def test_burst_then_refill_with_honest_retry_after(valkey):
+    async def run() -> None:
+        r = aioredis.Redis.from_url(valkey)
+        limiter = RateLimiter(KEYS, r)
+        who = caller("gcra-1", per_minute=600, burst=3)  # one every 100 ms
+        got = [await limiter.charge(who, "miss") for _ in range(4)]
+        assert [d.admitted for d in got if d] == [True, True, True, False]
+        assert [d.remaining for d in got if d] == [2, 1, 0, 0]
+        refused = got[3]
+        assert refused is not None and 0 < refused.retry_after_s <= 0.1
+        headers = refused.headers()
+        assert headers["Retry-After"] == "1" and headers["RateLimit-Limit"] == "3"
+        await asyncio.sleep(refused.retry_after_s + 0.01)
+        again = await limiter.charge(who, "miss")
+        assert again is not None and again.admitted and again.remaining == 0
+        # Cache hits draw on their own bucket, hit_factor times larger.
+        hits = [await limiter.charge(who, "hit") for _ in range(31)]
+        assert sum(1 for d in hits if d and d.admitted) == 30
+        # Rate 0: no limit, no Redis call.
+        assert await limiter.charge(caller("free", 0, 1), "miss") is None
+        # A server that forgot the script (restart, SCRIPT FLUSH) gets it again.
+        await r.script_flush()
+        assert (await limiter.charge(caller("gcra-2", 60, 1), "miss")).admitted  # type: ignore[union-attr]
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_key_records_store_only_hashes(valkey):
+    sync = redis.Redis.from_url(valkey)
+
+    async def verify(store: ApiKeyStore, token: str) -> Caller | None:
+        r = aioredis.Redis.from_url(valkey)
+        try:
+            return await ApiKeyStore(KEYS, aio=r).averify(token)
+        finally:
+            await r.aclose()
+
+    store = ApiKeyStore(KEYS, sync=sync)
+    token = store.create("team", parse_scopes("jobs, read"), per_minute=30, burst=5)
+    key_id = token.split("_")[1]
+    raw = sync.hgetall(KEYS.api_key(key_id))
+    assert token.encode() not in b"".join(raw.values())
+    who = asyncio.run(verify(store, token))
+    assert who is not None and who.scopes == {Scope.JOBS, Scope.READ}
+    assert who.limits.per_minute == 30 and who.limits.burst == 5
+    assert who.may(Scope.READ) and not who.may(Scope.SCANS)
+    assert asyncio.run(verify(store, token[:-1] + ("A" if token[-1] != "A" else "B"))) is None
+    assert [r.name for r in store.list() if r.key_id == key_id] == ["team"]
+    assert store.revoke(key_id) and not store.revoke("f" * 16)
+    assert asyncio.run(verify(store, token)) is None
+    with pytest.raises(ValueError, match="unknown scope 'admin'"):
+        parse_scopes("jobs,admin")
