@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, HTTPException, Request
 
 from api.waiter import JobWaiter
 from shared import wiring
@@ -67,8 +66,8 @@ class Services:
         self.redis_sync.close()
 
 
-def get_services(request: Request) -> Services:
-    """The application's services."""
+async def get_services(request: Request) -> Services:
+    """The application's services (async: a plain def would cost a thread hop)."""
     services: Services = request.app.state.services
     return services
 
@@ -76,14 +75,27 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-# Declared as security schemes, so the OpenAPI document says how to authenticate and
-# the docs' Authorize button sends the key (either one is enough).
-BEARER = HTTPBearer(
-    auto_error=False, scheme_name="bearer", description="`Authorization: Bearer KEY`"
-)
-API_KEY_HEADER = APIKeyHeader(
-    name="X-API-Key", auto_error=False, scheme_name="apiKey", description="`X-API-Key: KEY`"
-)
+# How a key is presented; the OpenAPI document declares both schemes (added in
+# api/problems.py:install), so the docs' Authorize button sends the key. Read straight
+# from the headers: FastAPI's security dependencies cost a resolution step each on
+# every request.
+SECURITY_SCHEMES: dict[str, dict[str, str]] = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer KEY`"},
+    "apiKey": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "`X-API-Key: KEY`",
+    },
+}
+
+
+def presented_key(request: Request) -> str:
+    """``Authorization: Bearer KEY``, else ``X-API-Key: KEY``, else empty."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.headers.get("x-api-key", "").strip()
 
 
 class RateLimitedError(Exception):
@@ -112,15 +124,10 @@ def _env_caller(services: Services, given: str) -> Caller | None:
     return None
 
 
-async def authenticate(
-    services: ServicesDep,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
-    header_key: Annotated[str | None, Security(API_KEY_HEADER)],
-) -> Caller:
-    """The caller presenting ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``: a key
-    record (``ofa-entail keys``) or an ``OFA_API_KEYS`` entry. Unknown, wrong or revoked
-    keys get 401."""
-    given = (bearer.credentials.strip() if bearer else "") or (header_key or "").strip()
+async def authenticate(services: Services, request: Request) -> Caller:
+    """The caller presenting the request's key: a key record (``ofa-entail keys``) or
+    an ``OFA_API_KEYS`` entry. Missing, unknown, wrong or revoked keys get 401."""
+    given = presented_key(request)
     if not given:
         raise HTTPException(401, "missing API key", headers={"WWW-Authenticate": "Bearer"})
     caller = services.key_cache.get(given) or _env_caller(services, given)
@@ -135,7 +142,8 @@ async def authenticate(
 
 
 def _scoped(scope: Scope) -> Any:
-    async def check(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
+    async def check(request: Request) -> Caller:
+        caller = await authenticate(request.app.state.services, request)
         if not caller.may(scope):
             raise HTTPException(
                 403, f"this API key ({caller.name}) lacks the '{scope.value}' scope"
@@ -148,6 +156,28 @@ def _scoped(scope: Scope) -> Any:
 ReadDep = Annotated[Caller, Depends(_scoped(Scope.READ))]
 JobsDep = Annotated[Caller, Depends(_scoped(Scope.JOBS))]
 ScansDep = Annotated[Caller, Depends(_scoped(Scope.SCANS))]
+
+
+@dataclass(frozen=True)
+class Call:
+    """The services and the authorised caller in one dependency: each dependency costs
+    FastAPI a resolution step, and the job routes are the hot path."""
+
+    services: Services
+    caller: Caller
+
+
+def _scoped_call(scope: Scope) -> Any:
+    check = _scoped(scope)
+
+    async def call(request: Request) -> Call:
+        return Call(request.app.state.services, await check(request))
+
+    return call
+
+
+ReadCall = Annotated[Call, Depends(_scoped_call(Scope.READ))]
+JobsCall = Annotated[Call, Depends(_scoped_call(Scope.JOBS))]
 
 
 async def charge(services: Services, caller: Caller, bucket: str, what: str) -> Decision | None:

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from api import metrics
-from api.deps import RateLimitedError
+from api.deps import SECURITY_SCHEMES, RateLimitedError
 from shared import errors
 from shared.errors import BadInputError, OverloadedError, QueueUnavailableError
 
@@ -98,6 +98,12 @@ def install(app: FastAPI) -> None:
                 doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas.update(doc.pop("$defs", {}))
                 schemas[model.__name__] = doc
+            # Every jobs and scans operation needs a key (api/deps.py), either scheme.
+            spec["components"]["securitySchemes"] = SECURITY_SCHEMES
+            for path_item in spec.get("paths", {}).values():
+                for op in path_item.values():
+                    if set(op.get("tags", ())) & {"jobs", "scans"}:
+                        op["security"] = [{name: []} for name in SECURITY_SCHEMES]
         assert app.openapi_schema is not None
         return app.openapi_schema
 

@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 
 from api import metrics
 from api.callbacks import check_callback
-from api.deps import JobsDep, RateLimitedError, ReadDep, Services, ServicesDep, charge
+from api.deps import JobsCall, RateLimitedError, ReadCall, Services, charge
 from api.problems import documented, problem_body, status_of
 from shared.errors import (
     BadInputError,
@@ -259,12 +259,12 @@ async def _submit(s: Services, caller: Caller, sub: Submission) -> Answer:
 )
 async def post_job(
     request: Request,
-    s: ServicesDep,
-    caller: JobsDep,
+    call: JobsCall,
     wait: float = Query(0, ge=0, description="seconds to hold the request for the verdict"),
 ) -> Response:
     """Answer from the cache (200), or queue the work and return a job id (202)."""
-    answer = await _submit(s, caller, await _parse(request, s))
+    s = call.services
+    answer = await _submit(s, call.caller, await _parse(request, s))
     headers = answer.limited.headers() if answer.limited else {}
     if answer.cached is not None:
         return Response(
@@ -386,11 +386,12 @@ async def _batch_items(request: Request, s: Services) -> list[Submission | Excep
     summary="Submit several items at once",
     responses=documented(400, 413, 415),
 )
-async def post_batch(request: Request, s: ServicesDep, caller: JobsDep) -> BatchAccepted:
+async def post_batch(request: Request, call: JobsCall) -> BatchAccepted:
     """Up to ``OFA_BATCH_MAX_ITEMS`` items, each answered on its own, in order: a cached
     verdict (status 200), a job id to poll (202), or its own problem (4xx/5xx, as the
     single endpoint would give). A refused item stores nothing; the others go on. Each
     item counts against the key's rate limit like a single submission."""
+    s, caller = call.services, call.caller
     answers: list[BatchItem] = []
     for index, item in enumerate(await _batch_items(request, s)):
         try:
@@ -410,9 +411,9 @@ async def post_batch(request: Request, s: ServicesDep, caller: JobsDep) -> Batch
 
 
 @router.get("/{job_id}", response_model=Job, summary="Poll a job", responses=documented(404))
-async def get_job(job_id: str, s: ServicesDep, _auth: ReadDep) -> Job:
+async def get_job(job_id: str, call: ReadCall) -> Job:
     """Status, timestamps, and the verdict or error. Unknown or expired ids: 404."""
-    job = await s.jobs.aget(job_id)
+    job = await call.services.jobs.aget(job_id)
     if job is None:
         raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
     return job
@@ -424,12 +425,12 @@ async def get_job(job_id: str, s: ServicesDep, _auth: ReadDep) -> Job:
     summary="Cancel a job",
     responses=documented(404),
 )
-async def delete_job(job_id: str, s: ServicesDep, _auth: JobsDep) -> JobCancelled:
+async def delete_job(job_id: str, call: JobsCall) -> JobCancelled:
     """A queued job nobody else joined is cancelled (it ends failed, "cancelled", and
     the next identical submission starts afresh). A job others joined keeps running for
     them ("detached"); a running or finished job is left to finish and its verdict is
     still cached ("unchanged")."""
-    got = await s.jobs.acancel(job_id)
+    got = await call.services.jobs.acancel(job_id)
     if got is None:
         raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
     outcome, status = got

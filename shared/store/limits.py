@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
@@ -19,23 +21,31 @@ from redis.exceptions import NoScriptError
 from shared.keys import Keys
 from shared.store.apikeys import Caller
 
-# KEYS: bucket. ARGV: emission interval (ms), burst. Returns {admitted, remaining,
+# KEYS: bucket. ARGV: emission interval T (ms), burst B, cost n. Admits n requests at
+# once when the new TAT stays within B*T of now. Returns {admitted, remaining,
 # retry_after_ms, reset_ms}.
 _GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local T = tonumber(ARGV[1])
-local tau = T * (tonumber(ARGV[2]) - 1)
+local limit = T * tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-if tat - now > tau then
-  return {0, 0, tostring(tat - tau - now), tostring(tat - now)}
+local new_tat = tat + T * tonumber(ARGV[3])
+if new_tat - now > limit then
+  return {0, 0, tostring(new_tat - limit - now), tostring(tat - now)}
 end
-local new_tat = tat + T
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
-local remaining = math.floor((tau - (new_tat - T - now)) / T)
-return {1, remaining, '0', tostring(new_tat - now)}
+return {1, math.floor((limit - (new_tat - now)) / T), '0', tostring(new_tat - now)}
 """
+
+# Cache hits take their tokens from Redis this many at a time (at most; fewer for small
+# bursts) and spend them locally for up to LEASE_S: one round trip per batch instead of
+# one per request. Tokens a process leased and did not spend are lost, never lent
+# twice, so a limit is never exceeded across processes; near the limit a process may
+# refuse a little early while another holds unspent tokens.
+HIT_BATCH = 16
+LEASE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,10 @@ class Decision:
 
     def headers(self) -> dict[str, str]:
         """``RateLimit-*`` headers (IETF draft), and ``Retry-After`` when refused."""
+        return dict(self._headers)  # a copy: callers add their own
+
+    @cached_property
+    def _headers(self) -> dict[str, str]:  # a leased decision answers many requests
         out = {
             "RateLimit-Limit": str(self.limit),
             "RateLimit-Remaining": str(self.remaining),
@@ -62,14 +76,25 @@ class Decision:
         return out
 
 
+@dataclass
+class _Lease:
+    """Hit tokens this process took from Redis and has not spent yet."""
+
+    tokens: int
+    expires: float
+    decision: Decision
+
+
 class RateLimiter:
-    """Charges requests to a caller's buckets: ``miss`` (work that computes, scans) and
-    ``hit`` (answered from the cache, ``hit_factor`` times as generous)."""
+    """Charges requests to a caller's buckets: ``miss`` (work that computes, scans:
+    exact, one atomic call each) and ``hit`` (answered from the cache, ``hit_factor``
+    times as generous, taken in leased batches)."""
 
     def __init__(self, keys: Keys, durable: aioredis.Redis) -> None:
         self.keys = keys
         self.redis = durable
         self._sha = hashlib.sha1(_GCRA.encode()).hexdigest()
+        self._leases: dict[str, _Lease] = {}
 
     async def charge(self, caller: Caller, bucket: str) -> Decision | None:
         """Admit or refuse one request; None when the caller has no limit."""
@@ -81,10 +106,34 @@ class RateLimiter:
         burst = max(1, int(limits.burst * factor))
         interval_ms = 60_000.0 / rate
         key = self.keys.rate_bucket(caller.key_id, bucket)
-        try:  # EVALSHA directly: the cheapest call on the cache-hit path
-            reply = await self.redis.evalsha(self._sha, 1, key, interval_ms, burst)
+        if bucket != "hit":
+            return await self._take(key, interval_ms, burst, 1)
+        lease = self._leases.get(key)
+        now = time.monotonic()
+        if lease is not None and lease.expires > now:
+            if lease.tokens > 0:
+                lease.tokens -= 1
+                return lease.decision
+            if not lease.decision.admitted:  # refused until then: no need to ask
+                return replace(lease.decision, retry_after_s=lease.expires - now)
+        batch = max(1, min(HIT_BATCH, burst // HIT_BATCH))
+        decision = await self._take(key, interval_ms, burst, batch)
+        if not decision.admitted and batch > 1:
+            decision = await self._take(key, interval_ms, burst, 1)
+            batch = 1
+        if len(self._leases) > 10_000:
+            self._leases.clear()
+        if decision.admitted:
+            self._leases[key] = _Lease(batch - 1, now + LEASE_S, decision)
+        else:
+            self._leases[key] = _Lease(0, now + decision.retry_after_s, decision)
+        return decision
+
+    async def _take(self, key: str, interval_ms: float, burst: int, cost: int) -> Decision:
+        try:  # EVALSHA directly: the cheapest call
+            reply = await self.redis.evalsha(self._sha, 1, key, interval_ms, burst, cost)
         except NoScriptError:  # a restarted server forgot it: send it once
-            reply = await self.redis.eval(_GCRA, 1, key, interval_ms, burst)
+            reply = await self.redis.eval(_GCRA, 1, key, interval_ms, burst, cost)
         admitted, remaining, retry_ms, reset_ms = reply
         return Decision(
             admitted=bool(admitted),

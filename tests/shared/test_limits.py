@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -51,6 +53,37 @@ def test_burst_then_refill_with_honest_retry_after(valkey):
             await run(r)
         finally:
             await r.aclose()
+
+    asyncio.run(main())
+
+
+def test_hit_tokens_are_leased_in_batches_never_over_the_limit(valkey):
+    """Two limiters (two API processes) share a hit bucket of 320 at 10/s: leasing 16 at
+    a time, together they never admit more than the bucket and its refill allow, and
+    lose at most a lease each to tokens the other holds."""
+
+    async def main() -> None:
+        clients = [aioredis.Redis.from_url(valkey) for _ in range(2)]
+        try:
+            limiters = [RateLimiter(KEYS, c) for c in clients]
+            who = caller("leased", per_minute=60, burst=32, hit_factor=10)
+
+            def evalsha_calls(stats: dict) -> int:
+                return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+            before = evalsha_calls(await clients[0].info("commandstats"))
+            t0 = time.monotonic()
+            got = [await limiters[i % 2].charge(who, "hit") for i in range(400)]
+            elapsed = time.monotonic() - t0
+            admitted = sum(1 for d in got if d and d.admitted)
+            assert 320 - 2 * 16 <= admitted <= 320 + math.ceil(elapsed * 10), (admitted, elapsed)
+            assert not got[-1].admitted and got[-1].headers()["Retry-After"] == "1"  # type: ignore[union-attr]
+            # 400 charges, far fewer round trips: one per lease, plus the refusals.
+            calls = evalsha_calls(await clients[0].info("commandstats")) - before
+            assert calls < 150, calls
+        finally:
+            for c in clients:
+                await c.aclose()
 
     asyncio.run(main())
 
