@@ -46,9 +46,21 @@ browser:
 test: install browser lint
 	$(PY) -m pytest
 
+# Every benchmark, each writing its results file (machine, command, figures). The
+# HTTP one needs wrk (Debian's package) as its external load generator. Long: the
+# runtime benchmark runs ModelScope's reference at the OFA-Large shape (~15 min).
 bench: install
-	$(PY) -m tests.benchmarks.bench_runtime --out tests/benchmarks/results/runtime-cpu.md
+	@command -v wrk >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	$(PY) -m tests.benchmarks.bench_http --out tests/benchmarks/results/http-cpu.md
 	$(PY) -m tests.benchmarks.bench_service --out tests/benchmarks/results/service-cpu.md
+	$(PY) -m tests.benchmarks.bench_scan --out tests/benchmarks/results/scan-cpu.md
+	mkdir -p $(DATA)
+	$(PY) -m tests.benchmarks.bench_durable_ack --appendfsync everysec --out $(DATA)/ack-1.md
+	$(PY) -m tests.benchmarks.bench_durable_ack --appendfsync always --out $(DATA)/ack-2.md
+	{ cat $(DATA)/ack-1.md; echo; sed '1s/.*/## The same with appendfsync always/' \
+	  $(DATA)/ack-2.md; } > tests/benchmarks/results/durable-ack-cpu.md
+	$(PY) -m tests.benchmarks.bench_runtime --out tests/benchmarks/results/runtime-cpu.md
 
 clean:
 	rm -rf $(VENV) $(DATA) .pytest_cache .mypy_cache .ruff_cache
