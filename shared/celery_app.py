@@ -143,8 +143,11 @@ def make_celery(settings: Settings) -> Celery:
         task_time_limit=settings.task_time_limit_s,
         task_ignore_result=True,  # job records carry the outcome
         result_expires=settings.job_ttl_s,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        worker_send_task_events=True,  # Flower: received, started, succeeded (and result)
+        # No "sent" event from the API: a fan-out PUBLISH per submission cost about a
+        # third of send_task (tests/benchmarks/results/plumbing-cpu.md); Flower lists a
+        # task from the moment a worker receives it, and the job record has its creation.
+        task_send_sent_event=False,
         task_default_queue=queue_name(*settings.model_tag),
         worker_hijack_root_logger=False,
         broker_pool_limit=64,

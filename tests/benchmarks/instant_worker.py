@@ -1,0 +1,48 @@
+"""A worker whose model answers instantly: everything else is real (Celery, Redis, the
+batcher, preprocessing). For measuring the plumbing around the model, the ceiling a
+GPU worker would hit: ``python -m tests.benchmarks.instant_worker`` takes the same
+settings as ``ofa-entail worker``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from shared.celery_app import queue_name
+from shared.cli.serve import celery_worker_argv
+from shared.settings import get_settings
+
+ANSWER = {"entailment": 0.6, "contradiction": 0.1, "neutral": 0.3}
+
+
+def _instant_loader(real: Any) -> Any:
+    def load(*args: Any, **kwargs: Any) -> Any:
+        from worker.ofa.entail import Prediction
+
+        entailer = real(*args, **kwargs)
+
+        def score(batch: Sequence[Any]) -> list[Prediction]:
+            return [Prediction("entailment", "yes", dict(ANSWER)) for _ in batch]
+
+        entailer.score = score
+        return entailer
+
+    return load
+
+
+def main() -> None:
+    import worker.runtime
+
+    worker.runtime.load_entailer = _instant_loader(worker.runtime.load_entailer)  # type: ignore[assignment]
+    settings = get_settings()
+    queues = [queue_name(*settings.model_tag), queue_name(*settings.model_tag, bulk=True)]
+    argv = celery_worker_argv("worker.app:app", queues, settings.worker_threads, "instant", False)
+    from celery.__main__ import main as celery_main
+
+    sys.argv = ["celery", *argv[3:]]
+    celery_main()
+
+
+if __name__ == "__main__":
+    main()
