@@ -15,6 +15,7 @@ from shared.settings import Settings, get_settings
 from shared.wiring import redis_urls
 
 TASK_ENTAIL = "ofa.entail"
+TASK_ENTAIL_CHUNK = "ofa.entail.chunk"
 TASK_SCAN = "ofa.scan.run"
 TASK_CALLBACK = "ofa.scan.callback"
 TASK_JOB_CALLBACK = "ofa.job.callback"

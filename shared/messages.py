@@ -119,6 +119,16 @@ class EntailTask(BaseModel):
         return self.scan_id is not None
 
 
+class EntailChunk(BaseModel):
+    """The ``ofa.entail.chunk`` message: a scan's jobs for one model, sent together on
+    the bulk queue (one Celery message, one task in Flower, for up to
+    ``OFA_BULK_CHUNK_JOBS`` rows). Each still has its own job record and outcome."""
+
+    model: str
+    revision: str
+    items: list[EntailTask]
+
+
 # --- jobs and scans as the API reports them --------------------------------------------
 
 

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     scan_window: int = Field(256, ge=1, le=100_000)  # distinct misses in flight per scan
     scan_fetch_concurrency: int = Field(16, ge=1, le=512)
     scan_chunk_rows: int = Field(500, ge=1, le=100_000)
+    # A scan's misses travel to the workers this many to a Celery message (each still
+    # its own job). Keep one chunk's scoring time well under the visibility timeout.
+    bulk_chunk_jobs: int = Field(32, ge=1, le=1000)
     scan_slice_s: float = Field(10.0, gt=0)  # a coordinator task's slice before it re-queues
     scan_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     max_manifest_bytes: int = Field(2 * 1024**3, ge=1024)

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import redis
 from celery import Celery
 
-from shared.celery_app import SCAN_QUEUE, TASK_ENTAIL, TASK_JOB_CALLBACK, TASK_SCAN, queue_name
+from shared.celery_app import (
+    SCAN_QUEUE,
+    TASK_ENTAIL,
+    TASK_ENTAIL_CHUNK,
+    TASK_JOB_CALLBACK,
+    TASK_SCAN,
+    queue_name,
+)
 from shared.errors import ManifestError, PayloadTooLargeError, QueueUnavailableError
-from shared.messages import EntailTask, JobStatus
+from shared.messages import EntailChunk, EntailTask, JobStatus
 from shared.scans.folder import ScanFolder
 from shared.scans.manifest import check_jsonl_head, csv_to_jsonl, file_under
 from shared.settings import Settings
@@ -113,6 +121,82 @@ def submit_job(
             logger.exception("could not clean up after a failed enqueue")
         raise QueueUnavailableError(f"the job queue is unavailable ({type(exc).__name__})") from exc
     return got.job_id, True
+
+
+@dataclass(frozen=True)
+class BulkItem:
+    """One scan row's work: what ``submit_bulk`` needs to create or join its job."""
+
+    key: str
+    image: bytes
+    text: str
+    premise: str | None
+
+
+def send_chunk(celery: Celery, msgs: list[EntailTask]) -> None:
+    """Send scan jobs as one ``ofa.entail.chunk`` message on the model's bulk queue."""
+    first = msgs[0]
+    chunk = EntailChunk(model=first.model, revision=first.revision, items=msgs)
+    celery.send_task(
+        TASK_ENTAIL_CHUNK,
+        kwargs={"msg": chunk.model_dump()},
+        queue=queue_name(first.model, first.revision, bulk=True),
+        retry=False,
+        ignore_result=True,
+    )
+
+
+def submit_bulk(
+    store: JobStore, celery: Celery, scan_id: str, items: list[BulkItem], chunk: int
+) -> list[str]:
+    """Join or create the job of each item (in order; returns their ids), then send
+    the new ones ``chunk`` to a message. Records and dispatch deadlines are written
+    before any message goes out, as for one job; if the broker refuses, the jobs of
+    that message and of the ones not sent yet are removed and ``QueueUnavailableError``
+    raised (jobs already sent stay: they run)."""
+    model_id, revision = store.settings.model_tag
+    ids: list[str] = []
+    new: list[EntailTask] = []
+    for item in items:
+        try:
+            got = store.create_or_join(item.key, item.image, item.text, item.premise, scan_id)
+        except redis.RedisError as exc:
+            _discard(store, new)
+            raise QueueUnavailableError(
+                f"the job store is unavailable ({type(exc).__name__})"
+            ) from exc
+        ids.append(got.job_id)
+        if got.created:
+            new.append(
+                EntailTask(
+                    job_id=got.job_id,
+                    key=item.key,
+                    model=model_id,
+                    revision=revision,
+                    text=item.text,
+                    premise=item.premise,
+                    scan_id=scan_id,
+                )
+            )
+        elif got.overdue:
+            _send_again(store, celery, got.job_id)
+    for start in range(0, len(new), chunk):
+        try:
+            send_chunk(celery, new[start : start + chunk])
+        except Exception as exc:
+            _discard(store, new[start:])
+            raise QueueUnavailableError(
+                f"the job queue is unavailable ({type(exc).__name__})"
+            ) from exc
+    return ids
+
+
+def _discard(store: JobStore, msgs: list[EntailTask]) -> None:
+    for msg in msgs:
+        try:
+            store.discard(msg.job_id, msg.key)
+        except redis.RedisError:
+            logger.exception("could not clean up after a failed enqueue")
 
 
 def _hook(store: JobStore, celery: Celery, job_id: str, url: str) -> None:

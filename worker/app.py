@@ -13,8 +13,8 @@ from celery import Task
 from celery.exceptions import Reject
 from celery.signals import worker_init, worker_shutdown
 
-from shared.celery_app import TASK_ENTAIL, make_celery
-from shared.messages import EntailTask
+from shared.celery_app import TASK_ENTAIL, TASK_ENTAIL_CHUNK, make_celery
+from shared.messages import EntailChunk, EntailTask
 from shared.settings import get_settings
 from worker import jobs
 from worker.runtime import get_runtime, stop_runtime
@@ -61,3 +61,14 @@ def entail(self: Task, msg: EntailTask) -> str:
         f"{verdict.label} ({verdict.answer}) entailment={p.entailment:.3f} "
         f"contradiction={p.contradiction:.3f} neutral={p.neutral:.3f}"
     )
+
+
+@app.task(name=TASK_ENTAIL_CHUNK, bind=True, acks_late=True, pydantic=True)
+def entail_chunk(self: Task, msg: EntailChunk) -> str:
+    """Score a chunk of a scan's jobs (bulk queue): one message for many rows, each row
+    still its own job with its own outcome. Returns counts, which Flower shows."""
+    rt = get_runtime(settings, app)
+    if (msg.model, msg.revision) != rt.model_tag:
+        raise Reject(f"this worker serves {rt.model_tag}, not {(msg.model, msg.revision)}", True)
+    counts = jobs.run_chunk(rt, msg.items)
+    return f"chunk of {len(msg.items)}: " + ", ".join(f"{k} {v}" for k, v in counts.items())

@@ -9,6 +9,7 @@ the job at once; any other error puts it back to queued for the reaper to send a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import redis
@@ -17,6 +18,7 @@ from shared.errors import BadInputError
 from shared.messages import EntailTask, ScanStatus, Verdict
 from shared.store import StartAction
 from shared.submit import send_hooks
+from worker.ofa.entail import Prediction, Prepared
 from worker.runtime import Runtime, make_verdict
 
 logger = logging.getLogger(__name__)
@@ -28,12 +30,10 @@ def fail(rt: Runtime, msg: EntailTask, error: str) -> None:
     logger.info("job %s failed: %s", msg.job_id, error)
 
 
-def run_job(rt: Runtime, msg: EntailTask) -> Verdict | None:
-    """Compute (or find) the verdict for one job and record it; None when there was
-    nothing to do or the job failed. Idempotent: a message for a finished job, or for
-    one another worker holds a live lease on, does nothing. Scan jobs yield to
-    interactive ones in the batcher and are dropped when their scan is cancelled,
-    unless someone else joined them."""
+def begin(rt: Runtime, msg: EntailTask) -> Verdict | Prepared | None:
+    """Take the job: the verdict when it is already known (cached), the prepared item
+    when it must be scored, None when there is nothing to do (finished, gone, running
+    elsewhere, or failed here: a cancelled scan, a poison job, bad input)."""
     if (
         msg.scan_id
         and rt.scans.status(msg.scan_id) == ScanStatus.CANCELLED
@@ -55,18 +55,67 @@ def run_job(rt: Runtime, msg: EntailTask) -> Verdict | None:
         fail(rt, msg, "the image expired before a worker could take the job")
         return None
     try:
-        prepared = rt.entailer.prepare(started.blob, msg.text, msg.premise)
+        return rt.entailer.prepare(started.blob, msg.text, msg.premise)
     except BadInputError as exc:
         fail(rt, msg, f"{exc.title}: {exc.detail}")
         return None
-    priority = 1 if msg.bulk else 0
-    with rt.leases.holding(msg.job_id):
-        prediction = rt.batcher.submit(prepared, priority).result(
-            timeout=rt.settings.task_soft_time_limit_s
-        )
+
+
+def finish(rt: Runtime, msg: EntailTask, prediction: Prediction) -> Verdict:
+    """Record the model's answer: the verdict cached, the job succeeded, its webhooks
+    queued."""
     verdict = make_verdict(prediction, rt.model_tag, msg.key)
     send_hooks(rt.celery, msg.job_id, rt.jobs.succeed(msg.job_id, msg.key, verdict, cached=False))
     return verdict
+
+
+def run_job(rt: Runtime, msg: EntailTask) -> Verdict | None:
+    """Compute (or find) the verdict for one job and record it; None when there was
+    nothing to do or the job failed. Idempotent: a message for a finished job, or for
+    one another worker holds a live lease on, does nothing. Scan jobs yield to
+    interactive ones in the batcher and are dropped when their scan is cancelled,
+    unless someone else joined them."""
+    got = begin(rt, msg)
+    if not isinstance(got, Prepared):
+        return got
+    priority = 1 if msg.bulk else 0
+    with rt.leases.holding(msg.job_id):
+        prediction = rt.batcher.submit(got, priority).result(
+            timeout=rt.settings.task_soft_time_limit_s
+        )
+    return finish(rt, msg, prediction)
+
+
+def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:
+    """A chunk of scan jobs: each taken and prepared, all handed to the batcher at once
+    (so they fill batches, behind any interactive work), each finished on its own. One
+    item's error never touches the others: it goes back to queued (``retry_later``)
+    or fails alone. Returns counts for the task's summary."""
+    counts = {"scored": 0, "cached": 0, "skipped": 0, "retried": 0}
+    todo: list[tuple[EntailTask, Prepared]] = []
+    for msg in msgs:
+        try:
+            got = begin(rt, msg)
+        except Exception as exc:
+            retry_later(rt, msg, exc)
+            counts["retried"] += 1
+            continue
+        if isinstance(got, Prepared):
+            todo.append((msg, got))
+        else:
+            counts["cached" if got is not None else "skipped"] += 1
+    with contextlib.ExitStack() as held:
+        for msg, _ in todo:
+            held.enter_context(rt.leases.holding(msg.job_id))
+        futures = [(msg, rt.batcher.submit(item, 1)) for msg, item in todo]
+        for msg, future in futures:
+            try:
+                finish(rt, msg, future.result(timeout=rt.settings.task_soft_time_limit_s))
+                counts["scored"] += 1
+            except Exception as exc:
+                retry_later(rt, msg, exc)
+                counts["retried"] += 1
+    return counts
 
 
 def retry_later(rt: Runtime, msg: EntailTask, exc: Exception) -> None:

@@ -92,3 +92,28 @@ def test_a_cancelled_scan_drops_its_jobs(rt: Runtime):
     rt.scans.durable.hset(rt.scans.keys.scan("s-cancel"), "status", "cancelled")
     assert run_job(rt, msg) is None
     assert rt.jobs.get(msg.job_id).error == "scan cancelled"  # type: ignore[union-attr]
+
+
+def test_a_chunk_runs_its_items_together_each_with_its_own_outcome(rt: Runtime):
+    from tests.helpers import VERDICT, small_jpeg
+    from worker.jobs import run_chunk
+
+    fresh = [queued(rt, small_jpeg(seed=300 + i), f"chunk row {i}", "scan-c") for i in range(5)]
+    done = queued(rt, small_jpeg(seed=310), "already done", "scan-c")
+    rt.jobs.succeed(done.job_id, done.key, VERDICT, cached=False)
+    cached = queued(rt, small_jpeg(seed=311), "cached meanwhile", "scan-c")
+    rt.redis.cache.set(rt.jobs.keys.verdict(cached.key), VERDICT.model_dump_json())
+    broken = queued(rt, b"\xff\xd8 not really a jpeg", "broken", "scan-c")
+    stats = rt.jobs.batch_stats()
+    counts = run_chunk(rt, [*fresh, done, cached, broken])
+    assert counts == {"scored": 5, "cached": 1, "skipped": 2, "retried": 0}
+    after = rt.jobs.batch_stats()
+    assert after["items"] - stats.get("items", 0) == 5
+    assert after["batches"] - stats.get("batches", 0) <= 2  # scored together, not one by one
+    for msg in fresh:
+        job = rt.jobs.get(msg.job_id)
+        assert job is not None and job.status == JobStatus.SUCCEEDED and job.verdict is not None
+    cached_job = rt.jobs.get(cached.job_id)
+    assert cached_job is not None and cached_job.cached
+    failed = rt.jobs.get(broken.job_id)
+    assert failed is not None and failed.status == JobStatus.FAILED and failed.error

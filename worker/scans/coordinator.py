@@ -32,7 +32,7 @@ from shared.scans.manifest import Row, gold_label, read_rows
 from shared.scans.results import ResultsDB, RowResult
 from shared.settings import Settings
 from shared.store import JobStore, ScanStore
-from shared.submit import submit_job
+from shared.submit import BulkItem, submit_bulk
 from worker.scans.resolver import Resolved, RowResolver
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ class Coordinator:
             hits = self.jobs.cached_many(unique)
             already = db.pending()
             jobs: dict[str, str] = {}
+            new: dict[str, BulkItem] = {}  # key -> work for a job not known yet
             results: list[RowResult] = []
             for r in resolved:
                 row = r.row
@@ -182,21 +183,35 @@ class Coordinator:
                     )
                     continue
                 job_id = already.get(r.key) or jobs.get(r.key)
-                if job_id is None:
+                if job_id is None and r.key not in new:
                     try:
                         image = await self.resolver.image_for_job(r, client)
-                        job_id, _ = submit_job(
-                            self.jobs, self.celery, r.key, image, r.text, r.premise, scan_id
-                        )
                     except RowError as exc:
                         results.append(
                             RowResult(row.idx, row.item_id, RowState.FAILED, r.key, error=str(exc))
                         )
                         continue
-                    jobs[r.key] = job_id
+                    new[r.key] = BulkItem(r.key, image, r.text, r.premise)
                 results.append(
                     RowResult(row.idx, row.item_id, RowState.PENDING, r.key, job_id=job_id)
                 )
+            # The chunk's new work: jobs created (or joined) together, sent a chunk of
+            # jobs to a Celery message.
+            if new:
+                ids = submit_bulk(
+                    self.jobs,
+                    self.celery,
+                    scan_id,
+                    list(new.values()),
+                    self.settings.bulk_chunk_jobs,
+                )
+                jobs.update(zip(new, ids, strict=True))
+                results = [
+                    replace(res, job_id=jobs[res.key])
+                    if res.state == RowState.PENDING and res.job_id is None and res.key
+                    else res
+                    for res in results
+                ]
             golds = {row.idx: gold_label(row.fields) for row in rows}
             return [replace(res, gold=golds[res.idx]) for res in results]
 

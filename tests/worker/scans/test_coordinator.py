@@ -15,12 +15,12 @@ import pytest
 from shared import wiring
 from shared.celery_app import make_celery, queue_name
 from shared.keys import verdict_key
-from shared.messages import EntailTask, ScanStatus
+from shared.messages import EntailChunk, EntailTask, ScanStatus
 from shared.scans.folder import ScanFolder
 from shared.scans.results import ResultsDB, result_line
 from tests.conftest import INPROC_MODEL
 from tests.helpers import VERDICT, broker_messages, small_jpeg
-from worker.jobs import run_job
+from worker.jobs import run_chunk, run_job
 from worker.runtime import Runtime
 from worker.scans.coordinator import Coordinator, remove_expired_scans
 from worker.scans.resolver import RowResolver
@@ -48,14 +48,26 @@ def b64(data: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
-def drain_bulk_queue(rt: Runtime, rdb) -> int:
-    """What a worker would do with the bulk messages: run each job."""
+def drain_bulk_queue(rt: Runtime, rdb, messages_seen: list[int] | None = None) -> int:
+    """What a worker would do with the bulk messages (chunks of a scan's jobs, or one
+    job the reaper re-sent): run each job. Returns the number of jobs."""
     queue = queue_name(*INPROC_MODEL, bulk=True)
     messages = broker_messages(rdb, queue)
     rdb.delete(queue)
+    if messages_seen is not None:
+        messages_seen.append(len(messages))
+    jobs = 0
     for message in messages:
-        run_job(rt, EntailTask.model_validate(message["kwargs"]["msg"]))
-    return len(messages)
+        body = message["kwargs"]["msg"]
+        if "items" in body:
+            chunk = EntailChunk.model_validate(body)
+            counts = run_chunk(rt, chunk.items)
+            assert counts["retried"] == 0, counts
+            jobs += len(chunk.items)
+        else:
+            run_job(rt, EntailTask.model_validate(body))
+            jobs += 1
+    return jobs
 
 
 def test_a_scan_end_to_end_in_process(coord, rt, jobs, scans, rdb, inproc_settings):
@@ -80,7 +92,9 @@ def test_a_scan_end_to_end_in_process(coord, rt, jobs, scans, rdb, inproc_settin
     scans.create(folder.scan_id, len(rows) + 2, str(folder.manifest), None)
 
     assert coord.run(folder.scan_id) == "more"  # two distinct misses wait for a worker
-    assert drain_bulk_queue(rt, rdb) == 2  # "miss" and "dup" share one job
+    sent: list[int] = []
+    assert drain_bulk_queue(rt, rdb, sent) == 2  # "miss" and "dup" share one job
+    assert sent == [1]  # both in one chunk message
     assert coord.run(folder.scan_id) == "done"
 
     summary = scans.summary(folder.scan_id)
