@@ -16,7 +16,7 @@ import redis
 
 from shared.errors import BadInputError
 from shared.messages import EntailTask, ScanStatus, Verdict
-from shared.store import StartAction
+from shared.store import StartAction, Started
 from shared.submit import send_hooks
 from worker.ofa.entail import Prediction, Prepared
 from worker.runtime import Runtime, make_verdict
@@ -30,18 +30,25 @@ def fail(rt: Runtime, msg: EntailTask, error: str) -> None:
     logger.info("job %s failed: %s", msg.job_id, error)
 
 
-def begin(rt: Runtime, msg: EntailTask) -> Verdict | Prepared | None:
+def begin(
+    rt: Runtime, msg: EntailTask, scan_cancelled: bool | None = None
+) -> Verdict | Prepared | None:
     """Take the job: the verdict when it is already known (cached), the prepared item
     when it must be scored, None when there is nothing to do (finished, gone, running
-    elsewhere, or failed here: a cancelled scan, a poison job, bad input)."""
-    if (
-        msg.scan_id
-        and rt.scans.status(msg.scan_id) == ScanStatus.CANCELLED
-        and not rt.jobs.is_shared(msg.job_id)
-    ):
+    elsewhere, or failed here: a cancelled scan, a poison job, bad input).
+    ``scan_cancelled``: the scan's state when the caller has read it already."""
+    if scan_cancelled is None:
+        scan_cancelled = (
+            msg.scan_id is not None and rt.scans.status(msg.scan_id) == ScanStatus.CANCELLED
+        )
+    if scan_cancelled and not rt.jobs.is_shared(msg.job_id):
         fail(rt, msg, "scan cancelled")
         return None
-    started = rt.jobs.start(msg.job_id, msg.key)
+    return after_start(rt, msg, rt.jobs.start(msg.job_id, msg.key))
+
+
+def after_start(rt: Runtime, msg: EntailTask, started: Started) -> Verdict | Prepared | None:
+    """What ``JobStore.start`` decided, carried out (see ``begin``)."""
     if started.action == StartAction.POISON:
         fail(rt, msg, f"gave up after {started.attempts - 1} attempts that did not finish")
         return None
@@ -93,9 +100,25 @@ def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:
     or fails alone. Returns counts for the task's summary."""
     counts = {"scored": 0, "cached": 0, "skipped": 0, "retried": 0}
     todo: list[tuple[EntailTask, Prepared]] = []
+    scans = {m.scan_id for m in msgs if m.scan_id}
+    cancelled = {sid for sid in scans if rt.scans.status(sid) == ScanStatus.CANCELLED}
+    live: list[EntailTask] = []
     for msg in msgs:
+        if msg.scan_id in cancelled and not rt.jobs.is_shared(msg.job_id):
+            fail(rt, msg, "scan cancelled")
+            counts["skipped"] += 1
+        else:
+            live.append(msg)
+    try:
+        started = rt.jobs.start_many([(m.job_id, m.key) for m in live])
+    except Exception as exc:
+        for msg in live:
+            retry_later(rt, msg, exc)
+        counts["retried"] += len(live)
+        return counts
+    for msg, took in zip(live, started, strict=True):
         try:
-            got = begin(rt, msg)
+            got = after_start(rt, msg, took)
         except Exception as exc:
             retry_later(rt, msg, exc)
             counts["retried"] += 1

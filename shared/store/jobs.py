@@ -271,27 +271,43 @@ class JobStore:
         finishes without computing), else the image blob. A job started more than
         ``max_attempts`` times is reported as poison.
         """
+        return self.start_many([(job_id, key)])[0]
+
+    def start_many(self, jobs: Sequence[tuple[str, str]]) -> list[Started]:
+        """``start`` for several (job id, key) pairs in one round trip (a chunk)."""
         r, k = self.sync, self.keys
         t = time.time()
         same = r.cache is r.durable
-        keys = [k.job(job_id), k.job_deadlines(), k.blob(key), k.verdict(key)]
-        args: list[str | float] = [job_id, t, t + self.settings.lease_s, 1 if same else 0]
-        reply = r.durable.eval(_START, len(keys), *keys, *args)
-        action = StartAction(text_of(reply[0]))
-        if action != StartAction.RUN:
-            return Started(action)
-        attempts = int(reply[1])
-        cached, blob = bytes_of(reply[2]), bytes_of(reply[3])
-        if not same:
-            cached = bytes_of(r.cache.get(k.verdict(key)))
-        if attempts > self.settings.max_attempts and cached is None:
-            return Started(StartAction.POISON, attempts=attempts)
-        return Started(
-            StartAction.RUN,
-            cached=cached,
-            blob=None if cached is not None else blob,
-            attempts=attempts,
-        )
+        pipe = r.durable.pipeline(transaction=False)
+        for job_id, key in jobs:
+            keys = [k.job(job_id), k.job_deadlines(), k.blob(key), k.verdict(key)]
+            args: list[str | float] = [job_id, t, t + self.settings.lease_s, 1 if same else 0]
+            pipe.eval(_START, len(keys), *keys, *args)
+        replies = pipe.execute()
+        running = [i for i, reply in enumerate(replies) if text_of(reply[0]) == StartAction.RUN]
+        cached: dict[int, bytes | None] = {i: bytes_of(replies[i][2]) for i in running}
+        if not same and running:
+            got = r.cache.mget([k.verdict(jobs[i][1]) for i in running])
+            cached = {i: bytes_of(v) for i, v in zip(running, got, strict=True)}
+        out = []
+        for i, reply in enumerate(replies):
+            action = StartAction(text_of(reply[0]))
+            if action != StartAction.RUN:
+                out.append(Started(action))
+                continue
+            attempts, verdict, blob = int(reply[1]), cached[i], bytes_of(reply[3])
+            if attempts > self.settings.max_attempts and verdict is None:
+                out.append(Started(StartAction.POISON, attempts=attempts))
+                continue
+            out.append(
+                Started(
+                    StartAction.RUN,
+                    cached=verdict,
+                    blob=None if verdict is not None else blob,
+                    attempts=attempts,
+                )
+            )
+        return out
 
     def renew(self, job_ids: Iterable[str]) -> None:
         """Extend the leases of jobs this worker is computing (only while unfinished)."""

@@ -282,6 +282,28 @@ def main() -> None:
         with httpx.Client(base_url=api, headers={"X-API-Key": API_KEY}, timeout=600) as c:
             load = threading.Thread(target=interactive, daemon=True)
             load.start()
+            if os.environ.get("BENCH_PYSPY"):
+                for name in ("coordinator", "worker"):
+                    out = Path(os.environ["BENCH_PYSPY"]) / f"scan-{name}.raw"
+                    subprocess.Popen(
+                        [
+                            "py-spy",
+                            "record",
+                            "--pid",
+                            str(procs[name].pid),
+                            "--format",
+                            "raw",
+                            "-o",
+                            str(out),
+                            "--duration",
+                            "8",
+                            "--rate",
+                            "200",
+                            "--nonblocking",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
             doc, seconds = run_scan(c, manifest)
             busy.clear()
             load.join()
