@@ -309,6 +309,27 @@ def main() -> None:
             load.join()
             assert doc["done"] == args.rows and doc["failed"] == 0, doc
             results["scan_rows_per_s"] = args.rows / seconds
+            if os.environ.get("BENCH_PYSPY"):
+                out = Path(os.environ["BENCH_PYSPY"]) / "rescan-coordinator.raw"
+                subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "--pid",
+                        str(procs["coordinator"].pid),
+                        "--format",
+                        "raw",
+                        "-o",
+                        str(out),
+                        "--duration",
+                        "3",
+                        "--rate",
+                        "300",
+                        "--nonblocking",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             doc2, seconds2 = run_scan(c, again)
             assert doc2["cached"] == args.rows, doc2
             results["rescan_rows_per_s"] = args.rows / seconds2

@@ -170,7 +170,20 @@ class Coordinator:
                 async with sem:
                     return await self.resolver.resolve(row, client)
 
-            resolved = await asyncio.gather(*(resolve(r) for r in rows))
+            # Rows that may fetch are resolved concurrently; the rest never wait on
+            # anything, so they run one after the other without a task each.
+            remote = [r for r in rows if self.resolver.needs_network(r)]
+            fetched = dict(
+                zip(
+                    (r.idx for r in remote),
+                    await asyncio.gather(*(resolve(r) for r in remote)),
+                    strict=True,
+                )
+            )
+            resolved = [
+                fetched[r.idx] if r.idx in fetched else await self.resolver.resolve(r, client)
+                for r in rows
+            ]
             unique = list(dict.fromkeys(r.key for r in resolved if r.key is not None))
             hits = self.jobs.cached_many(unique)
             already = db.pending()

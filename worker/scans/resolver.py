@@ -4,7 +4,8 @@ Images come from a URL, a path under ``OFA_IMAGE_ROOT`` or base64, with bounded
 concurrency (the caller's semaphore). An unchanged remote image is not downloaded
 again: its ETag / Last-Modified and SHA-256 are remembered in the cache store, and
 asked about with If-None-Match / If-Modified-Since. A row's own ``sha256`` is trusted
-for the cache lookup and checked whenever the image has to be fetched.
+for the cache lookup (its URL or file is not touched when the verdict is cached) and
+checked whenever the image has to be fetched or read.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Resolved:
     digest: bytes | None = None
     image: bytes | None = None
     url: str | None = None
+    path: str | None = None  # a file under the image root, read only if a job needs it
     expected: bytes | None = None  # the row's own sha256, to verify on fetch
     error: str | None = None
     key: str | None = None
@@ -92,6 +94,11 @@ class RowResolver:
         source, kind = self._image_source(fields)
         if kind == "base64":
             r.image = decode_base64(source, s.max_upload_bytes)
+        elif kind == "path" and r.expected is not None:
+            # Trusted for the lookup, like a URL's: the file is found, read and checked
+            # only if the row needs a job (a cached rescan touches no file).
+            r.path, r.digest = source, r.expected
+            return r
         elif kind == "path":
             r.image = self._read_path(source)
         else:
@@ -105,6 +112,16 @@ class RowResolver:
             if r.expected is not None and r.digest != r.expected:
                 raise RowError("the image does not match the row's sha256")
         return r
+
+    def needs_network(self, row: Row) -> bool:
+        """Whether resolving the row may fetch (a URL without the row's sha256)."""
+        fields = row.fields
+        if "__error__" in fields or fields.get("sha256") is not None:
+            return False
+        try:
+            return self._image_source(fields)[1] == "url"
+        except RowError:
+            return False
 
     def _image_source(self, fields: dict[str, Any]) -> tuple[str, str]:
         for name, kind in (
@@ -167,6 +184,11 @@ class RowResolver:
     async def image_for_job(self, r: Resolved, client: httpx.AsyncClient) -> bytes:
         """The image bytes a miss's job needs, fetched if only the digest is known,
         and checked to decode (a row the model could never take fails here)."""
+        if r.image is None and r.path is not None:
+            image = self._read_path(r.path)
+            if image_digest(image) != r.expected:
+                raise RowError("the image does not match the row's sha256")
+            r.image = image
         if r.image is None:
             assert r.url is not None
             try:

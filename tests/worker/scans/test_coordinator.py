@@ -138,3 +138,41 @@ def test_expired_scan_folders_are_removed(tmp_path: Path, scans, inproc_settings
     scans.create("live-scan", 1, "/m", None)
     assert remove_expired_scans(settings, scans) == ["old-scan"]
     assert not old.exists() and live.exists() and young.exists()
+
+
+def test_rows_with_sha256_touch_their_file_only_when_a_job_needs_it(
+    coord, rt, jobs, scans, rdb, inproc_settings
+):
+    import hashlib
+
+    assert inproc_settings.image_root is not None
+    cached, on_disk = small_jpeg(seed=211), small_jpeg(seed=212)
+    (inproc_settings.image_root / "sha.jpg").write_bytes(on_disk)
+    key = verdict_key(*INPROC_MODEL, cached, "cached by digest", None)
+    done = jobs.create_or_join(key, cached, "cached by digest", None).job_id
+    jobs.succeed(done, key, VERDICT, cached=False)
+
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    rows = [
+        # No such file: never opened, the digest finds the verdict.
+        {"id": "gone", "image": "no-such.jpg", "text": "cached by digest", "sha256": sha(cached)},
+        {"id": "right", "image": "sha.jpg", "text": "read when needed", "sha256": sha(on_disk)},
+        {"id": "wrong", "image": "sha.jpg", "text": "another text", "sha256": sha(cached)},
+    ]
+    folder = ScanFolder(inproc_settings.scans_path, "scan-sha")
+    folder.create()
+    folder.manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scans.create(folder.scan_id, len(rows), str(folder.manifest), None)
+    assert coord.run(folder.scan_id) == "more"
+    assert drain_bulk_queue(rt, rdb) == 1
+    assert coord.run(folder.scan_id) == "done"
+    db = ResultsDB(folder.results, readonly=True)
+    try:
+        out = {doc["id"]: doc for doc in map(result_line, db.iter_results())}
+    finally:
+        db.close()
+    assert out["gone"]["cached"] and out["gone"]["label"] == VERDICT.label
+    assert out["right"]["label"] and not out["right"]["cached"]
+    assert "does not match the row's sha256" in out["wrong"]["error"]
