@@ -192,15 +192,24 @@ class Coordinator:
             results: list[RowResult] = []
             for r in resolved:
                 row = r.row
+                gold = gold_label(row.fields)
                 if r.error is not None or r.key is None:
                     error = r.error or "no image"
-                    results.append(RowResult(row.idx, row.item_id, RowState.FAILED, error=error))
+                    results.append(
+                        RowResult(row.idx, row.item_id, RowState.FAILED, error=error, gold=gold)
+                    )
                     continue
                 if r.key in hits:
                     verdict = hits[r.key].decode()
                     results.append(
                         RowResult(
-                            row.idx, row.item_id, RowState.DONE, r.key, cached=True, verdict=verdict
+                            row.idx,
+                            row.item_id,
+                            RowState.DONE,
+                            r.key,
+                            cached=True,
+                            verdict=verdict,
+                            gold=gold,
                         )
                     )
                     continue
@@ -210,12 +219,21 @@ class Coordinator:
                         image = await self.resolver.image_for_job(r, client)
                     except RowError as exc:
                         results.append(
-                            RowResult(row.idx, row.item_id, RowState.FAILED, r.key, error=str(exc))
+                            RowResult(
+                                row.idx,
+                                row.item_id,
+                                RowState.FAILED,
+                                r.key,
+                                error=str(exc),
+                                gold=gold,
+                            )
                         )
                         continue
                     new[r.key] = BulkItem(r.key, image, r.text, r.premise)
                 results.append(
-                    RowResult(row.idx, row.item_id, RowState.PENDING, r.key, job_id=job_id)
+                    RowResult(
+                        row.idx, row.item_id, RowState.PENDING, r.key, job_id=job_id, gold=gold
+                    )
                 )
             # The chunk's new work: jobs created (or joined) together, sent a chunk of
             # jobs to a Celery message.
@@ -234,8 +252,7 @@ class Coordinator:
                     else res
                     for res in results
                 ]
-            golds = {row.idx: gold_label(row.fields) for row in rows}
-            return [replace(res, gold=golds[res.idx]) for res in results]
+            return results
 
     # -- the end ---------------------------------------------------------------------
 
