@@ -157,14 +157,13 @@ def submit_bulk(
     model_id, revision = store.settings.model_tag
     ids: list[str] = []
     new: list[EntailTask] = []
-    for item in items:
-        try:
-            got = store.create_or_join(item.key, item.image, item.text, item.premise, scan_id)
-        except redis.RedisError as exc:
-            _discard(store, new)
-            raise QueueUnavailableError(
-                f"the job store is unavailable ({type(exc).__name__})"
-            ) from exc
+    try:
+        created = store.create_or_join_many(
+            [(i.key, i.image, i.text, i.premise) for i in items], scan_id
+        )
+    except redis.RedisError as exc:
+        raise QueueUnavailableError(f"the job store is unavailable ({type(exc).__name__})") from exc
+    for item, got in zip(items, created, strict=True):
         ids.append(got.job_id)
         if got.created:
             new.append(

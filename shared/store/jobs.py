@@ -210,46 +210,67 @@ class JobStore:
         mark, image blob, record and dispatch deadline, atomically. A mark whose job
         record is gone is replaced. With durable acknowledgement on, returns only once
         the durable store has fsynced the write (WAITAOF on the connection that wrote)."""
+        return self.create_or_join_many([(key, image, text, premise)], scan_id)[0]
+
+    def create_or_join_many(
+        self,
+        items: Sequence[tuple[str, bytes, str, str | None]],
+        scan_id: str | None = None,
+    ) -> list[Created]:
+        """``create_or_join`` for several (key, image, text, premise) in one round trip
+        (a scan's chunk), with one WAITAOF for all of them when it is on."""
         model_id, revision = self.settings.model_tag
-        job_id = uuid.uuid4().hex
-        t = time.time()
-        record: dict[str, str] = {
-            "status": JobStatus.QUEUED,
-            "key": key,
-            "model": model_id,
-            "revision": revision,
-            "text": text,
-            "created_at": f"{t:.6f}",
-        }
-        if premise is not None:
-            record["premise"] = premise
-        if scan_id:
-            record["scan"] = scan_id
-        fields = [x for pair in record.items() for x in pair]
         k = self.keys
-        args: list[str | bytes | float] = [
-            job_id,
-            self.settings.job_ttl_s,
-            self.settings.blob_ttl_s,
-            image,
-            t + self.settings.dispatch_deadline_s,
-            t,
-            k.job_prefix(),
-            *fields,
-        ]
-        keys = [k.inflight(key), k.job(job_id), k.blob(key), k.job_deadlines(), k.job_pending()]
+        t = time.time()
         pipe = self.sync.durable.pipeline(transaction=False)
-        pipe.eval(_CREATE_OR_JOIN, len(keys), *keys, *args)
+        ids = []
+        for key, image, text, premise in items:
+            job_id = uuid.uuid4().hex
+            ids.append(job_id)
+            record: dict[str, str] = {
+                "status": JobStatus.QUEUED,
+                "key": key,
+                "model": model_id,
+                "revision": revision,
+                "text": text,
+                "created_at": f"{t:.6f}",
+            }
+            if premise is not None:
+                record["premise"] = premise
+            if scan_id:
+                record["scan"] = scan_id
+            fields = [x for pair in record.items() for x in pair]
+            args: list[str | bytes | float] = [
+                job_id,
+                self.settings.job_ttl_s,
+                self.settings.blob_ttl_s,
+                image,
+                t + self.settings.dispatch_deadline_s,
+                t,
+                k.job_prefix(),
+                *fields,
+            ]
+            keys = [k.inflight(key), k.job(job_id), k.blob(key), k.job_deadlines(), k.job_pending()]
+            pipe.eval(_CREATE_OR_JOIN, len(keys), *keys, *args)
         if self.settings.durable_ack_on:
             pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
         replies = pipe.execute(raise_on_error=False)
-        if isinstance(replies[0], Exception):
-            raise replies[0]
-        got, created, deadline = replies[0]
-        if created and self.settings.durable_ack_on:
-            confirm_on_disk(replies[1], lambda: self.discard(job_id, key), "job")
-        overdue = deadline is not None and float(deadline) < t
-        return Created(text_of(got), bool(created), overdue)
+        out = []
+        for reply in replies[: len(items)]:
+            if isinstance(reply, Exception):
+                raise reply
+            got, created, deadline = reply
+            overdue = deadline is not None and float(deadline) < t
+            out.append(Created(text_of(got), bool(created), overdue))
+        if self.settings.durable_ack_on and any(c.created for c in out):
+
+            def undo() -> None:
+                for c, (key, *_) in zip(out, items, strict=True):
+                    if c.created:
+                        self.discard(c.job_id, key)
+
+            confirm_on_disk(replies[len(items)], undo, "job")
+        return out
 
     def discard(self, job_id: str, key: str) -> None:
         """Remove a job that was never sent (its record, blob, mark and deadlines)."""
@@ -365,6 +386,30 @@ class JobStore:
         fields = {"status": JobStatus.FAILED, "error": error, "finished_at": now()}
         return self._finish(job_id, key, fields, keep_mark=False)
 
+    def succeed_many(self, items: Sequence[tuple[str, str, Verdict]]) -> list[list[Hook]]:
+        """``succeed`` (computed, not cached) for several jobs in one transaction: a
+        chunk's verdicts. Returns each job's webhooks, in order."""
+        r = self.sync
+        docs = [verdict.model_dump_json().encode() for _, _, verdict in items]
+        same = r.cache is r.durable
+        if not same:  # the verdicts first: a job never reads as succeeded before
+            cache = r.cache.pipeline(transaction=False)
+            for (_, key, _), doc in zip(items, docs, strict=True):
+                cache.set(self.keys.verdict(key), doc, ex=self.settings.verdict_ttl_s)
+            cache.execute()
+        pipe = self.sync.durable.pipeline()
+        at = []
+        for (job_id, key, _), doc in zip(items, docs, strict=True):
+            fields = {
+                "status": JobStatus.SUCCEEDED,
+                "verdict": doc,
+                "cached": "0",
+                "finished_at": now(),
+            }
+            at.append(self._queue_finish(pipe, job_id, key, fields, True, doc if same else None))
+        replies = pipe.execute()
+        return [[Hook.decode(h) for h in replies[i]] for i in at]
+
     def _finish(
         self,
         job_id: str,
@@ -375,11 +420,25 @@ class JobStore:
     ) -> list[Hook]:
         """Final fields, no deadline, the blob gone, waiting API requests told, the
         job's webhooks taken (returned, for the caller to send); one round trip."""
-        ttl = self.settings.job_ttl_s
         pipe = self.sync.durable.pipeline()
+        at = self._queue_finish(pipe, job_id, key, fields, keep_mark, verdict)
+        return [Hook.decode(h) for h in pipe.execute()[at]]
+
+    def _queue_finish(
+        self,
+        pipe: Any,
+        job_id: str,
+        key: str,
+        fields: dict[str, Any],
+        keep_mark: bool,
+        verdict: bytes | None,
+    ) -> int:
+        """Queue a job's finishing commands on ``pipe``; returns the index of the reply
+        that lists its webhooks."""
+        ttl = self.settings.job_ttl_s
         if verdict is not None:
             pipe.set(self.keys.verdict(key), verdict, ex=self.settings.verdict_ttl_s)
-        pipe.hset(self.keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
+        pipe.hset(self.keys.job(job_id), mapping=fields)
         pipe.expire(self.keys.job(job_id), ttl)
         if keep_mark:
             pipe.expire(self.keys.inflight(key), ttl)
@@ -389,10 +448,10 @@ class JobStore:
         pipe.zrem(self.keys.job_deadlines(), job_id)
         pipe.zrem(self.keys.job_pending(), job_id)
         pipe.publish(self.keys.done_channel(), job_id)
+        at = len(pipe)
         pipe.lrange(self.keys.job_hooks(job_id), 0, -1)
         pipe.delete(self.keys.job_hooks(job_id))
-        hooks = pipe.execute()[-2]
-        return [Hook.decode(h) for h in hooks]
+        return at
 
     # -- the reaper's view -----------------------------------------------------------
 
