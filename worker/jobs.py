@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 import redis
 
@@ -22,6 +23,8 @@ from worker.ofa.entail import Prediction, Prepared
 from worker.runtime import Runtime, make_verdict
 
 logger = logging.getLogger(__name__)
+
+BULK_PREPARE = threading.Lock()
 
 
 def fail(rt: Runtime, msg: EntailTask, error: str) -> None:
@@ -109,24 +112,28 @@ def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:
             counts["skipped"] += 1
         else:
             live.append(msg)
-    try:
-        started = rt.jobs.start_many([(m.job_id, m.key) for m in live])
-    except Exception as exc:
-        for msg in live:
-            retry_later(rt, msg, exc)
-        counts["retried"] += len(live)
-        return counts
-    for msg, took in zip(live, started, strict=True):
+    # One chunk prepares at a time: preprocessing holds the interpreter lock, and an
+    # interactive job's thread should compete with one bulk thread, not with every
+    # chunk in flight (the bulk rate is one thread's preprocessing either way).
+    with BULK_PREPARE:
         try:
-            got = after_start(rt, msg, took)
+            started = rt.jobs.start_many([(m.job_id, m.key) for m in live])
         except Exception as exc:
-            retry_later(rt, msg, exc)
-            counts["retried"] += 1
-            continue
-        if isinstance(got, Prepared):
-            todo.append((msg, got))
-        else:
-            counts["cached" if got is not None else "skipped"] += 1
+            for msg in live:
+                retry_later(rt, msg, exc)
+            counts["retried"] += len(live)
+            return counts
+        for msg, took in zip(live, started, strict=True):
+            try:
+                got = after_start(rt, msg, took)
+            except Exception as exc:
+                retry_later(rt, msg, exc)
+                counts["retried"] += 1
+                continue
+            if isinstance(got, Prepared):
+                todo.append((msg, got))
+            else:
+                counts["cached" if got is not None else "skipped"] += 1
     with contextlib.ExitStack() as held:
         for msg, _ in todo:
             held.enter_context(rt.leases.holding(msg.job_id))
