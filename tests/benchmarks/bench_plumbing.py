@@ -11,6 +11,10 @@ ceilings a GPU worker would meet. Issue 10's targets are ratios and rates of the
 - interactive latency, one request at a time, idle and during the uncached scan.
 
     python -m tests.benchmarks.bench_plumbing --out tests/benchmarks/results/plumbing-cpu.md
+
+With ``BENCH_PYSPY=DIR`` (and py-spy installed) it also records sampling profiles of
+the API and worker during the interactive run, of the coordinator and worker during
+the scan and of the coordinator during the rescan, as raw stacks in DIR.
 """
 
 from __future__ import annotations
