@@ -54,6 +54,8 @@ bench: install
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	$(PY) -m tests.benchmarks.bench_http --out tests/benchmarks/results/http-cpu.md
 	$(PY) -m tests.benchmarks.bench_plumbing --out tests/benchmarks/results/plumbing-cpu.md
+	$(PY) -m tests.benchmarks.bench_plumbing --photo --direct-jobs 600 \
+	  --out tests/benchmarks/results/plumbing-photo-cpu.md
 	$(PY) -m tests.benchmarks.bench_service --out tests/benchmarks/results/service-cpu.md
 	$(PY) -m tests.benchmarks.bench_scan --out tests/benchmarks/results/scan-cpu.md
 	mkdir -p $(DATA)

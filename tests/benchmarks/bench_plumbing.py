@@ -42,7 +42,7 @@ from shared.store import JobStore
 from shared.submit import send_job
 from shared.wiring import sync_redis
 from tests.benchmarks.bench_http import BOUNDARY, cpu_seconds, multipart, run_wrk
-from tests.helpers import free_port, small_jpeg
+from tests.helpers import encode_image, free_port, photo, small_jpeg
 
 PREFIX = "ofa:plumbing:"
 MODEL = ("instant", "bench")
@@ -131,6 +131,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="wrk run (interactive)")
     parser.add_argument("--direct-jobs", type=int, default=2000)
     parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument(
+        "--photo",
+        action="store_true",
+        help="1024x768 JPEG photos preprocessed to 480 px, against the preprocessing-bound "
+        "limit; jobs only (no scans)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -141,7 +147,15 @@ def main() -> None:
     from worker.ofa.tiny import write_tiny_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="ofa-plumbing-"))
-    tiny = write_tiny_checkpoint(tmp / "tiny", seed=0)
+    results: dict[str, float] = {}
+    tiny = write_tiny_checkpoint(tmp / "tiny", seed=0, patch_image_size=480 if args.photo else 128)
+    if args.photo:
+        job_image = encode_image(photo("astronaut").resize((1024, 768)), quality=90)
+        per_item_ms = plain_pipeline_ms(job_image)
+        results["limit_items_per_s"] = (os.cpu_count() or 1) * 1000 / per_item_ms
+        results["plain_ms"] = per_item_ms
+    else:
+        job_image = small_jpeg(seed=5, size=48)
     images = tmp / "images"
     images.mkdir()
     server = ValkeyServer(data_dir=tmp / "valkey", config={"save": ""})
@@ -173,14 +187,13 @@ def main() -> None:
     logs = tmp / "logs"
     logs.mkdir()
     cli = [sys.executable, "-m", "shared.cli"]
-    results: dict[str, float] = {}
     procs: dict[str, subprocess.Popen] = {}
     try:
         # (b) first, while no worker runs: fill the queue, then start the worker.
         clients = sync_redis(settings)
         jobs = JobStore(settings, Keys(PREFIX), clients)
         celery = make_celery(settings)
-        image = small_jpeg(seed=5, size=48)
+        image = job_image
         ids = []
         for i in range(args.direct_jobs):
             text = f"direct {i}"
@@ -212,7 +225,7 @@ def main() -> None:
 
         # (a) interactive end to end, wrk closed loop.
         script = tmp / "jobs.lua"
-        wrk_script(script, small_jpeg(seed=7, size=48))
+        wrk_script(script, job_image)
         spies = []
         if os.environ.get("BENCH_PYSPY"):  # where profiles go: raw stacks per process
             for name in ("api", "worker"):
@@ -250,6 +263,9 @@ def main() -> None:
         for spy in spies:
             spy.wait()
         if os.environ.get("BENCH_ONLY_INTERACTIVE"):
+            return
+        if args.photo:
+            photo_report(args, results)
             return
 
         # (c), (d), (e): scans and interactive latency.
@@ -386,6 +402,61 @@ def main() -> None:
         "",
     ]
     text = "\n".join(report)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+def plain_pipeline_ms(data: bytes, rounds: int = 60) -> float:
+    """Single-threaded ms per item of a fixed plain-PIL pipeline: decode, EXIF
+    transpose, RGB, bicubic to 480x480, normalise, channels first (the issue's yardstick
+    for the preprocessing-bound limit: cores x 1000 / this)."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    def once() -> None:
+        img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        arr = np.asarray(img.resize((480, 480), Image.Resampling.BICUBIC), dtype=np.float32)
+        ((arr / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).copy()
+
+    once()
+    t = time.perf_counter()
+    for _ in range(rounds):
+        once()
+    return 1000 * (time.perf_counter() - t) / rounds
+
+
+def photo_report(args: argparse.Namespace, r: dict[str, float]) -> None:
+    limit = r["limit_items_per_s"]
+    text = "\n".join(
+        [
+            "# The plumbing with photos (instant model)",
+            "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores; Python "
+            f"{platform.python_version()}; {time.strftime('%Y-%m-%d')}.",
+            "",
+            f"Command: `python -m tests.benchmarks.bench_plumbing --photo --seconds "
+            f"{args.seconds} --direct-jobs {args.direct_jobs}`",
+            "",
+            "A 1024x768 JPEG photo per job (each job a new text), preprocessed to 480 px by "
+            "the worker; the model answers at once.",
+            "",
+            "| measure | value | of the preprocessing-bound limit | issue 10's target |",
+            "|---|---|---|---|",
+            f"| plain-PIL pipeline, one thread | {r['plain_ms']:.1f} ms/item -> limit "
+            f"{limit:.0f} items/s on {os.cpu_count()} cores | | |",
+            f"| worker fed directly | {r['direct_jobs_per_s']:.0f} jobs/s | "
+            f"{r['direct_jobs_per_s'] / limit:.2f} | >= 0.90 |",
+            f"| end to end through the API (wrk, 32 connections) | "
+            f"{r['interactive_jobs_per_s']:.0f} jobs/s | "
+            f"{r['interactive_jobs_per_s'] / limit:.2f} | >= 0.70 |",
+            f"| ... CPU: API / worker / wrk | {r['api_cores']:.2f} / {r['worker_cores']:.2f} / "
+            f"{r['wrk_cores']:.2f} cores | | |",
+            "",
+        ]
+    )
     print(text)
     if args.out:
         args.out.write_text(text)
