@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, le=512)
     batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
     worker_threads: int = Field(32, ge=1, le=512)
+    # Processes that decode and resize images beside a worker (outside its interpreter
+    # lock); 0: in the worker's own threads.
+    preprocess_processes: int = Field(0, ge=0, le=256)
 
     # Limits on input.
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from concurrent.futures import Future
+from typing import Any
 
 import redis
 
@@ -47,11 +49,15 @@ def begin(
     if scan_cancelled and not rt.jobs.is_shared(msg.job_id):
         fail(rt, msg, "scan cancelled")
         return None
-    return after_start(rt, msg, rt.jobs.start(msg.job_id, msg.key))
+    got = after_start(rt, msg, rt.jobs.start(msg.job_id, msg.key))
+    if not isinstance(got, bytes):
+        return got
+    return prepared_or_fail(rt, msg, rt.decode(got) if rt.pool is not None else got)
 
 
-def after_start(rt: Runtime, msg: EntailTask, started: Started) -> Verdict | Prepared | None:
-    """What ``JobStore.start`` decided, carried out (see ``begin``)."""
+def after_start(rt: Runtime, msg: EntailTask, started: Started) -> Verdict | bytes | None:
+    """What ``JobStore.start`` decided, carried out: the verdict when cached, the image
+    bytes when the item must be prepared and scored, None when nothing is left to do."""
     if started.action == StartAction.POISON:
         fail(rt, msg, f"gave up after {started.attempts - 1} attempts that did not finish")
         return None
@@ -64,8 +70,16 @@ def after_start(rt: Runtime, msg: EntailTask, started: Started) -> Verdict | Pre
     if started.blob is None:
         fail(rt, msg, "the image expired before a worker could take the job")
         return None
+    return started.blob
+
+
+def prepared_or_fail(rt: Runtime, msg: EntailTask, got: Future[Any] | bytes) -> Prepared | None:
+    """The item ready for the batcher (decoded here, or by a preprocessing process whose
+    future ``got`` is), or None after failing the job for bad input."""
     try:
-        return rt.entailer.prepare(started.blob, msg.text, msg.premise)
+        if isinstance(got, bytes):
+            return rt.entailer.prepare(got, msg.text, msg.premise)
+        return rt.entailer.prepare_resized(got.result(), msg.text, msg.premise)
     except BadInputError as exc:
         fail(rt, msg, f"{exc.title}: {exc.detail}")
         return None
@@ -123,6 +137,7 @@ def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:
                 retry_later(rt, msg, exc)
             counts["retried"] += len(live)
             return counts
+        blobs: list[tuple[EntailTask, Future[Any] | bytes]] = []
         for msg, took in zip(live, started, strict=True):
             try:
                 got = after_start(rt, msg, took)
@@ -130,10 +145,21 @@ def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:
                 retry_later(rt, msg, exc)
                 counts["retried"] += 1
                 continue
-            if isinstance(got, Prepared):
-                todo.append((msg, got))
+            if isinstance(got, bytes):  # decoded by the pool's processes side by side
+                blobs.append((msg, rt.decode(got) if rt.pool is not None else got))
             else:
                 counts["cached" if got is not None else "skipped"] += 1
+        for msg, blob in blobs:
+            try:
+                item = prepared_or_fail(rt, msg, blob)
+            except Exception as exc:
+                retry_later(rt, msg, exc)
+                counts["retried"] += 1
+                continue
+            if item is None:
+                counts["skipped"] += 1
+            else:
+                todo.append((msg, item))
     with contextlib.ExitStack() as held:
         for msg, _ in todo:
             held.enter_context(rt.leases.holding(msg.job_id))

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import socket
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 from celery import Celery
@@ -27,6 +30,7 @@ from shared.store import JobStore, ScanStore, WorkerRegistry
 from worker.batcher import Batcher
 from worker.leases import Leases
 from worker.ofa.entail import Entailer, Prediction, Prepared
+from worker.ofa.preprocess import decode_and_resize
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +74,7 @@ class Runtime:
     leases: Leases
     reaper: Reaper
     celery: Celery  # the worker's own app: what webhooks and the reaper send through
+    pool: ProcessPoolExecutor | None = None  # image decoding outside the interpreter lock
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -114,8 +119,24 @@ class Runtime:
         celery = celery or make_celery(settings)
         reaper = Reaper(settings, jobs, scans, celery)
         reaper.start()
+        pool = None
+        if settings.preprocess_processes:
+            # spawn: a fork of this threaded process could inherit a held lock.
+            pool = ProcessPoolExecutor(
+                settings.preprocess_processes, mp_context=multiprocessing.get_context("spawn")
+            )
         rt = cls(
-            settings, entailer, clients, jobs, scans, batcher, registry, leases, reaper, celery
+            settings,
+            entailer,
+            clients,
+            jobs,
+            scans,
+            batcher,
+            registry,
+            leases,
+            reaper,
+            celery,
+            pool,
         )
         threading.Thread(target=rt._heartbeat, name="heartbeat", daemon=True).start()
         rt._probe_file("ready")
@@ -143,6 +164,14 @@ class Runtime:
             self._probe_file("alive")
             self._stop.wait(HEARTBEAT_S)
 
+    def decode(self, blob: bytes) -> Future[Any]:
+        """Decode and resize ``blob`` in a preprocessing process; the future's result is
+        the (R, R, 3) uint8 pixels (or the ``BadInputError``)."""
+        assert self.pool is not None
+        return self.pool.submit(
+            decode_and_resize, blob, self.entailer.max_pixels, self.entailer.image_size
+        )
+
     def stop(self) -> None:
         """Stop the heartbeat, withdraw from the worker set, finish queued batches."""
         self._stop.set()
@@ -151,6 +180,8 @@ class Runtime:
             self.registry.withdraw(self.redis.durable, self.name)
         self.batcher.close()
         self.leases.stop()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 _runtime: Runtime | None = None

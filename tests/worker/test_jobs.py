@@ -117,3 +117,32 @@ def test_a_chunk_runs_its_items_together_each_with_its_own_outcome(rt: Runtime):
     assert cached_job is not None and cached_job.cached
     failed = rt.jobs.get(broken.job_id)
     assert failed is not None and failed.status == JobStatus.FAILED and failed.error
+
+
+def test_preprocessing_processes_give_the_same_verdicts(rt: Runtime, inproc_settings):
+    """Images decoded and resized by a pool of processes: the same pixels, the same
+    verdicts as in the worker's own threads; bad images still fail their job alone."""
+    from tests.helpers import encode_image, photo, small_jpeg
+    from worker.jobs import run_chunk
+
+    pooled = Runtime.start(inproc_settings.model_copy(update={"preprocess_processes": 2}))
+    try:
+        assert pooled.pool is not None
+        image = encode_image(photo("coffee").resize((200, 150)))
+        ours = pooled.entailer.prepare_resized(pooled.decode(image).result(), "a cup")
+        theirs = rt.entailer.prepare(image, "a cup")
+        assert (ours.pixels == theirs.pixels).all() and ours.source == theirs.source
+        single = queued(pooled, image, "pooled single")
+        verdict = run_job(pooled, single)
+        expected = rt.entailer.predict(image, "pooled single")
+        assert verdict is not None
+        assert verdict.probabilities.model_dump() == pytest.approx(expected.probabilities, abs=1e-6)
+        chunk = [queued(pooled, small_jpeg(seed=400 + i), f"row {i}", "scan-p") for i in range(4)]
+        broken = queued(pooled, b"GIF89a not an image", "pooled broken", "scan-p")
+        counts = run_chunk(pooled, [*chunk, broken])
+        assert counts == {"scored": 4, "cached": 0, "skipped": 1, "retried": 0}
+        failed = pooled.jobs.get(broken.job_id)
+        assert failed is not None and failed.status == JobStatus.FAILED
+    finally:
+        pooled.stop()
+        pooled.redis.close()

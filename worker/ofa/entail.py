@@ -26,7 +26,7 @@ from PIL import Image
 from shared.errors import UnsupportedConfigError
 from worker.ofa.checkpoint import Checkpoint, load_checkpoint, resolve_model_dir
 from worker.ofa.model import EncoderOutput
-from worker.ofa.preprocess import EOS, PAD, image_array, open_image
+from worker.ofa.preprocess import EOS, PAD, image_array, normalise, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,19 @@ class Entailer:
         source = self.text.source_ids(text, premise)
         img = image if isinstance(image, Image.Image) else open_image(image, self.max_pixels)
         return Prepared(image_array(img, self.task), source, self.text.decoder_prompt(source))
+
+    def prepare_resized(
+        self, pixels: np.ndarray, text: str, premise: str | None = None
+    ) -> Prepared:
+        """``prepare`` for an image already decoded and resized elsewhere
+        (``preprocess.decode_and_resize`` in a preprocessing process): identical."""
+        source = self.text.source_ids(text, premise)
+        return Prepared(normalise(pixels, self.task), source, self.text.decoder_prompt(source))
+
+    @property
+    def image_size(self) -> int:
+        """The side the model's images are resized to."""
+        return self.task.patch_image_size
 
     # -- the network --
 

@@ -79,9 +79,25 @@ class TextEncoder:
 
 def image_array(img: Image.Image, task: TaskConfig) -> np.ndarray:
     """RGB image -> (3, R, R) float32, resized bicubically and normalised."""
-    size = task.patch_image_size
+    return normalise(resized_pixels(img, task.patch_image_size), task)
+
+
+def resized_pixels(img: Image.Image, size: int) -> np.ndarray:
+    """RGB image -> (R, R, 3) uint8, resized bicubically: the costly half of the
+    preprocessing, and the compact form a preprocessing process hands back."""
     resized = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    scaled = np.asarray(resized, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def decode_and_resize(data: bytes, max_pixels: int, size: int) -> np.ndarray:
+    """Image bytes -> (R, R, 3) uint8 (top level: runs in preprocessing processes).
+    Raises the same ``BadInputError``s as decoding in the worker itself."""
+    return resized_pixels(open_image(data, max_pixels), size)
+
+
+def normalise(pixels: np.ndarray, task: TaskConfig) -> np.ndarray:
+    """(R, R, 3) uint8 -> (3, R, R) float32 scaled and normalised."""
+    scaled = pixels.astype(np.float32) / np.float32(255)
     mean, std = task.mean_std
     normed = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(normed.transpose(2, 0, 1), dtype=np.float32)
