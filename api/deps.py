@@ -141,43 +141,31 @@ async def authenticate(services: Services, request: Request) -> Caller:
     return caller
 
 
-def _scoped(scope: Scope) -> Any:
-    async def check(request: Request) -> Caller:
-        caller = await authenticate(request.app.state.services, request)
-        if not caller.may(scope):
-            raise HTTPException(
-                403, f"this API key ({caller.name}) lacks the '{scope.value}' scope"
-            )
-        return caller
-
-    return check
-
-
-ReadDep = Annotated[Caller, Depends(_scoped(Scope.READ))]
-JobsDep = Annotated[Caller, Depends(_scoped(Scope.JOBS))]
-ScansDep = Annotated[Caller, Depends(_scoped(Scope.SCANS))]
-
-
 @dataclass(frozen=True)
 class Call:
-    """The services and the authorised caller in one dependency: each dependency costs
-    FastAPI a resolution step, and the job routes are the hot path."""
+    """The services and the authorised caller, in one dependency: each dependency costs
+    FastAPI a resolution step on every request."""
 
     services: Services
     caller: Caller
 
 
-def _scoped_call(scope: Scope) -> Any:
-    check = _scoped(scope)
-
+def _scoped(scope: Scope) -> Any:
     async def call(request: Request) -> Call:
-        return Call(request.app.state.services, await check(request))
+        services: Services = request.app.state.services
+        caller = await authenticate(services, request)
+        if not caller.may(scope):
+            raise HTTPException(
+                403, f"this API key ({caller.name}) lacks the '{scope.value}' scope"
+            )
+        return Call(services, caller)
 
     return call
 
 
-ReadCall = Annotated[Call, Depends(_scoped_call(Scope.READ))]
-JobsCall = Annotated[Call, Depends(_scoped_call(Scope.JOBS))]
+ReadCall = Annotated[Call, Depends(_scoped(Scope.READ))]
+JobsCall = Annotated[Call, Depends(_scoped(Scope.JOBS))]
+ScansCall = Annotated[Call, Depends(_scoped(Scope.SCANS))]
 
 
 async def charge(services: Services, caller: Caller, bucket: str, what: str) -> Decision | None:

@@ -82,6 +82,31 @@ def problem(status: int, title: str, detail: str, slug: str, headers: dict | Non
     )
 
 
+REFUSALS = (BadInputError, QueueUnavailableError, RateLimitedError, OverloadedError)
+
+
+def refusal(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """(status, problem body, headers) for a refusal of ``REFUSALS``, counted in the
+    metrics: one mapping for the exception handlers and for each item of a batch."""
+    if isinstance(exc, BadInputError):
+        status, slug = status_of(exc)
+        metrics.REJECTED.labels(slug).inc()
+        return status, problem_body(status, exc.title, exc.detail, slug), None
+    if isinstance(exc, RateLimitedError):
+        metrics.RATE_LIMITED.inc()
+        body = problem_body(429, "Too many requests", exc.detail, "rate-limited")
+        return 429, body, exc.decision.headers()
+    if isinstance(exc, OverloadedError):
+        metrics.SHED.inc()
+        body = problem_body(503, "Overloaded", exc.detail, "overloaded")
+        return 503, body, {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, QueueUnavailableError):
+        logger.warning("queue unavailable: %s", exc.detail)
+        body = problem_body(503, "Service unavailable", exc.detail, "unavailable")
+        return 503, body, {"Retry-After": "5"}
+    raise exc
+
+
 def install(app: FastAPI) -> None:
     """Register the exception handlers, and in the OpenAPI document the schemas that
     responses name by reference only (Problem, CachedVerdict)."""
@@ -109,36 +134,14 @@ def install(app: FastAPI) -> None:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    @app.exception_handler(BadInputError)
-    async def bad_input(_: Request, exc: BadInputError) -> JSONResponse:
-        status, slug = status_of(exc)
-        metrics.REJECTED.labels(slug).inc()
-        return problem(status, exc.title, exc.detail, slug)
-
-    @app.exception_handler(QueueUnavailableError)
-    async def unavailable(_: Request, exc: QueueUnavailableError) -> JSONResponse:
-        logger.warning("queue unavailable: %s", exc.detail)
-        return problem(
-            503, "Service unavailable", exc.detail, "unavailable", headers={"Retry-After": "5"}
+    async def refused(_: Request, exc: Exception) -> JSONResponse:
+        status, body, headers = refusal(exc)
+        return JSONResponse(
+            body, status_code=status, media_type="application/problem+json", headers=headers
         )
 
-    @app.exception_handler(RateLimitedError)
-    async def rate_limited(_: Request, exc: RateLimitedError) -> JSONResponse:
-        metrics.RATE_LIMITED.inc()
-        return problem(
-            429, "Too many requests", exc.detail, "rate-limited", headers=exc.decision.headers()
-        )
-
-    @app.exception_handler(OverloadedError)
-    async def overloaded(_: Request, exc: OverloadedError) -> JSONResponse:
-        metrics.SHED.inc()
-        return problem(
-            503,
-            "Overloaded",
-            exc.detail,
-            "overloaded",
-            headers={"Retry-After": str(exc.retry_after_s)},
-        )
+    for kind in REFUSALS:
+        app.add_exception_handler(kind, refused)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -62,6 +62,22 @@ def send_hooks(celery: Celery, job_id: str, hooks: list[Hook]) -> None:
             logger.error("job %s: webhook to %s not queued: %s", job_id, hook.url, exc)
 
 
+def new_task(
+    store: JobStore, job_id: str, key: str, text: str, premise: str | None, scan_id: str | None
+) -> EntailTask:
+    """The message of a job just created for the store's model."""
+    model_id, revision = store.settings.model_tag
+    return EntailTask(
+        job_id=job_id,
+        key=key,
+        model=model_id,
+        revision=revision,
+        text=text,
+        premise=premise,
+        scan_id=scan_id,
+    )
+
+
 def message_of(job_id: str, record: dict[str, str]) -> EntailTask:
     """A job's message, rebuilt from its record (how the reaper sends it again)."""
     return EntailTask(
@@ -102,16 +118,7 @@ def submit_job(
         if got.overdue:  # an in-flight mark is never trusted past its job's deadline
             _send_again(store, celery, got.job_id)
         return got.job_id, False
-    model_id, revision = store.settings.model_tag
-    msg = EntailTask(
-        job_id=got.job_id,
-        key=key,
-        model=model_id,
-        revision=revision,
-        text=text,
-        premise=premise,
-        scan_id=scan_id,
-    )
+    msg = new_task(store, got.job_id, key, text, premise, scan_id)
     try:
         send_job(celery, msg)
     except Exception as exc:
@@ -154,7 +161,6 @@ def submit_bulk(
     before any message goes out, as for one job; if the broker refuses, the jobs of
     that message and of the ones not sent yet are removed and ``QueueUnavailableError``
     raised (jobs already sent stay: they run)."""
-    model_id, revision = store.settings.model_tag
     ids: list[str] = []
     new: list[EntailTask] = []
     try:
@@ -166,17 +172,7 @@ def submit_bulk(
     for item, got in zip(items, created, strict=True):
         ids.append(got.job_id)
         if got.created:
-            new.append(
-                EntailTask(
-                    job_id=got.job_id,
-                    key=item.key,
-                    model=model_id,
-                    revision=revision,
-                    text=item.text,
-                    premise=item.premise,
-                    scan_id=scan_id,
-                )
-            )
+            new.append(new_task(store, got.job_id, item.key, item.text, item.premise, scan_id))
         elif got.overdue:
             _send_again(store, celery, got.job_id)
     for start in range(0, len(new), chunk):

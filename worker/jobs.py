@@ -35,24 +35,28 @@ def fail(rt: Runtime, msg: EntailTask, error: str) -> None:
     logger.info("job %s failed: %s", msg.job_id, error)
 
 
-def begin(
-    rt: Runtime, msg: EntailTask, scan_cancelled: bool | None = None
-) -> Verdict | Prepared | None:
+def begin(rt: Runtime, msg: EntailTask) -> Verdict | Prepared | None:
     """Take the job: the verdict when it is already known (cached), the prepared item
     when it must be scored, None when there is nothing to do (finished, gone, running
-    elsewhere, or failed here: a cancelled scan, a poison job, bad input).
-    ``scan_cancelled``: the scan's state when the caller has read it already."""
-    if scan_cancelled is None:
-        scan_cancelled = (
-            msg.scan_id is not None and rt.scans.status(msg.scan_id) == ScanStatus.CANCELLED
-        )
-    if scan_cancelled and not rt.jobs.is_shared(msg.job_id):
-        fail(rt, msg, "scan cancelled")
+    elsewhere, or failed here: a cancelled scan, a poison job, bad input)."""
+    if cancelled_alone(rt, msg, msg.scan_id is not None and scan_cancelled(rt, msg.scan_id)):
         return None
     got = after_start(rt, msg, rt.jobs.start(msg.job_id, msg.key))
     if not isinstance(got, bytes):
         return got
-    return prepared_or_fail(rt, msg, rt.decode(got) if rt.pool is not None else got)
+    return prepared_or_fail(rt, msg, rt.decode(got))
+
+
+def scan_cancelled(rt: Runtime, scan_id: str) -> bool:
+    return rt.scans.status(scan_id) == ScanStatus.CANCELLED
+
+
+def cancelled_alone(rt: Runtime, msg: EntailTask, cancelled: bool) -> bool:
+    """Fail the job of a cancelled scan unless someone else joined it; True if failed."""
+    if cancelled and not rt.jobs.is_shared(msg.job_id):
+        fail(rt, msg, "scan cancelled")
+        return True
+    return False
 
 
 def after_start(rt: Runtime, msg: EntailTask, started: Started) -> Verdict | bytes | None:
@@ -117,12 +121,10 @@ def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:
     or fails alone. Returns counts for the task's summary."""
     counts = {"scored": 0, "cached": 0, "skipped": 0, "retried": 0}
     todo: list[tuple[EntailTask, Prepared]] = []
-    scans = {m.scan_id for m in msgs if m.scan_id}
-    cancelled = {sid for sid in scans if rt.scans.status(sid) == ScanStatus.CANCELLED}
+    cancelled = {sid for sid in {m.scan_id for m in msgs if m.scan_id} if scan_cancelled(rt, sid)}
     live: list[EntailTask] = []
     for msg in msgs:
-        if msg.scan_id in cancelled and not rt.jobs.is_shared(msg.job_id):
-            fail(rt, msg, "scan cancelled")
+        if cancelled_alone(rt, msg, msg.scan_id in cancelled):
             counts["skipped"] += 1
         else:
             live.append(msg)
@@ -146,7 +148,7 @@ def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:
                 counts["retried"] += 1
                 continue
             if isinstance(got, bytes):  # decoded by the pool's processes side by side
-                blobs.append((msg, rt.decode(got) if rt.pool is not None else got))
+                blobs.append((msg, rt.decode(got)))
             else:
                 counts["cached" if got is not None else "skipped"] += 1
         for msg, blob in blobs:

@@ -164,10 +164,12 @@ class Runtime:
             self._probe_file("alive")
             self._stop.wait(HEARTBEAT_S)
 
-    def decode(self, blob: bytes) -> Future[Any]:
-        """Decode and resize ``blob`` in a preprocessing process; the future's result is
-        the (R, R, 3) uint8 pixels (or the ``BadInputError``)."""
-        assert self.pool is not None
+    def decode(self, blob: bytes) -> Future[Any] | bytes:
+        """Start decoding and resizing ``blob`` in a preprocessing process (the
+        future's result: (R, R, 3) uint8 pixels, or the ``BadInputError``); without a
+        pool, the bytes themselves, for the caller's thread to prepare."""
+        if self.pool is None:
+            return blob
         return self.pool.submit(
             decode_and_resize, blob, self.entailer.max_pixels, self.entailer.image_size
         )

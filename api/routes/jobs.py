@@ -19,13 +19,12 @@ from starlette.datastructures import UploadFile
 
 from api import metrics
 from api.callbacks import check_callback
-from api.deps import JobsCall, RateLimitedError, ReadCall, Services, charge
-from api.problems import documented, problem_body, status_of
+from api.deps import JobsCall, ReadCall, Services, charge
+from api.problems import REFUSALS, documented, refusal
 from shared.errors import (
     BadInputError,
     ImageTooLargeError,
     OverloadedError,
-    QueueUnavailableError,
     UnsupportedMediaTypeError,
 )
 from shared.fetch import fetch_image
@@ -305,27 +304,6 @@ BATCH_BODY_DOC: dict[str, Any] = {
 }
 
 
-def _problem_of(exc: Exception) -> tuple[int, dict[str, Any]]:
-    """(status, problem body) for an item's refusal, as the single endpoint gives it."""
-    if isinstance(exc, BadInputError):
-        status, slug = status_of(exc)
-        metrics.REJECTED.labels(slug).inc()
-        title, detail = exc.title, exc.detail
-    elif isinstance(exc, RateLimitedError):
-        metrics.RATE_LIMITED.inc()
-        status, slug, title, detail = 429, "rate-limited", "Too many requests", exc.detail
-        retry = exc.decision.headers()["Retry-After"]
-        return status, problem_body(status, title, detail, slug) | {"retry_after": int(retry)}
-    elif isinstance(exc, OverloadedError):
-        metrics.SHED.inc()
-        status, slug, title, detail = 503, "overloaded", "Overloaded", exc.detail
-    elif isinstance(exc, QueueUnavailableError):
-        status, slug, title, detail = 503, "unavailable", "Service unavailable", exc.detail
-    else:
-        raise exc
-    return status, problem_body(status, title, detail, slug)
-
-
 async def _batch_items(request: Request, s: Services) -> list[Submission | Exception]:
     """Each item parsed on its own: a Submission, or the refusal it gets."""
     cap = s.settings.batch_max_items
@@ -398,8 +376,10 @@ async def post_batch(request: Request, call: JobsCall) -> BatchAccepted:
             if isinstance(item, Exception):
                 raise item
             got = await _submit(s, caller, item)
-        except Exception as exc:
-            status, body = _problem_of(exc)
+        except REFUSALS as exc:
+            status, body, headers = refusal(exc)
+            if status == 429 and headers:
+                body["retry_after"] = int(headers["Retry-After"])
             answers.append(BatchItem(index=index, status=status, problem=body))
             continue
         if got.cached is not None:

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.callbacks import check_callback
-from api.deps import ReadDep, ScansDep, Services, ServicesDep, charge
+from api.deps import ReadCall, ScansCall, Services, charge
 from api.problems import documented
 from shared.errors import (
     BadInputError,
@@ -94,8 +94,9 @@ MANIFEST_DOC: dict[str, Any] = {
         **documented(400, 413, 415),
     },
 )
-async def post_scan(request: Request, s: ServicesDep, caller: ScansDep) -> JSONResponse:
+async def post_scan(request: Request, call: ScansCall) -> JSONResponse:
     """Store the manifest (streamed, never whole in memory) and queue the coordinator."""
+    s, caller = call.services, call.caller
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     declared = request.headers.get("content-length")
     limit = s.settings.max_manifest_bytes
@@ -149,9 +150,9 @@ def _found(scan_id: str, summary: ScanSummary | None) -> ScanSummary:
     summary="Progress of a scan",
     responses=documented(404),
 )
-async def get_scan(scan_id: str, s: ServicesDep, _auth: ReadDep) -> ScanSummary:
+async def get_scan(scan_id: str, call: ReadCall) -> ScanSummary:
     """Counts (total, done, cached, failed, pending), rate and ETA."""
-    return _found(scan_id, await s.scans.asummary(scan_id))
+    return _found(scan_id, await call.services.scans.asummary(scan_id))
 
 
 @router.get(
@@ -171,12 +172,12 @@ async def get_scan(scan_id: str, s: ServicesDep, _auth: ReadDep) -> ScanSummary:
 )
 async def get_scan_results(
     scan_id: str,
-    s: ServicesDep,
-    _auth: ReadDep,
+    call: ReadCall,
     format: Literal["jsonl", "csv"] = Query("jsonl"),
 ) -> StreamingResponse:
     """One line per manifest row read so far (every row once the scan has finished):
     id, label, answer, probabilities, cached, error."""
+    s = call.services
     _found(scan_id, await s.scans.asummary(scan_id))
     path = ScanFolder(s.settings.scans_path, scan_id).results
 
@@ -226,13 +227,13 @@ def _report(s: Services, scan_id: str) -> ScanReport:
 )
 async def get_scan_report(
     scan_id: str,
-    s: ServicesDep,
-    _auth: ReadDep,
+    call: ReadCall,
     format: Literal["json", "html"] = Query("json"),
 ) -> Response:
     """Accuracy, confusion matrix, and precision/recall per label across thresholds,
     over the finished rows whose manifest line has a gold ``label`` (others are not
     counted); ``format=html`` draws them as a self-contained page."""
+    s = call.services
     _found(scan_id, await s.scans.asummary(scan_id))
     report = await run_in_threadpool(_report, s, scan_id)
     if format == "html":
@@ -246,6 +247,6 @@ async def get_scan_report(
     summary="Cancel a scan",
     responses=documented(404),
 )
-async def delete_scan(scan_id: str, s: ServicesDep, _auth: ScansDep) -> ScanSummary:
+async def delete_scan(scan_id: str, call: ScansCall) -> ScanSummary:
     """Stop reading the manifest and drop its queued bulk jobs; finished results stay."""
-    return _found(scan_id, await s.scans.acancel(scan_id))
+    return _found(scan_id, await call.services.scans.acancel(scan_id))

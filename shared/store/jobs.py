@@ -367,30 +367,20 @@ class JobStore:
         """Cache the verdict and finish the job. The in-flight mark stays (as long as
         the record) pointing at this finished job: a submit that raced past the cache
         lookup joins it instead of starting another."""
-        doc = verdict if isinstance(verdict, bytes) else verdict.model_dump_json().encode()
-        fields = {
-            "status": JobStatus.SUCCEEDED,
-            "verdict": doc,
-            "cached": "1" if cached else "0",
-            "finished_at": now(),
-        }
-        r = self.sync
-        if r.cache is r.durable:
-            return self._finish(job_id, key, fields, keep_mark=True, verdict=doc)
-        # The verdict first: a job never reads as succeeded before it is cached.
-        r.cache.set(self.keys.verdict(key), doc, ex=self.settings.verdict_ttl_s)
-        return self._finish(job_id, key, fields, keep_mark=True)
+        return self.succeed_many([(job_id, key, verdict)], cached)[0]
 
     def fail(self, job_id: str, key: str, error: str) -> list[Hook]:
         """Fail the job for good; the next identical submission starts afresh."""
         fields = {"status": JobStatus.FAILED, "error": error, "finished_at": now()}
         return self._finish(job_id, key, fields, keep_mark=False)
 
-    def succeed_many(self, items: Sequence[tuple[str, str, Verdict]]) -> list[list[Hook]]:
-        """``succeed`` (computed, not cached) for several jobs in one transaction: a
-        chunk's verdicts. Returns each job's webhooks, in order."""
+    def succeed_many(
+        self, items: Sequence[tuple[str, str, Verdict | bytes]], cached: bool = False
+    ) -> list[list[Hook]]:
+        """``succeed`` for several (job id, key, verdict) in one transaction (a chunk's
+        verdicts). Returns each job's webhooks, in order."""
         r = self.sync
-        docs = [verdict.model_dump_json().encode() for _, _, verdict in items]
+        docs = [v if isinstance(v, bytes) else v.model_dump_json().encode() for _, _, v in items]
         same = r.cache is r.durable
         if not same:  # the verdicts first: a job never reads as succeeded before
             cache = r.cache.pipeline(transaction=False)
@@ -403,7 +393,7 @@ class JobStore:
             fields = {
                 "status": JobStatus.SUCCEEDED,
                 "verdict": doc,
-                "cached": "0",
+                "cached": "1" if cached else "0",
                 "finished_at": now(),
             }
             at.append(self._queue_finish(pipe, job_id, key, fields, True, doc if same else None))

@@ -39,9 +39,16 @@ from shared.celery_app import make_celery
 from shared.keys import Keys, verdict_key
 from shared.settings import Settings
 from shared.store import JobStore
-from shared.submit import send_job
+from shared.submit import submit_job
 from shared.wiring import sync_redis
-from tests.benchmarks.bench_http import BOUNDARY, cpu_seconds, multipart, run_wrk
+from tests.benchmarks.bench_http import (
+    BOUNDARY,
+    cpu_seconds,
+    lua_string,
+    multipart,
+    run_wrk,
+)
+from tests.benchmarks.bench_scan import interactive_latencies, percentile
 from tests.helpers import encode_image, free_port, photo, small_jpeg
 
 PREFIX = "ofa:plumbing:"
@@ -49,42 +56,16 @@ MODEL = ("instant", "bench")
 API_KEY = "bench-key-0123456789abcdef0123"
 
 
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * q))]
-
-
 def latencies(api: str, n: int, seed: int, pause: float) -> list[float]:
-    out = []
-    with httpx.Client(base_url=api, headers={"X-API-Key": API_KEY}, timeout=60) as c:
-        for i in range(n):
-            t = time.perf_counter()
-            r = c.post(
-                "/v1/jobs?wait=30",
-                data={"text": f"interactive {seed} {i}"},
-                files={"image": ("i.jpg", small_jpeg(seed=seed + i, size=32))},
-            )
-            assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
-            out.append(1000 * (time.perf_counter() - t))
-            time.sleep(pause)
-    return out
+    return interactive_latencies(api, n, seed, pause, api_key=API_KEY)
 
 
 def wrk_script(path: Path, image: bytes) -> None:
     """Each request a new text, so a new job: the body is rebuilt around a counter."""
     head, _, tail = multipart(image, "@@TEXT@@").partition(b"@@TEXT@@")
 
-    def lua(data: bytes) -> str:
-        return (
-            '"'
-            + "".join(
-                chr(b) if 32 <= b < 127 and chr(b) not in '"\\' else f"\\{b:03d}" for b in data
-            )
-            + '"'
-        )
-
     path.write_text(
-        f"local head = {lua(head)}\nlocal tail = {lua(tail)}\nlocal n = 0\n"
+        f"local head = {lua_string(head)}\nlocal tail = {lua_string(tail)}\nlocal n = 0\n"
         "local id = tostring(math.random(1, 1000000000))\n"
         "request = function()\n"
         "  n = n + 1\n"
@@ -198,9 +179,7 @@ def main() -> None:
         for i in range(args.direct_jobs):
             text = f"direct {i}"
             key = verdict_key(*MODEL, image, text)
-            got = jobs.create_or_join(key, image, text, None)
-            send_job(celery, jobs_message(got.job_id, key, text))
-            ids.append(got.job_id)
+            ids.append(submit_job(jobs, celery, key, image, text, None)[0])
         procs["worker"] = start(
             [sys.executable, "-m", "tests.benchmarks.instant_worker"], env, logs / "worker.log"
         )
@@ -460,14 +439,6 @@ def photo_report(args: argparse.Namespace, r: dict[str, float]) -> None:
     print(text)
     if args.out:
         args.out.write_text(text)
-
-
-def jobs_message(job_id: str, key: str, text: str):
-    from shared.messages import EntailTask
-
-    return EntailTask(
-        job_id=job_id, key=key, model=MODEL[0], revision=MODEL[1], text=text, premise=None
-    )
 
 
 if __name__ == "__main__":

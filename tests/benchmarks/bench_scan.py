@@ -55,9 +55,12 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q))]
 
 
-def interactive_latencies(api: str, n: int, seed: int, pause: float) -> list[float]:
+def interactive_latencies(
+    api: str, n: int, seed: int, pause: float, api_key: str = API_KEY
+) -> list[float]:
+    """ms per interactive request, one at a time, each a new job held with ``?wait=``."""
     out = []
-    with httpx.Client(base_url=api, headers={"X-API-Key": API_KEY}, timeout=60) as c:
+    with httpx.Client(base_url=api, headers={"X-API-Key": api_key}, timeout=60) as c:
         for i in range(n):
             t = time.perf_counter()
             r = c.post(

@@ -129,7 +129,9 @@ def test_preprocessing_processes_give_the_same_verdicts(rt: Runtime, inproc_sett
     try:
         assert pooled.pool is not None
         image = encode_image(photo("coffee").resize((200, 150)))
-        ours = pooled.entailer.prepare_resized(pooled.decode(image).result(), "a cup")
+        decoding = pooled.decode(image)
+        assert not isinstance(decoding, bytes)
+        ours = pooled.entailer.prepare_resized(decoding.result(), "a cup")
         theirs = rt.entailer.prepare(image, "a cup")
         assert (ours.pixels == theirs.pixels).all() and ours.source == theirs.source
         single = queued(pooled, image, "pooled single")

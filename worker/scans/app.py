@@ -89,6 +89,17 @@ def _slice_crashed(coord: Coordinator, scan_id: str, exc: Exception) -> str:
     return "retry"
 
 
+def _retry_or_give_up(task: Task, what: str, url: str, exc: CallbackFailed) -> None:
+    """After a failed delivery: raise Celery's retry with backoff (1 s, 2 s, 4 s ... up
+    to 5 min), or return once ``OFA_CALLBACK_MAX_RETRIES`` retries are spent."""
+    retries = task.request.retries
+    if retries >= settings.callback_max_retries:
+        logger.error("%s: webhook to %s failed for good: %s", what, url, exc)
+        return
+    logger.warning("%s: webhook to %s failed (%s); retry %d", what, url, exc, retries + 1)
+    raise task.retry(exc=exc, countdown=min(2**retries, 300)) from exc
+
+
 @app.task(name=TASK_CALLBACK, bind=True, acks_late=True)
 def send_callback(self: Task, scan_id: str) -> None:
     """POST the scan summary to its callback URL, signed; retried with backoff."""
@@ -100,21 +111,16 @@ def send_callback(self: Task, scan_id: str) -> None:
     try:
         deliver(summary, summary.callback_url, secret, wiring.url_policy(settings, 0))
     except CallbackFailed as exc:
-        retries = self.request.retries
-        url = summary.callback_url
-        if retries >= settings.callback_max_retries:
-            logger.error("scan %s: callback to %s failed for good: %s", scan_id, url, exc)
-            scans.callback_failed(scan_id, str(exc))
-            return
-        logger.warning("scan %s: callback failed (%s); retry %d", scan_id, exc, retries + 1)
-        raise self.retry(exc=exc, countdown=min(2**retries, 300)) from exc
+        _retry_or_give_up(self, f"scan {scan_id}", summary.callback_url, exc)
+        scans.callback_failed(scan_id, str(exc))
+        return
     scans.callback_delivered(scan_id)
 
 
 @app.task(name=TASK_JOB_CALLBACK, bind=True, acks_late=True)
 def send_job_callback(self: Task, job_id: str, url: str, delivery_id: str) -> str:
     """POST a finished job to a webhook its submitter gave, signed; retried with
-    backoff (1 s, 2 s, 4 s ... up to 5 min) ``OFA_CALLBACK_MAX_RETRIES`` times."""
+    backoff like scan callbacks."""
     job = coordinator().jobs.get(job_id)
     if job is None or settings.webhook_secret is None:
         return "job expired, or no webhook secret: nothing sent"
@@ -122,10 +128,6 @@ def send_job_callback(self: Task, job_id: str, url: str, delivery_id: str) -> st
     try:
         deliver_job(job, url, delivery_id, secret, wiring.url_policy(settings, 0))
     except CallbackFailed as exc:
-        retries = self.request.retries
-        if retries >= settings.callback_max_retries:
-            logger.error("job %s: webhook to %s failed for good: %s", job_id, url, exc)
-            return f"failed for good: {exc}"
-        logger.warning("job %s: webhook failed (%s); retry %d", job_id, exc, retries + 1)
-        raise self.retry(exc=exc, countdown=min(2**retries, 300)) from exc
+        _retry_or_give_up(self, f"job {job_id}", url, exc)
+        return f"failed for good: {exc}"
     return f"delivered {delivery_id} to {url}"
