@@ -28,7 +28,7 @@ from shared.errors import (
     UnsupportedMediaTypeError,
 )
 from shared.fetch import fetch_image
-from shared.images import check_size, decode_base64, open_image
+from shared.images import check_image, check_size, decode_base64
 from shared.keys import verdict_key
 from shared.messages import Job, cached_verdict_body
 from shared.schemas import (
@@ -208,7 +208,7 @@ async def _submit(s: Services, caller: Caller, sub: Submission) -> Answer:
         limited = await charge(s, caller, "hit", "cached verdicts")
         return Answer(cached=cached, limited=limited)
     metrics.CACHE.labels("miss").inc()
-    await run_in_threadpool(open_image, sub.image, s.settings.max_pixels)
+    await run_in_threadpool(check_image, sub.image, s.settings.max_pixels)
     limit = s.settings.max_pending_jobs
     if (
         limit

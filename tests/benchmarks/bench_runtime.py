@@ -27,7 +27,7 @@ from worker.ofa.checkpoint import Checkpoint
 from worker.ofa.config import TaskConfig
 from worker.ofa.entail import Entailer, Prepared
 from worker.ofa.model import OFAModel
-from worker.ofa.preprocess import VOCAB_DIR, TextEncoder
+from worker.ofa.preprocess import VOCAB_DIR, TextEncoder, normalise
 from worker.ofa.tiny import LARGE, randomise, reference_state_dict
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse", "cat"]
@@ -75,7 +75,9 @@ def build(args: argparse.Namespace) -> tuple[Entailer, dict[str, torch.Tensor]]:
     return ent, state
 
 
-def reference_rate(state, items: list[Prepared], device: torch.device, answers) -> float:
+def reference_rate(
+    state, items: list[Prepared], device: torch.device, answers, task: TaskConfig
+) -> float:
     from tests import reference as R
 
     ref = R.RefModel(R.RefConfig(**LARGE.to_dict()))
@@ -86,7 +88,7 @@ def reference_rate(state, items: list[Prepared], device: torch.device, answers) 
 
         def one(item: Prepared) -> None:
             src = torch.tensor(item.source, device=device)[None]
-            img = torch.from_numpy(item.pixels)[None].to(device)
+            img = normalise(torch.from_numpy(item.pixels)[None], task).to(device)
             enc = ref.encoder(
                 input_ids=src, patch_images=img, patch_masks=torch.tensor([True], device=device)
             )
@@ -142,6 +144,7 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
 
+    task = ent.task
     ours_model = ent.model.cpu()
     del ours_model, ent
     peak_reset(device)
@@ -153,7 +156,7 @@ def main() -> None:
         TextEncoder(VOCAB_DIR / "vocab.json", VOCAB_DIR / "merges.txt", TaskConfig()).encode,
         "-",
     )
-    base = reference_rate(state, base_items, device, answers)
+    base = reference_rate(state, base_items, device, answers, task)
     base_peak = peak_mib(device)
     print(json.dumps({"reference_items_per_s": base, "peak_mib": base_peak}), flush=True)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from PIL import Image
 from shared.errors import UnsupportedConfigError
 from worker.ofa.checkpoint import Checkpoint, load_checkpoint, resolve_model_dir
 from worker.ofa.model import EncoderOutput
-from worker.ofa.preprocess import EOS, PAD, image_array, normalise, open_image
+from worker.ofa.preprocess import EOS, PAD, normalise, open_image, resized_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class Answers:
 class Prepared:
     """One item after CPU-side preprocessing, ready to batch."""
 
-    pixels: np.ndarray  # (3, R, R) float32
+    pixels: np.ndarray  # (R, R, 3) uint8: normalised on the model's device
     source: list[int]  # bos ... eos
     prompt: list[int]  # decoder prompt
 
@@ -122,6 +123,39 @@ def _pad(rows: Sequence[Sequence[int]], value: int = PAD) -> torch.Tensor:
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     return out
+
+
+class Staging:
+    """A reused host buffer that batches of uint8 images are stacked into on their way
+    to the device: allocated once (grown to the largest batch seen), page-locked when
+    the device is a GPU. Before a batch overwrites it, the previous batch's copy has
+    finished (a CUDA event), so the copies themselves never block the host."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.lock = threading.RLock()
+        self._buffer: torch.Tensor | None = None
+        self._copied: Any = None  # torch.cuda.Event of the last copy
+
+    def upload(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        with self.lock:
+            n, shape = len(arrays), arrays[0].shape
+            buf = self._buffer
+            if buf is None or buf.shape[0] < n or tuple(buf.shape[1:]) != shape:
+                buf = torch.empty(
+                    (n, *shape), dtype=torch.uint8, pin_memory=self.device.type == "cuda"
+                )
+                self._buffer = buf
+            elif self._copied is not None:
+                self._copied.synchronize()
+            host = buf[:n]
+            np.stack(arrays, out=host.numpy())
+            if self.device.type != "cuda":
+                return host
+            on_device = host.to(self.device, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+            return on_device
 
 
 class Entailer:
@@ -158,6 +192,7 @@ class Entailer:
             # oneDNN convolutions are fastest on channels-last tensors.
             self.model.encoder.embed_images.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._answer_vocab = torch.tensor(self.answers.vocab, device=self.device)
+        self._staging = Staging(self.device)
 
     @classmethod
     def load(
@@ -179,7 +214,8 @@ class Entailer:
         """Decode and resize the image, build the prompt ids. Raises ``BadInputError``s."""
         source = self.text.source_ids(text, premise)
         img = image if isinstance(image, Image.Image) else open_image(image, self.max_pixels)
-        return Prepared(image_array(img, self.task), source, self.text.decoder_prompt(source))
+        pixels = resized_pixels(img, self.task.patch_image_size)
+        return Prepared(pixels, source, self.text.decoder_prompt(source))
 
     def prepare_resized(
         self, pixels: np.ndarray, text: str, premise: str | None = None
@@ -187,7 +223,7 @@ class Entailer:
         """``prepare`` for an image already decoded and resized elsewhere
         (``preprocess.decode_and_resize`` in a preprocessing process): identical."""
         source = self.text.source_ids(text, premise)
-        return Prepared(normalise(pixels, self.task), source, self.text.decoder_prompt(source))
+        return Prepared(pixels, source, self.text.decoder_prompt(source))
 
     @property
     def image_size(self) -> int:
@@ -201,17 +237,29 @@ class Entailer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def upload(self, batch: Sequence[Prepared]) -> torch.Tensor:
+        """The batch's (B, R, R, 3) uint8 pixels on the device: stacked into a reused
+        host buffer (page-locked on CUDA, so the copy runs asynchronously at full bus
+        speed) and copied. On the CPU the result is that buffer: valid until the next
+        call, so ``pixels`` holds the buffer's lock until it has normalised it."""
+        return self._staging.upload([p.pixels for p in batch])
+
+    def pixels(self, batch: Sequence[Prepared]) -> torch.Tensor:
+        """The batch's images as the network reads them: (B, 3, R, R) float32 on the
+        device, normalised there (a quarter of the bytes cross the bus)."""
+        with self._staging.lock:
+            images = normalise(self.upload(batch), self.task)
+        if self.device.type == "cpu":
+            # oneDNN convolutions are fastest on channels-last tensors.
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
     def encode(self, batch: Sequence[Prepared]) -> EncoderOutput:
         """Run the encoder over a batch (no grad, device dtype)."""
-        pixels = torch.from_numpy(np.stack([p.pixels for p in batch]))
-        tokens = _pad([p.source for p in batch])
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory()
-        pixels = pixels.to(self.device, non_blocking=True)
-        if self.device.type == "cpu":
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        tokens = _pad([p.source for p in batch]).to(self.device, non_blocking=True)
+        images = self.pixels(batch)
         with torch.inference_mode(), self._autocast():
-            return self.model.encoder(tokens.to(self.device), pixels)
+            return self.model.encoder(tokens, images)
 
     def answer_log_probs(self, batch: Sequence[Prepared]) -> torch.Tensor:
         """(B, A) summed log-probabilities of each answer + eos, float32 on the CPU.

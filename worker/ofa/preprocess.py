@@ -2,7 +2,8 @@
 
 Text: ``pre_caption`` normalisation, the visual-entailment prompt, byte-level BPE on
 OFA's vocabulary, cut to ``max_src_length`` tokens, wrapped in bos/eos.
-Image: EXIF orientation, RGB, bicubic resize to a square, scale to [0, 1], normalise.
+Image: EXIF orientation, RGB, bicubic resize to a square (uint8, on the CPU); scaled to
+[0, 1] and normalised on the model's device (``normalise``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tokenizers import ByteLevelBPETokenizer
 
@@ -26,7 +28,16 @@ EXTRA_TOKENS = [f"<code_{i}>" for i in range(N_CODE_TOKENS)] + [
 ]
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 
-__all__ = ["BOS", "EOS", "PAD", "TextEncoder", "image_array", "open_image"]
+__all__ = [
+    "BOS",
+    "EOS",
+    "PAD",
+    "TextEncoder",
+    "decode_and_resize",
+    "normalise",
+    "open_image",
+    "resized_pixels",
+]
 
 
 class TextEncoder:
@@ -77,27 +88,27 @@ class TextEncoder:
         return [BOS]
 
 
-def image_array(img: Image.Image, task: TaskConfig) -> np.ndarray:
-    """RGB image -> (3, R, R) float32, resized bicubically and normalised."""
-    return normalise(resized_pixels(img, task.patch_image_size), task)
-
-
 def resized_pixels(img: Image.Image, size: int) -> np.ndarray:
-    """RGB image -> (R, R, 3) uint8, resized bicubically: the costly half of the
-    preprocessing, and the compact form a preprocessing process hands back."""
-    resized = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(resized, dtype=np.uint8)
+    """RGB image -> (R, R, 3) uint8, resized bicubically: the costly part of the
+    preprocessing, and the compact form items travel in (a quarter of float32's bytes)
+    until ``normalise`` runs on the model's device."""
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    return np.asarray(rgb.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
 def decode_and_resize(data: bytes, max_pixels: int, size: int) -> np.ndarray:
-    """Image bytes -> (R, R, 3) uint8 (top level: runs in preprocessing processes).
-    Raises the same ``BadInputError``s as decoding in the worker itself."""
+    """Image bytes -> (R, R, 3) uint8 (top level: runs in preprocessing processes too).
+    Raises the same ``BadInputError``s as ``open_image``."""
     return resized_pixels(open_image(data, max_pixels), size)
 
 
-def normalise(pixels: np.ndarray, task: TaskConfig) -> np.ndarray:
-    """(R, R, 3) uint8 -> (3, R, R) float32 scaled and normalised."""
-    scaled = pixels.astype(np.float32) / np.float32(255)
+def normalise(pixels: torch.Tensor, task: TaskConfig) -> torch.Tensor:
+    """(B, R, R, 3) uint8 on any device -> (B, 3, R, R) float32 scaled to [0, 1] and
+    normalised, on the same device: as torchvision's ``ToTensor`` and ``Normalize`` in
+    ModelScope's preprocessor (the same float32 operations, so the same numbers)."""
     mean, std = task.mean_std
-    normed = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(normed.transpose(2, 0, 1), dtype=np.float32)
+    shape = (1, 3, 1, 1)
+    images = pixels.permute(0, 3, 1, 2).contiguous().float()
+    images.div_(255)
+    images.sub_(torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(shape))
+    return images.div_(torch.tensor(std, dtype=torch.float32, device=pixels.device).view(shape))

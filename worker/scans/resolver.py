@@ -20,7 +20,7 @@ import redis
 
 from shared.errors import BadInputError, OfaEntailError, RowError
 from shared.fetch import UrlPolicy, fetch
-from shared.images import decode_base64, open_image
+from shared.images import check_image, decode_base64
 from shared.keys import Keys, image_digest, verdict_key_for_digest
 from shared.scans.manifest import Row, file_under
 from shared.settings import Settings
@@ -200,7 +200,7 @@ class RowResolver:
                 raise RowError("the image does not match the row's sha256")
             r.image = found.body
         try:
-            open_image(r.image, self.settings.max_pixels)
+            check_image(r.image, self.settings.max_pixels)
         except BadInputError as exc:
             raise RowError(f"{exc.title}: {exc.detail}") from exc
         return r.image
