@@ -177,8 +177,8 @@ class Entailer:
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or auto, not {dtype!r}")
-        if self.device.type == "cpu" and dtype != "float32":
-            raise ValueError("on the CPU the runtime computes in float32")
+        if self.device.type == "cpu" and dtype == "float16":
+            raise ValueError("on the CPU the runtime computes in float32 or bfloat16")
         self.dtype = DTYPES[dtype]
         self.max_pixels = max_pixels
         self.answers = Answers.build(

@@ -23,7 +23,11 @@ from torch import Tensor, nn
 
 from worker.ofa.config import RESNET_LAYERS, OFAConfig
 
-NEG_INF = torch.finfo(torch.float32).min
+
+def _masked(bias: Tensor, mask: Tensor) -> Tensor:
+    """``bias`` with the masked positions at the most negative value of its own dtype
+    (float32's would overflow a bfloat16 or float16 bias under autocast)."""
+    return bias.masked_fill(mask, torch.finfo(bias.dtype).min)
 
 
 # --- relative position buckets ------------------------------------------------------
@@ -368,7 +372,7 @@ class Encoder(nn.Module):
         pad_bias = None
         if has_pads:
             pad_bias = torch.zeros(B, 1, 1, P + L, device=tokens.device, dtype=bias_dtype)
-            pad_bias = pad_bias.masked_fill(padding_mask[:, None, None, :], NEG_INF)
+            pad_bias = _masked(pad_bias, padding_mask[:, None, None, :])
         for layer, bias in zip(self.layers, layer_biases, strict=True):
             x = layer(x, bias if pad_bias is None else bias + pad_bias)
         return EncoderOutput(self.layer_norm(x), padding_mask, position)
@@ -425,10 +429,10 @@ class Decoder(nn.Module):
             self.pos_scaling,
         )  # (1, H, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
-        self_bias = self_bias.masked_fill(causal, NEG_INF)
+        self_bias = _masked(self_bias, causal)
         pad = tokens.eq(self.cfg.pad_token_id)
         if bool(pad.any()):
-            self_bias = self_bias.masked_fill(pad[:, None, None, :], NEG_INF)  # (N, H, T, T)
+            self_bias = _masked(self_bias, pad[:, None, None, :])  # (N, H, T, T)
         cross_bias = _abs_position_bias(
             tgt_pos,
             enc.position,
@@ -438,7 +442,7 @@ class Decoder(nn.Module):
             self.pos_scaling,
         )  # (1, H, T, S)
         if bool(enc.padding_mask.any()):
-            cross_bias = cross_bias.masked_fill(enc.padding_mask[:, None, None, :], NEG_INF)
+            cross_bias = _masked(cross_bias, enc.padding_mask[:, None, None, :])
 
         x = self.embed_tokens(tokens) * self.embed_scale
         if self.layernorm_embedding is not None:
