@@ -95,6 +95,30 @@ def wait_ready(api: str, timeout: float = 90) -> None:
     raise TimeoutError("the service did not become ready")
 
 
+def steady_drain(
+    jobs: JobStore, ids: list[str], pids: dict[str, int], timeout: float = 600
+) -> dict[str, float]:
+    """Wait until the queued jobs ``ids`` are done; their rate and each process's CPU
+    per job in the steady state: between the 10th and the 90th percent of the queue
+    (the worker's start-up and the tail left out). Every job must have succeeded."""
+    marks = []
+    deadline = time.monotonic() + timeout
+    for k in (len(ids) // 10, len(ids) * 9 // 10, len(ids) - 1):
+        while (j := jobs.get(ids[k])) is None or not j.status.finished:
+            assert time.monotonic() < deadline, "the worker did not drain the queue"
+            time.sleep(0.02)
+        marks.append((time.time(), {n: cpu_seconds(pid) for n, pid in pids.items()}))
+    time.sleep(1)  # the stragglers of a batch
+    records = [jobs.get(i) for i in ids]
+    assert all(r is not None and r.status == "succeeded" for r in records)
+    (t1, cpu1), (t2, cpu2) = marks[0], marks[1]
+    n = sum(1 for r in records if r and r.finished_at and t1 < r.finished_at <= t2)
+    out = {"jobs_per_s": n / (t2 - t1)}
+    for name in pids:
+        out[f"{name}_ms"] = 1000 * (cpu2[name] - cpu1[name]) / n
+    return out
+
+
 def run_scan(c: httpx.Client, manifest: Path) -> tuple[dict, float]:
     with manifest.open("rb") as fh:
         r = c.post("/v1/scans", files={"manifest": ("m.jsonl", fh)})
@@ -185,31 +209,18 @@ def main() -> None:
         )
         valkey_pid = int(rdb.info("server")["process_id"])
         pids = {"worker": procs["worker"].pid, "valkey": valkey_pid}
-        # The steady state: CPU and finishes counted between the 10th and the 90th
-        # percent of the queue (the worker's start-up and the tail left out).
-        marks = []
-        for k in (len(ids) // 10, len(ids) * 9 // 10, len(ids) - 1):
-            deadline = time.monotonic() + 300
-            while (j := jobs.get(ids[k])) is None or not j.status.finished:
-                assert time.monotonic() < deadline, "the worker did not drain the queue"
-                time.sleep(0.02)
-            marks.append((time.time(), {n: cpu_seconds(pid) for n, pid in pids.items()}))
-        time.sleep(1)  # the stragglers of a batch
-        records = [jobs.get(i) for i in ids]
-        assert all(r is not None and r.status == "succeeded" for r in records)
-        (t1, cpu1), (t2, cpu2) = marks[0], marks[1]
-        steady = sum(1 for r in records if r and r.finished_at and t1 < r.finished_at <= t2)
-        results["direct_jobs_per_s"] = steady / (t2 - t1)
-        if args.photo:
-            plain.append(plain_pipeline_ms(job_image))
+        steady = steady_drain(jobs, ids, pids)
+        results["direct_jobs_per_s"] = steady["jobs_per_s"]
         for name in pids:
-            results[f"direct_{name}_ms"] = 1000 * (cpu2[name] - cpu1[name]) / steady
+            results[f"direct_{name}_ms"] = steady[f"{name}_ms"]
         print(
             f"worker fed directly: {results['direct_jobs_per_s']:.0f} jobs/s; CPU per job: "
             f"worker {results['direct_worker_ms']:.1f} ms, Valkey "
             f"{results['direct_valkey_ms']:.1f} ms",
             flush=True,
         )
+        if args.photo:
+            plain.append(plain_pipeline_ms(job_image))
 
         port = free_port()
         api = f"http://127.0.0.1:{port}"
