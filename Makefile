@@ -64,6 +64,8 @@ bench: install
 	{ cat $(DATA)/ack-1.md; echo; sed '1s/.*/## The same with appendfsync always/' \
 	  $(DATA)/ack-2.md; } > tests/benchmarks/results/durable-ack-cpu.md
 	$(PY) -m tests.benchmarks.bench_runtime --out tests/benchmarks/results/runtime-cpu.md
+	$(PY) -m tests.benchmarks.bench_runtime --dtype bfloat16 --batch-sizes 1,4 --baseline-items 2 \
+	  --agreement 8 --out tests/benchmarks/results/runtime-cpu-bf16.md
 
 clean:
 	rm -rf $(VENV) $(DATA) .pytest_cache .mypy_cache .ruff_cache

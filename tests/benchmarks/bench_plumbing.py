@@ -198,27 +198,34 @@ def main() -> None:
         clients = sync_redis(settings)
         jobs = JobStore(settings, Keys(PREFIX), clients)
         celery = make_celery(settings)
-        image = job_image
-        ids = []
-        for i in range(args.direct_jobs):
-            text = f"direct {i}"
-            key = verdict_key(*MODEL, image, text)
-            ids.append(submit_job(jobs, celery, key, image, text, None)[0])
-        procs["worker"] = start(
-            [sys.executable, "-m", "tests.benchmarks.instant_worker"], env, logs / "worker.log"
-        )
         valkey_pid = int(rdb.info("server")["process_id"])
-        pids = {"worker": procs["worker"].pid, "valkey": valkey_pid}
-        steady = steady_drain(jobs, ids, pids)
-        results["direct_jobs_per_s"] = steady["jobs_per_s"]
-        for name in pids:
-            results[f"direct_{name}_ms"] = steady[f"{name}_ms"]
-        print(
-            f"worker fed directly: {results['direct_jobs_per_s']:.0f} jobs/s; CPU per job: "
-            f"worker {results['direct_worker_ms']:.1f} ms, Valkey "
-            f"{results['direct_valkey_ms']:.1f} ms",
-            flush=True,
-        )
+        worker_cmd = [sys.executable, "-m", "tests.benchmarks.instant_worker"]
+        # Photos: first the worker held to one core (taskset), then free on all of them:
+        # how preprocessing scales with cores.
+        for cores in (["1"] if args.photo and shutil.which("taskset") else []) + ["all"]:
+            ids = []
+            for i in range(args.direct_jobs):
+                text = f"direct {cores} {i}"
+                key = verdict_key(*MODEL, job_image, text)
+                ids.append(submit_job(jobs, celery, key, job_image, text, None)[0])
+            pinned = ["taskset", "-c", "0"] if cores == "1" else []
+            procs["worker"] = start([*pinned, *worker_cmd], env, logs / f"worker-{cores}.log")
+            pids = {"worker": procs["worker"].pid, "valkey": valkey_pid}
+            steady = steady_drain(jobs, ids, pids)
+            tag = "direct" if cores == "all" else "direct_1core"
+            results[f"{tag}_jobs_per_s"] = steady["jobs_per_s"]
+            for name in pids:
+                results[f"{tag}_{name}_ms"] = steady[f"{name}_ms"]
+            print(
+                f"worker fed directly ({cores} cores): {steady['jobs_per_s']:.0f} jobs/s; "
+                f"CPU per job: worker {steady['worker_ms']:.1f} ms, Valkey "
+                f"{steady['valkey_ms']:.1f} ms",
+                flush=True,
+            )
+            if cores != "all":
+                pinned_worker = procs.pop("worker")
+                pinned_worker.terminate()
+                pinned_worker.wait(timeout=60)
         if args.photo:
             plain.append(plain_pipeline_ms(job_image))
 
@@ -444,6 +451,7 @@ def plain_pipeline_ms(data: bytes, rounds: int = 150) -> float:
 
 def photo_report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     limit = r["limit_items_per_s"]
+    cores = os.cpu_count() or 1
     text = "\n".join(
         [
             "# The plumbing with photos (instant model)",
@@ -463,7 +471,10 @@ def photo_report(args: argparse.Namespace, r: dict[str, Any]) -> None:
             f"{', '.join(f'{x:.1f}' for x in r['plain_runs'])}) | {r['plain_ms']:.1f} "
             "ms/item -> limit "
             f"{limit:.0f} items/s on {os.cpu_count()} cores | | |",
-            f"| worker fed directly | {r['direct_jobs_per_s']:.0f} jobs/s | "
+            f"| worker fed directly, held to 1 core | {r['direct_1core_jobs_per_s']:.0f} jobs/s | "
+            f"{r['direct_1core_jobs_per_s'] / (limit / cores):.2f} (of 1 core's limit) | |",
+            f"| worker fed directly, {cores} cores | {r['direct_jobs_per_s']:.0f} jobs/s "
+            f"({r['direct_jobs_per_s'] / r['direct_1core_jobs_per_s']:.2f}x 1 core) | "
             f"{r['direct_jobs_per_s'] / limit:.2f} | >= 0.90 |",
             f"| ... CPU per job: worker / Valkey | {r['direct_worker_ms']:.1f} / "
             f"{r['direct_valkey_ms']:.1f} ms | | |",

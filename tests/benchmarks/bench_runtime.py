@@ -326,6 +326,11 @@ def main() -> None:
 
 def report(args: argparse.Namespace, device: torch.device, r: dict[str, Any]) -> str:
     hw = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    bf16_flags = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    if bf16_flags:
+        hw += f" (bf16 instructions: {', '.join(bf16_flags)})"
     vendor = None
     if device.type == "cuda":
         hw = torch.cuda.get_device_name(device)
