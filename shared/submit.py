@@ -5,6 +5,9 @@ refuses, everything stored is removed again and ``QueueUnavailableError`` says s
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -44,6 +47,42 @@ def send_job(celery: Celery, msg: EntailTask) -> None:
         # (it costs a round trip, and ~19 s of reconnect attempts when Redis is down).
         ignore_result=True,
     )
+
+
+def entail_message(celery: Celery, msg: EntailTask) -> tuple[str, bytes]:
+    """The ``ofa.entail`` message of ``msg`` as kombu's Redis transport stores it: the
+    list it goes onto and its bytes. Celery's own protocol-2 headers
+    (``amqp.as_task_v2``), the JSON body base64-encoded in the envelope that
+    ``Channel._put`` pushes: what ``send_job`` would write (tests/shared/test_submit.py
+    holds the two equal). Built here so the API pushes it in the same atomic step as
+    the job's record, with no producer pool or thread in between."""
+    kwargs = {"msg": msg.model_dump()}
+    task = celery.amqp.as_task_v2(
+        msg.job_id,
+        TASK_ENTAIL,
+        args=(),
+        kwargs=kwargs,
+        ignore_result=True,
+        argsrepr="()",
+        kwargsrepr=repr(kwargs),
+    )
+    queue = queue_name(msg.model, msg.revision, bulk=msg.bulk)
+    body = json.dumps(task.body).encode()
+    envelope = {
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": task.headers,
+        "properties": {
+            **task.properties,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return queue, json.dumps(envelope).encode()
 
 
 def send_hooks(celery: Celery, job_id: str, hooks: list[Hook]) -> None:
@@ -128,6 +167,30 @@ def submit_job(
             logger.exception("could not clean up after a failed enqueue")
         raise QueueUnavailableError(f"the job queue is unavailable ({type(exc).__name__})") from exc
     return got.job_id, True
+
+
+async def asubmit_job(
+    store: JobStore,
+    celery: Celery,
+    key: str,
+    image: bytes,
+    text: str,
+    premise: str | None,
+    callback_url: str | None = None,
+) -> tuple[str, bool]:
+    """``submit_job`` for an interactive job, from the event loop: the record and its
+    message stored in one atomic round trip (``JobStore.acreate_and_send``)."""
+    job_id = uuid.uuid4().hex
+    queue, message = entail_message(celery, new_task(store, job_id, key, text, premise, None))
+    try:
+        got = await store.acreate_and_send(key, image, text, premise, job_id, queue, message)
+    except redis.RedisError as exc:
+        raise QueueUnavailableError(f"the job store is unavailable ({type(exc).__name__})") from exc
+    if callback_url:
+        await asyncio.to_thread(_hook, store, celery, got.job_id, callback_url)
+    if got.overdue:  # an in-flight mark is never trusted past its job's deadline
+        await asyncio.to_thread(_send_again, store, celery, got.job_id)
+    return got.job_id, got.created
 
 
 @dataclass(frozen=True)

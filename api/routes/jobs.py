@@ -41,7 +41,7 @@ from shared.schemas import (
 )
 from shared.store.apikeys import Caller
 from shared.store.limits import Decision
-from shared.submit import submit_job
+from shared.submit import asubmit_job
 from shared.text import check_text
 
 logger = logging.getLogger(__name__)
@@ -217,8 +217,8 @@ async def _submit(s: Services, caller: Caller, sub: Submission) -> Answer:
     ):
         raise OverloadedError(pending, limit, retry_after_s=5)
     limited = await charge(s, caller, "miss", "new jobs")
-    job_id, created = await run_in_threadpool(
-        submit_job, s.jobs, s.celery, key, sub.image, sub.text, sub.premise, None, sub.callback_url
+    job_id, created = await asubmit_job(
+        s.jobs, s.celery, key, sub.image, sub.text, sub.premise, sub.callback_url
     )
     (metrics.ENQUEUED if created else metrics.DEDUPLICATED).inc()
     return Answer(job_id=job_id, created=created, limited=limited)

@@ -23,8 +23,11 @@ from shared.wiring import AsyncRedis, SyncRedis
 SCAN_JOB_LINGER_S = 60
 
 
-# KEYS: inflight, job, blob, deadlines, pending
-# ARGV: job id, job ttl, blob ttl, image, dispatch deadline, now, job key prefix, fields...
+# KEYS: inflight, job, blob, deadlines, pending, queue
+# ARGV: job id, job ttl, blob ttl, image, dispatch deadline, now, job key prefix,
+#       message ('' for none: sent afterwards), fields...
+# A new job's Celery message (when given) is pushed onto its queue in the same atomic
+# step as its record: a job is never stored without its message, nor sent without it.
 _CREATE_OR_JOIN = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
@@ -36,10 +39,11 @@ if cur then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[3])
-redis.call('HSET', KEYS[2], unpack(ARGV, 8))
+redis.call('HSET', KEYS[2], unpack(ARGV, 9))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
+if ARGV[8] ~= '' then redis.call('LPUSH', KEYS[6], ARGV[8]) end
 return {ARGV[1], 1, false}
 """
 
@@ -219,49 +223,15 @@ class JobStore:
     ) -> list[Created]:
         """``create_or_join`` for several (key, image, text, premise) in one round trip
         (a scan's chunk), with one WAITAOF for all of them when it is on."""
-        model_id, revision = self.settings.model_tag
-        k = self.keys
         t = time.time()
         pipe = self.sync.durable.pipeline(transaction=False)
-        ids = []
         for key, image, text, premise in items:
-            job_id = uuid.uuid4().hex
-            ids.append(job_id)
-            record: dict[str, str] = {
-                "status": JobStatus.QUEUED,
-                "key": key,
-                "model": model_id,
-                "revision": revision,
-                "text": text,
-                "created_at": f"{t:.6f}",
-            }
-            if premise is not None:
-                record["premise"] = premise
-            if scan_id:
-                record["scan"] = scan_id
-            fields = [x for pair in record.items() for x in pair]
-            args: list[str | bytes | float] = [
-                job_id,
-                self.settings.job_ttl_s,
-                self.settings.blob_ttl_s,
-                image,
-                t + self.settings.dispatch_deadline_s,
-                t,
-                k.job_prefix(),
-                *fields,
-            ]
-            keys = [k.inflight(key), k.job(job_id), k.blob(key), k.job_deadlines(), k.job_pending()]
+            keys, args = self._create_call(key, image, text, premise, scan_id, t)
             pipe.eval(_CREATE_OR_JOIN, len(keys), *keys, *args)
         if self.settings.durable_ack_on:
             pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
         replies = pipe.execute(raise_on_error=False)
-        out = []
-        for reply in replies[: len(items)]:
-            if isinstance(reply, Exception):
-                raise reply
-            got, created, deadline = reply
-            overdue = deadline is not None and float(deadline) < t
-            out.append(Created(text_of(got), bool(created), overdue))
+        out = [self._created(reply, t) for reply in replies[: len(items)]]
         if self.settings.durable_ack_on and any(c.created for c in out):
 
             def undo() -> None:
@@ -272,14 +242,108 @@ class JobStore:
             confirm_on_disk(replies[len(items)], undo, "job")
         return out
 
+    async def acreate_and_send(
+        self,
+        key: str,
+        image: bytes,
+        text: str,
+        premise: str | None,
+        job_id: str,
+        queue: str,
+        message: bytes,
+    ) -> Created:
+        """``create_or_join`` from the event loop for a job whose Celery ``message``
+        (built for ``job_id``) goes onto ``queue`` in the same atomic step when the job
+        is new: one round trip for record, blob, deadlines and message."""
+        t = time.time()
+        keys, args = self._create_call(key, image, text, premise, None, t, job_id, queue, message)
+        pipe = self.aio.durable.pipeline(transaction=False)
+        pipe.eval(_CREATE_OR_JOIN, len(keys), *keys, *args)
+        if self.settings.durable_ack_on:
+            pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
+        replies = await pipe.execute(raise_on_error=False)
+        got = self._created(replies[0], t)
+        if self.settings.durable_ack_on and got.created:
+            try:
+                confirm_on_disk(replies[1], lambda: None, "job")
+            except QueueUnavailableError:
+                await self.adiscard(got.job_id, key)  # its message finds no job: a no-op
+                raise
+        return got
+
+    def _create_call(
+        self,
+        key: str,
+        image: bytes,
+        text: str,
+        premise: str | None,
+        scan_id: str | None,
+        t: float,
+        job_id: str | None = None,
+        queue: str | None = None,
+        message: bytes = b"",
+    ) -> tuple[list[str], list[str | bytes | float]]:
+        """KEYS and ARGV of one ``_CREATE_OR_JOIN`` call."""
+        model_id, revision = self.settings.model_tag
+        k = self.keys
+        job_id = job_id or uuid.uuid4().hex
+        record: dict[str, str] = {
+            "status": JobStatus.QUEUED,
+            "key": key,
+            "model": model_id,
+            "revision": revision,
+            "text": text,
+            "created_at": f"{t:.6f}",
+        }
+        if premise is not None:
+            record["premise"] = premise
+        if scan_id:
+            record["scan"] = scan_id
+        fields = [x for pair in record.items() for x in pair]
+        args: list[str | bytes | float] = [
+            job_id,
+            self.settings.job_ttl_s,
+            self.settings.blob_ttl_s,
+            image,
+            t + self.settings.dispatch_deadline_s,
+            t,
+            k.job_prefix(),
+            message,
+            *fields,
+        ]
+        keys = [
+            k.inflight(key),
+            k.job(job_id),
+            k.blob(key),
+            k.job_deadlines(),
+            k.job_pending(),
+            queue or k.job(job_id),  # no message: an unused key of the same job
+        ]
+        return keys, args
+
+    @staticmethod
+    def _created(reply: Any, t: float) -> Created:
+        if isinstance(reply, Exception):
+            raise reply
+        got, created, deadline = reply
+        overdue = deadline is not None and float(deadline) < t
+        return Created(text_of(got), bool(created), overdue)
+
     def discard(self, job_id: str, key: str) -> None:
         """Remove a job that was never sent (its record, blob, mark and deadlines)."""
-        pipe = self.sync.durable.pipeline()
+        self._discard_ops(self.sync.durable.pipeline(), job_id, key).execute()
+
+    async def adiscard(self, job_id: str, key: str) -> None:
+        """``discard`` from the event loop."""
+        await self._discard_ops(self.aio.durable.pipeline(), job_id, key).execute()
+
+    def _discard_ops(self, pipe: Any, job_id: str, key: str) -> Any:
+        """Queue on ``pipe`` (blocking or asyncio) what removes a job never sent."""
         pipe.delete(self.keys.job(job_id), self.keys.blob(key), self.keys.job_hooks(job_id))
         pipe.eval(DELETE_IF_EQUAL, 1, self.keys.inflight(key), job_id)
         pipe.zrem(self.keys.job_deadlines(), job_id)
         pipe.zrem(self.keys.job_pending(), job_id)
-        pipe.execute()
+        return pipe
 
     # -- the worker's transitions ----------------------------------------------------
 

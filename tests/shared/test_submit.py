@@ -3,14 +3,17 @@ when the broker refuses."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import io
+import json
 
 import pytest
 
 from shared.celery_app import queue_name
 from shared.errors import ManifestError, PayloadTooLargeError, QueueUnavailableError
 from shared.messages import EntailTask, JobStatus, ScanStatus
-from shared.submit import submit_job, submit_scan
+from shared.submit import asubmit_job, entail_message, send_job, submit_job, submit_scan
 from tests.conftest import INPROC_MODEL
 from tests.helpers import broker_messages, free_port
 
@@ -22,6 +25,21 @@ def celery(inproc_settings):
     from shared.celery_app import make_celery
 
     return make_celery(inproc_settings)
+
+
+@pytest.fixture
+def ajobs(inproc_settings, inproc_redis):
+    """The job store with asyncio clients too (the API's side); a test's event loop
+    must close them (``aio.aclose``)."""
+    from shared import wiring
+    from shared.store import JobStore
+
+    return JobStore(
+        inproc_settings,
+        wiring.keys(inproc_settings),
+        inproc_redis,
+        wiring.async_redis(inproc_settings),
+    )
 
 
 @pytest.fixture
@@ -99,3 +117,46 @@ def test_bad_manifests_store_nothing(body, fmt, error, scans, celery, rdb, inpro
         submit_scan(scans, celery, inproc_settings, fmt, None, upload=io.BytesIO(body))
     assert list(rdb.scan_iter(f"{inproc_settings.key_prefix}*")) == []
     assert set(inproc_settings.scans_path.glob("*")) == folders
+
+
+def test_the_api_builds_the_message_send_task_would_write(jobs, celery, rdb):
+    """The API pushes ``ofa.entail`` messages itself (with the job's record, atomically):
+    byte for byte what Celery's send_task writes, but for the ids kombu draws anew
+    (delivery tag, reply-to) and the repr Flower shows."""
+    msg = EntailTask(
+        job_id="f" * 32,
+        key="k" * 64,
+        model=INPROC_MODEL[0],
+        revision=INPROC_MODEL[1],
+        text="a cat",
+        premise="a photo",
+        scan_id=None,
+    )
+    send_job(celery, msg)
+    queue, ours = entail_message(celery, msg)
+    assert queue == queue_name(*INPROC_MODEL)
+    [theirs] = [json.loads(raw) for raw in rdb.lrange(queue, 0, -1)]
+    mine = json.loads(ours)
+    for envelope in (theirs, mine):
+        envelope["body"] = json.loads(base64.b64decode(envelope["body"]))
+        del envelope["properties"]["delivery_tag"], envelope["properties"]["reply_to"]
+        del envelope["headers"]["kwargsrepr"]
+    assert mine == theirs
+
+
+def test_an_interactive_job_is_recorded_and_queued_in_one_step(ajobs, celery, rdb):
+    async def main():
+        try:
+            first = await asubmit_job(ajobs, celery, "key-z", b"img", "a dog", None)
+            again = await asubmit_job(ajobs, celery, "key-z", b"img", "a dog", None)
+        finally:
+            await ajobs.aio.aclose()
+        return first, again
+
+    (job_id, created), again = asyncio.run(main())
+    assert created and again == (job_id, False)
+    assert ajobs.get(job_id).status == JobStatus.QUEUED  # type: ignore[union-attr]
+    [message] = broker_messages(rdb, queue_name(*INPROC_MODEL))  # one message for both
+    assert message["headers"]["id"] == job_id and message["headers"]["task"] == "ofa.entail"
+    msg = EntailTask.model_validate(message["kwargs"]["msg"])
+    assert (msg.job_id, msg.key, msg.text, msg.premise) == (job_id, "key-z", "a dog", None)
