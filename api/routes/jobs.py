@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=documented(401, 403, 422, 429, 503))
 
 BODY_OVERHEAD = 64 * 1024  # form fields, multipart boundaries, JSON keys and texts
+# Uploads this small are checked on the event loop (a 2 KB JPEG in ~0.1 ms, 35 KB in
+# ~0.8 ms): cheaper than the hop to a thread, short enough not to hold the loop up.
+INLINE_CHECK_BYTES = 8 * 1024
 REQUEST_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -165,19 +168,23 @@ def _too_large(limit: int) -> BadInputError:
     return ImageTooLargeError(f"the request is larger than the {limit}-byte upload limit")
 
 
-async def _wait_for(s: Services, job_id: str, seconds: float) -> Job | None:
+async def _wait_for(s: Services, job_id: str, seconds: float, fresh: bool = False) -> Job | None:
     """The job once it has ended, or None after ``seconds``.
 
     Woken by the workers' pub/sub announcement; the record is re-read at least once a
     second as well, so a notification lost in a reconnect costs latency, not a hang.
+    A ``fresh`` job (created by this request, with no await since) cannot have ended
+    unannounced: its first read waits for the announcement.
     """
     deadline = time.monotonic() + seconds
     fut = s.waiter.register(job_id)
     try:
         while True:
-            job = await s.jobs.aget(job_id)
-            if job is not None and job.status.finished:
-                return job
+            if not fresh:
+                job = await s.jobs.aget(job_id)
+                if job is not None and job.status.finished:
+                    return job
+            fresh = False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -195,6 +202,7 @@ class Answer:
     job_id: str | None = None
     created: bool = False
     limited: Decision | None = None
+    fresh: bool = False  # created with no await since: see _wait_for
 
 
 async def _submit(s: Services, caller: Caller, sub: Submission) -> Answer:
@@ -208,7 +216,10 @@ async def _submit(s: Services, caller: Caller, sub: Submission) -> Answer:
         limited = await charge(s, caller, "hit", "cached verdicts")
         return Answer(cached=cached, limited=limited)
     metrics.CACHE.labels("miss").inc()
-    await run_in_threadpool(check_image, sub.image, s.settings.max_pixels)
+    if len(sub.image) <= INLINE_CHECK_BYTES:  # cheaper than a hop to a thread
+        check_image(sub.image, s.settings.max_pixels)
+    else:
+        await run_in_threadpool(check_image, sub.image, s.settings.max_pixels)
     limit = s.settings.max_pending_jobs
     if (
         limit
@@ -221,7 +232,8 @@ async def _submit(s: Services, caller: Caller, sub: Submission) -> Answer:
         s.jobs, s.celery, key, sub.image, sub.text, sub.premise, sub.callback_url
     )
     (metrics.ENQUEUED if created else metrics.DEDUPLICATED).inc()
-    return Answer(job_id=job_id, created=created, limited=limited)
+    fresh = created and not sub.callback_url  # adding a hook awaited a thread
+    return Answer(job_id=job_id, created=created, limited=limited, fresh=fresh)
 
 
 @router.post(
@@ -271,9 +283,9 @@ async def post_job(
         )
     assert answer.job_id is not None
     if wait > 0:
-        job = await _wait_for(s, answer.job_id, min(wait, s.settings.max_wait_s))
+        job = await _wait_for(s, answer.job_id, min(wait, s.settings.max_wait_s), answer.fresh)
         if job is not None:
-            return JSONResponse(json.loads(job.model_dump_json()), headers=headers)
+            return Response(job.model_dump_json(), media_type="application/json", headers=headers)
     headers.update({"Location": f"/v1/jobs/{answer.job_id}", "Retry-After": "1"})
     return JSONResponse(
         JobAccepted(job_id=answer.job_id).model_dump(mode="json"), status_code=202, headers=headers
