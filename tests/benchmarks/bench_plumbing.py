@@ -271,7 +271,12 @@ def main() -> None:
             api_cores=(cpu_seconds(procs["api"].pid) - api_cpu0) / args.seconds,
             worker_cores=(cpu_seconds(procs["worker"].pid) - worker_cpu0) / args.seconds,
         )
-        print(f"interactive end to end: {rate:.0f} jobs/s", flush=True)
+        print(
+            f"interactive end to end: {rate:.0f} jobs/s; cores: API "
+            f"{results['api_cores']:.2f}, worker {results['worker_cores']:.2f}, wrk "
+            f"{results['wrk_cores']:.2f}",
+            flush=True,
+        )
         if args.photo:
             plain.append(plain_pipeline_ms(job_image))
         for spy in spies:
