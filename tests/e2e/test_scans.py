@@ -28,7 +28,8 @@ IMAGES = {f"img{i}.jpg": small_jpeg(seed=500 + i, size=40) for i in range(80)}
 
 
 class Host(http.server.BaseHTTPRequestHandler):
-    """Serves IMAGES with ETags (304 on If-None-Match) and records callbacks."""
+    """Serves IMAGES with ETags (304 on If-None-Match), a third of a second late under
+    /slow/, and records callbacks."""
 
     hits: ClassVar[Counter] = Counter()
     callbacks: ClassVar[list[tuple[dict, bytes]]] = []
@@ -38,6 +39,8 @@ class Host(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         name = self.path.rsplit("/", 1)[-1]
+        if self.path.startswith("/slow/"):
+            time.sleep(0.3)
         body = IMAGES.get(name)
         if body is None:
             Host.hits[(name, 404)] += 1
@@ -214,7 +217,8 @@ def test_manifest_with_duplicates_cached_and_bad_rows(
 
 def test_cancel_keeps_finished_results(scan_client, host):
     rows = [
-        {"id": f"c{i}", "image": f"{host}/img/img{40 + i}.jpg", "text": f"cancel {i}"}
+        # Slow images: 5 chunks of 6 rows take 1.5 s or more, the cancel comes at 0.5 s.
+        {"id": f"c{i}", "image": f"{host}/slow/img{40 + i}.jpg", "text": f"cancel {i}"}
         for i in range(30)
     ]
     scan = start(scan_client, rows)

@@ -17,6 +17,7 @@ manifest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -25,6 +26,7 @@ from functools import cache
 from pathlib import Path
 
 import httpx
+import redis
 from celery import Celery
 
 from shared.errors import RowError
@@ -34,6 +36,7 @@ from shared.scans.manifest import Row, gold_label, read_rows
 from shared.scans.results import ResultsDB, RowResult
 from shared.settings import Settings
 from shared.store import JobStore, ScanStore
+from shared.store.codec import text_of
 from shared.submit import BulkItem, submit_bulk
 from worker.scans.resolver import Resolved, RowResolver
 
@@ -45,6 +48,53 @@ def tls_context() -> ssl.SSLContext:
     """One TLS context for every slice's HTTP client: building one loads the system's
     CA certificates, which cost more than the rest of a small chunk."""
     return ssl.create_default_context()
+
+
+FULL_SWEEP_S = 1.0  # every pending row's job is re-read at least this often
+
+
+class Announcements:
+    """Job ids announced finished on the job store's done channel (every finish is
+    published there: by a worker, the reaper, a cancellation), so that a slice re-reads
+    only the pending rows whose job has ended, not its whole window every turn. Nothing
+    depends on an announcement arriving: a full re-read is due every ``FULL_SWEEP_S``,
+    and always when the subscription is lost."""
+
+    def __init__(self, jobs: JobStore) -> None:
+        self._pubsub: redis.client.PubSub | None = None
+        self._swept = 0.0
+        try:
+            pubsub = jobs.sync.durable.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(jobs.keys.done_channel())
+            self._pubsub = pubsub
+        except redis.RedisError as exc:
+            logger.warning("no job announcements (%s): full re-reads only", exc)
+
+    def take(self, wait: float = 0.0) -> set[str] | None:
+        """Ids announced since the last call, waiting up to ``wait`` seconds for the
+        first; None when a full re-read is due."""
+        got: set[str] = set()
+        if self._pubsub is None:
+            time.sleep(wait)
+        else:
+            try:
+                while (m := self._pubsub.get_message(timeout=wait)) is not None:
+                    got.add(text_of(m["data"]))
+                    wait = 0.0
+            except redis.RedisError as exc:
+                logger.warning("job announcements lost (%s): full re-reads only", exc)
+                self.close()
+        now = time.monotonic()
+        if self._pubsub is None or now - self._swept >= FULL_SWEEP_S:
+            self._swept = now
+            return None
+        return got
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            pubsub, self._pubsub = self._pubsub, None
+            with contextlib.suppress(redis.RedisError):
+                pubsub.close()
 
 
 class Coordinator:
@@ -88,6 +138,7 @@ class Coordinator:
             return "done"
         folder = ScanFolder(self.settings.scans_path, scan_id)
         db = ResultsDB(folder.results)
+        announced = Announcements(self.jobs)
         try:
             self.scans.hold(scan_id)
             if status == ScanStatus.QUEUED:
@@ -96,19 +147,21 @@ class Coordinator:
             total = int(record.get("total", 0))
             deadline = time.monotonic() + self.settings.scan_slice_s
             published = 0.0
+            finished = announced.take()  # None: the first turn re-reads every pending row
             while True:
                 if self.scans.status(scan_id) == ScanStatus.CANCELLED:
                     self._collect(db, scan_id)
                     db.cancel_pending()
                     self._finish(scan_id, record, db, ScanStatus.CANCELLED)
                     return "done"
-                self._collect(db, scan_id)
+                self._collect(db, scan_id, finished)
                 next_idx, offset = db.cursor_position()
                 pending = db.pending_count()
                 if next_idx >= total and pending == 0:
                     self._finish(scan_id, record, db)
                     return "done"
                 room = self.settings.scan_window - pending
+                wait = 0.0
                 if next_idx < total and room > 0:
                     limit = max(1, min(self.settings.scan_chunk_rows, room))
                     rows, new_offset = read_rows(manifest, offset, next_idx, limit)
@@ -119,7 +172,8 @@ class Coordinator:
                     results = asyncio.run(self._process(scan_id, rows, db))
                     db.record(results, rows[-1].idx + 1, new_offset)
                 else:
-                    time.sleep(0.05)
+                    wait = 0.05  # the window is full: until a job ends, or this long
+                finished = announced.take(wait)
                 if time.monotonic() - published > 0.5:
                     self.scans.publish_counts(scan_id, db.counts())
                     self.scans.renew_lock(scan_id, lock_ttl)
@@ -129,14 +183,20 @@ class Coordinator:
                     self.scans.publish_counts(scan_id, db.counts())
                     return "more"
         finally:
+            announced.close()
             db.close()
 
     # -- completions -----------------------------------------------------------------
 
-    def _collect(self, db: ResultsDB, scan_id: str) -> None:
+    def _collect(self, db: ResultsDB, scan_id: str, only: set[str] | None = None) -> None:
         """Finish pending rows whose job has ended (its record is the source of truth:
-        the verdict cache may already have evicted the verdict)."""
+        the verdict cache may already have evicted the verdict): those whose job id is
+        in ``only`` (announced finished), or every pending row when it is None."""
+        if only is not None and not only:
+            return
         pending = db.pending()
+        if only is not None:
+            pending = {key: job_id for key, job_id in pending.items() if job_id in only}
         if not pending:
             return
         outcomes: dict[str, tuple[RowState, str | None, str | None]] = {}

@@ -176,3 +176,27 @@ def test_rows_with_sha256_touch_their_file_only_when_a_job_needs_it(
     assert out["gone"]["cached"] and out["gone"]["label"] == VERDICT.label
     assert out["right"]["label"] and not out["right"]["cached"]
     assert "does not match the row's sha256" in out["wrong"]["error"]
+
+
+def test_announcements_name_finished_jobs_and_ask_for_full_rereads(jobs, monkeypatch):
+    """A slice re-reads the jobs announced finished, and every pending row at least
+    every FULL_SWEEP_S; a broken subscription turns it into full re-reads only."""
+    from worker.scans import coordinator as c
+
+    heard = c.Announcements(jobs)
+    try:
+        assert heard.take() is None  # the first turn: everything
+        for job_id in ("j1", "j2"):
+            jobs.sync.durable.publish(jobs.keys.done_channel(), job_id)
+        got: set[str] = set()
+        deadline = time.monotonic() + 5
+        while got != {"j1", "j2"}:
+            assert time.monotonic() < deadline
+            more = heard.take(0.05)
+            assert more is not None
+            got |= more
+        monkeypatch.setattr(c, "FULL_SWEEP_S", 0.0)
+        assert heard.take() is None
+    finally:
+        heard.close()
+    assert heard.take() is None  # closed: full re-reads only
