@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from concurrent.futures import Future
 from typing import Any
@@ -26,7 +27,9 @@ from worker.runtime import Runtime, make_verdict
 
 logger = logging.getLogger(__name__)
 
-BULK_PREPARE = threading.Lock()
+# Bulk chunks prepared at once: one core is always left to interactive jobs (on a
+# 2-core machine, one chunk at a time; on a GPU host's many cores, many).
+BULK_PREPARE = threading.BoundedSemaphore(max(1, (os.cpu_count() or 1) - 1))
 
 
 def fail(rt: Runtime, msg: EntailTask, error: str) -> None:
@@ -128,9 +131,8 @@ def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:
             counts["skipped"] += 1
         else:
             live.append(msg)
-    # One chunk prepares at a time: preprocessing holds the interpreter lock, and an
-    # interactive job's thread should compete with one bulk thread, not with every
-    # chunk in flight (the bulk rate is one thread's preprocessing either way).
+    # Chunks prepare at most cores - 1 at a time: an interactive job's thread competes
+    # with that many bulk threads, not with every chunk in flight.
     with BULK_PREPARE:
         try:
             started = rt.jobs.start_many([(m.job_id, m.key) for m in live])

@@ -311,7 +311,7 @@ def main() -> None:
                 for n, (im, t, h) in enumerate(rows)
             )
         )
-        idle = latencies(api, 40, seed=1_000_000, pause=0.05)
+        idle = latencies(api, 100, seed=1_000_000, pause=0.05)
         during: list[float] = []
         busy = threading.Event()
         busy.set()
@@ -347,7 +347,16 @@ def main() -> None:
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
+            scan_pids = {
+                "coordinator": procs["coordinator"].pid,
+                "worker": procs["worker"].pid,
+                "api": procs["api"].pid,
+                "valkey": valkey_pid,
+            }
+            cpu0 = {n: cpu_seconds(pid) for n, pid in scan_pids.items()}
             doc, seconds = run_scan(c, manifest)
+            for n, pid in scan_pids.items():
+                results[f"scan_{n}_cores"] = (cpu_seconds(pid) - cpu0[n]) / seconds
             busy.clear()
             load.join()
             assert doc["done"] == args.rows and doc["failed"] == 0, doc
@@ -418,6 +427,9 @@ def main() -> None:
         f"| ... CPU per job: worker / Valkey | {r['direct_worker_ms']:.1f} / "
         f"{r['direct_valkey_ms']:.1f} ms | |",
         f"| scan of {args.rows} uncached rows | {r['scan_rows_per_s']:.0f} rows/s | >= 3000 |",
+        f"| ... CPU meanwhile: coordinator / worker / API / Valkey | "
+        f"{r['scan_coordinator_cores']:.2f} / {r['scan_worker_cores']:.2f} / "
+        f"{r['scan_api_cores']:.2f} / {r['scan_valkey_cores']:.2f} cores | |",
         f"| the same rows again, with sha256 (all cached) | {r['rescan_rows_per_s']:.0f} "
         "rows/s | >= 15000 |",
         f"| interactive p50 / p99, idle | {r['idle_p50']:.0f} / {r['idle_p99']:.0f} ms | |",
