@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis
 from fastapi import FastAPI, Request, Response
@@ -17,6 +20,9 @@ from api.routes import health, jobs, scans
 from shared.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
+
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class MetricsMiddleware:
@@ -42,9 +48,19 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"]
-            metrics.LATENCY.labels(path, method).observe(time.perf_counter() - start)
-            metrics.REQUESTS.labels(path, method, str(status)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "OTHER"
+            latency, count = self._series(path, method, status)
+            latency.observe(time.perf_counter() - start)
+            count.inc()
+
+    @staticmethod
+    @functools.lru_cache(maxsize=4096)
+    def _series(path: str, method: str, status: int) -> tuple[Any, Any]:
+        """The latency and count series of one route, method and status (looked up once:
+        ``labels()`` takes a lock and builds a key on every call)."""
+        return metrics.LATENCY.labels(path, method), metrics.REQUESTS.labels(
+            path, method, str(status)
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -60,7 +76,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await services.aclose()
 
+    extra: dict[str, Any] = {}
+    if not settings.opentelemetry and "telemetry" in inspect.signature(FastAPI).parameters:
+        extra["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
     app = FastAPI(
+        **extra,
         title="ofa-entail",
         version="1.0",
         summary="Does this image support this sentence? Visual entailment with OFA.",

@@ -20,6 +20,7 @@ LATENCY = Histogram(
     registry=REGISTRY,
 )
 CACHE = Counter("ofa_cache_lookups_total", "Verdict cache lookups", ["result"], registry=REGISTRY)
+CACHE_HIT, CACHE_MISS = CACHE.labels("hit"), CACHE.labels("miss")
 ENQUEUED = Counter("ofa_jobs_enqueued_total", "Jobs sent to the workers", registry=REGISTRY)
 DEDUPLICATED = Counter(
     "ofa_jobs_deduplicated_total", "Submits joined to a job already in flight", registry=REGISTRY

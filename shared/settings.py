@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     url_max_redirects: int = Field(3, ge=0)
     url_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_wait_s: float = Field(30.0, ge=0)
+    # FastAPI's own OpenTelemetry instrumentation (traces, metrics, logs through the
+    # OTel SDK you configure). Off: the service's Prometheus metrics stand, and each
+    # request skips FastAPI's check for configured providers.
+    opentelemetry: bool = False
     # Load shedding: past this many unfinished jobs, new interactive submissions that
     # are not cache hits get 503 + Retry-After (cache hits and polls still work). 0: off.
     max_pending_jobs: int = Field(10_000, ge=0)

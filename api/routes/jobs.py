@@ -212,10 +212,10 @@ async def _submit(s: Services, caller: Caller, sub: Submission) -> Answer:
     key = verdict_key(model_id, revision, sub.image, sub.text, sub.premise)
     cached = await s.jobs.acached(key)
     if cached is not None:
-        metrics.CACHE.labels("hit").inc()
+        metrics.CACHE_HIT.inc()
         limited = await charge(s, caller, "hit", "cached verdicts")
         return Answer(cached=cached, limited=limited)
-    metrics.CACHE.labels("miss").inc()
+    metrics.CACHE_MISS.inc()
     if len(sub.image) <= INLINE_CHECK_BYTES:  # cheaper than a hop to a thread
         check_image(sub.image, s.settings.max_pixels)
     else:

@@ -223,6 +223,27 @@ def main() -> None:
         for r in range(args.rounds):  # alternate, each round in a rotated order
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 pid = procs[name].pid
+                if r == 0 and os.environ.get("BENCH_PYSPY"):  # a profile of each server
+                    out = Path(os.environ["BENCH_PYSPY"]) / f"http-{name}.raw"
+                    subprocess.Popen(
+                        [
+                            "py-spy",
+                            "record",
+                            "--pid",
+                            str(pid),
+                            "--format",
+                            "raw",
+                            "-o",
+                            str(out),
+                            "--duration",
+                            str(args.seconds),
+                            "--rate",
+                            "250",
+                            "--nonblocking",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                 cpu0 = cpu_seconds(pid)
                 rate, cpu, line = run_wrk(urls[name], script, args.seconds, args.connections)
                 server_cpu[name].append((cpu_seconds(pid) - cpu0) / args.seconds)
