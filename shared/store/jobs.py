@@ -267,7 +267,7 @@ class JobStore:
             try:
                 confirm_on_disk(replies[1], lambda: None, "job")
             except QueueUnavailableError:
-                await self.adiscard(got.job_id, key)  # its message finds no job: a no-op
+                await self.adiscard(got.job_id, key, (queue, message))
                 raise
         return got
 
@@ -333,9 +333,14 @@ class JobStore:
         """Remove a job that was never sent (its record, blob, mark and deadlines)."""
         self._discard_ops(self.sync.durable.pipeline(), job_id, key).execute()
 
-    async def adiscard(self, job_id: str, key: str) -> None:
-        """``discard`` from the event loop."""
-        await self._discard_ops(self.aio.durable.pipeline(), job_id, key).execute()
+    async def adiscard(self, job_id: str, key: str, sent: tuple[str, bytes] | None = None) -> None:
+        """``discard`` from the event loop; ``sent``: the (queue, message) pushed with
+        the record, taken back too if no worker has taken it yet (one that has finds no
+        job and does nothing)."""
+        pipe = self._discard_ops(self.aio.durable.pipeline(), job_id, key)
+        if sent is not None:
+            pipe.lrem(sent[0], 1, sent[1])
+        await pipe.execute()
 
     def _discard_ops(self, pipe: Any, job_id: str, key: str) -> Any:
         """Queue on ``pipe`` (blocking or asyncio) what removes a job never sent."""

@@ -50,7 +50,7 @@ import torch
 from tests.helpers import encode_image, photo
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer, Prepared
-from worker.ofa.preprocess import normalise
+from worker.ofa.preprocess import norm_constants, normalise
 from worker.ofa.tiny import LARGE, TINY, write_tiny_checkpoint
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse", "cat"]
@@ -158,12 +158,13 @@ def reference_rate(
     from tests import reference as R
 
     ref = R.load_reference_model(ckpt).to(device)
+    constants = norm_constants(task, torch.device("cpu"))
     answer_ids = [torch.tensor(t) for t in answers.tokens]
     with torch.inference_mode():
 
         def one(item: Prepared) -> None:
             src = torch.tensor(item.source, device=device)[None]
-            img = normalise(torch.from_numpy(item.pixels.copy())[None], task).to(device)
+            img = normalise(torch.from_numpy(item.pixels.copy())[None], *constants).to(device)
             enc = ref.encoder(
                 input_ids=src, patch_images=img, patch_masks=torch.tensor([True], device=device)
             )

@@ -69,3 +69,39 @@ def test_production_defaults_to_durable_acknowledgement(inproc_settings):
     assert prod.durable_ack_on and not inproc_settings.durable_ack_on
     off = prod.model_copy(update={"durable_ack": "off"})
     assert not off.durable_ack_on
+
+
+@pytest.mark.parametrize("server", [{"appendonly": "no"}, {"appendonly": "yes"}], indirect=True)
+def test_the_api_path_waits_for_the_disk_too(server, inproc_settings):
+    """The API's atomic record-and-message path: on disk before the answer, or a clear
+    error with nothing left behind, its queued message included."""
+    import asyncio
+
+    from shared.celery_app import make_celery
+    from shared.submit import asubmit_job
+
+    url, data = server
+    settings = inproc_settings.model_copy(update={"redis_url": url, "durable_ack": "fsync"})
+    jobs = JobStore(
+        settings, wiring.keys(settings), wiring.sync_redis(settings), wiring.async_redis(settings)
+    )
+    celery = make_celery(settings)
+    aof = jobs.sync.durable.config_get("appendonly")["appendonly"] == "yes"
+
+    async def main():
+        try:
+            return await asubmit_job(jobs, celery, "d3", b"image-bytes", "t", None)
+        finally:
+            await jobs.aio.aclose()
+
+    try:
+        if aof:
+            job_id, created = asyncio.run(main())
+            on_disk = b"".join(p.read_bytes() for p in data.rglob("*.aof"))
+            assert created and job_id.encode() in on_disk
+        else:
+            with pytest.raises(QueueUnavailableError, match="appendonly"):
+                asyncio.run(main())
+            assert jobs.sync.durable.dbsize() == 0  # no record, no blob, no message
+    finally:
+        jobs.sync.close()

@@ -27,7 +27,14 @@ from PIL import Image
 from shared.errors import UnsupportedConfigError
 from worker.ofa.checkpoint import Checkpoint, load_checkpoint, resolve_model_dir
 from worker.ofa.model import EncoderOutput
-from worker.ofa.preprocess import EOS, PAD, normalise, open_image, resized_pixels
+from worker.ofa.preprocess import (
+    EOS,
+    PAD,
+    norm_constants,
+    normalise,
+    open_image,
+    resized_pixels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +200,7 @@ class Entailer:
             self.model.encoder.embed_images.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._answer_vocab = torch.tensor(self.answers.vocab, device=self.device)
         self._staging = Staging(self.device)
+        self._norm = norm_constants(self.task, self.device)
 
     @classmethod
     def load(
@@ -248,7 +256,7 @@ class Entailer:
         """The batch's images as the network reads them: (B, 3, R, R) float32 on the
         device, normalised there (a quarter of the bytes cross the bus)."""
         with self._staging.lock:
-            images = normalise(self.upload(batch), self.task)
+            images = normalise(self.upload(batch), *self._norm)
         if self.device.type == "cpu":
             # oneDNN convolutions are fastest on channels-last tensors.
             images = images.contiguous(memory_format=torch.channels_last)

@@ -34,6 +34,7 @@ __all__ = [
     "PAD",
     "TextEncoder",
     "decode_and_resize",
+    "norm_constants",
     "normalise",
     "open_image",
     "resized_pixels",
@@ -102,13 +103,21 @@ def decode_and_resize(data: bytes, max_pixels: int, size: int) -> np.ndarray:
     return resized_pixels(open_image(data, max_pixels), size)
 
 
-def normalise(pixels: torch.Tensor, task: TaskConfig) -> torch.Tensor:
-    """(B, R, R, 3) uint8 on any device -> (B, 3, R, R) float32 scaled to [0, 1] and
-    normalised, on the same device: as torchvision's ``ToTensor`` and ``Normalize`` in
-    ModelScope's preprocessor (the same float32 operations, so the same numbers)."""
+def norm_constants(task: TaskConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's per-channel mean and std as (1, 3, 1, 1) float32 tensors on ``device``
+    (made once: a small tensor copied to a GPU per batch would stall its stream)."""
     mean, std = task.mean_std
     shape = (1, 3, 1, 1)
+    return (
+        torch.tensor(mean, dtype=torch.float32, device=device).view(shape),
+        torch.tensor(std, dtype=torch.float32, device=device).view(shape),
+    )
+
+
+def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, R, R, 3) uint8 on any device -> (B, 3, R, R) float32 scaled to [0, 1] and
+    normalised with ``norm_constants``, on the same device: as torchvision's
+    ``ToTensor`` and ``Normalize`` in ModelScope's preprocessor (the same float32
+    operations, so the same numbers)."""
     images = pixels.permute(0, 3, 1, 2).contiguous().float()
-    images.div_(255)
-    images.sub_(torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(shape))
-    return images.div_(torch.tensor(std, dtype=torch.float32, device=pixels.device).view(shape))
+    return images.div_(255).sub_(mean).div_(std)
