@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import docs, metrics, problems
 from api.deps import Services
 from api.routes import health, jobs, scans
+from shared import wiring
 from shared.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services.build(settings)
         app.state.services = services
+        wiring.freeze_startup_objects()
         if not settings.api_keys:
             logger.warning("no API keys configured (OFA_API_KEYS): every job request gets 401")
         yield

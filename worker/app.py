@@ -13,6 +13,7 @@ from celery import Task
 from celery.exceptions import Reject
 from celery.signals import worker_init, worker_shutdown
 
+from shared import wiring
 from shared.celery_app import TASK_ENTAIL, TASK_ENTAIL_CHUNK, make_celery
 from shared.messages import EntailChunk, EntailTask
 from shared.settings import get_settings
@@ -33,6 +34,7 @@ def _load_model(**_: Any) -> None:
         for name in ("celery.app.trace", "celery.worker.strategy"):
             logging.getLogger(name).setLevel(logging.WARNING)
     get_runtime(settings, app)
+    wiring.freeze_startup_objects()  # the model and torch out of every collection
 
 
 @worker_shutdown.connect

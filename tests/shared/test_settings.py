@@ -45,3 +45,19 @@ def test_env_lists_and_defaults(monkeypatch):
     assert s.url_allow_hosts == ["images.intranet", "10.1.0.0/16"]
     assert s.model == "iic/ofa_visual-entailment_snli-ve_large_en"
     assert s.max_upload_bytes > 0 and s.max_pixels > 0  # limits on by default
+
+
+def test_startup_objects_leave_the_collectors_view():
+    """What a process holds once started is frozen: full collections stop walking it."""
+    import gc
+
+    from shared.wiring import freeze_startup_objects
+
+    held = [[] for _ in range(100)]  # containers: objects the collector tracks
+    ids = {id(x) for x in held}
+    assert sum(id(o) in ids for o in gc.get_objects()) == 100
+    freeze_startup_objects()
+    try:
+        assert sum(id(o) in ids for o in gc.get_objects()) == 0  # out of every collection
+    finally:
+        gc.unfreeze()

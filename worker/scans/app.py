@@ -48,6 +48,7 @@ def _start_reaper(**_: Any) -> None:
     """Coordinators reap too: any live process heals what a dead one left."""
     coord = coordinator()
     Reaper(settings, coord.jobs, coord.scans, app).start()
+    wiring.freeze_startup_objects()
 
 
 _last_cleanup = 0.0
