@@ -130,13 +130,14 @@ async def authenticate(services: Services, request: Request) -> Caller:
     given = presented_key(request)
     if not given:
         raise HTTPException(401, "missing API key", headers={"WWW-Authenticate": "Bearer"})
-    caller = services.key_cache.get(given) or _env_caller(services, given)
+    caller = services.key_cache.get(given)
+    if caller is not None:
+        return caller  # not put back: a revocation must reach it within the cache time
+    caller = _env_caller(services, given) or await services.apikeys.averify(given)
     if caller is None:
-        caller = await services.apikeys.averify(given)
-        if caller is None:
-            raise HTTPException(
-                401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"}
-            )
+        raise HTTPException(
+            401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"}
+        )
     services.key_cache.put(given, caller)
     return caller
 

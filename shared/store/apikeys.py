@@ -49,7 +49,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who made the request: the key's id (or ``env:N`` for an OFA_API_KEYS entry)."""
+    """Who made the request: the key's id (or ``env-<hash>`` for an OFA_API_KEYS entry)."""
 
     key_id: str
     name: str

@@ -119,3 +119,43 @@ def test_key_records_store_only_hashes(valkey, sync):
     assert asyncio.run(verify(store, token)) is None
     with pytest.raises(ValueError, match="unknown scope 'admin'"):
         parse_scopes("jobs,admin")
+
+
+def test_a_revoked_key_in_constant_use_is_refused_within_the_cache_time(valkey, sync):
+    """The API's key cache serves a verified key for ``OFA_KEY_CACHE_S`` from its
+    verification, not from its last use: a key used without pause is refused all the
+    same once revoked."""
+    from types import SimpleNamespace
+
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    from api.deps import authenticate
+    from shared.store.apikeys import KeyCache
+
+    token = ApiKeyStore(KEYS, sync=sync).create("busy", parse_scopes("jobs"), 0, 1)
+    request = Request({"type": "http", "headers": [(b"x-api-key", token.encode())]})
+
+    async def main() -> float:
+        r = aioredis.Redis.from_url(valkey)
+        services = SimpleNamespace(
+            key_cache=KeyCache(0.5),
+            settings=SimpleNamespace(api_keys=[]),
+            apikeys=ApiKeyStore(KEYS, aio=r),
+        )
+        try:
+            assert (await authenticate(services, request)).name == "busy"  # type: ignore[arg-type]
+            ApiKeyStore(KEYS, sync=sync).revoke(token.split("_")[1])
+            revoked = time.monotonic()
+            while True:  # used every 10 ms
+                try:
+                    await authenticate(services, request)  # type: ignore[arg-type]
+                except HTTPException as exc:
+                    assert exc.status_code == 401
+                    return time.monotonic() - revoked
+                assert time.monotonic() - revoked < 5, "a revoked key kept working"
+                await asyncio.sleep(0.01)
+        finally:
+            await r.aclose()
+
+    assert asyncio.run(main()) <= 1.0
