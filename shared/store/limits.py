@@ -9,14 +9,12 @@ Refused requests change nothing and learn exactly when the next one would pass.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, replace
 from functools import cached_property
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
 
 from shared.keys import Keys
 from shared.store.apikeys import Caller
@@ -93,7 +91,8 @@ class RateLimiter:
     def __init__(self, keys: Keys, durable: aioredis.Redis) -> None:
         self.keys = keys
         self.redis = durable
-        self._sha = hashlib.sha1(_GCRA.encode()).hexdigest()
+        # EVALSHA, and the script sent again if a restarted server forgot it.
+        self._gcra = durable.register_script(_GCRA)
         self._leases: dict[str, _Lease] = {}
 
     async def charge(self, caller: Caller, bucket: str) -> Decision | None:
@@ -130,10 +129,7 @@ class RateLimiter:
         return decision
 
     async def _take(self, key: str, interval_ms: float, burst: int, cost: int) -> Decision:
-        try:  # EVALSHA directly: the cheapest call
-            reply = await self.redis.evalsha(self._sha, 1, key, interval_ms, burst, cost)
-        except NoScriptError:  # a restarted server forgot it: send it once
-            reply = await self.redis.eval(_GCRA, 1, key, interval_ms, burst, cost)
+        reply = await self._gcra(keys=[key], args=[interval_ms, burst, cost])
         admitted, remaining, retry_ms, reset_ms = reply
         return Decision(
             admitted=bool(admitted),
