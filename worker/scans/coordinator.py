@@ -22,8 +22,9 @@ import logging
 import ssl
 import time
 from dataclasses import replace
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -48,6 +49,11 @@ def tls_context() -> ssl.SSLContext:
     """One TLS context for every slice's HTTP client: building one loads the system's
     CA certificates, which cost more than the rest of a small chunk."""
     return ssl.create_default_context()
+
+
+def _row_result(row: Row, state: RowState, **fields: Any) -> RowResult:
+    """A row's outcome, with its gold label (if the manifest line has one)."""
+    return RowResult(row.idx, row.item_id, state, gold=gold_label(row.fields), **fields)
 
 
 FULL_SWEEP_S = 1.0  # every pending row's job is re-read at least this often
@@ -246,69 +252,46 @@ class Coordinator:
             ]
             unique = list(dict.fromkeys(r.key for r in resolved if r.key is not None))
             hits = self.jobs.cached_many(unique)
-            already = db.pending()
-            jobs: dict[str, str] = {}
+            already = db.pending()  # key -> job id of rows still pending in this scan
             new: dict[str, BulkItem] = {}  # key -> work for a job not known yet
             results: list[RowResult] = []
             for r in resolved:
                 row = r.row
-                gold = gold_label(row.fields)
+                result = partial(_row_result, row)
                 if r.error is not None or r.key is None:
-                    error = r.error or "no image"
-                    results.append(
-                        RowResult(row.idx, row.item_id, RowState.FAILED, error=error, gold=gold)
-                    )
-                    continue
-                if r.key in hits:
+                    results.append(result(RowState.FAILED, error=r.error or "no image"))
+                elif r.key in hits:
                     verdict = hits[r.key].decode()
-                    results.append(
-                        RowResult(
-                            row.idx,
-                            row.item_id,
-                            RowState.DONE,
-                            r.key,
-                            cached=True,
-                            verdict=verdict,
-                            gold=gold,
-                        )
-                    )
-                    continue
-                job_id = already.get(r.key) or jobs.get(r.key)
-                if job_id is None and r.key not in new:
+                    results.append(result(RowState.DONE, key=r.key, cached=True, verdict=verdict))
+                elif r.key in already or r.key in new:
+                    results.append(result(RowState.PENDING, key=r.key, job_id=already.get(r.key)))
+                else:
                     try:
                         image = await self.resolver.image_for_job(r, client)
                     except RowError as exc:
-                        results.append(
-                            RowResult(
-                                row.idx,
-                                row.item_id,
-                                RowState.FAILED,
-                                r.key,
-                                error=str(exc),
-                                gold=gold,
-                            )
-                        )
+                        results.append(result(RowState.FAILED, key=r.key, error=str(exc)))
                         continue
                     new[r.key] = BulkItem(r.key, image, r.text, r.premise)
-                results.append(
-                    RowResult(
-                        row.idx, row.item_id, RowState.PENDING, r.key, job_id=job_id, gold=gold
+                    results.append(result(RowState.PENDING, key=r.key))
+            # The chunk's new work: jobs created (or joined) together, sent a chunk of
+            # jobs to a Celery message; then its rows learn their job ids.
+            if new:
+                ids = dict(
+                    zip(
+                        new,
+                        submit_bulk(
+                            self.jobs,
+                            self.celery,
+                            scan_id,
+                            list(new.values()),
+                            self.settings.bulk_chunk_jobs,
+                        ),
+                        strict=True,
                     )
                 )
-            # The chunk's new work: jobs created (or joined) together, sent a chunk of
-            # jobs to a Celery message.
-            if new:
-                ids = submit_bulk(
-                    self.jobs,
-                    self.celery,
-                    scan_id,
-                    list(new.values()),
-                    self.settings.bulk_chunk_jobs,
-                )
-                jobs.update(zip(new, ids, strict=True))
                 results = [
-                    replace(res, job_id=jobs[res.key])
-                    if res.state == RowState.PENDING and res.job_id is None and res.key
+                    replace(res, job_id=ids[res.key])
+                    if res.state == RowState.PENDING and res.job_id is None and res.key in ids
                     else res
                     for res in results
                 ]
