@@ -15,7 +15,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from api import metrics
 from api.callbacks import check_callback
@@ -108,6 +108,22 @@ async def _from_fields(
     )
 
 
+async def _from_form(s: Services, form: FormData, suffix: str) -> Submission:
+    """The item of a multipart form whose fields end in ``suffix`` ("" for the single
+    endpoint, "_0", "_1", ... in a batch)."""
+    upload = form.get(f"image{suffix}")
+    if not isinstance(upload, UploadFile):
+        raise BadInputError(f"the multipart field 'image{suffix}' (a file) is required")
+    image = await upload.read(s.settings.max_upload_bytes + 1)
+    return await _from_fields(
+        s,
+        image,
+        form.get(f"text{suffix}"),
+        form.get(f"premise{suffix}"),
+        form.get(f"callback_url{suffix}"),
+    )
+
+
 async def _from_json(s: Services, body: JobRequest) -> Submission:
     """A JSON item: texts checked, then the image decoded or fetched."""
     limit = s.settings.max_text_chars
@@ -146,20 +162,18 @@ async def _parse(request: Request, s: Services) -> Submission:
     if ctype == "multipart/form-data":
         # The context closes the spooled upload files, whatever happens.
         async with request.form(max_files=1, max_fields=8) as form:
-            upload = form.get("image")
-            if not isinstance(upload, UploadFile):
-                raise BadInputError("the multipart field 'image' (a file) is required")
-            image = await upload.read(s.settings.max_upload_bytes + 1)
-            return await _from_fields(
-                s, image, form.get("text"), form.get("premise"), form.get("callback_url")
-            )
+            return await _from_form(s, form, "")
     if ctype == "application/json":
         try:
             body = JobRequest.model_validate_json(await request.body())
         except ValidationError as exc:
             raise _json_error(exc) from exc
         return await _from_json(s, body)
-    raise UnsupportedMediaTypeError(
+    raise _unsupported(ctype)
+
+
+def _unsupported(ctype: str) -> UnsupportedMediaTypeError:
+    return UnsupportedMediaTypeError(
         f"send multipart/form-data or application/json, not {ctype or 'nothing'}"
     )
 
@@ -346,26 +360,12 @@ async def _batch_items(request: Request, s: Services) -> list[Submission | Excep
                     "from 0 without gaps"
                 )
             for i in indexes:
-                upload = form.get(f"image_{i}")
                 try:
-                    if not isinstance(upload, UploadFile):
-                        raise BadInputError(f"the multipart field 'image_{i}' (a file) is required")
-                    image = await upload.read(s.settings.max_upload_bytes + 1)
-                    out.append(
-                        await _from_fields(
-                            s,
-                            image,
-                            form.get(f"text_{i}"),
-                            form.get(f"premise_{i}"),
-                            form.get(f"callback_url_{i}"),
-                        )
-                    )
+                    out.append(await _from_form(s, form, f"_{i}"))
                 except BadInputError as exc:
                     out.append(exc)
         return out
-    raise UnsupportedMediaTypeError(
-        f"send multipart/form-data or application/json, not {ctype or 'nothing'}"
-    )
+    raise _unsupported(ctype)
 
 
 @router.post(
@@ -395,8 +395,7 @@ async def post_batch(request: Request, call: JobsCall) -> BatchAccepted:
             answers.append(BatchItem(index=index, status=status, problem=body))
             continue
         if got.cached is not None:
-            verdict = json.loads(cached_verdict_body(got.cached))["verdict"]
-            answers.append(BatchItem(index=index, status=200, verdict=verdict))
+            answers.append(BatchItem(index=index, status=200, verdict=json.loads(got.cached)))
         else:
             answers.append(BatchItem(index=index, status=202, job_id=got.job_id))
     return BatchAccepted(items=answers)
