@@ -54,7 +54,8 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     raise TimeoutError(url)
 
 

@@ -49,6 +49,7 @@ from tests.benchmarks.bench_http import (
     lua_string,
     multipart,
     run_wrk,
+    wait_http,
 )
 from tests.benchmarks.bench_scan import interactive_latencies, percentile
 from tests.helpers import encode_image, free_port, photo, small_jpeg
@@ -81,18 +82,6 @@ def wrk_script(path: Path, image: bytes) -> None:
 def start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
     with log.open("wb") as fh:
         return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT)
-
-
-def wait_ready(api: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(api + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("the service did not become ready")
 
 
 def steady_drain(
@@ -234,7 +223,7 @@ def main() -> None:
         api = f"http://127.0.0.1:{port}"
         procs["api"] = start([*cli, "api", "--port", str(port)], env, logs / "api.log")
         procs["coordinator"] = start([*cli, "coordinator"], env, logs / "coordinator.log")
-        wait_ready(api)
+        wait_http(f"{api}/readyz", procs["api"], timeout=90)  # a worker is up too
 
         # (a) interactive end to end, wrk closed loop.
         script = tmp / "jobs.lua"

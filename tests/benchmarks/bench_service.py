@@ -30,40 +30,12 @@ import httpx
 import redis
 
 from shared.keys import Keys, verdict_key
+from tests.benchmarks.bench_http import BARE_APP, wait_http
 from tests.helpers import encode_image, free_port, photo, small_jpeg
 
 API_KEY = "bench-key-0123456789-abcdefghij"
 PREFIX = "ofa:bench:"
 MODEL = ("tiny-random", "bench")
-
-BARE_APP = """
-import os
-import redis.asyncio as aioredis
-from fastapi import FastAPI, File, Form, UploadFile
-from fastapi.responses import Response
-
-app = FastAPI()
-r = aioredis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
-
-@app.post("/bare")
-async def bare(image: UploadFile = File(...), text: str = Form(...)) -> Response:
-    await image.read()
-    value = await r.get("bench:bare")
-    return Response(value, media_type="application/json")
-"""
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"{url}: server exited"
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
 
 
 async def hammer(url: str, files, data, headers, n: int, concurrency: int) -> dict:
