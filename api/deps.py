@@ -153,7 +153,7 @@ class Call:
 
 def _scoped(scope: Scope) -> Any:
     async def call(request: Request) -> Call:
-        services: Services = request.app.state.services
+        services = await get_services(request)
         caller = await authenticate(services, request)
         if not caller.may(scope):
             raise HTTPException(
