@@ -152,3 +152,47 @@ def test_docs_served(client):
     assert "/v1/jobs" in spec["paths"] and "/v1/jobs/{job_id}" in spec["paths"]
     body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
+
+
+def test_task_events_reach_monitoring(client, worker, service_env):
+    """Flower's view: every job's received, started and succeeded events arrive (sent in
+    batches by the worker's consumer), the last carrying the verdict's summary."""
+    from shared.celery_app import make_celery
+    from shared.settings import Settings
+
+    settings = Settings(_env_file=None, redis_url=service_env["OFA_REDIS_URL"])  # type: ignore[call-arg]
+    app = make_celery(settings)
+    seen: dict[str, dict[str, dict]] = {}
+
+    def record(event: dict) -> None:
+        if event.get("uuid"):
+            seen.setdefault(event["uuid"], {})[event["type"]] = event
+
+    with app.connection() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": record})
+        listening = concurrent.futures.ThreadPoolExecutor(1).submit(
+            receiver.capture, limit=None, timeout=None, wakeup=False
+        )
+        try:
+            time.sleep(0.5)  # subscribed before the jobs start
+            image = small_jpeg(seed=77)
+            ids = []
+            for n in range(6):
+                form = {"text": f"events {time.time()} {n}"}
+                resp = client.post("/v1/jobs", data=form, files={"image": ("e.jpg", image)})
+                assert resp.status_code == 202, resp.text
+                ids.append(resp.json()["job_id"])
+            for job_id in ids:
+                assert poll(client, job_id)["status"] == "succeeded"
+            deadline = time.monotonic() + 10
+            wanted = {"task-received", "task-started", "task-succeeded"}
+            while time.monotonic() < deadline:
+                if all(wanted <= set(seen.get(i, {})) for i in ids):
+                    break
+                time.sleep(0.05)
+        finally:
+            receiver.should_stop = True
+            listening.result(timeout=10)
+    for job_id in ids:
+        assert wanted <= set(seen.get(job_id, {})), (job_id, sorted(seen.get(job_id, {})))
+        assert "entailment=" in seen[job_id]["task-succeeded"]["result"]
