@@ -66,6 +66,28 @@ if verdict then return {'run', attempts, verdict, false} end
 return {'run', attempts, false, redis.call('GET', KEYS[3])}
 """
 
+# KEYS: job, inflight, blob, deadlines, pending, hooks, verdict
+# ARGV: job id, job ttl, 1 to keep the in-flight mark (0: drop it if it is this job's),
+#       done channel, verdict ttl, verdict ('' when cached elsewhere), fields...
+# A job's end in one atomic step; returns its webhooks (taken: the caller sends them).
+_FINISH = """
+if ARGV[6] ~= '' then redis.call('SET', KEYS[7], ARGV[6], 'EX', ARGV[5]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+elseif redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
+redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+local hooks = redis.call('LRANGE', KEYS[6], 0, -1)
+redis.call('DEL', KEYS[6])
+return hooks
+"""
+
 
 def confirm_on_disk(reply: Any, undo: Callable[[], None], what: str) -> None:
     """Check a WAITAOF reply: the write is fsynced on the durable store, or it is undone
@@ -457,7 +479,6 @@ class JobStore:
                 cache.set(self.keys.verdict(key), doc, ex=self.settings.verdict_ttl_s)
             cache.execute()
         pipe = self.sync.durable.pipeline()
-        at = []
         for (job_id, key, _), doc in zip(items, docs, strict=True):
             fields = {
                 "status": JobStatus.SUCCEEDED,
@@ -465,9 +486,8 @@ class JobStore:
                 "cached": "1" if cached else "0",
                 "finished_at": now(),
             }
-            at.append(self._queue_finish(pipe, job_id, key, fields, True, doc if same else None))
-        replies = pipe.execute()
-        return [[Hook.decode(h) for h in replies[i]] for i in at]
+            self._queue_finish(pipe, job_id, key, fields, True, doc if same else None)
+        return [[Hook.decode(h) for h in hooks] for hooks in pipe.execute()]
 
     def _finish(
         self,
@@ -479,9 +499,9 @@ class JobStore:
     ) -> list[Hook]:
         """Final fields, no deadline, the blob gone, waiting API requests told, the
         job's webhooks taken (returned, for the caller to send); one round trip."""
-        pipe = self.sync.durable.pipeline()
-        at = self._queue_finish(pipe, job_id, key, fields, keep_mark, verdict)
-        return [Hook.decode(h) for h in pipe.execute()[at]]
+        pipe = self.sync.durable.pipeline(transaction=False)
+        self._queue_finish(pipe, job_id, key, fields, keep_mark, verdict)
+        return [Hook.decode(h) for h in pipe.execute()[0]]
 
     def _queue_finish(
         self,
@@ -491,26 +511,29 @@ class JobStore:
         fields: dict[str, Any],
         keep_mark: bool,
         verdict: bytes | None,
-    ) -> int:
-        """Queue a job's finishing commands on ``pipe``; returns the index of the reply
-        that lists its webhooks."""
-        ttl = self.settings.job_ttl_s
-        if verdict is not None:
-            pipe.set(self.keys.verdict(key), verdict, ex=self.settings.verdict_ttl_s)
-        pipe.hset(self.keys.job(job_id), mapping=fields)
-        pipe.expire(self.keys.job(job_id), ttl)
-        if keep_mark:
-            pipe.expire(self.keys.inflight(key), ttl)
-        else:
-            pipe.eval(DELETE_IF_EQUAL, 1, self.keys.inflight(key), job_id)
-        pipe.delete(self.keys.blob(key))
-        pipe.zrem(self.keys.job_deadlines(), job_id)
-        pipe.zrem(self.keys.job_pending(), job_id)
-        pipe.publish(self.keys.done_channel(), job_id)
-        at = len(pipe)
-        pipe.lrange(self.keys.job_hooks(job_id), 0, -1)
-        pipe.delete(self.keys.job_hooks(job_id))
-        return at
+    ) -> None:
+        """Queue on ``pipe`` the one script that finishes a job; its reply lists the
+        job's webhooks."""
+        k = self.keys
+        keys = [
+            k.job(job_id),
+            k.inflight(key),
+            k.blob(key),
+            k.job_deadlines(),
+            k.job_pending(),
+            k.job_hooks(job_id),
+            k.verdict(key),
+        ]
+        args = [
+            job_id,
+            self.settings.job_ttl_s,
+            1 if keep_mark else 0,
+            k.done_channel(),
+            self.settings.verdict_ttl_s,
+            b"" if verdict is None else verdict,
+            *(x for pair in fields.items() for x in pair),
+        ]
+        pipe.eval(_FINISH, len(keys), *keys, *args)
 
     # -- the reaper's view -----------------------------------------------------------
 
