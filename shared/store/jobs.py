@@ -478,7 +478,8 @@ class JobStore:
             for (_, key, _), doc in zip(items, docs, strict=True):
                 cache.set(self.keys.verdict(key), doc, ex=self.settings.verdict_ttl_s)
             cache.execute()
-        pipe = self.sync.durable.pipeline()
+        # Each job's script is atomic; a chunk's are one transaction besides.
+        pipe = self.sync.durable.pipeline(transaction=len(items) > 1)
         for (job_id, key, _), doc in zip(items, docs, strict=True):
             fields = {
                 "status": JobStatus.SUCCEEDED,
