@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import redis
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -26,6 +28,8 @@ from shared.scans.manifest import parse_line
 from shared.scans.report import build_report, report_html
 from shared.scans.results import CSV_COLUMNS, ResultsDB, csv_line, result_line
 from shared.schemas import ScanAccepted
+from shared.store.apikeys import Caller
+from shared.store.limits import Decision
 from shared.submit import manifest_format, submit_scan
 
 router = APIRouter(
@@ -102,7 +106,6 @@ async def post_scan(request: Request, call: ScansCall) -> JSONResponse:
     limit = s.settings.max_manifest_bytes
     if declared and declared.isdigit() and int(declared) > limit + 65536:
         raise PayloadTooLargeError(f"the manifest is larger than {limit} bytes")
-    await charge(s, caller, "miss", "scans")
     if ctype == "multipart/form-data":
         async with request.form(max_files=1, max_fields=8) as form:
             upload = form.get("manifest")
@@ -110,9 +113,7 @@ async def post_scan(request: Request, call: ScansCall) -> JSONResponse:
                 raise ManifestError("the multipart field 'manifest' (a file) is required")
             fmt = manifest_format(upload.filename or "", form.get("format"))
             callback = await check_callback(s, form.get("callback_url"))
-            scan_id, total = await run_in_threadpool(
-                submit_scan, s.scans, s.celery, s.settings, fmt, callback, upload=upload.file
-            )
+            scan_id, total, limited = await _start(s, caller, fmt, callback, upload=upload.file)
     elif ctype == "application/json":
         try:
             body = parse_line(await request.body())
@@ -124,9 +125,7 @@ async def post_scan(request: Request, call: ScansCall) -> JSONResponse:
             raise ManifestError(f"the manifest path is longer than {MAX_PATH_CHARS} characters")
         fmt = manifest_format(body["path"], body.get("format"))
         callback = await check_callback(s, body.get("callback_url"))
-        scan_id, total = await run_in_threadpool(
-            submit_scan, s.scans, s.celery, s.settings, fmt, callback, server_path=body["path"]
-        )
+        scan_id, total, limited = await _start(s, caller, fmt, callback, server_path=body["path"])
     else:
         raise UnsupportedMediaTypeError(
             "send the manifest as multipart/form-data, or JSON naming a server-side path"
@@ -134,8 +133,32 @@ async def post_scan(request: Request, call: ScansCall) -> JSONResponse:
     return JSONResponse(
         ScanAccepted(scan_id=scan_id, total=total).model_dump(mode="json"),
         status_code=202,
-        headers={"Location": f"/v1/scans/{scan_id}", "Retry-After": "2"},
+        headers={
+            **(limited.headers() if limited else {}),
+            "Location": f"/v1/scans/{scan_id}",
+            "Retry-After": "2",
+        },
     )
+
+
+async def _start(
+    s: Services, caller: Caller, fmt: str, callback: str | None, **source: Any
+) -> tuple[str, int, Decision | None]:
+    """Charge the caller's rate limit, then store and queue the scan. The charge comes
+    before anything is stored (a refused caller leaves nothing behind); a manifest
+    refused while being stored, or a store that is down, gives it back: bad input
+    changes nothing, not even the caller's budget."""
+    limited = await charge(s, caller, "miss", "scans")
+    try:
+        scan_id, total = await run_in_threadpool(
+            submit_scan, s.scans, s.celery, s.settings, fmt, callback, **source
+        )
+    except Exception:
+        if limited is not None:
+            with contextlib.suppress(redis.RedisError):
+                await s.limiter.refund(caller, "miss")
+        raise
+    return scan_id, total, limited
 
 
 def _found(scan_id: str, summary: ScanSummary | None) -> ScanSummary:

@@ -37,6 +37,17 @@ redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1
 return {1, math.floor((limit - (new_tat - now)) / T), '0', tostring(new_tat - now)}
 """
 
+# KEYS: bucket. ARGV: emission interval T (ms). Gives one admitted request back: TAT
+# moves back by T, never before now (a bucket back at now is simply full).
+_REFUND = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[1])
+if tat <= now then return redis.call('DEL', KEYS[1]) end
+redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
+return 1
+"""
+
 # Cache hits take their tokens from Redis this many at a time (at most; fewer for small
 # bursts) and spend them locally for up to LEASE_S: one round trip per batch instead of
 # one per request. Tokens a process leased and did not spend are lost, never lent
@@ -93,6 +104,7 @@ class RateLimiter:
         self.redis = durable
         # EVALSHA, and the script sent again if a restarted server forgot it.
         self._gcra = durable.register_script(_GCRA)
+        self._refund = durable.register_script(_REFUND)
         self._leases: dict[str, _Lease] = {}
 
     async def charge(self, caller: Caller, bucket: str) -> Decision | None:
@@ -127,6 +139,15 @@ class RateLimiter:
         else:
             self._leases[key] = _Lease(0, now + decision.retry_after_s, decision)
         return decision
+
+    async def refund(self, caller: Caller, bucket: str) -> None:
+        """Give back one request charged to an exact bucket (``miss``) that stored
+        nothing after all: a refused manifest costs its caller nothing."""
+        assert bucket != "hit", "hit tokens are leased, not charged one by one"
+        rate = caller.limits.per_minute
+        if rate > 0:
+            key = self.keys.rate_bucket(caller.key_id, bucket)
+            await self._refund(keys=[key], args=[60_000.0 / rate])
 
     async def _take(self, key: str, interval_ms: float, burst: int, cost: int) -> Decision:
         reply = await self._gcra(keys=[key], args=[interval_ms, burst, cost])

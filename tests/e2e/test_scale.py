@@ -189,6 +189,34 @@ def test_rate_limit_is_shared_by_two_api_processes(idle, rdb):
     assert one(0).status_code == 429  # and only the one that refilled
 
 
+def test_refused_scans_cost_no_rate_limit(idle, rdb):
+    """Bad input changes nothing, not even the caller's budget: with one scan a minute,
+    refused manifests leave the key's bucket untouched; a refusal for the rate itself
+    comes only once a scan was charged."""
+    env, (base, _) = idle
+    key = create_key(env, "nightly", "scans", rate=1, burst=1)
+    bucket = f"{IDLE_PREFIX}rate:{key.split('_')[1]}:miss"
+    headers = {"X-API-Key": key}
+    refused = [
+        {"files": {"manifest": ("m.jsonl", b"[1]\n")}},  # checked while it is stored
+        {"files": {"manifest": ("m.csv", b"id,image,text\n1,a.jpg,\xff\xfe\n")}},
+        {"json": {"path": "../elsewhere.jsonl"}},  # outside OFA_MANIFEST_ROOT
+        {"files": {"other": ("m.jsonl", b"{}\n")}},  # no manifest field
+    ]
+    for request in refused * 2:
+        resp = httpx.post(base + "/v1/scans", headers=headers, timeout=30, **request)
+        assert resp.status_code == 400, resp.text
+        assert rdb.exists(bucket) == 0
+    # The limit still holds: a manifest missing from the root is refused after the
+    # charge (it is looked for while storing), given back, and so is every retry.
+    for _ in range(3):
+        resp = httpx.post(
+            base + "/v1/scans", headers=headers, json={"path": "missing.jsonl"}, timeout=30
+        )
+        assert resp.status_code == 400, resp.text
+    assert rdb.exists(bucket) == 0
+
+
 def test_load_shedding_and_cancel_on_the_running_service(idle, rdb):
     _, (base, other) = idle
     reset(rdb)  # what earlier tests left queued
