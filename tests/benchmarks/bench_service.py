@@ -211,6 +211,7 @@ def main() -> None:
         "OFA_MODEL_REVISION": MODEL[1],
         "OFA_MODEL_DIR": str(tiny),
         "OFA_API_KEYS": API_KEY,
+        "OFA_RATE_LIMIT_PER_MIN": "0",  # the load is the measure, not a caller to limit
         "OFA_DEVICE": "cpu",
         "OFA_BATCH_SIZE": "16",
         "OFA_BATCH_WAIT_MS": "5",
