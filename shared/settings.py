@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # Worker batching.
     batch_size: int = Field(16, ge=1, le=512)
     batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    # While interactive jobs are about, a batch of scan work is cut to what the model
+    # finishes in about this long (the most an interactive job waits behind it); 0: off.
+    bulk_batch_ms: float = Field(20.0, ge=0, le=60_000)
     worker_threads: int = Field(32, ge=1, le=512)
     # Processes that decode and resize images beside a worker (outside its interpreter
     # lock); 0: in the worker's own threads.

@@ -111,7 +111,11 @@ class Runtime:
             return entailer.score(items)
 
         batcher: Batcher[Prepared, Prediction] = Batcher(
-            run_batch, settings.batch_size, settings.batch_wait_ms / 1000, record_batch
+            run_batch,
+            settings.batch_size,
+            settings.batch_wait_ms / 1000,
+            record_batch,
+            bulk_budget_s=settings.bulk_batch_ms / 1000,
         )
         scans = ScanStore(settings, keys, clients.durable)
         registry = WorkerRegistry(keys, settings.model_tag)

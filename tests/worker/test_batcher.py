@@ -90,3 +90,25 @@ def test_interactive_batch_does_not_wait_for_bulk_items():
         f.result(timeout=5)
     b.close()
     assert [100] in batches  # ran alone, not padded out with the waiting bulk items
+
+
+def test_bulk_batches_are_cut_to_the_budget_while_interactive_work_is_about():
+    batches: list[list[int]] = []
+
+    def run(xs):
+        time.sleep(0.01 * len(xs))  # 10 ms an item
+        batches.append(list(xs))
+        return list(xs)
+
+    b: Batcher[int, int] = Batcher(run, max_batch=16, max_wait_s=0.05, bulk_budget_s=0.03)
+    # No interactive work yet: bulk batches take all they can.
+    assert all(f.result(timeout=5) == i for i, f in enumerate([b.submit(i, 1) for i in range(16)]))
+    assert max(len(x) for x in batches) == 16 and b.bulk_limit() == 16
+    # An interactive item arrives: bulk batches now fit the 30 ms budget (3 items).
+    b.submit(100, priority=0).result(timeout=5)
+    assert b.bulk_limit() <= 3
+    batches.clear()
+    for f in [b.submit(i, 1) for i in range(12)]:
+        f.result(timeout=5)
+    b.close()
+    assert batches and max(len(x) for x in batches) <= 3
