@@ -25,8 +25,9 @@ SCAN_QUEUE = "ofa.scans"  # the coordinator's queue: no GPU needed
 def queue_name(model_id: str, revision: str, bulk: bool = False) -> str:
     """Each model has its own queues, so a task waits for a worker serving its model.
 
-    Interactive jobs and bulk scans use separate queues; workers consume both and
-    list the interactive one first.
+    Interactive jobs and bulk scans use separate queues; a worker's Celery pool
+    consumes the interactive one, and a consumer of its own the bulk one
+    (``worker/bulk.py``), so scan work never holds the interactive threads.
     """
     kind = "bulk" if bulk else "interactive"
     return f"ofa.{kind}.{model_id}@{revision}"

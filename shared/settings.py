@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # finishes in about this long (the most an interactive job waits behind it); 0: off.
     bulk_batch_ms: float = Field(20.0, ge=0, le=60_000)
     worker_threads: int = Field(32, ge=1, le=512)
+    # Bulk-queue messages (scan chunks) a worker process takes at a time, on threads of
+    # their own: never the interactive threads above.
+    bulk_chunks: int = Field(4, ge=1, le=256)
     # Processes that decode and resize images beside a worker (outside its interpreter
     # lock); 0: in the worker's own threads.
     preprocess_processes: int = Field(0, ge=0, le=256)

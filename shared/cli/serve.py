@@ -47,7 +47,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run a Celery worker holding the model (threads pool, one process per device)."""
     from shared.celery_app import queue_name
 
-    queues = [queue_name(*settings.model_tag), queue_name(*settings.model_tag, bulk=True)]
+    # Celery's pool takes the interactive queue; the bulk queue has its own consumer
+    # in the worker (worker/bulk.py).
+    queues = [queue_name(*settings.model_tag)]
     argv = celery_worker_argv(
         "worker.app:app",
         queues,

@@ -196,3 +196,68 @@ def test_task_events_reach_monitoring(client, worker, service_env):
     for job_id in ids:
         assert wanted <= set(seen.get(job_id, {})), (job_id, sorted(seen.get(job_id, {})))
         assert "entailment=" in seen[job_id]["task-succeeded"]["result"]
+
+
+def test_scan_chunks_never_take_the_interactive_capacity(client, worker, service_env, rdb):
+    """40 chunk messages queued on the bulk queue: the worker holds at most
+    OFA_BULK_CHUNKS (4) of them at a time, on threads of their own, so an interactive
+    job submitted meanwhile finishes while most of the scan work is still queued."""
+    import json
+    import threading
+    import uuid
+
+    from shared.celery_app import make_celery
+    from shared.keys import Keys
+    from shared.settings import Settings
+    from shared.store import JobStore
+    from shared.submit import BulkItem, submit_bulk
+    from shared.wiring import sync_redis
+    from tests.helpers import PREFIX
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        redis_url=service_env["OFA_REDIS_URL"],
+        key_prefix=PREFIX,
+        model=MODEL[0],
+        model_revision=MODEL[1],
+    )
+    jobs = JobStore(settings, Keys(PREFIX), sync_redis(settings))
+    run = uuid.uuid4().hex[:8]
+    items = [
+        BulkItem(f"capacity-{run}-{i}", small_jpeg(seed=6000 + i % 40), f"bulk {run} {i}", None)
+        for i in range(320)
+    ]
+    bulk = queue_name(*MODEL, bulk=True)
+    reserved: list[int] = []
+    sampling = threading.Event()
+    sampling.set()
+
+    def sample() -> None:  # bulk messages the worker has taken and not acknowledged
+        while sampling.is_set():
+            entries = rdb.hvals("unacked")
+            reserved.append(sum(1 for e in entries if json.loads(e)[2] == bulk))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        ids = submit_bulk(jobs, make_celery(settings), f"capacity-{run}", items, chunk=8)
+        time.sleep(0.3)  # the worker is busy with chunks
+        resp = client.post(
+            "/v1/jobs?wait=20",
+            data={"text": f"interactive amid a scan {run}"},
+            files={"image": ("i.jpg", small_jpeg(seed=6100))},
+        )
+        backlog = rdb.llen(bulk)
+        assert resp.status_code == 200 and resp.json()["status"] == "succeeded", resp.text
+        assert backlog >= 10, backlog  # most of the scan's chunks still waiting
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all((j := jobs.get(i)) is not None and j.status.finished for i in ids):
+                break
+            time.sleep(0.2)
+    finally:
+        sampling.clear()
+        sampler.join()
+    assert all(jobs.get(i).status == "succeeded" for i in ids)  # type: ignore[union-attr]
+    assert max(reserved) == 4, max(reserved)  # busy, and never more than OFA_BULK_CHUNKS

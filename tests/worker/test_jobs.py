@@ -94,9 +94,13 @@ def test_a_cancelled_scan_drops_its_jobs(rt: Runtime):
     assert rt.jobs.get(msg.job_id).error == "scan cancelled"  # type: ignore[union-attr]
 
 
-def test_a_chunk_runs_its_items_together_each_with_its_own_outcome(rt: Runtime):
+def test_a_chunk_runs_its_items_together_each_with_its_own_outcome(rt: Runtime, monkeypatch):
     from tests.helpers import VERDICT, small_jpeg
     from worker.jobs import run_chunk
+
+    # Earlier tests' interactive jobs would cut bulk batches to the time budget
+    # (test_batcher.py checks that); here: a chunk's items are batched together.
+    monkeypatch.setattr(rt.batcher, "bulk_budget_s", 0.0)
 
     fresh = [queued(rt, small_jpeg(seed=300 + i), f"chunk row {i}", "scan-c") for i in range(5)]
     done = queued(rt, small_jpeg(seed=310), "already done", "scan-c")

@@ -1,0 +1,133 @@
+"""The bulk queue's own consumer, beside Celery's: scan work never holds what
+interactive jobs need.
+
+Celery's worker consumes the interactive queue with its threads pool. When it consumed
+the bulk queue as well, every scan chunk waiting for the batcher held one of those
+threads and one of their prefetch slots, and a few scans' worth of small chunks took
+them all: interactive messages then waited in the queue for a free thread (measured
+with ``bench_scan``: every thread held by a chunk, interactive jobs ~250 ms late at
+the median). So the bulk queue has this consumer instead, a Celery consumer step
+with its own channel, prefetch and threads (``OFA_BULK_CHUNKS`` messages at a time:
+enough to keep the batcher fed, few enough that workers share a scan's chunks). Like
+an ``acks_late`` task, a message is acknowledged once its work is recorded; a worker
+that dies leaves it to the visibility timeout, and its jobs to the reaper.
+
+It sends the task events Celery would (received, started, then succeeded with the
+task's summary as its result, failed or rejected), so Flower lists chunks, and scan
+jobs the reaper sent again, like any task.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from celery import bootsteps
+from celery.exceptions import Reject
+from kombu import Consumer, Message
+
+from shared.celery_app import TASK_ENTAIL, TASK_ENTAIL_CHUNK, queue_name
+from shared.messages import EntailChunk, EntailTask
+from shared.settings import get_settings
+from worker import jobs
+from worker.runtime import get_runtime
+
+logger = logging.getLogger(__name__)
+
+
+class BulkConsumer(bootsteps.ConsumerStep):
+    """Consumes the model's bulk queue into a few threads of its own."""
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.c = c
+        self.settings = get_settings()
+        self.prefetch = self.settings.bulk_chunks
+        self.threads = ThreadPoolExecutor(self.prefetch, thread_name_prefix="bulk")
+        self.handlers: dict[str, Callable[[Any], str]] = {}
+
+    def get_consumers(self, channel: Any) -> list[Consumer]:
+        rt = get_runtime(self.settings)  # loaded at worker_init, before any consumer
+        self.handlers = {
+            TASK_ENTAIL: lambda kw: jobs.entail_summary(rt, EntailTask.model_validate(kw["msg"])),
+            TASK_ENTAIL_CHUNK: lambda kw: jobs.chunk_summary(
+                rt, EntailChunk.model_validate(kw["msg"])
+            ),
+        }
+        queue = self.c.app.amqp.queues.new_missing(queue_name(*self.settings.model_tag, bulk=True))
+        channel.basic_qos(0, self.prefetch, False)
+        return [
+            Consumer(
+                channel,
+                queues=[queue],
+                callbacks=[self._received],
+                on_decode_error=self._undecodable,
+                accept=["json"],
+                prefetch_count=self.prefetch,
+            )
+        ]
+
+    def shutdown(self, c: Any) -> None:
+        """Stop taking messages, finish (and acknowledge) the ones taken, then close."""
+        for consumer in self.consumers or []:
+            try:
+                consumer.cancel()
+            except Exception as exc:  # a broken connection: nothing left to cancel
+                logger.debug("cancelling the bulk consumer: %s", exc)
+        self.threads.shutdown(wait=True)
+        super().shutdown(c)
+
+    @staticmethod
+    def _undecodable(message: Message, exc: Exception) -> None:
+        logger.error("dropped an undecodable message from the bulk queue: %s", exc)
+        message.ack()
+
+    def _event(self, kind: str, task_id: str, **fields: Any) -> None:
+        dispatcher = getattr(self.c, "event_dispatcher", None)
+        if dispatcher is not None and dispatcher.enabled:
+            dispatcher.send(kind, uuid=task_id, **fields)
+
+    def _received(self, body: Any, message: Message) -> None:
+        """On the event loop: announce the task and hand it to a bulk thread."""
+        headers = message.headers or {}
+        task_id = str(headers.get("id", ""))
+        self._event(
+            "task-received",
+            task_id,
+            name=headers.get("task"),
+            args=headers.get("argsrepr", ""),
+            kwargs=headers.get("kwargsrepr", ""),
+            root_id=headers.get("root_id"),
+            parent_id=headers.get("parent_id"),
+            retries=headers.get("retries", 0),
+            eta=None,
+            expires=None,
+        )
+        self.threads.submit(self._run, body, message, task_id, str(headers.get("task")))
+
+    def _run(self, body: Any, message: Message, task_id: str, name: str) -> None:
+        start = time.monotonic()
+        self._event("task-started", task_id)
+        try:
+            handler = self.handlers.get(name)
+            if handler is None:
+                raise ValueError(f"the bulk queue carries no {name!r} tasks")
+            _, kwargs, _ = body  # Celery's protocol 2: (args, kwargs, embed)
+            result = handler(kwargs)
+        except Reject as exc:  # another model's work: back on the queue
+            message.reject(requeue=bool(exc.requeue))
+            self._event("task-rejected", task_id, requeue=bool(exc.requeue))
+            return
+        except Exception as exc:  # a message no handler can ever run: not retried
+            logger.exception("bulk task %s[%s] failed", name, task_id)
+            message.ack()
+            self._event(
+                "task-failed", task_id, exception=repr(exc), traceback=traceback.format_exc()
+            )
+            return
+        message.ack()
+        self._event("task-succeeded", task_id, result=result, runtime=time.monotonic() - start)
