@@ -261,3 +261,63 @@ def test_scan_chunks_never_take_the_interactive_capacity(client, worker, service
         sampler.join()
     assert all(jobs.get(i).status == "succeeded" for i in ids)  # type: ignore[union-attr]
     assert max(reserved) == 4, max(reserved)  # busy, and never more than OFA_BULK_CHUNKS
+
+
+def test_scan_chunks_show_in_monitoring(worker, service_env):
+    """Chunks taken by the worker's own bulk consumer send Celery's task events:
+    received (with the task's name), started, and succeeded with the chunk's counts."""
+    import uuid
+
+    from shared.celery_app import TASK_ENTAIL_CHUNK, make_celery
+    from shared.keys import Keys
+    from shared.settings import Settings
+    from shared.store import JobStore
+    from shared.submit import BulkItem, submit_bulk
+    from shared.wiring import sync_redis
+    from tests.helpers import PREFIX
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        redis_url=service_env["OFA_REDIS_URL"],
+        key_prefix=PREFIX,
+        model=MODEL[0],
+        model_revision=MODEL[1],
+    )
+    app = make_celery(settings)
+    seen: dict[str, dict[str, dict]] = {}
+
+    def record(event: dict) -> None:
+        if event.get("uuid"):
+            seen.setdefault(event["uuid"], {})[event["type"]] = event
+
+    run = uuid.uuid4().hex[:8]
+    items = [BulkItem(f"shown-{run}-{i}", small_jpeg(seed=6200 + i), f"row {run} {i}", None)
+             for i in range(6)]  # fmt: skip
+    jobs = JobStore(settings, Keys(PREFIX), sync_redis(settings))
+    with app.connection() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": record})
+        listening = concurrent.futures.ThreadPoolExecutor(1).submit(
+            receiver.capture, limit=None, timeout=None, wakeup=False
+        )
+        try:
+            time.sleep(0.5)  # subscribed before the chunks go out
+            ids = submit_bulk(jobs, app, f"shown-{run}", items, chunk=3)
+            deadline = time.monotonic() + 20
+            chunks: list[dict] = []
+            while time.monotonic() < deadline:
+                chunks = [
+                    e
+                    for e in seen.values()
+                    if e.get("task-received", {}).get("name") == TASK_ENTAIL_CHUNK
+                    and "task-succeeded" in e
+                    and "task-started" in e
+                ]
+                if len(chunks) >= 2 and all(jobs.get(i).status.finished for i in ids):  # type: ignore[union-attr]
+                    break
+                time.sleep(0.05)
+        finally:
+            receiver.should_stop = True
+            listening.result(timeout=10)
+    assert len(chunks) == 2, chunks  # the only chunks sent while listening: ours
+    assert all(e["task-succeeded"]["result"] == "chunk of 3: scored 3, cached 0, skipped 0, "
+               "retried 0" for e in chunks)  # fmt: skip
