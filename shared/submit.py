@@ -137,36 +137,26 @@ def submit_job(
     image: bytes,
     text: str,
     premise: str | None,
-    scan_id: str | None = None,
     callback_url: str | None = None,
 ) -> tuple[str, bool]:
-    """Join the job computing ``key`` or create and send one; returns (job id, created).
-    A ``callback_url`` is POSTed the finished job (signed) when it ends.
+    """Join the job computing ``key`` or create one; returns (job id, created). A
+    ``callback_url`` is POSTed the finished job (signed) when it ends.
 
-    The record and its dispatch deadline are written before the message is sent, so a
-    crash in between leaves a job the reaper sends. Interactive jobs go to the model's
-    interactive queue, scan jobs (``scan_id``) to its bulk queue.
-    """
+    The job's Celery message is built first (``entail_message``) and pushed onto the
+    model's interactive queue by the same atomic script that stores the record
+    (``JobStore.create_and_send``): a job is never stored unsent, nor sent unstored.
+    Scan jobs go through ``submit_bulk`` instead."""
+    job_id = uuid.uuid4().hex
+    queue, message = entail_message(celery, new_task(store, job_id, key, text, premise, None))
     try:
-        got = store.create_or_join(key, image, text, premise, scan_id)
+        got = store.create_and_send(key, image, text, premise, job_id, queue, message)
     except redis.RedisError as exc:
         raise QueueUnavailableError(f"the job store is unavailable ({type(exc).__name__})") from exc
     if callback_url:
         _hook(store, celery, got.job_id, callback_url)
-    if not got.created:
-        if got.overdue:  # an in-flight mark is never trusted past its job's deadline
-            _send_again(store, celery, got.job_id)
-        return got.job_id, False
-    msg = new_task(store, got.job_id, key, text, premise, scan_id)
-    try:
-        send_job(celery, msg)
-    except Exception as exc:
-        try:
-            store.discard(got.job_id, key)
-        except redis.RedisError:
-            logger.exception("could not clean up after a failed enqueue")
-        raise QueueUnavailableError(f"the job queue is unavailable ({type(exc).__name__})") from exc
-    return got.job_id, True
+    if got.overdue:  # an in-flight mark is never trusted past its job's deadline
+        _send_again(store, celery, got.job_id)
+    return got.job_id, got.created
 
 
 async def asubmit_job(
@@ -178,8 +168,8 @@ async def asubmit_job(
     premise: str | None,
     callback_url: str | None = None,
 ) -> tuple[str, bool]:
-    """``submit_job`` for an interactive job, from the event loop: the record and its
-    message stored in one atomic round trip (``JobStore.acreate_and_send``)."""
+    """``submit_job`` from the event loop (the API): one atomic round trip on the
+    loop (``JobStore.acreate_and_send``)."""
     job_id = uuid.uuid4().hex
     queue, message = entail_message(celery, new_task(store, job_id, key, text, premise, None))
     try:

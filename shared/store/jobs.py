@@ -264,6 +264,32 @@ class JobStore:
             confirm_on_disk(replies[len(items)], undo, "job")
         return out
 
+    def create_and_send(
+        self,
+        key: str,
+        image: bytes,
+        text: str,
+        premise: str | None,
+        job_id: str,
+        queue: str,
+        message: bytes,
+    ) -> Created:
+        """``acreate_and_send`` for blocking callers: record, blob, deadlines and, for a
+        new job, its message in one atomic round trip (then WAITAOF when it is on)."""
+        t = time.time()
+        keys, args = self._create_call(key, image, text, premise, None, t, job_id, queue, message)
+        pipe = self.sync.durable.pipeline(transaction=False)
+        pipe.eval(_CREATE_OR_JOIN, len(keys), *keys, *args)
+        if self.settings.durable_ack_on:
+            pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
+        replies = pipe.execute(raise_on_error=False)
+        got = self._created(replies[0], t)
+        if self.settings.durable_ack_on and got.created:
+            confirm_on_disk(
+                replies[1], lambda: self.discard(got.job_id, key, (queue, message)), "job"
+            )
+        return got
+
     async def acreate_and_send(
         self,
         key: str,
@@ -351,9 +377,13 @@ class JobStore:
         overdue = deadline is not None and float(deadline) < t
         return Created(text_of(got), bool(created), overdue)
 
-    def discard(self, job_id: str, key: str) -> None:
-        """Remove a job that was never sent (its record, blob, mark and deadlines)."""
-        self._discard_ops(self.sync.durable.pipeline(), job_id, key).execute()
+    def discard(self, job_id: str, key: str, sent: tuple[str, bytes] | None = None) -> None:
+        """Remove a job that was never sent (its record, blob, mark and deadlines);
+        ``sent``: the (queue, message) pushed with the record, taken back too."""
+        pipe = self._discard_ops(self.sync.durable.pipeline(), job_id, key)
+        if sent is not None:
+            pipe.lrem(sent[0], 1, sent[1])
+        pipe.execute()
 
     async def adiscard(self, job_id: str, key: str, sent: tuple[str, bytes] | None = None) -> None:
         """``discard`` from the event loop; ``sent``: the (queue, message) pushed with

@@ -71,14 +71,16 @@ def test_production_defaults_to_durable_acknowledgement(inproc_settings):
     assert not off.durable_ack_on
 
 
+@pytest.mark.parametrize("blocking", [False, True], ids=["api", "blocking"])
 @pytest.mark.parametrize("server", [{"appendonly": "no"}, {"appendonly": "yes"}], indirect=True)
-def test_the_api_path_waits_for_the_disk_too(server, inproc_settings):
-    """The API's atomic record-and-message path: on disk before the answer, or a clear
-    error with nothing left behind, its queued message included."""
+def test_the_submission_path_waits_for_the_disk_too(server, inproc_settings, blocking):
+    """The atomic record-and-message path, from the event loop (the API) and blocking
+    (``submit_job``): on disk before the answer, or a clear error with nothing left
+    behind, its queued message included."""
     import asyncio
 
     from shared.celery_app import make_celery
-    from shared.submit import asubmit_job
+    from shared.submit import asubmit_job, submit_job
 
     url, data = server
     settings = inproc_settings.model_copy(update={"redis_url": url, "durable_ack": "fsync"})
@@ -88,20 +90,25 @@ def test_the_api_path_waits_for_the_disk_too(server, inproc_settings):
     celery = make_celery(settings)
     aof = jobs.sync.durable.config_get("appendonly")["appendonly"] == "yes"
 
-    async def main():
+    async def api():
         try:
             return await asubmit_job(jobs, celery, "d3", b"image-bytes", "t", None)
         finally:
             await jobs.aio.aclose()
 
+    def main():
+        if blocking:
+            return submit_job(jobs, celery, "d3", b"image-bytes", "t", None)
+        return asyncio.run(api())
+
     try:
         if aof:
-            job_id, created = asyncio.run(main())
+            job_id, created = main()
             on_disk = b"".join(p.read_bytes() for p in data.rglob("*.aof"))
             assert created and job_id.encode() in on_disk
         else:
             with pytest.raises(QueueUnavailableError, match="appendonly"):
-                asyncio.run(main())
+                main()
             assert jobs.sync.durable.dbsize() == 0  # no record, no blob, no message
     finally:
         jobs.sync.close()

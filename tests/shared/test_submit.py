@@ -1,5 +1,5 @@
-"""Submitting jobs and scans: the record first, then the message; nothing left behind
-when the broker refuses."""
+"""Submitting jobs and scans: a job's record and message stored together, a scan's
+record before its message; nothing left behind when the broker refuses."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ import pytest
 from shared.celery_app import queue_name
 from shared.errors import ManifestError, PayloadTooLargeError, QueueUnavailableError
 from shared.messages import EntailTask, JobStatus, ScanStatus
-from shared.submit import asubmit_job, entail_message, send_job, submit_job, submit_scan
+from shared.submit import (
+    BulkItem,
+    asubmit_job,
+    entail_message,
+    send_job,
+    submit_bulk,
+    submit_job,
+    submit_scan,
+)
 from tests.conftest import INPROC_MODEL
 from tests.helpers import broker_messages, free_port
 
@@ -70,16 +78,9 @@ def test_a_job_is_recorded_then_sent_as_a_typed_message(jobs, celery, rdb):
 
 
 def test_scan_jobs_go_to_the_bulk_queue(jobs, celery, rdb):
-    submit_job(jobs, celery, "key-b", b"img", "t", None, scan_id="s1")
+    submit_bulk(jobs, celery, "s1", [BulkItem("key-b", b"img", "t", None)], chunk=32)
     assert rdb.llen(queue_name(*INPROC_MODEL, bulk=True)) == 1
     assert rdb.llen(queue_name(*INPROC_MODEL)) == 0
-
-
-@pytest.mark.slow
-def test_broker_down_leaves_nothing(jobs, dead_celery, rdb, inproc_settings):
-    with pytest.raises(QueueUnavailableError):
-        submit_job(jobs, dead_celery, "key-c", b"img", "t", None)
-    assert list(rdb.scan_iter(f"{inproc_settings.key_prefix}*")) == []
 
 
 @pytest.mark.slow
