@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import worker_init, worker_shutdown
 
 from shared import wiring
@@ -47,16 +48,34 @@ def entail(self: Task, msg: EntailTask) -> str:
     """Score one queued job (the batcher groups concurrent ones). Returns a one-line
     summary of the verdict: Celery's task events carry it, so Flower's task pages show
     each job's verdict (the job record stays the source of truth)."""
-    return jobs.entail_summary(get_runtime(settings, app), msg)
+    rt = get_runtime(settings, app)
+    if (msg.model, msg.revision) != rt.model_tag:
+        # Not ours: back on the queue for a worker serving that model.
+        raise Reject(f"this worker serves {rt.model_tag}, not {(msg.model, msg.revision)}", True)
+    try:
+        verdict = jobs.run_job(rt, msg)
+    except Exception as exc:
+        jobs.retry_later(rt, msg, exc)
+        return f"retrying later: {type(exc).__name__}: {exc}"[:200]
+    if verdict is None:
+        return f"no new verdict (finished, failed or taken elsewhere): GET /v1/jobs/{msg.job_id}"
+    p = verdict.probabilities
+    return (
+        f"{verdict.label} ({verdict.answer}) entailment={p.entailment:.3f} "
+        f"contradiction={p.contradiction:.3f} neutral={p.neutral:.3f}"
+    )
 
 
 @app.task(name=TASK_ENTAIL_CHUNK, bind=True, acks_late=True, pydantic=True)
 def entail_chunk(self: Task, msg: EntailChunk) -> str:
-    """Score a chunk of a scan's jobs: one message for many rows, each row still its
-    own job with its own outcome. Returns counts, which Flower shows. (The bulk queue
-    is consumed by ``worker/bulk.py``, which calls ``jobs.chunk_summary`` itself; the task
-    stays registered so the name is known everywhere.)"""
-    return jobs.chunk_summary(get_runtime(settings, app), msg)
+    """Score a chunk of a scan's jobs (bulk queue, taken by ``worker/bulk.py``): one
+    message for many rows, each row still its own job with its own outcome. Returns
+    counts, which Flower shows."""
+    rt = get_runtime(settings, app)
+    if (msg.model, msg.revision) != rt.model_tag:
+        raise Reject(f"this worker serves {rt.model_tag}, not {(msg.model, msg.revision)}", True)
+    counts = jobs.run_chunk(rt, msg.items)
+    return f"chunk of {len(msg.items)}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
 # The bulk queue has a consumer of its own: scan chunks never take the threads and

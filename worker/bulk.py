@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,12 +30,12 @@ from celery.exceptions import Reject
 from kombu import Consumer, Message
 
 from shared.celery_app import TASK_ENTAIL, TASK_ENTAIL_CHUNK, queue_name
-from shared.messages import EntailChunk, EntailTask
 from shared.settings import get_settings
-from worker import jobs
-from worker.runtime import get_runtime
 
 logger = logging.getLogger(__name__)
+
+# Scan chunks, and scan jobs the reaper sent again on their own.
+BULK_TASKS = frozenset({TASK_ENTAIL, TASK_ENTAIL_CHUNK})
 
 
 class BulkConsumer(bootsteps.ConsumerStep):
@@ -48,16 +47,8 @@ class BulkConsumer(bootsteps.ConsumerStep):
         self.settings = get_settings()
         self.prefetch = self.settings.bulk_chunks
         self.threads = ThreadPoolExecutor(self.prefetch, thread_name_prefix="bulk")
-        self.handlers: dict[str, Callable[[Any], str]] = {}
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
-        rt = get_runtime(self.settings)  # loaded at worker_init, before any consumer
-        self.handlers = {
-            TASK_ENTAIL: lambda kw: jobs.entail_summary(rt, EntailTask.model_validate(kw["msg"])),
-            TASK_ENTAIL_CHUNK: lambda kw: jobs.chunk_summary(
-                rt, EntailChunk.model_validate(kw["msg"])
-            ),
-        }
         queue = self.c.app.amqp.queues.new_missing(queue_name(*self.settings.model_tag, bulk=True))
         channel.basic_qos(0, self.prefetch, False)
         return [
@@ -113,11 +104,12 @@ class BulkConsumer(bootsteps.ConsumerStep):
         start = time.monotonic()
         self._event("task-started", task_id)
         try:
-            handler = self.handlers.get(name)
-            if handler is None:
+            if name not in BULK_TASKS:
                 raise ValueError(f"the bulk queue carries no {name!r} tasks")
-            _, kwargs, _ = body  # Celery's protocol 2: (args, kwargs, embed)
-            result = handler(kwargs)
+            args, kwargs, _ = body  # Celery's protocol 2: (args, kwargs, embed)
+            # The registered task itself (worker/app.py), run in this thread: one
+            # definition of what a message does, whichever consumer took it.
+            result = self.c.app.tasks[name](*args, **kwargs)
         except Reject as exc:  # another model's work: back on the queue
             message.reject(requeue=bool(exc.requeue))
             self._event("task-rejected", task_id, requeue=bool(exc.requeue))

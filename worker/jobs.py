@@ -17,10 +17,9 @@ from concurrent.futures import Future
 from typing import Any
 
 import redis
-from celery.exceptions import Reject
 
 from shared.errors import BadInputError
-from shared.messages import EntailChunk, EntailTask, ScanStatus, Verdict
+from shared.messages import EntailTask, ScanStatus, Verdict
 from shared.store import StartAction, Started
 from shared.submit import send_hooks
 from worker.ofa.entail import Prediction, Prepared
@@ -189,38 +188,6 @@ def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:
                     send_hooks(rt.celery, msg.job_id, theirs)
                 counts["scored"] += len(scored)
     return counts
-
-
-def check_model(rt: Runtime, msg: EntailTask | EntailChunk) -> None:
-    """Reject another model's message: back on the queue for a worker serving it."""
-    if (msg.model, msg.revision) != rt.model_tag:
-        raise Reject(f"this worker serves {rt.model_tag}, not {(msg.model, msg.revision)}", True)
-
-
-def entail_summary(rt: Runtime, msg: EntailTask) -> str:
-    """Run one job (``run_job``); a one-line summary of its verdict, which Celery's
-    task events carry as the task's result, so Flower shows each job's verdict (the
-    job record stays the source of truth)."""
-    check_model(rt, msg)
-    try:
-        verdict = run_job(rt, msg)
-    except Exception as exc:
-        retry_later(rt, msg, exc)
-        return f"retrying later: {type(exc).__name__}: {exc}"[:200]
-    if verdict is None:
-        return f"no new verdict (finished, failed or taken elsewhere): GET /v1/jobs/{msg.job_id}"
-    p = verdict.probabilities
-    return (
-        f"{verdict.label} ({verdict.answer}) entailment={p.entailment:.3f} "
-        f"contradiction={p.contradiction:.3f} neutral={p.neutral:.3f}"
-    )
-
-
-def chunk_summary(rt: Runtime, msg: EntailChunk) -> str:
-    """Run a chunk (``run_chunk``); its counts, as the task's result."""
-    check_model(rt, msg)
-    counts = run_chunk(rt, msg.items)
-    return f"chunk of {len(msg.items)}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
 def retry_later(rt: Runtime, msg: EntailTask, exc: Exception) -> None:
