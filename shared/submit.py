@@ -130,6 +130,15 @@ def message_of(job_id: str, record: dict[str, str]) -> EntailTask:
     )
 
 
+def _new_job_message(
+    store: JobStore, celery: Celery, key: str, text: str, premise: str | None
+) -> tuple[str, str, bytes]:
+    """A new interactive job's id, and the queue and bytes of its message."""
+    job_id = uuid.uuid4().hex
+    queue, message = entail_message(celery, new_task(store, job_id, key, text, premise, None))
+    return job_id, queue, message
+
+
 def submit_job(
     store: JobStore,
     celery: Celery,
@@ -146,8 +155,7 @@ def submit_job(
     model's interactive queue by the same atomic script that stores the record
     (``JobStore.create_and_send``): a job is never stored unsent, nor sent unstored.
     Scan jobs go through ``submit_bulk`` instead."""
-    job_id = uuid.uuid4().hex
-    queue, message = entail_message(celery, new_task(store, job_id, key, text, premise, None))
+    job_id, queue, message = _new_job_message(store, celery, key, text, premise)
     try:
         got = store.create_and_send(key, image, text, premise, job_id, queue, message)
     except redis.RedisError as exc:
@@ -170,8 +178,7 @@ async def asubmit_job(
 ) -> tuple[str, bool]:
     """``submit_job`` from the event loop (the API): one atomic round trip on the
     loop (``JobStore.acreate_and_send``)."""
-    job_id = uuid.uuid4().hex
-    queue, message = entail_message(celery, new_task(store, job_id, key, text, premise, None))
+    job_id, queue, message = _new_job_message(store, celery, key, text, premise)
     try:
         got = await store.acreate_and_send(key, image, text, premise, job_id, queue, message)
     except redis.RedisError as exc:

@@ -246,12 +246,8 @@ class JobStore:
         """``create_or_join`` for several (key, image, text, premise) in one round trip
         (a scan's chunk), with one WAITAOF for all of them when it is on."""
         t = time.time()
-        pipe = self.sync.durable.pipeline(transaction=False)
-        for key, image, text, premise in items:
-            keys, args = self._create_call(key, image, text, premise, scan_id, t)
-            pipe.eval(_CREATE_OR_JOIN, len(keys), *keys, *args)
-        if self.settings.durable_ack_on:
-            pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
+        calls = [self._create_call(k, i, tx, p, scan_id, t) for k, i, tx, p in items]
+        pipe = self._queue_create(self.sync.durable.pipeline(transaction=False), calls)
         replies = pipe.execute(raise_on_error=False)
         out = [self._created(reply, t) for reply in replies[: len(items)]]
         if self.settings.durable_ack_on and any(c.created for c in out):
@@ -277,11 +273,8 @@ class JobStore:
         """``acreate_and_send`` for blocking callers: record, blob, deadlines and, for a
         new job, its message in one atomic round trip (then WAITAOF when it is on)."""
         t = time.time()
-        keys, args = self._create_call(key, image, text, premise, None, t, job_id, queue, message)
-        pipe = self.sync.durable.pipeline(transaction=False)
-        pipe.eval(_CREATE_OR_JOIN, len(keys), *keys, *args)
-        if self.settings.durable_ack_on:
-            pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
+        call = self._create_call(key, image, text, premise, None, t, job_id, queue, message)
+        pipe = self._queue_create(self.sync.durable.pipeline(transaction=False), [call])
         replies = pipe.execute(raise_on_error=False)
         got = self._created(replies[0], t)
         if self.settings.durable_ack_on and got.created:
@@ -304,11 +297,8 @@ class JobStore:
         (built for ``job_id``) goes onto ``queue`` in the same atomic step when the job
         is new: one round trip for record, blob, deadlines and message."""
         t = time.time()
-        keys, args = self._create_call(key, image, text, premise, None, t, job_id, queue, message)
-        pipe = self.aio.durable.pipeline(transaction=False)
-        pipe.eval(_CREATE_OR_JOIN, len(keys), *keys, *args)
-        if self.settings.durable_ack_on:
-            pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
+        call = self._create_call(key, image, text, premise, None, t, job_id, queue, message)
+        pipe = self._queue_create(self.aio.durable.pipeline(transaction=False), [call])
         replies = await pipe.execute(raise_on_error=False)
         got = self._created(replies[0], t)
         if self.settings.durable_ack_on and got.created:
@@ -318,6 +308,15 @@ class JobStore:
                 await self.adiscard(got.job_id, key, (queue, message))
                 raise
         return got
+
+    def _queue_create(self, pipe: Any, calls: list[tuple[list[str], list[Any]]]) -> Any:
+        """Queue on ``pipe`` (blocking or asyncio) one ``_CREATE_OR_JOIN`` per call, then
+        WAITAOF when durable acknowledgement is on (its reply last)."""
+        for keys, args in calls:
+            pipe.eval(_CREATE_OR_JOIN, len(keys), *keys, *args)
+        if self.settings.durable_ack_on:
+            pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
+        return pipe
 
     def _create_call(
         self,
@@ -380,26 +379,22 @@ class JobStore:
     def discard(self, job_id: str, key: str, sent: tuple[str, bytes] | None = None) -> None:
         """Remove a job that was never sent (its record, blob, mark and deadlines);
         ``sent``: the (queue, message) pushed with the record, taken back too."""
-        pipe = self._discard_ops(self.sync.durable.pipeline(), job_id, key)
-        if sent is not None:
-            pipe.lrem(sent[0], 1, sent[1])
-        pipe.execute()
+        self._discard_ops(self.sync.durable.pipeline(), job_id, key, sent).execute()
 
     async def adiscard(self, job_id: str, key: str, sent: tuple[str, bytes] | None = None) -> None:
         """``discard`` from the event loop; ``sent``: the (queue, message) pushed with
         the record, taken back too if no worker has taken it yet (one that has finds no
         job and does nothing)."""
-        pipe = self._discard_ops(self.aio.durable.pipeline(), job_id, key)
-        if sent is not None:
-            pipe.lrem(sent[0], 1, sent[1])
-        await pipe.execute()
+        await self._discard_ops(self.aio.durable.pipeline(), job_id, key, sent).execute()
 
-    def _discard_ops(self, pipe: Any, job_id: str, key: str) -> Any:
-        """Queue on ``pipe`` (blocking or asyncio) what removes a job never sent."""
+    def _discard_ops(self, pipe: Any, job_id: str, key: str, sent: tuple[str, bytes] | None) -> Any:
+        """Queue on ``pipe`` (blocking or asyncio) what removes a job never taken."""
         pipe.delete(self.keys.job(job_id), self.keys.blob(key), self.keys.job_hooks(job_id))
         pipe.eval(DELETE_IF_EQUAL, 1, self.keys.inflight(key), job_id)
         pipe.zrem(self.keys.job_deadlines(), job_id)
         pipe.zrem(self.keys.job_pending(), job_id)
+        if sent is not None:
+            pipe.lrem(sent[0], 1, sent[1])
         return pipe
 
     # -- the worker's transitions ----------------------------------------------------
