@@ -10,7 +10,6 @@ import logging
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Reject
 from celery.signals import worker_init, worker_shutdown
 
 from shared import wiring
@@ -19,6 +18,7 @@ from shared.messages import EntailChunk, EntailTask
 from shared.settings import get_settings
 from worker import jobs
 from worker.bulk import BulkConsumer
+from worker.groups import InteractiveGroups
 from worker.runtime import get_runtime, stop_runtime
 
 logger = logging.getLogger(__name__)
@@ -43,27 +43,18 @@ def _unload(**_: Any) -> None:
     stop_runtime()
 
 
-@app.task(name=TASK_ENTAIL, bind=True, acks_late=True, pydantic=True)
+@app.task(
+    name=TASK_ENTAIL, bind=True, acks_late=True, pydantic=True, Strategy="worker.groups:grouped"
+)
 def entail(self: Task, msg: EntailTask) -> str:
-    """Score one queued job (the batcher groups concurrent ones). Returns a one-line
-    summary of the verdict: Celery's task events carry it, so Flower's task pages show
-    each job's verdict (the job record stays the source of truth)."""
+    """Score one queued job. Returns a one-line summary of the verdict: Celery's task
+    events carry it, so Flower's task pages show each job's verdict (the job record
+    stays the source of truth). Interactive messages are taken in groups instead
+    (``worker/groups.py``: the strategy above); this body runs the jobs the reaper sends
+    again to the bulk queue (``worker/bulk.py``)."""
     rt = get_runtime(settings, app)
-    if (msg.model, msg.revision) != rt.model_tag:
-        # Not ours: back on the queue for a worker serving that model.
-        raise Reject(f"this worker serves {rt.model_tag}, not {(msg.model, msg.revision)}", True)
-    try:
-        verdict = jobs.run_job(rt, msg)
-    except Exception as exc:
-        jobs.retry_later(rt, msg, exc)
-        return f"retrying later: {type(exc).__name__}: {exc}"[:200]
-    if verdict is None:
-        return f"no new verdict (finished, failed or taken elsewhere): GET /v1/jobs/{msg.job_id}"
-    p = verdict.probabilities
-    return (
-        f"{verdict.label} ({verdict.answer}) entailment={p.entailment:.3f} "
-        f"contradiction={p.contradiction:.3f} neutral={p.neutral:.3f}"
-    )
+    jobs.ensure_ours(rt, msg.model, msg.revision)
+    return jobs.summary(jobs.run_many(rt, [msg], 1 if msg.bulk else 0)[0], msg.job_id)
 
 
 @app.task(name=TASK_ENTAIL_CHUNK, bind=True, acks_late=True, pydantic=True)
@@ -72,12 +63,13 @@ def entail_chunk(self: Task, msg: EntailChunk) -> str:
     message for many rows, each row still its own job with its own outcome. Returns
     counts, which Flower shows."""
     rt = get_runtime(settings, app)
-    if (msg.model, msg.revision) != rt.model_tag:
-        raise Reject(f"this worker serves {rt.model_tag}, not {(msg.model, msg.revision)}", True)
+    jobs.ensure_ours(rt, msg.model, msg.revision)
     counts = jobs.run_chunk(rt, msg.items)
     return f"chunk of {len(msg.items)}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
 # The bulk queue has a consumer of its own: scan chunks never take the threads and
-# prefetch slots interactive jobs use (worker/bulk.py).
+# prefetch slots interactive jobs use (worker/bulk.py). Interactive messages, taken by
+# Celery's consumer, run in groups (worker/groups.py).
 app.steps["consumer"].add(BulkConsumer)
+app.steps["consumer"].add(InteractiveGroups)

@@ -31,6 +31,7 @@ from kombu import Consumer, Message
 
 from shared.celery_app import TASK_ENTAIL, TASK_ENTAIL_CHUNK, queue_name
 from shared.settings import get_settings
+from worker.events import received_event, task_event
 
 logger = logging.getLogger(__name__)
 
@@ -77,32 +78,16 @@ class BulkConsumer(bootsteps.ConsumerStep):
         logger.error("dropped an undecodable message from the bulk queue: %s", exc)
         message.ack()
 
-    def _event(self, kind: str, task_id: str, **fields: Any) -> None:
-        dispatcher = getattr(self.c, "event_dispatcher", None)
-        if dispatcher is not None and dispatcher.enabled:
-            dispatcher.send(kind, uuid=task_id, **fields)
-
     def _received(self, body: Any, message: Message) -> None:
         """On the event loop: announce the task and hand it to a bulk thread."""
         headers = message.headers or {}
         task_id = str(headers.get("id", ""))
-        self._event(
-            "task-received",
-            task_id,
-            name=headers.get("task"),
-            args=headers.get("argsrepr", ""),
-            kwargs=headers.get("kwargsrepr", ""),
-            root_id=headers.get("root_id"),
-            parent_id=headers.get("parent_id"),
-            retries=headers.get("retries", 0),
-            eta=None,
-            expires=None,
-        )
+        received_event(self.c, headers)
         self.threads.submit(self._run, body, message, task_id, str(headers.get("task")))
 
     def _run(self, body: Any, message: Message, task_id: str, name: str) -> None:
         start = time.monotonic()
-        self._event("task-started", task_id)
+        task_event(self.c, "task-started", task_id)
         try:
             if name not in BULK_TASKS:
                 raise ValueError(f"the bulk queue carries no {name!r} tasks")
@@ -112,14 +97,20 @@ class BulkConsumer(bootsteps.ConsumerStep):
             result = self.c.app.tasks[name](*args, **kwargs)
         except Reject as exc:  # another model's work: back on the queue
             message.reject(requeue=bool(exc.requeue))
-            self._event("task-rejected", task_id, requeue=bool(exc.requeue))
+            task_event(self.c, "task-rejected", task_id, requeue=bool(exc.requeue))
             return
         except Exception as exc:  # a message no handler can ever run: not retried
             logger.exception("bulk task %s[%s] failed", name, task_id)
             message.ack()
-            self._event(
-                "task-failed", task_id, exception=repr(exc), traceback=traceback.format_exc()
+            task_event(
+                self.c,
+                "task-failed",
+                task_id,
+                exception=repr(exc),
+                traceback=traceback.format_exc(),
             )
             return
         message.ack()
-        self._event("task-succeeded", task_id, result=result, runtime=time.monotonic() - start)
+        task_event(
+            self.c, "task-succeeded", task_id, result=result, runtime=time.monotonic() - start
+        )

@@ -13,10 +13,14 @@ import contextlib
 import logging
 import os
 import threading
+import time
+from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import redis
+from celery.exceptions import Reject
 
 from shared.errors import BadInputError
 from shared.messages import EntailTask, ScanStatus, Verdict
@@ -38,16 +42,11 @@ def fail(rt: Runtime, msg: EntailTask, error: str) -> None:
     logger.info("job %s failed: %s", msg.job_id, error)
 
 
-def begin(rt: Runtime, msg: EntailTask) -> Verdict | Prepared | None:
-    """Take the job: the verdict when it is already known (cached), the prepared item
-    when it must be scored, None when there is nothing to do (finished, gone, running
-    elsewhere, or failed here: a cancelled scan, a poison job, bad input)."""
-    if cancelled_alone(rt, msg, msg.scan_id is not None and scan_cancelled(rt, msg.scan_id)):
-        return None
-    got = after_start(rt, msg, rt.jobs.start(msg.job_id, msg.key))
-    if not isinstance(got, bytes):
-        return got
-    return prepared_or_fail(rt, msg, rt.decode(got))
+def ensure_ours(rt: Runtime, model: str, revision: str) -> None:
+    """Raise ``Reject`` (back on the queue, for a worker serving that model) for
+    another model's message."""
+    if (model, revision) != rt.model_tag:
+        raise Reject(f"this worker serves {rt.model_tag}, not {(model, revision)}", True)
 
 
 def scan_cancelled(rt: Runtime, scan_id: str) -> bool:
@@ -92,102 +91,152 @@ def prepared_or_fail(rt: Runtime, msg: EntailTask, got: Future[Any] | bytes) -> 
         return None
 
 
-def finish(rt: Runtime, msg: EntailTask, prediction: Prediction) -> Verdict:
-    """Record the model's answer: the verdict cached, the job succeeded, its webhooks
-    queued."""
-    verdict = make_verdict(prediction, rt.model_tag, msg.key)
-    send_hooks(rt.celery, msg.job_id, rt.jobs.succeed(msg.job_id, msg.key, verdict, cached=False))
-    return verdict
+class Outcome(NamedTuple):
+    """What became of one message's job: ``scored`` (by the model) or ``cached`` (the
+    verdict was known), both with the verdict; ``skipped`` (finished, gone, running
+    elsewhere, or failed here for good) or ``retried`` (back to queued), without."""
+
+    kind: str
+    verdict: Verdict | None = None
 
 
 def run_job(rt: Runtime, msg: EntailTask) -> Verdict | None:
     """Compute (or find) the verdict for one job and record it; None when there was
-    nothing to do or the job failed. Idempotent: a message for a finished job, or for
-    one another worker holds a live lease on, does nothing. Scan jobs yield to
-    interactive ones in the batcher and are dropped when their scan is cancelled,
-    unless someone else joined them."""
-    got = begin(rt, msg)
-    if not isinstance(got, Prepared):
-        return got
-    priority = 1 if msg.bulk else 0
-    with rt.leases.holding(msg.job_id):
-        prediction = rt.batcher.submit(got, priority).result(
-            timeout=rt.settings.task_soft_time_limit_s
-        )
-    return finish(rt, msg, prediction)
+    nothing to do, the job failed or goes back to queued. Idempotent: a message for a
+    finished job, or for one another worker holds a live lease on, does nothing."""
+    return run_many(rt, [msg], 1 if msg.bulk else 0)[0].verdict
 
 
 def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:
-    """A chunk of scan jobs: each taken and prepared, all handed to the batcher at once
-    (so they fill batches, behind any interactive work), each finished on its own. One
-    item's error never touches the others: it goes back to queued (``retry_later``)
-    or fails alone. Returns counts for the task's summary."""
-    counts = {"scored": 0, "cached": 0, "skipped": 0, "retried": 0}
-    todo: list[tuple[EntailTask, Prepared]] = []
+    """A scan's chunk (bulk priority); counts of each outcome, for the task's summary."""
+    counts = dict.fromkeys(("scored", "cached", "skipped", "retried"), 0)
+    for outcome in run_many(rt, msgs, 1):
+        counts[outcome.kind] += 1
+    return counts
+
+
+def run_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> list[Outcome]:
+    """Jobs taken together, waited for in this thread: ``submit_many`` then
+    ``finish_many``. Returns each message's outcome, in order."""
+    flight = submit_many(rt, msgs, priority)
+    return finish_many(rt, [flight], rt.settings.task_soft_time_limit_s)[0]
+
+
+@dataclass
+class InFlight:
+    """Jobs handed to the batcher together (``submit_many``), until ``finish_many``
+    records them: the outcomes known so far, the futures still to come, the leases
+    held meanwhile."""
+
+    size: int
+    outcomes: dict[int, Outcome]
+    waiting: list[tuple[int, EntailTask, Future[Prediction]]]
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+
+def submit_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> InFlight:
+    """Jobs taken together: a scan's chunk (``priority`` 1), or the interactive
+    messages that arrived at once (0, ``worker/groups.py``). Each taken and prepared,
+    all handed to the batcher at once (so they fill batches; bulk work behind any
+    interactive work), their leases held until ``finish_many``. One item's error never
+    touches the others: it goes back to queued (``retry_later``) or fails alone. Scan
+    jobs are dropped when their scan is cancelled, unless someone else joined them."""
+    outcomes: dict[int, Outcome] = {}
     cancelled = {sid for sid in {m.scan_id for m in msgs if m.scan_id} if scan_cancelled(rt, sid)}
-    live: list[EntailTask] = []
-    for msg in msgs:
+    live: list[tuple[int, EntailTask]] = []
+    for i, msg in enumerate(msgs):
         if cancelled_alone(rt, msg, msg.scan_id in cancelled):
-            counts["skipped"] += 1
+            outcomes[i] = Outcome("skipped")
         else:
-            live.append(msg)
-    # Chunks prepare at most cores - 1 at a time: an interactive job's thread competes
-    # with that many bulk threads, not with every chunk in flight.
-    with BULK_PREPARE:
+            live.append((i, msg))
+    todo: list[tuple[int, EntailTask, Prepared]] = []
+    # Bulk work prepares at most cores - 1 chunks at a time: an interactive job's
+    # thread competes with that many bulk threads, not with every chunk in flight.
+    with BULK_PREPARE if priority else contextlib.nullcontext():
         try:
-            started = rt.jobs.start_many([(m.job_id, m.key) for m in live])
+            started = rt.jobs.start_many([(m.job_id, m.key) for _, m in live]) if live else []
         except Exception as exc:
-            for msg in live:
+            for i, msg in live:
                 retry_later(rt, msg, exc)
-            counts["retried"] += len(live)
-            return counts
-        blobs: list[tuple[EntailTask, Future[Any] | bytes]] = []
-        for msg, took in zip(live, started, strict=True):
+                outcomes[i] = Outcome("retried")
+            started = []
+            live = []
+        blobs: list[tuple[int, EntailTask, Future[Any] | bytes]] = []
+        for (i, msg), took in zip(live, started, strict=True):
             try:
                 got = after_start(rt, msg, took)
             except Exception as exc:
                 retry_later(rt, msg, exc)
-                counts["retried"] += 1
+                outcomes[i] = Outcome("retried")
                 continue
             if isinstance(got, bytes):  # decoded by the pool's processes side by side
-                blobs.append((msg, rt.decode(got)))
+                blobs.append((i, msg, rt.decode(got)))
             else:
-                counts["cached" if got is not None else "skipped"] += 1
-        for msg, blob in blobs:
+                outcomes[i] = Outcome("skipped") if got is None else Outcome("cached", got)
+        for i, msg, blob in blobs:
             try:
                 item = prepared_or_fail(rt, msg, blob)
             except Exception as exc:
                 retry_later(rt, msg, exc)
-                counts["retried"] += 1
+                outcomes[i] = Outcome("retried")
                 continue
             if item is None:
-                counts["skipped"] += 1
+                outcomes[i] = Outcome("skipped")
             else:
-                todo.append((msg, item))
+                todo.append((i, msg, item))
+    flight = InFlight(len(msgs), outcomes, [])
+    for _, msg, _ in todo:
+        flight.held.enter_context(rt.leases.holding(msg.job_id))
+    flight.waiting = [(i, msg, rt.batcher.submit(item, priority)) for i, msg, item in todo]
+    return flight
+
+
+def finish_many(rt: Runtime, flights: Sequence[InFlight], timeout: float) -> list[list[Outcome]]:
+    """Wait up to ``timeout`` for the jobs ``submit_many`` handed to the batcher (one
+    group of them, or several the batcher answered together) and record their verdicts
+    in one round trip (one that failed or did not come in time goes back to queued);
+    release their leases. Returns each group's outcomes, in order."""
     with contextlib.ExitStack() as held:
-        for msg, _ in todo:
-            held.enter_context(rt.leases.holding(msg.job_id))
-        futures = [(msg, rt.batcher.submit(item, 1)) for msg, item in todo]
-        scored: list[tuple[EntailTask, Verdict]] = []
-        for msg, future in futures:
-            try:
-                prediction = future.result(timeout=rt.settings.task_soft_time_limit_s)
-                scored.append((msg, make_verdict(prediction, rt.model_tag, msg.key)))
-            except Exception as exc:
-                retry_later(rt, msg, exc)
-                counts["retried"] += 1
-        if scored:
-            try:  # every verdict recorded in one transaction
-                hooks = rt.jobs.succeed_many([(m.job_id, m.key, v) for m, v in scored])
-            except Exception as exc:
-                for msg, _ in scored:
+        for flight in flights:
+            held.enter_context(flight.held)
+        deadline = time.monotonic() + timeout
+        scored: list[tuple[InFlight, int, EntailTask, Verdict]] = []
+        for flight in flights:
+            for i, msg, future in flight.waiting:
+                try:
+                    prediction = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                    verdict = make_verdict(prediction, rt.model_tag, msg.key)
+                    scored.append((flight, i, msg, verdict))
+                except Exception as exc:
                     retry_later(rt, msg, exc)
-                counts["retried"] += len(scored)
+                    flight.outcomes[i] = Outcome("retried")
+        if scored:
+            try:  # every verdict recorded in one round trip
+                hooks = rt.jobs.succeed_many([(m.job_id, m.key, v) for _, _, m, v in scored])
+            except Exception as exc:
+                for flight, i, msg, _ in scored:
+                    retry_later(rt, msg, exc)
+                    flight.outcomes[i] = Outcome("retried")
             else:
-                for (msg, _), theirs in zip(scored, hooks, strict=True):
+                for (flight, i, msg, verdict), theirs in zip(scored, hooks, strict=True):
                     send_hooks(rt.celery, msg.job_id, theirs)
-                counts["scored"] += len(scored)
-    return counts
+                    flight.outcomes[i] = Outcome("scored", verdict)
+    return [[f.outcomes[i] for i in range(f.size)] for f in flights]
+
+
+def summary(outcome: Outcome, job_id: str) -> str:
+    """A one-line summary of a job's outcome: Celery's task events carry it, so
+    Flower's task pages show each job's verdict (the job record stays the source of
+    truth)."""
+    if outcome.verdict is None:
+        if outcome.kind == "retried":
+            return "retrying later (see the worker's log)"
+        return f"no new verdict (finished, failed or taken elsewhere): GET /v1/jobs/{job_id}"
+    v, p = outcome.verdict, outcome.verdict.probabilities
+    return (
+        f"{v.label} ({v.answer}) entailment={p.entailment:.3f} "
+        f"contradiction={p.contradiction:.3f} neutral={p.neutral:.3f}"
+    )
 
 
 def retry_later(rt: Runtime, msg: EntailTask, exc: Exception) -> None:
