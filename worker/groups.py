@@ -25,6 +25,7 @@ back the messages it has not started.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -153,7 +154,16 @@ class Groups:
         if answered:
             self._finish(answered, 0.0)
         if group:
-            self._start(group)
+            try:
+                self._start(group)
+            except Exception:
+                # Unexpected: hand the messages back rather than hold them (and their
+                # prefetch slots) unacknowledged; their jobs are idempotent.
+                logger.exception("a group of %d interactive messages failed", len(group))
+                for taken in group:
+                    if not taken.message.acknowledged:
+                        with contextlib.suppress(Exception):
+                            taken.message.reject(requeue=True)
         self._finish_overdue()
 
     def _start(self, group: list[Taken]) -> None:
