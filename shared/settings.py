@@ -49,9 +49,11 @@ class Settings(BaseSettings):
     # While interactive jobs are about, a batch of scan work is cut to what the model
     # finishes in about this long (the most an interactive job waits behind it); 0: off.
     bulk_batch_ms: float = Field(20.0, ge=0, le=60_000)
+    # Interactive messages a worker process holds at a time (Celery's concurrency, so
+    # its prefetch); a few threads of the worker's own run them in groups.
     worker_threads: int = Field(32, ge=1, le=512)
     # Bulk-queue messages (scan chunks) a worker process takes at a time, on threads of
-    # their own: never the interactive threads above.
+    # their own: never the interactive messages' prefetch slots above.
     bulk_chunks: int = Field(4, ge=1, le=256)
     # Processes that decode and resize images beside a worker (outside its interpreter
     # lock); 0: in the worker's own threads.

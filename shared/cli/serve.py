@@ -223,7 +223,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("worker", help="run a worker holding the model")
-    p.add_argument("--concurrency", type=int, help="threads (default: OFA_WORKER_THREADS)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        help="interactive messages held at once (default: OFA_WORKER_THREADS)",
+    )
     p.add_argument("--name", help="node name prefix (default: ofa)")
     p.set_defaults(func=cmd_worker)
 
