@@ -1,4 +1,5 @@
-"""Running one job: the domain logic behind the Celery task.
+"""Running jobs, alone or together (a scan's chunk, a group of interactive messages):
+the domain logic behind the worker's consumers.
 
 Every message is handled idempotently (``JobStore.start`` decides): a finished job,
 a vanished one, or one another worker holds a live lease on is left alone; a job whose
