@@ -25,9 +25,10 @@ SCAN_QUEUE = "ofa.scans"  # the coordinator's queue: no GPU needed
 def queue_name(model_id: str, revision: str, bulk: bool = False) -> str:
     """Each model has its own queues, so a task waits for a worker serving its model.
 
-    Interactive jobs and bulk scans use separate queues; a worker's Celery pool
-    consumes the interactive one, and a consumer of its own the bulk one
-    (``worker/bulk.py``), so scan work never holds the interactive threads.
+    Interactive jobs and bulk scans use separate queues; a worker's Celery consumer
+    takes the interactive one (its messages run in groups, ``worker/groups.py``), and
+    a consumer of its own the bulk one (``worker/bulk.py``), so scan work never holds
+    the interactive prefetch slots.
     """
     kind = "bulk" if bulk else "interactive"
     return f"ofa.{kind}.{model_id}@{revision}"

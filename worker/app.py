@@ -1,7 +1,8 @@
-"""The worker's Celery app: one thin task, and the signals that load the model.
+"""The worker's Celery app: two thin tasks, and the signals that load the model.
 
-Run it with ``ofa-entail worker`` (a threads pool: one process per device, many
-threads waiting on the in-process batcher).
+Run it with ``ofa-entail worker`` (one process per device). Celery's consumer takes
+the interactive queue, whose messages run in groups (``worker/groups.py``); the bulk
+queue has a consumer of its own (``worker/bulk.py``); both feed the in-process batcher.
 """
 
 from __future__ import annotations

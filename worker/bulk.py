@@ -1,8 +1,8 @@
 """The bulk queue's own consumer, beside Celery's: scan work never holds what
 interactive jobs need.
 
-Celery's worker consumes the interactive queue with its threads pool. When it consumed
-the bulk queue as well, every scan chunk waiting for the batcher held one of those
+Celery's consumer takes the interactive queue. When the bulk queue went through
+Celery's threads pool as well, every scan chunk waiting for the batcher held one of its
 threads and one of their prefetch slots, and a few scans' worth of small chunks took
 them all: interactive messages then waited in the queue for a free thread (measured
 with ``bench_scan``: every thread held by a chunk, interactive jobs ~250 ms late at

@@ -44,7 +44,7 @@ def celery_worker_argv(
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    """Run a Celery worker holding the model (threads pool, one process per device)."""
+    """Run a Celery worker holding the model (one process per device)."""
     from shared.celery_app import queue_name
 
     # Celery's pool takes the interactive queue; the bulk queue has its own consumer
