@@ -47,8 +47,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run a Celery worker holding the model (one process per device)."""
     from shared.celery_app import queue_name
 
-    # Celery's pool takes the interactive queue; the bulk queue has its own consumer
-    # in the worker (worker/bulk.py).
+    # Celery's consumer takes the interactive queue (run in groups: worker/groups.py);
+    # the bulk queue has its own consumer in the worker (worker/bulk.py).
     queues = [queue_name(*settings.model_tag)]
     argv = celery_worker_argv(
         "worker.app:app",

@@ -39,8 +39,8 @@ def main() -> None:
 
     worker.runtime.load_entailer = _instant_loader(worker.runtime.load_entailer)  # type: ignore[assignment]
     settings = get_settings()
-    # Celery's pool takes the interactive queue; the bulk queue has its own consumer
-    # in the worker (worker/bulk.py).
+    # Celery's consumer takes the interactive queue (run in groups: worker/groups.py);
+    # the bulk queue has its own consumer in the worker (worker/bulk.py).
     queues = [queue_name(*settings.model_tag)]
     argv = celery_worker_argv("worker.app:app", queues, settings.worker_threads, "instant", False)
     from celery.__main__ import main as celery_main
