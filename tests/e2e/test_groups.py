@@ -105,3 +105,28 @@ def test_a_stopping_worker_finishes_the_jobs_it_took(client, worker, rdb):
     finally:
         worker.stop()
         worker.start()
+
+
+@pytest.mark.slow
+def test_a_group_the_model_does_not_answer_in_time_goes_back_to_queued(client, worker, rdb, keys):
+    """A group waits for the model at most the soft time limit (1 s here, against a
+    5 s batch window): its job goes back to queued, to be sent again, as a task's
+    bounded wait did; it is not held until the model answers."""
+    worker.kill()
+    worker.start(OFA_BATCH_WAIT_MS="5000", OFA_BATCH_SIZE="64", OFA_TASK_SOFT_TIME_LIMIT_S="1")
+    try:
+        resp = client.post(
+            "/v1/jobs",
+            data={"text": f"unanswered {time.time()}"},
+            files={"image": ("u.jpg", small_jpeg(seed=8300))},
+        )
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["job_id"]
+        started = time.monotonic()
+        assert wait_until(lambda: "1 interactive jobs unanswered in time" in worker.log(), 4.5)
+        assert time.monotonic() - started < 4.5  # before the batch window closed
+        # Released (queued, attempt counted) and sent again by the reaper.
+        assert wait_until(lambda: int(rdb.hget(keys.job(job_id), "attempts") or 0) >= 2, 5)
+    finally:
+        worker.kill()
+        worker.start()
