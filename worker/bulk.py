@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,7 +30,7 @@ from kombu import Consumer, Message
 
 from shared.celery_app import TASK_ENTAIL, TASK_ENTAIL_CHUNK, queue_name
 from shared.settings import get_settings
-from worker.events import received_event, task_event
+from worker.events import dropped, handed_back, received_event, task_event
 
 logger = logging.getLogger(__name__)
 
@@ -96,19 +95,11 @@ class BulkConsumer(bootsteps.ConsumerStep):
             # definition of what a message does, whichever consumer took it.
             result = self.c.app.tasks[name](*args, **kwargs)
         except Reject as exc:  # another model's work: back on the queue
-            message.reject(requeue=bool(exc.requeue))
-            task_event(self.c, "task-rejected", task_id, requeue=bool(exc.requeue))
+            handed_back(self.c, message, task_id, bool(exc.requeue))
             return
         except Exception as exc:  # a message no handler can ever run: not retried
             logger.exception("bulk task %s[%s] failed", name, task_id)
-            message.ack()
-            task_event(
-                self.c,
-                "task-failed",
-                task_id,
-                exception=repr(exc),
-                traceback=traceback.format_exc(),
-            )
+            dropped(self.c, message, task_id, exc)
             return
         message.ack()
         task_event(

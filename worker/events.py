@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping
 from typing import Any
+
+from kombu import Message
 
 
 def task_event(consumer: Any, kind: str, task_id: str, **fields: Any) -> None:
@@ -29,4 +32,20 @@ def received_event(consumer: Any, headers: Mapping[str, Any]) -> None:
         retries=headers.get("retries", 0),
         eta=None,
         expires=None,
+    )
+
+
+def handed_back(consumer: Any, message: Message, task_id: str, requeue: bool = True) -> None:
+    """Reject ``message`` (back on its queue when ``requeue``: another model's work)
+    and say so, as Celery does for a task raising ``Reject``."""
+    message.reject(requeue=requeue)
+    task_event(consumer, "task-rejected", task_id, requeue=requeue)
+
+
+def dropped(consumer: Any, message: Message, task_id: str, exc: BaseException) -> None:
+    """Acknowledge a message no worker can ever run (not retried) and report the task
+    failed with ``exc``; call it from the ``except`` block, for the traceback."""
+    message.ack()
+    task_event(
+        consumer, "task-failed", task_id, exception=repr(exc), traceback=traceback.format_exc()
     )

@@ -32,7 +32,6 @@ import os
 import queue
 import threading
 import time
-import traceback
 from typing import Any, NamedTuple
 
 import redis
@@ -46,7 +45,7 @@ from pydantic import ValidationError
 from shared.messages import EntailTask
 from shared.settings import get_settings
 from worker import jobs
-from worker.events import received_event, task_event
+from worker.events import dropped, handed_back, received_event, task_event
 from worker.runtime import get_runtime
 
 logger = logging.getLogger(__name__)
@@ -177,20 +176,12 @@ class Groups:
                 msg = EntailTask.model_validate(args[0] if args else kwargs["msg"])
                 jobs.ensure_ours(rt, msg.model, msg.revision)
             except Reject as exc:  # another model's job: back on the queue
-                taken.message.reject(requeue=bool(exc.requeue))
-                task_event(self.consumer, "task-rejected", taken.task_id, requeue=True)
+                handed_back(self.consumer, taken.message, taken.task_id, bool(exc.requeue))
                 continue
             except (ValidationError, ValueError, TypeError, KeyError, IndexError) as exc:
                 # A message no worker can ever run: failed, not retried.
                 logger.error("dropped an invalid ofa.entail message %s: %s", taken.task_id, exc)
-                taken.message.ack()
-                task_event(
-                    self.consumer,
-                    "task-failed",
-                    taken.task_id,
-                    exception=repr(exc),
-                    traceback=traceback.format_exc(),
-                )
+                dropped(self.consumer, taken.message, taken.task_id, exc)
                 continue
             taken_ok.append(taken)
             msgs.append(msg)
@@ -281,8 +272,7 @@ def grouped(task: Any, app: Any, consumer: Any, **_: Any) -> Any:
         received_event(consumer, headers)
         groups: Groups | None = getattr(consumer, "ofa_groups", None)
         if groups is None or not groups.open:  # stopping: another worker takes it
-            message.reject(requeue=True)
-            task_event(consumer, "task-rejected", task_id, requeue=True)
+            handed_back(consumer, message, task_id)
             return
         groups.put(Taken(message, task_id, time.monotonic()))
 
