@@ -55,7 +55,7 @@ def entail(self: Task, msg: EntailTask) -> str:
     again to the bulk queue (``worker/bulk.py``)."""
     rt = get_runtime(settings, app)
     jobs.ensure_ours(rt, msg.model, msg.revision)
-    return jobs.summary(jobs.run_many(rt, [msg], 1 if msg.bulk else 0)[0], msg.job_id)
+    return jobs.summary(jobs.run_job(rt, msg), msg.job_id)
 
 
 @app.task(name=TASK_ENTAIL_CHUNK, bind=True, acks_late=True, pydantic=True)

@@ -101,11 +101,11 @@ class Outcome(NamedTuple):
     verdict: Verdict | None = None
 
 
-def run_job(rt: Runtime, msg: EntailTask) -> Verdict | None:
-    """Compute (or find) the verdict for one job and record it; None when there was
-    nothing to do, the job failed or goes back to queued. Idempotent: a message for a
-    finished job, or for one another worker holds a live lease on, does nothing."""
-    return run_many(rt, [msg], 1 if msg.bulk else 0)[0].verdict
+def run_job(rt: Runtime, msg: EntailTask) -> Outcome:
+    """One job alone (the ``ofa.entail`` task's body: a job the reaper sent again),
+    at its own priority. Idempotent: a message for a finished job, or for one another
+    worker holds a live lease on, does nothing."""
+    return run_many(rt, [msg], 1 if msg.bulk else 0)[0]
 
 
 def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:

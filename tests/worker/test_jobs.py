@@ -44,7 +44,7 @@ def test_scores_then_finishes_redelivery_from_the_cache(rt: Runtime):
     image = encode_image(photo("chelsea").resize((64, 48)))
     msg = queued(rt, image, "a cat")
     items = rt.jobs.batch_stats().get("items", 0)
-    verdict = run_job(rt, msg)
+    verdict = run_job(rt, msg).verdict
     expected = rt.entailer.predict(image, "a cat")
     assert verdict is not None and verdict.label == expected.label
     assert verdict.probabilities.model_dump() == pytest.approx(expected.probabilities, abs=1e-6)
@@ -53,14 +53,14 @@ def test_scores_then_finishes_redelivery_from_the_cache(rt: Runtime):
     assert job is not None and job.status == JobStatus.SUCCEEDED and not job.cached
     assert rt.jobs.batch_stats()["items"] == items + 1
     # The same message again (a duplicate): the job is finished, nothing runs.
-    assert run_job(rt, msg) is None
+    assert run_job(rt, msg).verdict is None
     assert rt.jobs.batch_stats()["items"] == items + 1
     # A worker that died after caching the verdict but before finishing the record:
     # the redelivered message (its lease ran out) finishes from the cache, no model run.
     rdb = rt.redis.durable
     rdb.hset(rt.jobs.keys.job(msg.job_id), "status", "running")
     rdb.zadd(rt.jobs.keys.job_deadlines(), {msg.job_id: time.time() - 1})
-    assert run_job(rt, msg) == verdict
+    assert run_job(rt, msg).verdict == verdict
     assert rt.jobs.get(msg.job_id).cached  # type: ignore[union-attr]
     assert rt.jobs.batch_stats()["items"] == items + 1
 
@@ -69,7 +69,7 @@ def test_an_image_the_model_cannot_read_fails_at_once(rt: Runtime):
     from tests.helpers import small_jpeg
 
     msg = queued(rt, small_jpeg(seed=6)[:300], "x")  # truncated
-    assert run_job(rt, msg) is None
+    assert run_job(rt, msg).verdict is None
     job = rt.jobs.get(msg.job_id)
     assert job is not None and job.status == JobStatus.FAILED
     assert job.error is not None and job.error.startswith("Unreadable image")
@@ -80,7 +80,7 @@ def test_an_expired_blob_fails_readably(rt: Runtime, rdb):
 
     msg = queued(rt, small_jpeg(seed=7), "x")
     rdb.delete(rt.jobs.keys.blob(msg.key))
-    assert run_job(rt, msg) is None
+    assert run_job(rt, msg).verdict is None
     assert "expired" in (rt.jobs.get(msg.job_id).error or "")  # type: ignore[union-attr]
 
 
@@ -90,7 +90,7 @@ def test_a_cancelled_scan_drops_its_jobs(rt: Runtime):
     rt.scans.create("s-cancel", 1, "/m", None)
     msg = queued(rt, small_jpeg(seed=8), "x", scan_id="s-cancel")
     rt.scans.durable.hset(rt.scans.keys.scan("s-cancel"), "status", "cancelled")
-    assert run_job(rt, msg) is None
+    assert run_job(rt, msg).verdict is None
     assert rt.jobs.get(msg.job_id).error == "scan cancelled"  # type: ignore[union-attr]
 
 
@@ -139,7 +139,7 @@ def test_preprocessing_processes_give_the_same_verdicts(rt: Runtime, inproc_sett
         theirs = rt.entailer.prepare(image, "a cup")
         assert (ours.pixels == theirs.pixels).all() and ours.source == theirs.source
         single = queued(pooled, image, "pooled single")
-        verdict = run_job(pooled, single)
+        verdict = run_job(pooled, single).verdict
         expected = rt.entailer.predict(image, "pooled single")
         assert verdict is not None
         assert verdict.probabilities.model_dump() == pytest.approx(expected.probabilities, abs=1e-6)
