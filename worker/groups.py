@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 # OFA_PREPROCESS_PROCESSES is set) uses every core; few enough that messages arriving
 # while they are busy gather into groups instead of each waking a thread of its own.
 GROUP_THREADS = max(4, 2 * (os.cpu_count() or 1))
+OVERDUE_CHECK_S = 1.0
 
 
 class Taken(NamedTuple):
@@ -86,6 +87,7 @@ class Groups:
         self._lock = threading.Lock()
         self._flights: dict[int, Flight] = {}  # handed to the batcher, not yet answered
         self._busy = 0  # threads between taking work and finishing it
+        self._overdue_check_at = 0.0  # monotonic time of the next look for late groups
         self._threads = [
             threading.Thread(target=self._loop, name=f"interactive-{i}", daemon=True)
             for i in range(threads)
@@ -113,7 +115,7 @@ class Groups:
     def _loop(self) -> None:
         while True:
             try:
-                first = self._queue.get(timeout=1.0)
+                first = self._queue.get(timeout=OVERDUE_CHECK_S)
             except queue.Empty:
                 self._finish_overdue()
                 continue
@@ -207,7 +209,12 @@ class Groups:
         self._queue.put(flight)
 
     def _finish_overdue(self) -> None:
+        """Finish the groups past their deadline; looked for at most once a second
+        (deadlines are the soft time limit: whole seconds)."""
         now = time.monotonic()
+        if now < self._overdue_check_at:
+            return
+        self._overdue_check_at = now + OVERDUE_CHECK_S
         with self._lock:
             late = [f for f in self._flights.values() if f.deadline <= now]
             for flight in late:
