@@ -219,3 +219,10 @@ def broker_messages(rdb: redis.Redis, queue: str) -> list[dict]:
         body = json.loads(base64.b64decode(envelope["body"]))
         out.append({"headers": envelope["headers"], "args": body[0], "kwargs": body[1]})
     return out
+
+
+def unacked(rdb: redis.Redis, queue: str) -> list[list]:
+    """Messages from ``queue`` a worker has taken and not acknowledged (kombu's Redis
+    unacked hash: [message, exchange, routing key] each)."""
+    entries = [json.loads(e) for e in rdb.hvals("unacked")]
+    return [e for e in entries if e[2] == queue]

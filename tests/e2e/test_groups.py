@@ -5,7 +5,6 @@ it took. Through a real API, Valkey and Celery worker."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import time
 import uuid
 
@@ -14,16 +13,9 @@ import pytest
 
 from shared.celery_app import TASK_ENTAIL, make_celery, queue_name
 from shared.settings import Settings
-from tests.helpers import API_KEY, MODEL, poll, small_jpeg
+from tests.helpers import API_KEY, MODEL, poll, queue_len, small_jpeg, unacked
 
 INTERACTIVE = queue_name(*MODEL)
-
-
-def held_interactive(rdb) -> list[list]:
-    """Interactive messages the worker has taken and not acknowledged (kombu's unacked
-    hash: [message, exchange, routing key])."""
-    entries = [json.loads(e) for e in rdb.hvals("unacked")]
-    return [e for e in entries if e[2] == INTERACTIVE]
 
 
 def wait_until(check, timeout: float = 10.0) -> bool:
@@ -57,7 +49,7 @@ def test_a_burst_of_jobs_each_recorded_and_every_message_acknowledged(api, worke
     assert all(j["status"] == "succeeded" for j in jobs), jobs
     assert len({j["job_id"] for j in jobs}) == 24
     assert all(j["verdict"]["probabilities"] for j in jobs)
-    assert wait_until(lambda: not held_interactive(rdb)), held_interactive(rdb)
+    assert wait_until(lambda: not unacked(rdb, INTERACTIVE)), unacked(rdb, INTERACTIVE)
 
 
 def test_an_invalid_interactive_message_is_dropped_not_retried(client, worker, rdb, service_env):
@@ -67,7 +59,7 @@ def test_an_invalid_interactive_message_is_dropped_not_retried(client, worker, r
     app = make_celery(settings)
     sent = app.send_task(TASK_ENTAIL, args=[{"job_id": 5}], queue=INTERACTIVE)
     assert wait_until(lambda: "dropped an invalid ofa.entail message " + sent.id in worker.log())
-    assert wait_until(lambda: rdb.llen(INTERACTIVE) == 0 and not held_interactive(rdb))
+    assert wait_until(lambda: queue_len(rdb) == 0 and not unacked(rdb, INTERACTIVE))
     resp = client.post(
         "/v1/jobs?wait=20",
         data={"text": f"after an invalid message {time.time()}"},
@@ -101,7 +93,7 @@ def test_a_stopping_worker_finishes_the_jobs_it_took(client, worker, rdb):
         assert worker.proc is not None and worker.proc.returncode is not None
         statuses = [client.get(f"/v1/jobs/{i}").json()["status"] for i in ids]
         assert statuses == ["succeeded"] * 6, statuses
-        assert not held_interactive(rdb) and rdb.llen(INTERACTIVE) == 0
+        assert not unacked(rdb, INTERACTIVE) and queue_len(rdb) == 0
     finally:
         worker.stop()
         worker.start()

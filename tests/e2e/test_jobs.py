@@ -22,6 +22,7 @@ from tests.helpers import (
     queue_len,
     small_jpeg,
     start_api,
+    unacked,
 )
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
@@ -202,7 +203,6 @@ def test_scan_chunks_never_take_the_interactive_capacity(client, worker, service
     """40 chunk messages queued on the bulk queue: the worker holds at most
     OFA_BULK_CHUNKS (4) of them at a time, on threads of their own, so an interactive
     job submitted meanwhile finishes while most of the scan work is still queued."""
-    import json
     import threading
     import uuid
 
@@ -234,8 +234,7 @@ def test_scan_chunks_never_take_the_interactive_capacity(client, worker, service
 
     def sample() -> None:  # bulk messages the worker has taken and not acknowledged
         while sampling.is_set():
-            entries = rdb.hvals("unacked")
-            reserved.append(sum(1 for e in entries if json.loads(e)[2] == bulk))
+            reserved.append(len(unacked(rdb, bulk)))
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)
