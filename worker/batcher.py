@@ -9,11 +9,14 @@ batch to fill up with bulk work.
 A batch already running cannot be interrupted, so while interactive work is about
 (an item of priority 0 within the last ``URGENT_WINDOW_S``) a bulk batch is also cut
 to what the model is estimated to finish within ``bulk_budget_s``: an interactive job
-waits at most about that long for the bulk batch ahead of it. The estimate is a moving
-average of the seconds per item of recent batches. On a GPU, where an item takes a
-millisecond or two, bulk batches keep most of their size; on a CPU, where a full
-batch can take hundreds of milliseconds, they shrink to a few items, and grow back to
-``max_batch`` once interactive work stops (a nightly scan alone runs at full size).
+waits at most about that long for the bulk batch ahead of it. The estimate is a line,
+a batch of n items taking ``a + b * n`` seconds, fitted to recent batches of every
+size (``BatchCost``): a batch's fixed cost (on a GPU, kernel launches and copies,
+often most of a small batch's time) is not charged to every item, so the interactive
+batches of one that run meanwhile do not make bulk items look dearer than they are.
+On a GPU, bulk batches keep most of their size; on a CPU, where a full batch can take
+hundreds of milliseconds, they shrink to a few items, and grow back to ``max_batch``
+once interactive work stops (a nightly scan alone runs at full size).
 """
 
 from __future__ import annotations
@@ -33,7 +36,47 @@ T = TypeVar("T")
 R = TypeVar("R")
 STOP = 2**31  # the stop sentinel's priority: after every real item
 URGENT_WINDOW_S = 2.0  # interactive work is "about" this long after its last item
-EMA_WEIGHT = 0.2  # the newest batch's share of the seconds-per-item estimate
+EMA_WEIGHT = 0.1  # the newest batch's share of the cost estimate
+
+
+class BatchCost:
+    """Seconds for a batch of n items, ``a + b * n``, fitted by least squares to recent
+    batches with exponentially decaying weights (each batch's weight ``EMA_WEIGHT``).
+    While every recent batch had about the same size the line's slope is unknown, and
+    the estimate is proportional (``a`` = 0, ``b`` = seconds per item), as it is when
+    noise makes larger batches look cheaper."""
+
+    def __init__(self) -> None:
+        self._w = self._n = self._t = self._nn = self._nt = 0.0  # weighted sums
+
+    def add(self, n: int, seconds: float) -> None:
+        keep = 1.0 - EMA_WEIGHT
+        self._w = keep * self._w + EMA_WEIGHT
+        self._n = keep * self._n + EMA_WEIGHT * n
+        self._t = keep * self._t + EMA_WEIGHT * seconds
+        self._nn = keep * self._nn + EMA_WEIGHT * n * n
+        self._nt = keep * self._nt + EMA_WEIGHT * n * seconds
+
+    def line(self) -> tuple[float, float] | None:
+        """(a, b), or None before the first batch."""
+        if not self._w:
+            return None
+        n, t = self._n / self._w, self._t / self._w
+        var = self._nn / self._w - n * n
+        cov = self._nt / self._w - n * t
+        if var > 0.25 and cov > 0:  # sizes that differ by about an item or more
+            b = cov / var
+            return max(0.0, t - b * n), b
+        return 0.0, t / max(n, 1e-9)
+
+    def items_within(self, seconds: float) -> int | None:
+        """The most items a batch can hold and finish within ``seconds`` (at least 1),
+        or None before the first batch."""
+        got = self.line()
+        if got is None:
+            return None
+        a, b = got
+        return max(1, int((seconds - a) / max(b, 1e-9) + 1e-6))  # 9.99999... is 10
 
 
 class Batcher(Generic[T, R]):
@@ -52,7 +95,7 @@ class Batcher(Generic[T, R]):
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
         self.bulk_budget_s = bulk_budget_s  # 0: bulk batches are never cut
-        self.per_item_s: float | None = None  # moving average over recent batches
+        self.cost = BatchCost()
         self._urgent_at = -URGENT_WINDOW_S  # monotonic time of the last priority-0 item
         # (priority, sequence, item, future); the sequence keeps equal priorities FIFO.
         self._queue: queue.PriorityQueue[tuple[int, int, T | None, Future[R] | None]] = (
@@ -73,14 +116,10 @@ class Batcher(Generic[T, R]):
     def bulk_limit(self) -> int:
         """How many items a batch of bulk work may take now: ``max_batch``, or fewer
         while interactive work is about (see the module's docstring)."""
-        per_item = self.per_item_s
-        if (
-            not self.bulk_budget_s
-            or per_item is None
-            or time.monotonic() - self._urgent_at > URGENT_WINDOW_S
-        ):
+        if not self.bulk_budget_s or time.monotonic() - self._urgent_at > URGENT_WINDOW_S:
             return self.max_batch
-        return max(1, min(self.max_batch, int(self.bulk_budget_s / max(per_item, 1e-9))))
+        fits = self.cost.items_within(self.bulk_budget_s)
+        return self.max_batch if fits is None else min(self.max_batch, fits)
 
     def close(self) -> None:
         """Finish the items already queued, then stop the thread."""
@@ -141,8 +180,6 @@ class Batcher(Generic[T, R]):
             seconds = time.perf_counter() - start
             for (_, fut), result in zip(live, results, strict=True):
                 fut.set_result(result)
-            per_item = seconds / len(live)
-            prev = self.per_item_s
-            self.per_item_s = per_item if prev is None else prev + EMA_WEIGHT * (per_item - prev)
+            self.cost.add(len(live), seconds)
             if self.on_batch is not None:
                 self.on_batch(len(live), seconds)

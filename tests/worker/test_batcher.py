@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from worker.batcher import Batcher
+from worker.batcher import BatchCost, Batcher
 
 
 def test_concurrent_items_share_batches():
@@ -112,3 +112,40 @@ def test_bulk_batches_are_cut_to_the_budget_while_interactive_work_is_about():
         f.result(timeout=5)
     b.close()
     assert batches and max(len(x) for x in batches) <= 3
+
+
+def test_batch_cost_separates_a_batch_fixed_cost_from_its_cost_per_item():
+    cost = BatchCost()
+    assert cost.items_within(0.05) is None
+    for _ in range(10):  # 30 ms a batch plus 2 ms an item, at two sizes
+        cost.add(1, 0.032)
+        cost.add(16, 0.062)
+    line = cost.line()
+    assert line is not None
+    assert line[0] == pytest.approx(0.030) and line[1] == pytest.approx(0.002)
+    assert cost.items_within(0.05) == 10  # their average per item (~18 ms) allows 2
+    assert cost.items_within(0.01) == 1  # the fixed cost alone is over: one at a time
+
+
+def test_batch_cost_of_one_size_is_proportional():
+    cost = BatchCost()
+    for _ in range(5):
+        cost.add(4, 0.04)
+    assert cost.line() == pytest.approx((0.0, 0.01))
+    assert cost.items_within(0.03) == 3
+
+
+def test_interactive_batches_of_one_do_not_shrink_bulk_batches_by_their_fixed_cost():
+    def run(xs):
+        time.sleep(0.03 + 0.002 * len(xs))  # a GPU-like batch: mostly fixed cost
+        return list(xs)
+
+    b: Batcher[int, int] = Batcher(run, max_batch=16, max_wait_s=0.05, bulk_budget_s=0.05)
+    for _ in range(3):
+        for f in [b.submit(i, 1) for i in range(16)]:  # a bulk batch of 16
+            f.result(timeout=5)
+        b.submit(100, priority=0).result(timeout=5)  # an interactive batch of one
+    # ~30 ms fixed + 2 ms an item fits ~10 items in 50 ms; charged per item, the
+    # batches of one (32 ms an item) would have cut bulk batches to one or two.
+    assert 6 <= b.bulk_limit() <= 12
+    b.close()
