@@ -105,6 +105,7 @@ def test_page_checks_a_photo_offline(browser, api, worker, direct, shots, tmp_pa
 
 def test_page_shows_the_problem_detail(browser, api, shots, tmp_path):
     browser.get(api + "/")
+    set_key(browser)  # each test on its own: not relying on an earlier test's key
     bad = tmp_path / "notes.jpg"
     bad.write_bytes(b"this is not an image at all")
     browser.find_element(By.ID, "image-file").send_keys(str(bad))
@@ -120,6 +121,7 @@ def test_page_runs_a_scan_with_progress_and_report(
     browser, api, worker, coordinator, shots, tmp_path
 ):
     browser.get(api + "/")
+    set_key(browser)
     rows = []
     for i, gold in enumerate(["entailment", "contradiction", "neutral", None]):
         data = "data:image/jpeg;base64," + base64.b64encode(small_jpeg(seed=4000 + i)).decode()
