@@ -232,24 +232,17 @@ class Coordinator:
         ) as client:
             sem = asyncio.Semaphore(self.settings.scan_fetch_concurrency)
 
-            async def resolve(row: Row) -> Resolved:
+            async def fetch(r: Resolved) -> Resolved:
                 async with sem:
-                    return await self.resolver.resolve(row, client)
+                    return await self.resolver.fetch(r, client)
 
-            # Rows that may fetch are resolved concurrently; the rest never wait on
-            # anything, so they run one after the other without a task each.
-            remote = [r for r in rows if self.resolver.needs_network(r)]
-            fetched = dict(
-                zip(
-                    (r.idx for r in remote),
-                    await asyncio.gather(*(resolve(r) for r in remote)),
-                    strict=True,
-                )
-            )
-            resolved = [
-                fetched[r.idx] if r.idx in fetched else await self.resolver.resolve(r, client)
-                for r in rows
-            ]
+            # Rows read one after the other (nothing to wait for); those that must
+            # fetch their image then fetch concurrently.
+            resolved = [self.resolver.read(row) for row in rows]
+            remote = [i for i, r in enumerate(resolved) if r.to_fetch]
+            fetched = await asyncio.gather(*(fetch(resolved[i]) for i in remote))
+            for i, r in zip(remote, fetched, strict=True):
+                resolved[i] = r
             unique = list(dict.fromkeys(r.key for r in resolved if r.key is not None))
             hits = self.jobs.cached_many(unique)
             already = db.pending()  # key -> job id of rows still pending in this scan

@@ -44,6 +44,7 @@ class Resolved:
     expected: bytes | None = None  # the row's own sha256, to verify on fetch
     error: str | None = None
     key: str | None = None
+    to_fetch: bool = False  # a URL without the row's sha256: ``RowResolver.fetch`` next
 
 
 class RowResolver:
@@ -57,22 +58,36 @@ class RowResolver:
         self.cache = cache
         self.policy = policy
 
-    async def resolve(self, row: Row, client: httpx.AsyncClient) -> Resolved:
-        """The row's texts, image digest (and bytes when read) and key, or its error."""
+    def read(self, row: Row) -> Resolved:
+        """Everything about the row that needs no network: its texts, and its digest
+        and key unless its image is a URL to fetch (then ``to_fetch``). Never raises:
+        a row's problem is its ``error``."""
         try:
-            r = await self._resolve(row, client)
-        except (RowError, BadInputError, OfaEntailError) as exc:
-            return Resolved(row, "", None, error=str(exc))
-        except (OSError, ValueError, TypeError, RecursionError, httpx.HTTPError) as exc:
-            # Whatever else a row provokes is that row's error, never the slice's.
-            logger.warning("row %d: %s: %s", row.idx, type(exc).__name__, exc)
-            return Resolved(row, "", None, error=f"{type(exc).__name__}: {exc}"[:500])
-        if r.digest is not None:
+            return self._keyed(self._read(row))
+        except ROW_FAULTS as exc:
+            return _failed(row, exc)
+
+    async def fetch(self, r: Resolved, client: httpx.AsyncClient) -> Resolved:
+        """A row ``read`` left ``to_fetch``, with its digest (and bytes on a 200) and
+        key, or its error. Never raises."""
+        try:
+            await self._fetch_url(r, client)
+            return self._keyed(r)
+        except ROW_FAULTS as exc:
+            return _failed(r.row, exc)
+
+    async def resolve(self, row: Row, client: httpx.AsyncClient) -> Resolved:
+        """``read``, then ``fetch`` when the row needs it."""
+        r = self.read(row)
+        return await self.fetch(r, client) if r.to_fetch else r
+
+    def _keyed(self, r: Resolved) -> Resolved:
+        if r.digest is not None and r.key is None:
             model_id, revision = self.settings.model_tag
             r.key = verdict_key_for_digest(model_id, revision, r.digest, r.text, r.premise)
         return r
 
-    async def _resolve(self, row: Row, client: httpx.AsyncClient) -> Resolved:
+    def _read(self, row: Row) -> Resolved:
         fields = row.fields
         s = self.settings
         if "__error__" in fields:
@@ -92,36 +107,26 @@ class RowResolver:
             if len(r.expected) != 32:
                 raise RowError("sha256 must be 64 hexadecimal characters")
         source, kind = self._image_source(fields)
-        if kind == "base64":
-            r.image = decode_base64(source, s.max_upload_bytes)
-        elif kind == "path" and r.expected is not None:
+        if kind == "url":
+            r.url = source
+            # A row's own sha256 is trusted for the lookup; the image is verified if
+            # it is ever fetched. Without one, the row is to be fetched.
+            r.digest = r.expected
+            r.to_fetch = r.expected is None
+            return r
+        if kind == "path" and r.expected is not None:
             # Trusted for the lookup, like a URL's: the file is found, read and checked
             # only if the row needs a job (a cached rescan touches no file).
             r.path, r.digest = source, r.expected
             return r
-        elif kind == "path":
-            r.image = self._read_path(source)
+        if kind == "base64":
+            r.image = decode_base64(source, s.max_upload_bytes)
         else:
-            r.url = source
-            if r.expected is not None:
-                r.digest = r.expected  # trusted for the lookup; verified if fetched
-                return r
-            await self._fetch_url(r, client)
-        if r.image is not None:
-            r.digest = image_digest(r.image)
-            if r.expected is not None and r.digest != r.expected:
-                raise RowError("the image does not match the row's sha256")
+            r.image = self._read_path(source)
+        r.digest = image_digest(r.image)
+        if r.expected is not None and r.digest != r.expected:
+            raise RowError("the image does not match the row's sha256")
         return r
-
-    def needs_network(self, row: Row) -> bool:
-        """Whether resolving the row may fetch (a URL without the row's sha256)."""
-        fields = row.fields
-        if "__error__" in fields or fields.get("sha256") is not None:
-            return False
-        try:
-            return self._image_source(fields)[1] == "url"
-        except RowError:
-            return False
 
     def _image_source(self, fields: dict[str, Any]) -> tuple[str, str]:
         for name, kind in (
@@ -164,12 +169,14 @@ class RowResolver:
             etag=meta.get("etag") if known else None,
             last_modified=meta.get("last_modified") if known else None,
         )
+        r.to_fetch = False
         if found.not_modified and known:
             r.digest = bytes.fromhex(known)
             return
         assert found.body is not None
         r.image = found.body
-        fields: dict[Any, Any] = {"sha256": hashlib.sha256(found.body).hexdigest()}
+        r.digest = image_digest(found.body)
+        fields: dict[Any, Any] = {"sha256": r.digest.hex()}
         if found.etag:
             fields["etag"] = found.etag
         if found.last_modified:
@@ -204,3 +211,25 @@ class RowResolver:
         except BadInputError as exc:
             raise RowError(f"{exc.title}: {exc.detail}") from exc
         return r.image
+
+
+# What a row may provoke: its own error (the first three), or anything else it makes
+# a parser, the file system or the network raise, which is that row's error too,
+# never the slice's.
+ROW_FAULTS = (
+    RowError,
+    BadInputError,
+    OfaEntailError,
+    OSError,
+    ValueError,
+    TypeError,
+    RecursionError,
+    httpx.HTTPError,
+)
+
+
+def _failed(row: Row, exc: BaseException) -> Resolved:
+    if isinstance(exc, RowError | BadInputError | OfaEntailError):
+        return Resolved(row, "", None, error=str(exc))
+    logger.warning("row %d: %s: %s", row.idx, type(exc).__name__, exc)
+    return Resolved(row, "", None, error=f"{type(exc).__name__}: {exc}"[:500])
