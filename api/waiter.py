@@ -1,7 +1,8 @@
 """Waiting for jobs without polling: one pub/sub subscription per API process.
 
-Workers publish each finished job id on ``Keys.done_channel()``; requests that asked
-to ``wait`` register a future here and read the job record once it resolves. The
+Workers publish each finished job on ``Keys.done_channel()``, its final record along
+(``JobStore.announced``); requests that asked to ``wait`` register a future here,
+resolved with that record (or None when only the id came: then they read it). The
 record is checked after registering, so a job that finished just before is not missed.
 """
 
@@ -14,7 +15,7 @@ import logging
 import redis
 import redis.asyncio as aioredis
 
-from shared.store import text_of
+from shared.store import JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class JobWaiter:
     def __init__(self, client: aioredis.Redis, channel: str) -> None:
         self.client = client
         self.channel = channel
-        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiting: dict[str, list[asyncio.Future[dict[str, str] | None]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def _ensure_listening(self) -> None:
@@ -38,25 +39,25 @@ class JobWaiter:
                 pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self.channel)
                 async for message in pubsub.listen():
-                    job_id = message["data"]
-                    job_id = text_of(job_id)
+                    job_id, record = JobStore.announced(message["data"])
                     for fut in self._waiting.pop(job_id, []):
                         if not fut.done():
-                            fut.set_result(None)
+                            fut.set_result(record)
             except asyncio.CancelledError:
                 raise
             except redis.RedisError as exc:
                 logger.warning("job notifications interrupted (%s); resubscribing", exc)
                 await asyncio.sleep(1)
 
-    def register(self, job_id: str) -> asyncio.Future[None]:
-        """A future resolved when ``job_id`` is announced (register before checking)."""
+    def register(self, job_id: str) -> asyncio.Future[dict[str, str] | None]:
+        """A future resolved when ``job_id`` is announced, with its final record when
+        the announcement carried it (register before checking)."""
         self._ensure_listening()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[dict[str, str] | None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(job_id, []).append(fut)
         return fut
 
-    def forget(self, job_id: str, fut: asyncio.Future[None]) -> None:
+    def forget(self, job_id: str, fut: asyncio.Future[dict[str, str] | None]) -> None:
         """Drop a future whose request stopped waiting."""
         futures = self._waiting.get(job_id, [])
         with contextlib.suppress(ValueError):

@@ -185,8 +185,9 @@ def _too_large(limit: int) -> BadInputError:
 async def _wait_for(s: Services, job_id: str, seconds: float, fresh: bool = False) -> Job | None:
     """The job once it has ended, or None after ``seconds``.
 
-    Woken by the workers' pub/sub announcement; the record is re-read at least once a
-    second as well, so a notification lost in a reconnect costs latency, not a hang.
+    Woken by the workers' pub/sub announcement, which carries the final record (no
+    read then); the record is re-read at least once a second as well, so a
+    notification lost in a reconnect costs latency, not a hang.
     A ``fresh`` job (created by this request, with no await since) cannot have ended
     unannounced: its first read waits for the announcement.
     """
@@ -194,6 +195,8 @@ async def _wait_for(s: Services, job_id: str, seconds: float, fresh: bool = Fals
     fut = s.waiter.register(job_id)
     try:
         while True:
+            if fut.done() and (record := fut.result()) is not None:
+                return s.jobs.job_of(job_id, record)  # the announcement carried it
             if not fresh:
                 job = await s.jobs.aget(job_id)
                 if job is not None and job.status.finished:

@@ -82,7 +82,7 @@ end
 redis.call('DEL', KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
-redis.call('PUBLISH', ARGV[4], ARGV[1])
+redis.call('PUBLISH', ARGV[4], cjson.encode({ARGV[1], redis.call('HGETALL', KEYS[1])}))
 local hooks = redis.call('LRANGE', KEYS[6], 0, -1)
 redis.call('DEL', KEYS[6])
 return hooks
@@ -660,6 +660,22 @@ class JobStore:
         return self._backlog_of(await pipe.execute())
 
     # -- reading ---------------------------------------------------------------------
+
+    @staticmethod
+    def announced(data: Any) -> tuple[str, dict[str, str] | None]:
+        """A message on the done channel: the finished job's id, and its final record
+        when the finisher sent it along (a finish does, as a JSON array
+        ``[id, [field, value, ...]]``, so that a waiting request needs no read; a
+        cancellation sends the id alone)."""
+        text = text_of(data)
+        if not text.startswith("["):
+            return text, None
+        job_id, flat = json.loads(text)
+        return str(job_id), dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
+
+    def job_of(self, job_id: str, record: dict[str, str]) -> Job:
+        """The job a record (as ``announced`` gives it) describes."""
+        return self._decode(job_id, record)
 
     def _decode(self, job_id: str, raw: dict[Any, Any]) -> Job:
         fields = decode_hash(raw)

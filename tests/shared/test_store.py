@@ -176,3 +176,37 @@ def test_summary_rate_and_eta():
     assert s.rate_rows_per_s == pytest.approx(5.0, rel=0.05)
     assert s.eta_s == pytest.approx(10.0, rel=0.05)
     assert summarize("y", {"status": "queued"}).eta_s == 0.0
+
+
+def test_a_finish_announces_the_final_record_and_a_cancellation_the_id(
+    inproc_settings, jobs: JobStore, rdb: redis.Redis
+):
+    pubsub = rdb.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(jobs.keys.done_channel())
+
+    def heard() -> tuple[str, dict[str, str] | None]:
+        deadline = time.monotonic() + 5
+        while (m := pubsub.get_message(timeout=0.1)) is None:
+            assert time.monotonic() < deadline
+        return JobStore.announced(m["data"])
+
+    job_id = jobs.create_or_join("k9", b"img", "t", None).job_id
+    jobs.start(job_id, "k9")
+    jobs.succeed(job_id, "k9", VERDICT, cached=False)
+    got_id, record = heard()
+    assert got_id == job_id and record is not None
+    # What the announcement carries is what a read would give: a request needs no read.
+    assert jobs.job_of(job_id, record) == jobs.get(job_id)
+    assert jobs.job_of(job_id, record).verdict == VERDICT
+    queued = jobs.create_or_join("k10", b"img", "t", None).job_id
+
+    async def cancel() -> None:
+        aio = wiring.async_redis(inproc_settings)
+        try:
+            await JobStore(inproc_settings, jobs.keys, aio=aio).acancel(queued)
+        finally:
+            await aio.aclose()
+
+    asyncio.run(cancel())
+    assert heard() == (queued, None)
+    pubsub.close()

@@ -37,7 +37,6 @@ from shared.scans.manifest import Row, gold_label, read_rows
 from shared.scans.results import ResultsDB, RowResult
 from shared.settings import Settings
 from shared.store import JobStore, ScanStore
-from shared.store.codec import text_of
 from shared.submit import BulkItem, submit_bulk
 from worker.scans.resolver import Resolved, RowResolver
 
@@ -85,7 +84,7 @@ class Announcements:
         else:
             try:
                 while (m := self._pubsub.get_message(timeout=wait)) is not None:
-                    got.add(text_of(m["data"]))
+                    got.add(JobStore.announced(m["data"])[0])
                     wait = 0.0
             except redis.RedisError as exc:
                 logger.warning("job announcements lost (%s): full re-reads only", exc)
