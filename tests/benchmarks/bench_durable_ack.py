@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.benchmarks.machine import machine
 from tests.helpers import API_KEY, free_port, small_jpeg, start_api
 
 
@@ -109,7 +110,7 @@ def main() -> None:
         [
             "# Submit latency: durable acknowledgement off vs fsync",
             "",
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+            f"Machine: {machine()}, Python "
             f"{platform.python_version()}; Valkey with appendonly yes, "
             f"appendfsync {args.appendfsync}.",
             f"Command: `python -m tests.benchmarks.bench_durable_ack --jobs {args.jobs} "

@@ -32,6 +32,7 @@ import httpx
 import redis
 
 from shared.keys import Keys, verdict_key
+from tests.benchmarks.machine import machine
 from tests.helpers import encode_image, free_port, photo
 
 PREFIX = "ofa:bench:"
@@ -268,8 +269,7 @@ def main() -> None:
     report = [
         "# The cache-hit path over HTTP",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; {time.strftime('%Y-%m-%d')}.",
+        f"Machine: {machine()}, Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}.",
         "",
         f"Command: `python -m tests.benchmarks.bench_http --seconds {args.seconds} "
         f"--connections {args.connections} --rounds {args.rounds}`",

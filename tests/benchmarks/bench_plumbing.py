@@ -53,6 +53,7 @@ from tests.benchmarks.bench_http import (
     wait_http,
 )
 from tests.benchmarks.bench_scan import interactive_latencies, percentile
+from tests.benchmarks.machine import machine
 from tests.helpers import encode_image, free_port, photo, small_jpeg
 
 PREFIX = "ofa:plumbing:"
@@ -401,7 +402,7 @@ def main() -> None:
     report = [
         "# The plumbing around an instant model",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores shared by Valkey, the API, "
+        f"Machine: {machine()} shared by Valkey, the API, "
         f"the worker, the coordinator and the load; Python {platform.python_version()}; "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
@@ -473,8 +474,7 @@ def photo_report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     rows = [
         "# The plumbing with photos (instant model)",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores; Python "
-        f"{platform.python_version()}; {time.strftime('%Y-%m-%d')}.",
+        f"Machine: {machine()}; Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}.",
         "",
         f"Command: `python -m tests.benchmarks.bench_plumbing --photo --seconds "
         f"{args.seconds} --direct-jobs {args.direct_jobs}`",

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from typing import Any
 
 import torch
 
+from tests.benchmarks.machine import cpu_model
 from tests.helpers import encode_image, photo
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer, Prepared
@@ -326,7 +326,7 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, device: torch.device, r: dict[str, Any]) -> str:
-    hw = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    hw = f"{cpu_model()}, {torch.get_num_threads()} threads"
     cpuinfo = Path("/proc/cpuinfo")
     flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
     bf16_flags = sorted(flags & {"amx_bf16", "avx512_bf16"})

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import httpx
 import redis
 
 from shared.keys import Keys, image_digest, verdict_key_for_digest
+from tests.benchmarks.machine import machine
 from tests.helpers import free_port, small_jpeg
 
 API_KEY = "bench-key-0123456789-abcdefghij"
@@ -279,7 +279,7 @@ def main() -> None:
         "",
         f"Command: `python -m tests.benchmarks.bench_scan --rows {args.rows} --images "
         f"{args.images} --window {args.window}`",
-        f"Hardware: {platform.machine()}, {os.cpu_count()} cores shared by Valkey, API, worker "
+        f"Hardware: {machine()} shared by Valkey, API, worker "
         "(tiny random checkpoint), coordinator and the load generator.",
         "",
         f"Manifest: {args.rows} rows naming {args.images} image files under the image root, "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import redis
 
 from shared.keys import Keys, verdict_key
 from tests.benchmarks.bench_http import BARE_APP, wait_http
+from tests.benchmarks.machine import machine
 from tests.helpers import encode_image, free_port, photo, small_jpeg
 
 API_KEY = "bench-key-0123456789-abcdefghij"
@@ -302,7 +302,7 @@ def main() -> None:
         "",
         f"Command: `python -m tests.benchmarks.bench_service --requests {args.requests} "
         f"--concurrency {args.concurrency} --jobs {args.jobs}`",
-        f"Hardware: {platform.machine()}, {os.cpu_count()} cores; the load generator, API, "
+        f"Hardware: {machine()}; the load generator, API, "
         "worker and Valkey all run on this machine. Tiny random checkpoint (128x128 images).",
         "",
         "## (a) cache-hit POST /v1/jobs vs bare FastAPI + one Redis GET",

@@ -1,0 +1,24 @@
+"""The machine a benchmark ran on, as every results file states it: the CPU's model
+too, since this workplace's machines differ from one session to the next and rates
+from different CPUs do not compare."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or the architecture alone."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.partition(':')[2].strip()} ({platform.machine()})"
+    return platform.machine()
+
+
+def machine() -> str:
+    """'<CPU model> (<architecture>), <n> cores'."""
+    return f"{cpu_model()}, {os.cpu_count()} cores"
