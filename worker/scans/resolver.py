@@ -44,7 +44,12 @@ class Resolved:
     expected: bytes | None = None  # the row's own sha256, to verify on fetch
     error: str | None = None
     key: str | None = None
-    to_fetch: bool = False  # a URL without the row's sha256: ``RowResolver.fetch`` next
+
+    @property
+    def to_fetch(self) -> bool:
+        """A URL row with no digest yet (no sha256 of its own): ``RowResolver.fetch``
+        next."""
+        return self.url is not None and self.digest is None
 
 
 class RowResolver:
@@ -76,13 +81,8 @@ class RowResolver:
         except ROW_FAULTS as exc:
             return _failed(r.row, exc)
 
-    async def resolve(self, row: Row, client: httpx.AsyncClient) -> Resolved:
-        """``read``, then ``fetch`` when the row needs it."""
-        r = self.read(row)
-        return await self.fetch(r, client) if r.to_fetch else r
-
     def _keyed(self, r: Resolved) -> Resolved:
-        if r.digest is not None and r.key is None:
+        if r.digest is not None:
             model_id, revision = self.settings.model_tag
             r.key = verdict_key_for_digest(model_id, revision, r.digest, r.text, r.premise)
         return r
@@ -112,7 +112,6 @@ class RowResolver:
             # A row's own sha256 is trusted for the lookup; the image is verified if
             # it is ever fetched. Without one, the row is to be fetched.
             r.digest = r.expected
-            r.to_fetch = r.expected is None
             return r
         if kind == "path" and r.expected is not None:
             # Trusted for the lookup, like a URL's: the file is found, read and checked
@@ -169,7 +168,6 @@ class RowResolver:
             etag=meta.get("etag") if known else None,
             last_modified=meta.get("last_modified") if known else None,
         )
-        r.to_fetch = False
         if found.not_modified and known:
             r.digest = bytes.fromhex(known)
             return
@@ -213,13 +211,11 @@ class RowResolver:
         return r.image
 
 
-# What a row may provoke: its own error (the first three), or anything else it makes
-# a parser, the file system or the network raise, which is that row's error too,
-# never the slice's.
+# What a row may provoke: its own error, or anything else it makes a parser, the file
+# system or the network raise, which is that row's error too, never the slice's.
+ROW_ERRORS = (RowError, BadInputError, OfaEntailError)
 ROW_FAULTS = (
-    RowError,
-    BadInputError,
-    OfaEntailError,
+    *ROW_ERRORS,
     OSError,
     ValueError,
     TypeError,
@@ -229,7 +225,7 @@ ROW_FAULTS = (
 
 
 def _failed(row: Row, exc: BaseException) -> Resolved:
-    if isinstance(exc, RowError | BadInputError | OfaEntailError):
+    if isinstance(exc, ROW_ERRORS):
         return Resolved(row, "", None, error=str(exc))
     logger.warning("row %d: %s: %s", row.idx, type(exc).__name__, exc)
     return Resolved(row, "", None, error=f"{type(exc).__name__}: {exc}"[:500])
