@@ -1,9 +1,10 @@
 """Waiting for jobs without polling: one pub/sub subscription per API process.
 
-Workers publish each finished job on ``Keys.done_channel()``, its final record along
-(``JobStore.announced``); requests that asked to ``wait`` register a future here,
-resolved with that record (or None when only the id came: then they read it). The
-record is checked after registering, so a job that finished just before is not missed.
+Workers publish each finished job on ``Keys.done_channel()``, its final record after
+its id (``JobStore.announced``; the record is parsed only for a job somebody here
+waits for). Requests that asked to ``wait`` register a future here, resolved with that
+record (or None when only the id came: then they read it). The record is checked
+after registering, so a job that finished just before is not missed.
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ class JobWaiter:
                 pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self.channel)
                 async for message in pubsub.listen():
-                    job_id, record = JobStore.announced(message["data"])
-                    for fut in self._waiting.pop(job_id, []):
+                    job_id, rest = JobStore.announced(message["data"])
+                    futures = self._waiting.pop(job_id, None)
+                    if not futures:  # nobody here waits for it: its record stays unread
+                        continue
+                    record = JobStore.announced_record(rest)
+                    for fut in futures:
                         if not fut.done():
                             fut.set_result(record)
             except asyncio.CancelledError:

@@ -82,7 +82,7 @@ end
 redis.call('DEL', KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
-redis.call('PUBLISH', ARGV[4], cjson.encode({ARGV[1], redis.call('HGETALL', KEYS[1])}))
+redis.call('PUBLISH', ARGV[4], ARGV[1] .. ' ' .. cjson.encode(redis.call('HGETALL', KEYS[1])))
 local hooks = redis.call('LRANGE', KEYS[6], 0, -1)
 redis.call('DEL', KEYS[6])
 return hooks
@@ -662,19 +662,23 @@ class JobStore:
     # -- reading ---------------------------------------------------------------------
 
     @staticmethod
-    def announced(data: Any) -> tuple[str, dict[str, str] | None]:
-        """A message on the done channel: the finished job's id, and its final record
-        when the finisher sent it along (a finish does, as a JSON array
-        ``[id, [field, value, ...]]``, so that a waiting request needs no read; a
-        cancellation sends the id alone)."""
-        text = text_of(data)
-        if not text.startswith("["):
-            return text, None
-        job_id, flat = json.loads(text)
-        return str(job_id), dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
+    def announced(data: Any) -> tuple[str, str]:
+        """A message on the done channel: the finished job's id, and the rest. A finish
+        sends the job's final record after the id, as JSON (``announced_record``), so
+        that a waiting request needs no read; a cancellation sends the id alone (the
+        rest is ""). The id comes first, so a listener waiting for other jobs, or
+        wanting ids only, parses no JSON."""
+        job_id, _, rest = text_of(data).partition(" ")
+        return job_id, rest
+
+    @staticmethod
+    def announced_record(rest: str) -> dict[str, str] | None:
+        """The record in the rest of an announcement, or None when there is none."""
+        flat = json.loads(rest) if rest else None
+        return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
 
     def job_of(self, job_id: str, record: dict[str, str]) -> Job:
-        """The job a record (as ``announced`` gives it) describes."""
+        """The job a record (as ``announced_record`` gives it) describes."""
         return self._decode(job_id, record)
 
     def _decode(self, job_id: str, raw: dict[Any, Any]) -> Job:

@@ -188,7 +188,8 @@ def test_a_finish_announces_the_final_record_and_a_cancellation_the_id(
         deadline = time.monotonic() + 5
         while (m := pubsub.get_message(timeout=0.1)) is None:
             assert time.monotonic() < deadline
-        return JobStore.announced(m["data"])
+        job_id, rest = JobStore.announced(m["data"])
+        return job_id, JobStore.announced_record(rest)
 
     job_id = jobs.create_or_join("k9", b"img", "t", None).job_id
     jobs.start(job_id, "k9")
