@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from tests.benchmarks.machine import cpu_model
+from tests.benchmarks.machine import cpu_flags, cpu_model
 from tests.helpers import encode_image, photo
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer, Prepared
@@ -327,9 +327,7 @@ def main() -> None:
 
 def report(args: argparse.Namespace, device: torch.device, r: dict[str, Any]) -> str:
     hw = f"{cpu_model()}, {torch.get_num_threads()} threads"
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    bf16_flags = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    bf16_flags = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
     if bf16_flags:
         hw += f" (bf16 instructions: {', '.join(bf16_flags)})"
     vendor = None

@@ -9,14 +9,22 @@ import platform
 from pathlib import Path
 
 
+def _cpuinfo() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.read_text() if cpuinfo.exists() else ""
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, or the architecture alone."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.partition(':')[2].strip()} ({platform.machine()})"
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return f"{line.partition(':')[2].strip()} ({platform.machine()})"
     return platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (and every other word of /proc/cpuinfo)."""
+    return set(_cpuinfo().split())
 
 
 def machine() -> str:
