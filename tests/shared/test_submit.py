@@ -83,6 +83,17 @@ def test_scan_jobs_go_to_the_bulk_queue(jobs, celery, rdb):
     assert rdb.llen(queue_name(*INPROC_MODEL)) == 0
 
 
+def test_a_chunk_message_names_its_scan_and_jobs_for_flower(jobs, celery, rdb):
+    items = [BulkItem(f"key-{i}", b"img", f"t{i}", None) for i in range(6)]
+    ids = submit_bulk(jobs, celery, "s1", items, chunk=32)
+    (message,) = broker_messages(rdb, queue_name(*INPROC_MODEL, bulk=True))
+    assert [m["job_id"] for m in message["kwargs"]["msg"]["items"]] == ids
+    shown = message["headers"]["kwargsrepr"]
+    assert shown.startswith("{'msg': '6 jobs of scan s1: ")
+    assert all(i in shown for i in ids[:4]) and ids[-1] in shown and ids[4] not in shown
+    assert message["headers"]["argsrepr"] == "()"
+
+
 @pytest.mark.slow
 def test_scan_broker_down_leaves_nothing(scans, dead_celery, rdb, inproc_settings):
     manifest = io.BytesIO(b'{"id": "1", "image": "a.jpg", "text": "t"}\n')
