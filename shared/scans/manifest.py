@@ -12,7 +12,9 @@ arrive, so the coordinator always reads JSONL and can resume from a byte offset.
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -128,21 +130,27 @@ def read_rows(path: Path, offset: int, start_idx: int, limit: int) -> tuple[list
 
 def file_under(root: Path | None, name: str, what: str, setting: str) -> Path:
     """``name`` resolved inside ``root`` (symlinks followed, no escaping with ``..``);
-    ``ValueError`` with a readable reason otherwise."""
+    ``ValueError`` with a readable reason otherwise. (``os.path`` on strings, the root
+    resolved once per process: a scan calls this for every row.)"""
     if root is None:
         raise ValueError(f"{what}s are not enabled on this server ({setting})")
     if "\x00" in name:
         raise ValueError(f"the {what} path contains a NUL character")
     try:
-        base = root.resolve()
-        path = (base / name).resolve()
-        if not path.is_relative_to(base):
+        base = _real_root(root)
+        path = os.path.realpath(os.path.join(base, name))
+        if path != base and not path.startswith(base.rstrip(os.sep) + os.sep):
             raise ValueError(f"the {what} path is outside the {what} root")
-        if not path.is_file():
+        if not os.path.isfile(path):
             raise ValueError(f"no {what} at {name[:200]!r}")
     except OSError as exc:  # a name too long for the file system, say
         raise ValueError(f"the {what} path cannot be used ({exc.strerror})") from exc
-    return path
+    return Path(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _real_root(root: Path) -> str:
+    return os.path.realpath(root)
 
 
 GOLD_LABELS = ("entailment", "contradiction", "neutral")
