@@ -727,17 +727,23 @@ class JobStore:
         pipe = self.sync.durable.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hmget(self.keys.job(job_id), "status", "verdict", "error", "scan")
-        out = []
-        for status, verdict, error, scan in pipe.execute():
-            out.append(
-                Outcome(
-                    JobStatus(text_of(status)) if status is not None else None,
-                    text_of(verdict) if verdict is not None else None,
-                    text_of(error) if error is not None else None,
-                    text_of(scan) if scan is not None else None,
-                )
-            )
-        return out
+        fields = ("status", "verdict", "error", "scan")
+        return [
+            self.outcome_of({f: text_of(v) for f, v in zip(fields, got, strict=True) if v})
+            for got in pipe.execute()
+        ]
+
+    @staticmethod
+    def outcome_of(record: dict[str, str]) -> Outcome:
+        """What a scan collects of a job's record (as read, or as announced): an empty
+        record is a job gone."""
+        status = record.get("status")
+        return Outcome(
+            JobStatus(status) if status else None,
+            record.get("verdict"),
+            record.get("error"),
+            record.get("scan"),
+        )
 
     def linger(self, finished: Iterable[tuple[str, str]]) -> None:
         """(key, job id) pairs whose outcome a scan has copied: expire them soon."""

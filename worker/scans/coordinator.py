@@ -36,7 +36,7 @@ from shared.scans.folder import ScanFolder
 from shared.scans.manifest import Row, gold_label, read_rows
 from shared.scans.results import ResultsDB, RowResult
 from shared.settings import Settings
-from shared.store import JobStore, ScanStore
+from shared.store import JobStore, Outcome, ScanStore
 from shared.submit import BulkItem, submit_bulk
 from worker.scans.resolver import Resolved, RowResolver
 
@@ -59,11 +59,12 @@ FULL_SWEEP_S = 1.0  # every pending row's job is re-read at least this often
 
 
 class Announcements:
-    """Job ids announced finished on the job store's done channel (every finish is
-    published there: by a worker, the reaper, a cancellation), so that a slice re-reads
-    only the pending rows whose job has ended, not its whole window every turn. Nothing
-    depends on an announcement arriving: a full re-read is due every ``FULL_SWEEP_S``,
-    and always when the subscription is lost."""
+    """Jobs announced finished on the job store's done channel (every finish is
+    published there: by a worker, the reaper, a cancellation), so that a slice collects
+    only the pending rows whose job has ended, not its whole window every turn, and
+    reads none whose final record came with its announcement. Nothing depends on an
+    announcement arriving: a full re-read is due every ``FULL_SWEEP_S``, and always
+    when the subscription is lost."""
 
     def __init__(self, jobs: JobStore) -> None:
         self._pubsub: redis.client.PubSub | None = None
@@ -75,16 +76,18 @@ class Announcements:
         except redis.RedisError as exc:
             logger.warning("no job announcements (%s): full re-reads only", exc)
 
-    def take(self, wait: float = 0.0) -> set[str] | None:
-        """Ids announced since the last call, waiting up to ``wait`` seconds for the
-        first; None when a full re-read is due."""
-        got: set[str] = set()
+    def take(self, wait: float = 0.0) -> dict[str, str] | None:
+        """Job id -> the rest of its announcement (``JobStore.announced``: the final
+        record, or "" for a cancellation) since the last call, waiting up to ``wait``
+        seconds for the first; None when a full re-read is due."""
+        got: dict[str, str] = {}
         if self._pubsub is None:
             time.sleep(wait)
         else:
             try:
                 while (m := self._pubsub.get_message(timeout=wait)) is not None:
-                    got.add(JobStore.announced(m["data"])[0])
+                    job_id, rest = JobStore.announced(m["data"])
+                    got[job_id] = rest
                     wait = 0.0
             except redis.RedisError as exc:
                 logger.warning("job announcements lost (%s): full re-reads only", exc)
@@ -193,10 +196,14 @@ class Coordinator:
 
     # -- completions -----------------------------------------------------------------
 
-    def _collect(self, db: ResultsDB, scan_id: str, only: set[str] | None = None) -> None:
+    def _collect(
+        self, db: ResultsDB, scan_id: str, only: dict[str, str] | None = None
+    ) -> None:
         """Finish pending rows whose job has ended (its record is the source of truth:
-        the verdict cache may already have evicted the verdict): those whose job id is
-        in ``only`` (announced finished), or every pending row when it is None."""
+        the verdict cache may already have evicted the verdict): those whose job is in
+        ``only`` (announced finished, with its final record when the announcement
+        carried one), or every pending row when it is None. Records not announced are
+        read, in one round trip."""
         if only is not None and not only:
             return
         pending = db.pending()
@@ -204,11 +211,17 @@ class Coordinator:
             pending = {key: job_id for key, job_id in pending.items() if job_id in only}
         if not pending:
             return
+        known: dict[str, Outcome] = {}
+        for job_id in pending.values():
+            record = JobStore.announced_record(only.get(job_id, "")) if only else None
+            if record is not None:
+                known[job_id] = JobStore.outcome_of(record)
+        unknown = [job_id for job_id in pending.values() if job_id not in known]
+        known.update(zip(unknown, self.jobs.outcomes(unknown), strict=True))
         outcomes: dict[str, tuple[RowState, str | None, str | None]] = {}
         ours: list[tuple[str, str]] = []
-        for (key, job_id), got in zip(
-            pending.items(), self.jobs.outcomes(pending.values()), strict=True
-        ):
+        for key, job_id in pending.items():
+            got = known[job_id]
             if got.status == JobStatus.SUCCEEDED:
                 outcomes[key] = (RowState.DONE, got.verdict, None)
             elif got.status == JobStatus.FAILED:

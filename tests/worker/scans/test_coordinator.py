@@ -15,9 +15,9 @@ import pytest
 from shared import wiring
 from shared.celery_app import make_celery, queue_name
 from shared.keys import verdict_key
-from shared.messages import EntailChunk, EntailTask, ScanStatus
+from shared.messages import EntailChunk, EntailTask, RowState, ScanStatus
 from shared.scans.folder import ScanFolder
-from shared.scans.results import ResultsDB, result_line
+from shared.scans.results import ResultsDB, RowResult, result_line
 from tests.conftest import INPROC_MODEL
 from tests.helpers import VERDICT, broker_messages, small_jpeg
 from worker.jobs import run_chunk, run_job
@@ -186,17 +186,63 @@ def test_announcements_name_finished_jobs_and_ask_for_full_rereads(jobs, monkeyp
     heard = c.Announcements(jobs)
     try:
         assert heard.take() is None  # the first turn: everything
-        for job_id in ("j1", "j2"):
-            jobs.sync.durable.publish(jobs.keys.done_channel(), job_id)
-        got: set[str] = set()
+        jobs.sync.durable.publish(jobs.keys.done_channel(), "j1")  # a cancellation
+        jobs.sync.durable.publish(jobs.keys.done_channel(), 'j2 ["status","succeeded"]')
+        got: dict[str, str] = {}
         deadline = time.monotonic() + 5
-        while got != {"j1", "j2"}:
+        while got.keys() != {"j1", "j2"}:
             assert time.monotonic() < deadline
             more = heard.take(0.05)
             assert more is not None
             got |= more
+        assert got == {"j1": "", "j2": '["status","succeeded"]'}  # with what came after
         monkeypatch.setattr(c, "FULL_SWEEP_S", 0.0)
         assert heard.take() is None
     finally:
         heard.close()
     assert heard.take() is None  # closed: full re-reads only
+
+
+def test_rows_are_collected_from_announced_records_without_reading_them(
+    coord, jobs, tmp_path, monkeypatch
+):
+    """A finish's announcement carries the job's final record, which the coordinator
+    copies as is; a job announced by id alone (a cancellation) is read."""
+    from worker.scans import coordinator as c
+
+    keys = [verdict_key(*INPROC_MODEL, small_jpeg(seed=s), "t", None) for s in (301, 302)]
+    made = jobs.create_or_join_many([(k, small_jpeg(seed=1), "t", None) for k in keys], "s-ann")
+    ids = [m.job_id for m in made]
+    db = ResultsDB(tmp_path / "results.db")
+    heard = c.Announcements(jobs)
+    try:
+        db.record(
+            [
+                RowResult(i, f"r{i}", RowState.PENDING, key=k, job_id=j)
+                for i, (k, j) in enumerate(zip(keys, ids, strict=True))
+            ],
+            2,
+            0,
+        )
+        for job_id, key in zip(ids, keys, strict=True):
+            jobs.succeed(job_id, key, VERDICT, cached=False)
+        got: dict[str, str] = {}
+        deadline = time.monotonic() + 5
+        while got.keys() != set(ids):
+            assert time.monotonic() < deadline
+            got |= heard.take(0.05) or {}
+        assert all(got[j] for j in ids)  # both announced with their record
+        # The first job's record is gone by the time the slice collects: what its
+        # announcement carried is enough. The second is announced by id alone: read.
+        jobs.sync.durable.delete(jobs.keys.job(ids[0]))
+        read: list[list[str]] = []
+        real = jobs.outcomes
+        monkeypatch.setattr(jobs, "outcomes", lambda j: read.append(list(j)) or real(j))
+        coord._collect(db, "s-ann", {ids[0]: got[ids[0]], ids[1]: ""})
+        assert read == [[ids[1]]]
+        rows = {doc["id"]: doc for doc in map(result_line, db.iter_results())}
+        for name in ("r0", "r1"):
+            assert rows[name]["label"] == VERDICT.label and rows[name]["error"] is None
+    finally:
+        heard.close()
+        db.close()
