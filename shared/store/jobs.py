@@ -23,6 +23,9 @@ from shared.wiring import AsyncRedis, SyncRedis
 SCAN_JOB_LINGER_S = 60
 
 
+# KEYS: any number; ARGV: seconds. Each key that exists expires in that many seconds.
+_EXPIRE_ALL = "for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ARGV[1]) end"
+
 # KEYS: inflight, job, blob, deadlines, pending, queue
 # ARGV: job id, job ttl, blob ttl, image, dispatch deadline, now, job key prefix,
 #       message ('' for none: sent afterwards), fields...
@@ -747,11 +750,11 @@ class JobStore:
 
     def linger(self, finished: Iterable[tuple[str, str]]) -> None:
         """(key, job id) pairs whose outcome a scan has copied: expire them soon."""
-        pipe = self.sync.durable.pipeline(transaction=False)
-        for key, job_id in finished:
-            pipe.expire(self.keys.job(job_id), SCAN_JOB_LINGER_S)
-            pipe.expire(self.keys.inflight(key), SCAN_JOB_LINGER_S)
-        pipe.execute()
+        keys = [
+            k for key, job_id in finished for k in (self.keys.job(job_id), self.keys.inflight(key))
+        ]
+        if keys:  # one command for the lot, not two per job
+            self.sync.durable.eval(_EXPIRE_ALL, len(keys), *keys, SCAN_JOB_LINGER_S)
 
     def record_batch(self, size: int) -> None:
         """Count one model pass of ``size`` items (tests and benchmarks read it)."""

@@ -113,6 +113,22 @@ def test_a_mark_without_its_record_is_replaced(jobs: JobStore, rdb: redis.Redis)
     assert got.created and got.job_id != "ghost"
 
 
+def test_jobs_a_scan_has_copied_linger_briefly(jobs: JobStore, rdb: redis.Redis):
+    from shared.store.jobs import SCAN_JOB_LINGER_S
+
+    made = {k: jobs.create_or_join(k, b"img", "t", None, scan_id="s2").job_id for k in "ab"}
+    other = jobs.create_or_join("c", b"img", "t", None, scan_id="s2").job_id
+    for key, job_id in made.items():
+        jobs.succeed(job_id, key, VERDICT, cached=False)
+    jobs.linger([(key, job_id) for key, job_id in made.items()] + [("gone", "gone")])
+    for key, job_id in made.items():
+        for name in (jobs.keys.job(job_id), jobs.keys.inflight(key)):
+            assert 0 < rdb.ttl(name) <= SCAN_JOB_LINGER_S
+    assert rdb.ttl(jobs.keys.job(other)) > SCAN_JOB_LINGER_S  # not copied: untouched
+    assert not rdb.exists(jobs.keys.job("gone"))
+    jobs.linger([])  # nothing to do, no command
+
+
 def test_discard_leaves_nothing(jobs: JobStore, rdb: redis.Redis, inproc_settings):
     job_id = jobs.create_or_join("k4", b"img", "t", None).job_id
     jobs.discard(job_id, "k4")
