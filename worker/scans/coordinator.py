@@ -196,9 +196,7 @@ class Coordinator:
 
     # -- completions -----------------------------------------------------------------
 
-    def _collect(
-        self, db: ResultsDB, scan_id: str, only: dict[str, str] | None = None
-    ) -> None:
+    def _collect(self, db: ResultsDB, scan_id: str, only: dict[str, str] | None = None) -> None:
         """Finish pending rows whose job has ended (its record is the source of truth:
         the verdict cache may already have evicted the verdict): those whose job is in
         ``only`` (announced finished, with its final record when the announcement
