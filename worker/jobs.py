@@ -153,7 +153,9 @@ def submit_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> InFli
     todo: list[tuple[int, EntailTask, Prepared]] = []
     # Bulk work prepares at most cores - 1 chunks at a time: an interactive job's
     # thread competes with that many bulk threads, not with every chunk in flight.
-    with BULK_PREPARE if priority else contextlib.nullcontext():
+    # (With a preprocessing pool, the pool's size bounds that work instead, and every
+    # bulk thread keeps a chunk queued for it.)
+    with BULK_PREPARE if priority and rt.pool is None else contextlib.nullcontext():
         try:
             started = rt.jobs.start_many([(m.job_id, m.key) for _, m in live]) if live else []
         except Exception as exc:
@@ -162,7 +164,7 @@ def submit_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> InFli
                 outcomes[i] = Outcome("retried")
             started = []
             live = []
-        blobs: list[tuple[int, EntailTask, Future[Any] | bytes]] = []
+        images: list[tuple[int, EntailTask, bytes]] = []
         for (i, msg), took in zip(live, started, strict=True):
             try:
                 got = after_start(rt, msg, took)
@@ -170,11 +172,13 @@ def submit_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> InFli
                 retry_later(rt, msg, exc)
                 outcomes[i] = Outcome("retried")
                 continue
-            if isinstance(got, bytes):  # decoded by the pool's processes side by side
-                blobs.append((i, msg, rt.decode(got)))
+            if isinstance(got, bytes):
+                images.append((i, msg, got))
             else:
                 outcomes[i] = Outcome("skipped") if got is None else Outcome("cached", got)
-        for i, msg, blob in blobs:
+        # With a preprocessing pool, its processes decode the images side by side.
+        decoded = rt.decode_many([blob for _, _, blob in images])
+        for (i, msg, _), blob in zip(images, decoded, strict=True):
             try:
                 item = prepared_or_fail(rt, msg, blob)
             except Exception as exc:

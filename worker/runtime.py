@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import redis
@@ -30,7 +31,7 @@ from shared.store import JobStore, ScanStore, WorkerRegistry
 from worker.batcher import Batcher
 from worker.leases import Leases
 from worker.ofa.entail import Entailer, Prediction, Prepared
-from worker.ofa.preprocess import decode_and_resize
+from worker.ofa.preprocess import decode_and_resize, decode_and_resize_many
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,24 @@ class Runtime:
             decode_and_resize, blob, self.entailer.max_pixels, self.entailer.image_size
         )
 
+    def decode_many(self, blobs: Sequence[bytes]) -> list[Future[Any] | bytes]:
+        """``decode`` for several blobs (a chunk's), in as few round trips to the pool as
+        it has processes: each process gets one share, a future per blob still."""
+        if self.pool is None or len(blobs) < 2:
+            return [self.decode(blob) for blob in blobs]
+        shares = min(len(blobs), self.settings.preprocess_processes)
+        futures: list[Future[Any]] = [Future() for _ in blobs]
+        for n in range(shares):
+            part = list(range(n, len(blobs), shares))
+            done = self.pool.submit(
+                decode_and_resize_many,
+                [blobs[i] for i in part],
+                self.entailer.max_pixels,
+                self.entailer.image_size,
+            )
+            done.add_done_callback(partial(_fan_out, [futures[i] for i in part]))
+        return list(futures)
+
     def stop(self) -> None:
         """Stop the heartbeat, withdraw from the worker set, finish queued batches."""
         self._stop.set()
@@ -188,6 +207,22 @@ class Runtime:
         self.leases.stop()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _fan_out(futures: list[Future[Any]], done: Future[list[Any]]) -> None:
+    """A share's results (pixels, or an item's ``BadInputError``) onto its items'
+    futures; a share that failed as a whole fails each of them."""
+    try:
+        results = done.result()
+    except BaseException as exc:
+        for f in futures:
+            f.set_exception(exc)
+        return
+    for f, got in zip(futures, results, strict=True):
+        if isinstance(got, BaseException):
+            f.set_exception(got)
+        else:
+            f.set_result(got)
 
 
 _runtime: Runtime | None = None

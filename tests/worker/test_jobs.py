@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from shared.errors import BadInputError
 from shared.keys import verdict_key
 from shared.messages import EntailTask, JobStatus
 from tests.conftest import INPROC_MODEL
@@ -138,6 +139,15 @@ def test_preprocessing_processes_give_the_same_verdicts(rt: Runtime, inproc_sett
         ours = pooled.entailer.prepare_resized(decoding.result(), "a cup")
         theirs = rt.entailer.prepare(image, "a cup")
         assert (ours.pixels == theirs.pixels).all() and ours.source == theirs.source
+        # A chunk's images: one call per pool process, a future per image.
+        many = pooled.decode_many([image, b"GIF89a not an image", small_jpeg(seed=9), image])
+        assert all(not isinstance(f, bytes) for f in many)
+        assert (many[0].result() == theirs.pixels).all()
+        assert (many[3].result() == theirs.pixels).all()
+        with pytest.raises(BadInputError):
+            many[1].result()
+        alone = rt.entailer.prepare(small_jpeg(seed=9), "x").pixels
+        assert (many[2].result() == alone).all()
         single = queued(pooled, image, "pooled single")
         verdict = run_job(pooled, single).verdict
         expected = rt.entailer.predict(image, "pooled single")

@@ -8,6 +8,7 @@ Image: EXIF orientation, RGB, bicubic resize to a square (uint8, on the CPU); sc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 from tokenizers import ByteLevelBPETokenizer
 
-from shared.errors import BadTextError
+from shared.errors import BadInputError, BadTextError
 from shared.images import open_image
 from shared.text import pre_caption
 from worker.ofa.config import HYPOTHESIS_PROMPT, PREMISE_PROMPT, TaskConfig
@@ -34,6 +35,7 @@ __all__ = [
     "PAD",
     "TextEncoder",
     "decode_and_resize",
+    "decode_and_resize_many",
     "norm_constants",
     "normalise",
     "open_image",
@@ -101,6 +103,21 @@ def decode_and_resize(data: bytes, max_pixels: int, size: int) -> np.ndarray:
     """Image bytes -> (R, R, 3) uint8 (top level: runs in preprocessing processes too).
     Raises the same ``BadInputError``s as ``open_image``."""
     return resized_pixels(open_image(data, max_pixels), size)
+
+
+def decode_and_resize_many(
+    blobs: Sequence[bytes], max_pixels: int, size: int
+) -> list[np.ndarray | BadInputError]:
+    """``decode_and_resize`` for each of ``blobs``, in one call (one round trip to a
+    preprocessing process for a whole share of a chunk): pixels, or the item's
+    ``BadInputError`` in its place."""
+    out: list[np.ndarray | BadInputError] = []
+    for blob in blobs:
+        try:
+            out.append(decode_and_resize(blob, max_pixels, size))
+        except BadInputError as exc:
+            out.append(exc)
+    return out
 
 
 def norm_constants(task: TaskConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
