@@ -150,32 +150,33 @@ def submit_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> InFli
             outcomes[i] = Outcome("skipped")
         else:
             live.append((i, msg))
+    try:
+        started = rt.jobs.start_many([(m.job_id, m.key) for _, m in live]) if live else []
+    except Exception as exc:
+        for i, msg in live:
+            retry_later(rt, msg, exc)
+            outcomes[i] = Outcome("retried")
+        started = []
+        live = []
+    images: list[tuple[int, EntailTask, bytes]] = []
+    for (i, msg), took in zip(live, started, strict=True):
+        try:
+            got = after_start(rt, msg, took)
+        except Exception as exc:
+            retry_later(rt, msg, exc)
+            outcomes[i] = Outcome("retried")
+            continue
+        if isinstance(got, bytes):
+            images.append((i, msg, got))
+        else:
+            outcomes[i] = Outcome("skipped") if got is None else Outcome("cached", got)
     todo: list[tuple[int, EntailTask, Prepared]] = []
     # Bulk work prepares at most cores - 1 chunks at a time: an interactive job's
     # thread competes with that many bulk threads, not with every chunk in flight.
     # (With a preprocessing pool, the pool's size bounds that work instead, and every
-    # bulk thread keeps a chunk queued for it.)
+    # bulk thread keeps a chunk queued for it.) Only the preparing counts: a chunk's
+    # round trips to Redis run outside that limit.
     with BULK_PREPARE if priority and rt.pool is None else contextlib.nullcontext():
-        try:
-            started = rt.jobs.start_many([(m.job_id, m.key) for _, m in live]) if live else []
-        except Exception as exc:
-            for i, msg in live:
-                retry_later(rt, msg, exc)
-                outcomes[i] = Outcome("retried")
-            started = []
-            live = []
-        images: list[tuple[int, EntailTask, bytes]] = []
-        for (i, msg), took in zip(live, started, strict=True):
-            try:
-                got = after_start(rt, msg, took)
-            except Exception as exc:
-                retry_later(rt, msg, exc)
-                outcomes[i] = Outcome("retried")
-                continue
-            if isinstance(got, bytes):
-                images.append((i, msg, got))
-            else:
-                outcomes[i] = Outcome("skipped") if got is None else Outcome("cached", got)
         # With a preprocessing pool, its processes decode the images side by side.
         decoded = rt.decode_many([blob for _, _, blob in images])
         for (i, msg, _), blob in zip(images, decoded, strict=True):
