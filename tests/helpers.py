@@ -193,9 +193,17 @@ def queue_len(rdb: redis.Redis) -> int:
     return int(rdb.llen(queue_name(*MODEL)))
 
 
-def batch_items(rdb: redis.Redis, keys: Keys) -> int:
-    """Items the workers have scored so far (the batch statistics counter)."""
-    return int(rdb.hget(keys.batch_stats(), "items") or 0)
+def batch_items(rdb: redis.Redis, keys: Keys, settle_s: float = 0.3) -> int:
+    """Items the workers have scored so far (the batch statistics counter), once it has
+    not changed for ``settle_s``: the batcher counts a batch just after handing out its
+    results, so a job read finished may not be counted yet."""
+    count = int(rdb.hget(keys.batch_stats(), "items") or 0)
+    while True:
+        time.sleep(settle_s)
+        again = int(rdb.hget(keys.batch_stats(), "items") or 0)
+        if again == count:
+            return count
+        count = again
 
 
 VERDICT = Verdict.model_validate(

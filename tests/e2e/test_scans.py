@@ -188,7 +188,6 @@ def test_manifest_with_duplicates_cached_and_bad_rows(
     for dup, orig in (("r3", "r0"), ("r4", "r0"), ("r-dup-path", "r1")):
         assert by_id[dup]["probabilities"] == by_id[orig]["probabilities"]
     # Duplicates computed once: r0/r3/r4 one key, r1/r-dup-path one key, r5 cached.
-    time.sleep(0.3)
     assert batch_items(rdb, keys) - items_before == len(sources)
     # The scan's finished job records do not outlive it by long: Redis holds the window.
     scan_jobs = [
