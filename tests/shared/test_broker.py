@@ -1,0 +1,68 @@
+"""kombu's Redis channel as our Celery app patches it: a real broker (the test Valkey),
+real kombu consumers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kombu import Connection, Consumer, Message, Producer, Queue
+
+from shared.celery_app import make_celery
+
+
+@pytest.fixture
+def broker(inproc_settings, rdb) -> Iterator[tuple[Connection, Queue]]:
+    """A connection (with the app's patches applied) and a queue of 7 messages."""
+    app = make_celery(inproc_settings)
+    queue = Queue(f"ofa.test.take.{uuid.uuid4().hex}")
+    with app.connection_for_read() as conn:
+        with Producer(conn.default_channel) as producer:
+            for n in range(7):
+                producer.publish({"n": n}, routing_key=queue.name, declare=[queue])
+        yield conn, queue
+    rdb.delete(queue.name)
+
+
+def consume(conn: Connection, queue: Queue, prefetch: int, callback) -> Consumer:
+    channel = conn.channel()
+    channel.basic_qos(0, prefetch, False)
+    consumer = Consumer(channel, queues=[queue], callbacks=[callback], accept=["json"])
+    consumer.consume()
+    return consumer
+
+
+def test_a_turn_takes_every_waiting_message_up_to_the_free_prefetch(broker, rdb):
+    conn, queue = broker
+    got: list[tuple[int, Message]] = []
+    consumer = consume(conn, queue, 5, lambda body, m: got.append((body["n"], m)))
+    conn.drain_events(timeout=5)  # one turn of the event loop
+    assert [n for n, _ in got] == [0, 1, 2, 3, 4]  # in order, as many as the prefetch
+    assert rdb.llen(queue.name) == 2
+    unacked = consumer.channel.unacked_key
+    assert rdb.hlen(unacked) == 5  # each one entered in the unacked index
+    for _, message in got:
+        message.ack()
+    conn.drain_events(timeout=5)
+    assert [n for n, _ in got] == list(range(7)) and rdb.llen(queue.name) == 0
+
+
+def test_messages_taken_but_not_handed_over_go_back_in_order(broker, rdb):
+    conn, queue = broker
+    got: list[int] = []
+
+    def handle(body: dict, message: Message) -> None:
+        if body["n"] == 2 and 2 not in got:
+            got.append(2)
+            raise RuntimeError("a consumer that fails")
+        got.append(body["n"])
+        message.ack()
+
+    consume(conn, queue, 10, handle)
+    with pytest.raises(RuntimeError):
+        conn.drain_events(timeout=5)
+    assert got == [0, 1, 2]
+    assert rdb.llen(queue.name) == 4  # 3, 4, 5 and 6, back on the list
+    conn.drain_events(timeout=5)
+    assert got == [0, 1, 2, 3, 4, 5, 6]  # in their order
