@@ -31,7 +31,7 @@ from shared.store import JobStore, ScanStore, WorkerRegistry
 from worker.batcher import Batcher
 from worker.leases import Leases
 from worker.ofa.entail import Entailer, Prediction, Prepared
-from worker.ofa.preprocess import decode_and_resize, decode_and_resize_many
+from worker.ofa.preprocess import decode_and_resize_many
 
 logger = logging.getLogger(__name__)
 
@@ -169,21 +169,13 @@ class Runtime:
             self._probe_file("alive")
             self._stop.wait(HEARTBEAT_S)
 
-    def decode(self, blob: bytes) -> Future[Any] | bytes:
-        """Start decoding and resizing ``blob`` in a preprocessing process (the
-        future's result: (R, R, 3) uint8 pixels, or the ``BadInputError``); without a
-        pool, the bytes themselves, for the caller's thread to prepare."""
-        if self.pool is None:
-            return blob
-        return self.pool.submit(
-            decode_and_resize, blob, self.entailer.max_pixels, self.entailer.image_size
-        )
-
     def decode_many(self, blobs: Sequence[bytes]) -> list[Future[Any] | bytes]:
-        """``decode`` for several blobs (a chunk's), in as few round trips to the pool as
-        it has processes: each process gets one share, a future per blob still."""
-        if self.pool is None or len(blobs) < 2:
-            return [self.decode(blob) for blob in blobs]
+        """Start decoding and resizing ``blobs`` (a group's or a chunk's) in the
+        preprocessing processes, one call per process with a share of them: a future
+        per blob (its result: (R, R, 3) uint8 pixels, or the ``BadInputError``).
+        Without a pool, the bytes themselves, for the caller's thread to prepare."""
+        if self.pool is None or not blobs:
+            return list(blobs)
         shares = min(len(blobs), self.settings.preprocess_processes)
         futures: list[Future[Any]] = [Future() for _ in blobs]
         for n in range(shares):

@@ -134,7 +134,7 @@ def test_preprocessing_processes_give_the_same_verdicts(rt: Runtime, inproc_sett
     try:
         assert pooled.pool is not None
         image = encode_image(photo("coffee").resize((200, 150)))
-        decoding = pooled.decode(image)
+        (decoding,) = pooled.decode_many([image])
         assert not isinstance(decoding, bytes)
         ours = pooled.entailer.prepare_resized(decoding.result(), "a cup")
         theirs = rt.entailer.prepare(image, "a cup")

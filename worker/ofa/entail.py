@@ -229,7 +229,7 @@ class Entailer:
         self, pixels: np.ndarray, text: str, premise: str | None = None
     ) -> Prepared:
         """``prepare`` for an image already decoded and resized elsewhere
-        (``preprocess.decode_and_resize`` in a preprocessing process): identical."""
+        (``preprocess.decode_and_resize_many`` in a preprocessing process): identical."""
         source = self.text.source_ids(text, premise)
         return Prepared(pixels, source, self.text.decoder_prompt(source))
 
