@@ -117,14 +117,6 @@ class ResultsDB:
             ).fetchall()
         )
 
-    def pending_count(self) -> int:
-        """How many distinct keys are in flight."""
-        return int(
-            self.conn.execute(
-                "SELECT COUNT(DISTINCT key) FROM rows WHERE state = 'pending'"
-            ).fetchone()[0]
-        )
-
     def complete(self, outcomes: dict[str, tuple[RowState, str | None, str | None]]) -> None:
         """key -> (state, verdict JSON, error) for every pending row with that key."""
         with self.conn:

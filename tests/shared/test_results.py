@@ -18,7 +18,7 @@ def test_rows_wait_on_their_key_until_completed(tmp_path):
         rows = [pending_row(i, f"k{i % 3}", f"j{i % 3}") for i in range(7)]
         db.record([*rows, RowResult(7, "r7", RowState.FAILED, error="bad")], 8, 99)
         assert db.pending() == {"k0": "j0", "k1": "j1", "k2": "j2"}
-        assert db.pending_count() == 3 and db.cursor_position() == (8, 99)
+        assert len(db.pending()) == 3 and db.cursor_position() == (8, 99)
         db.complete({"k1": (RowState.DONE, '{"label": "entailment"}', None)})
         db.complete({"k2": (RowState.FAILED, None, "broken")})
         assert db.pending() == {"k0": "j0"}

@@ -164,11 +164,11 @@ class Coordinator:
                     return "done"
                 self._collect(db, scan_id, finished)
                 next_idx, offset = db.cursor_position()
-                pending = db.pending_count()
-                if next_idx >= total and pending == 0:
+                pending = db.pending()  # key -> job id: the window, read once a turn
+                if next_idx >= total and not pending:
                     self._finish(scan_id, record, db)
                     return "done"
-                room = self.settings.scan_window - pending
+                room = self.settings.scan_window - len(pending)
                 wait = 0.0
                 if next_idx < total and room > 0:
                     limit = max(1, min(self.settings.scan_chunk_rows, room))
@@ -177,7 +177,7 @@ class Coordinator:
                         self.scans.set_total(scan_id, next_idx)
                         total = next_idx
                         continue
-                    results = asyncio.run(self._process(scan_id, rows, db))
+                    results = asyncio.run(self._process(scan_id, rows, pending))
                     db.record(results, rows[-1].idx + 1, new_offset)
                 else:
                     wait = 0.05  # the window is full: until a job ends, or this long
@@ -235,7 +235,11 @@ class Coordinator:
 
     # -- new rows --------------------------------------------------------------------
 
-    async def _process(self, scan_id: str, rows: list[Row], db: ResultsDB) -> list[RowResult]:
+    async def _process(
+        self, scan_id: str, rows: list[Row], already: dict[str, str]
+    ) -> list[RowResult]:
+        """The rows' results; misses not ``already`` pending (key -> job id) are
+        submitted."""
         limits = httpx.Limits(max_connections=self.settings.scan_fetch_concurrency)
         async with httpx.AsyncClient(
             follow_redirects=False, trust_env=False, limits=limits, verify=tls_context()
@@ -255,7 +259,6 @@ class Coordinator:
                 resolved[i] = r
             unique = list(dict.fromkeys(r.key for r in resolved if r.key is not None))
             hits = self.jobs.cached_many(unique)
-            already = db.pending()  # key -> job id of rows still pending in this scan
             new: dict[str, BulkItem] = {}  # key -> work for a job not known yet
             results: list[RowResult] = []
             for r in resolved:
