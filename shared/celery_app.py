@@ -153,8 +153,10 @@ def _take_every_waiting_message() -> None:
     >= 6.2), each delivered as kombu delivers any: its unacked entry written before
     the consumer sees it. Messages taken but not delivered (a delivery raised) go back
     onto the list, oldest last, as they were. Interactive messages then arrive in
-    groups (``worker/groups.py``), which share their round trips (measured: 541-554 ->
-    639-644 jobs/s end to end, ``bench_plumbing``).
+    groups (``worker/groups.py``), which share their round trips (measured with
+    ``bench_plumbing``: ``tests/benchmarks/results/HISTORY.md``, item 21). The body
+    restates kombu 5.7's ``Channel._brpop_read``, whose only change is the RPOP after
+    the first delivery: a ``count`` there belongs upstream.
     """
     from queue import Empty
 
