@@ -142,21 +142,25 @@ TAKE_AT_ONCE = 32
 
 
 def _take_every_waiting_message() -> None:
-    """Take the messages waiting on a queue together, not one per event-loop turn.
+    """Take the messages waiting on a queue together, not one per event-loop turn, and
+    enter them in the unacked index together.
 
-    kombu's Redis channel pops one message per BRPOP, writes its unacked entry and
-    hands it over, then issues the next BRPOP: a worker's intake is one message per
-    turn of its event loop, and under load messages wait in the list (31 ms at p50
-    from a job's creation to its start, measured) while the worker's interpreter lock
-    is free ~60% of the time. Here, once BRPOP has given a message, one ``RPOP key
-    count`` takes up to the channel's free prefetch more from the same list (Redis
-    >= 6.2), each delivered as kombu delivers any: its unacked entry written before
-    the consumer sees it. Messages taken but not delivered (a delivery raised) go back
-    onto the list, oldest last, as they were. Interactive messages then arrive in
-    groups (``worker/groups.py``), which share their round trips (measured with
-    ``bench_plumbing``: ``tests/benchmarks/results/HISTORY.md``, item 21). The body
-    restates kombu 5.7's ``Channel._brpop_read``, whose only change is the RPOP after
-    the first delivery: a ``count`` there belongs upstream.
+    kombu's Redis channel pops one message per BRPOP, writes its unacked entry (a
+    MULTI of its own) and hands it over, then issues the next BRPOP: a worker's intake
+    is one message per turn of its event loop, and under load messages wait in the
+    list (31 ms at p50 from a job's creation to its start, measured) while the
+    worker's interpreter lock is free ~60% of the time. Here, once BRPOP has given a
+    message, one ``RPOP key count`` takes up to the channel's free prefetch more from
+    the same list (Redis >= 6.2), and when that took any, one MULTI enters all of them
+    in the unacked index before any is handed over; kombu's ``QoS.append`` then skips
+    its own write for those (``_enter_unacked_together``). An entry whose message was
+    not handed to a consumer that acknowledges (a delivery raised, or the consumer
+    takes messages without acknowledgement) is removed again, and messages taken but
+    not delivered go back onto the list, oldest last, as they were. Interactive
+    messages then arrive in groups (``worker/groups.py``), which share their round
+    trips (measured with ``bench_plumbing``: ``tests/benchmarks/results/HISTORY.md``,
+    items 21 and 22). The body restates kombu 5.7's ``Channel._brpop_read``, whose
+    only changes are the RPOP and the one write: a ``count`` there belongs upstream.
     """
     from queue import Empty
 
@@ -166,6 +170,7 @@ def _take_every_waiting_message() -> None:
 
     if getattr(Channel._brpop_read, "_ofa_takes_all", False):
         return
+    _enter_unacked_together()
 
     def _brpop_read(self: Channel, **options: Any) -> bool:
         try:
@@ -179,19 +184,25 @@ def _take_every_waiting_message() -> None:
             key, item = got
             dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            self.connection._deliver(loads(bytes_to_str(item)), dest)
+            items = [item]
             room = self.qos.can_consume_max_estimate()
-            more = TAKE_AT_ONCE if room is None else min(TAKE_AT_ONCE, room)
+            more = TAKE_AT_ONCE if room is None else min(TAKE_AT_ONCE, room - 1)
             if more > 0:
                 self.client.connection.send_command("RPOP", key, more)
-                taken = self.client.parse_response(self.client.connection, "RPOP") or []
-                for n, extra in enumerate(taken):
+                items += self.client.parse_response(self.client.connection, "RPOP") or []
+            payloads = [loads(bytes_to_str(raw)) for raw in items]
+            if len(payloads) > 1:
+                self.qos.enter_together(payloads)
+            try:
+                for n, payload in enumerate(payloads):
                     try:
-                        self.connection._deliver(loads(bytes_to_str(extra)), dest)
+                        self.connection._deliver(payload, dest)
                     except BaseException:
-                        if rest := taken[n + 1 :]:
+                        if rest := items[n + 1 :]:
                             self.client.rpush(key, *reversed(rest))
                         raise
+            finally:
+                self.qos.forget_entered()
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
@@ -199,6 +210,61 @@ def _take_every_waiting_message() -> None:
 
     _brpop_read._ofa_takes_all = True  # type: ignore[attr-defined]
     Channel._brpop_read = _brpop_read  # type: ignore[method-assign]
+
+
+def _enter_unacked_together() -> None:
+    """Let kombu's Redis ``QoS`` enter several messages in the unacked index in one
+    MULTI (``enter_together``), before they are delivered, with the same entries its
+    ``append`` writes one MULTI each (the tag scored by the time; the raw message, its
+    exchange and routing key); ``append`` then only does the in-memory bookkeeping for
+    those. ``forget_entered`` removes the entries of messages that were not appended
+    (never delivered, or delivered to a consumer without acknowledgement)."""
+    import time
+
+    from kombu.transport.redis import QoS
+    from kombu.transport.virtual.base import QoS as VirtualQoS
+    from kombu.utils.json import dumps
+
+    if getattr(QoS.append, "_ofa_together", False):
+        return
+    original_append = QoS.append
+
+    def enter_together(self: QoS, payloads: list[dict[str, Any]]) -> None:
+        now = time.time()
+        entries: dict[str, str] = {}
+        for payload in payloads:
+            props = payload.get("properties") or {}
+            tag, delivery = props.get("delivery_tag"), props.get("delivery_info")
+            if tag is not None and delivery is not None:  # else kombu's own append
+                entries[tag] = dumps([payload, delivery["exchange"], delivery["routing_key"]])
+        if not entries:
+            return
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, dict.fromkeys(entries, now))
+            pipe.hset(self.unacked_key, mapping=entries)
+            pipe.execute()
+        self.__dict__["_ofa_entered"] = set(entries)
+
+    def append(self: QoS, message: Any, delivery_tag: str) -> None:
+        entered = self.__dict__.get("_ofa_entered")
+        if entered and delivery_tag in entered:
+            entered.discard(delivery_tag)
+            VirtualQoS.append(self, message, delivery_tag)
+        else:
+            original_append(self, message, delivery_tag)
+
+    def forget_entered(self: QoS) -> None:
+        left = self.__dict__.pop("_ofa_entered", None)
+        if left:
+            with self.pipe_or_acquire() as pipe:
+                for tag in left:
+                    self._remove_from_indices(tag, pipe)
+                pipe.execute()
+
+    append._ofa_together = True  # type: ignore[attr-defined]
+    QoS.append = append  # type: ignore[method-assign]
+    QoS.enter_together = enter_together  # type: ignore[attr-defined]
+    QoS.forget_entered = forget_entered  # type: ignore[attr-defined]
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -66,3 +66,67 @@ def test_messages_taken_but_not_handed_over_go_back_in_order(broker, rdb):
     assert rdb.llen(queue.name) == 4  # 3, 4, 5 and 6, back on the list
     conn.drain_events(timeout=5)
     assert got == [0, 1, 2, 3, 4, 5, 6]  # in their order
+
+
+def commands_while(rdb, action) -> list[list[str]]:
+    """The commands Valkey ran while ``action`` did (MONITOR), up to a marker."""
+    marker = f"end-{uuid.uuid4().hex}"
+    seen: list[list[str]] = []
+    with rdb.monitor() as monitor:
+        action()
+        rdb.echo(marker)
+        for event in monitor.listen():
+            words = event["command"].split()
+            if marker in event["command"]:
+                return seen
+            seen.append(words)
+    raise AssertionError("the marker never came")
+
+
+def test_messages_taken_together_are_entered_unacked_in_one_write(broker, rdb):
+    conn, queue = broker
+    got: list[Message] = []
+    consumer = consume(conn, queue, 5, lambda body, m: got.append(m))
+    commands = commands_while(rdb, lambda: conn.drain_events(timeout=5))
+    tags = {m.delivery_tag for m in got}
+    assert len(tags) == 5
+    # Before: a MULTI per message, each a ZADD and an HSET of one tag.
+    adds = [c for c in commands if c[0].upper() == "ZADD"]
+    assert len(adds) == 1 and tags <= set(adds[0])
+    entries = rdb.hgetall(consumer.channel.unacked_key)
+    assert {k.decode() for k in entries} == tags
+    assert rdb.zcard(consumer.channel.unacked_index_key) == 5
+    for m in got:
+        m.ack()
+    assert rdb.hlen(consumer.channel.unacked_key) == 0
+
+
+def test_messages_consumed_without_acknowledgement_leave_no_unacked_entry(broker, rdb):
+    conn, queue = broker
+    got: list[int] = []
+    channel = conn.channel()
+    channel.basic_qos(0, 4, False)
+    consumer = Consumer(
+        channel, queues=[queue], callbacks=[lambda b, m: got.append(b["n"])], no_ack=True
+    )
+    consumer.consume()
+    conn.drain_events(timeout=5)
+    assert len(got) > 1 and got == list(range(len(got)))  # taken together
+    assert rdb.hlen(channel.unacked_key) == 0 and rdb.zcard(channel.unacked_index_key) == 0
+
+
+def test_a_failed_delivery_leaves_entries_only_for_what_was_handed_over(broker, rdb):
+    conn, queue = broker
+    handed: list[Message] = []
+
+    def handle(body: dict, message: Message) -> None:
+        handed.append(message)
+        if body["n"] == 1:
+            raise RuntimeError("a consumer that fails")
+
+    consumer = consume(conn, queue, 10, handle)
+    with pytest.raises(RuntimeError):
+        conn.drain_events(timeout=5)
+    entries = {k.decode() for k in rdb.hgetall(consumer.channel.unacked_key)}
+    assert entries == {m.delivery_tag for m in handed}  # 0 and 1; 2-6 back on the list
+    assert rdb.llen(queue.name) == 5
