@@ -50,8 +50,9 @@ class Settings(BaseSettings):
     # finishes in about this long (the most an interactive job waits behind it); 0: off.
     bulk_batch_ms: float = Field(20.0, ge=0, le=60_000)
     # Interactive messages a worker process holds at a time (Celery's concurrency, so
-    # its prefetch); a few threads of the worker's own run them in groups.
-    worker_threads: int = Field(32, ge=1, le=512)
+    # its prefetch); a few threads of the worker's own run them in groups. 0: four
+    # batches' worth (``interactive_prefetch``).
+    worker_threads: int = Field(0, ge=0, le=2048)
     # Bulk-queue messages (scan chunks) a worker process takes at a time, on threads of
     # their own: never the interactive messages' prefetch slots above.
     bulk_chunks: int = Field(4, ge=1, le=256)
@@ -184,6 +185,15 @@ class Settings(BaseSettings):
             if weak:
                 raise ValueError("production API keys must be at least 24 characters")
         return self
+
+    @property
+    def interactive_prefetch(self) -> int:
+        """Interactive messages a worker holds at once: ``worker_threads``, or by
+        default four batches' worth, so that while one batch computes the next ones are
+        being started and prepared. With two batches' worth a backlog drained in waves
+        (the whole prefetch taken, prepared, answered, acknowledged, then the next), at
+        about half the rate (``tests/benchmarks/results/HISTORY.md``, item 23)."""
+        return self.worker_threads or 4 * self.batch_size
 
     @property
     def durable_ack_on(self) -> bool:

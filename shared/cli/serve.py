@@ -53,7 +53,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     argv = celery_worker_argv(
         "worker.app:app",
         queues,
-        args.concurrency or settings.worker_threads,
+        args.concurrency or settings.interactive_prefetch,
         args.name or "ofa",
         args.verbose,
     )
@@ -226,7 +226,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--concurrency",
         type=int,
-        help="interactive messages held at once (default: OFA_WORKER_THREADS)",
+        help="interactive messages held at once (default: OFA_WORKER_THREADS, else 4 batches)",
     )
     p.add_argument("--name", help="node name prefix (default: ofa)")
     p.set_defaults(func=cmd_worker)

@@ -238,7 +238,6 @@ def worker_rate(args: argparse.Namespace, ckpt: Path, tmp: Path) -> dict[str, fl
         "OFA_DEVICE": args.device,
         "OFA_DTYPE": args.dtype,
         "OFA_BATCH_SIZE": str(args.worker_batch),
-        "OFA_WORKER_THREADS": str(max(32, 3 * args.worker_batch)),
         "OFA_DATA_DIR": str(tmp / "data"),
     }
     settings = Settings(

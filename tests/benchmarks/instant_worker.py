@@ -42,7 +42,9 @@ def main() -> None:
     # Celery's consumer takes the interactive queue (run in groups: worker/groups.py);
     # the bulk queue has its own consumer in the worker (worker/bulk.py).
     queues = [queue_name(*settings.model_tag)]
-    argv = celery_worker_argv("worker.app:app", queues, settings.worker_threads, "instant", False)
+    argv = celery_worker_argv(
+        "worker.app:app", queues, settings.interactive_prefetch, "instant", False
+    )
     from celery.__main__ import main as celery_main
 
     sys.argv = ["celery", *argv[3:]]

@@ -61,3 +61,11 @@ def test_startup_objects_leave_the_collectors_view():
         assert sum(id(o) in ids for o in gc.get_objects()) == 0  # out of every collection
     finally:
         gc.unfreeze()
+
+
+def test_a_worker_holds_four_batches_of_interactive_messages_unless_told(monkeypatch):
+    monkeypatch.delenv("OFA_WORKER_THREADS", raising=False)
+    monkeypatch.delenv("OFA_BATCH_SIZE", raising=False)
+    assert Settings().interactive_prefetch == 64  # 4 x the default batch of 16
+    assert Settings(batch_size=48).interactive_prefetch == 192  # a GPU host's batches
+    assert Settings(batch_size=48, worker_threads=20).interactive_prefetch == 20
