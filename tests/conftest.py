@@ -84,7 +84,6 @@ def service_env(
         OFA_DEVICE="cpu",
         OFA_BATCH_SIZE="16",
         OFA_BATCH_WAIT_MS="20",
-        OFA_WORKER_THREADS="32",
         # Short limits so a killed worker's messages come back within seconds.
         OFA_TASK_SOFT_TIME_LIMIT_S="4",
         OFA_TASK_TIME_LIMIT_S="6",
