@@ -162,9 +162,8 @@ class Coordinator:
                     db.cancel_pending()
                     self._finish(scan_id, record, db, ScanStatus.CANCELLED)
                     return "done"
-                self._collect(db, scan_id, finished)
+                pending = self._collect(db, scan_id, finished)  # key -> job id: the window
                 next_idx, offset = db.cursor_position()
-                pending = db.pending()  # key -> job id: the window, read once a turn
                 if next_idx >= total and not pending:
                     self._finish(scan_id, record, db)
                     return "done"
@@ -196,19 +195,21 @@ class Coordinator:
 
     # -- completions -----------------------------------------------------------------
 
-    def _collect(self, db: ResultsDB, scan_id: str, only: dict[str, str] | None = None) -> None:
+    def _collect(
+        self, db: ResultsDB, scan_id: str, only: dict[str, str] | None = None
+    ) -> dict[str, str]:
         """Finish pending rows whose job has ended (its record is the source of truth:
         the verdict cache may already have evicted the verdict): those whose job is in
         ``only`` (announced finished, with its final record when the announcement
         carried one), or every pending row when it is None. Records not announced are
-        read, in one round trip."""
-        if only is not None and not only:
-            return
-        pending = db.pending()
+        read, in one round trip. Returns the rows still pending (key -> job id): the
+        window, read once."""
+        window = db.pending()
+        pending = window
         if only is not None:
-            pending = {key: job_id for key, job_id in pending.items() if job_id in only}
+            pending = {key: job_id for key, job_id in window.items() if job_id in only}
         if not pending:
-            return
+            return window
         known: dict[str, Outcome] = {}
         for job_id in pending.values():
             record = JobStore.announced_record(only.get(job_id, "")) if only else None
@@ -232,6 +233,7 @@ class Coordinator:
             db.complete(outcomes)
         if ours:
             self.jobs.linger(ours)
+        return {key: job_id for key, job_id in window.items() if key not in outcomes}
 
     # -- new rows --------------------------------------------------------------------
 
