@@ -153,7 +153,7 @@ def _take_every_waiting_message() -> None:
     message, one ``RPOP key count`` takes up to the channel's free prefetch more from
     the same list (Redis >= 6.2), and when that took any, one MULTI enters all of them
     in the unacked index before any is handed over; kombu's ``QoS.append`` then skips
-    its own write for those (``_enter_unacked_together``). An entry whose message was
+    its own write for those (``_enter_unacked``). An entry whose message was
     not handed to a consumer that acknowledges (a delivery raised, or the consumer
     takes messages without acknowledgement) is removed again, and messages taken but
     not delivered go back onto the list, oldest last, as they were. Interactive
@@ -170,7 +170,7 @@ def _take_every_waiting_message() -> None:
 
     if getattr(Channel._brpop_read, "_ofa_takes_all", False):
         return
-    _enter_unacked_together()
+    _skip_entered_appends()
 
     def _brpop_read(self: Channel, **options: Any) -> bool:
         try:
@@ -192,7 +192,7 @@ def _take_every_waiting_message() -> None:
                 items += self.client.parse_response(self.client.connection, "RPOP") or []
             payloads = [loads(bytes_to_str(raw)) for raw in items]
             if len(payloads) > 1:
-                self.qos.enter_together(payloads)
+                _enter_unacked(self.qos, payloads)
             try:
                 for n, payload in enumerate(payloads):
                     try:
@@ -202,7 +202,7 @@ def _take_every_waiting_message() -> None:
                             self.client.rpush(key, *reversed(rest))
                         raise
             finally:
-                self.qos.forget_entered()
+                _forget_entered(self.qos)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
@@ -212,59 +212,66 @@ def _take_every_waiting_message() -> None:
     Channel._brpop_read = _brpop_read  # type: ignore[method-assign]
 
 
-def _enter_unacked_together() -> None:
-    """Let kombu's Redis ``QoS`` enter several messages in the unacked index in one
-    MULTI (``enter_together``), before they are delivered, with the same entries its
-    ``append`` writes one MULTI each (the tag scored by the time; the raw message, its
-    exchange and routing key); ``append`` then only does the in-memory bookkeeping for
-    those. ``forget_entered`` removes the entries of messages that were not appended
-    (never delivered, or delivered to a consumer without acknowledgement)."""
+# kombu QoS attribute: tags entered in the unacked index ahead of their delivery.
+_ENTERED = "_ofa_entered"
+
+
+def _enter_unacked(qos: Any, payloads: list[dict[str, Any]]) -> None:
+    """Enter several messages in kombu's unacked index in one MULTI, before they are
+    delivered, with the entries its ``QoS.append`` writes one MULTI each (the tag scored
+    by the time; the raw message, its exchange and routing key). ``append`` then only
+    does its in-memory bookkeeping for those (``_skip_entered_appends``)."""
     import time
 
+    from kombu.utils.json import dumps
+
+    now = time.time()
+    entries: dict[str, str] = {}
+    for payload in payloads:
+        props = payload.get("properties") or {}
+        tag, delivery = props.get("delivery_tag"), props.get("delivery_info")
+        if tag is not None and delivery is not None:  # else kombu's own append
+            entries[tag] = dumps([payload, delivery["exchange"], delivery["routing_key"]])
+    if not entries:
+        return
+    with qos.pipe_or_acquire() as pipe:
+        pipe.zadd(qos.unacked_index_key, dict.fromkeys(entries, now))
+        pipe.hset(qos.unacked_key, mapping=entries)
+        pipe.execute()
+    qos.__dict__[_ENTERED] = set(entries)
+
+
+def _forget_entered(qos: Any) -> None:
+    """Remove the entries ``_enter_unacked`` wrote for messages that were not appended
+    (never delivered, or delivered to a consumer without acknowledgement)."""
+    left = qos.__dict__.pop(_ENTERED, None)
+    if left:
+        with qos.pipe_or_acquire() as pipe:
+            for tag in left:
+                qos._remove_from_indices(tag, pipe)
+            pipe.execute()
+
+
+def _skip_entered_appends() -> None:
+    """kombu's Redis ``QoS.append`` writes no entry for a message ``_enter_unacked``
+    already entered: it only does the in-memory bookkeeping (the virtual QoS's)."""
     from kombu.transport.redis import QoS
     from kombu.transport.virtual.base import QoS as VirtualQoS
-    from kombu.utils.json import dumps
 
     if getattr(QoS.append, "_ofa_together", False):
         return
     original_append = QoS.append
 
-    def enter_together(self: QoS, payloads: list[dict[str, Any]]) -> None:
-        now = time.time()
-        entries: dict[str, str] = {}
-        for payload in payloads:
-            props = payload.get("properties") or {}
-            tag, delivery = props.get("delivery_tag"), props.get("delivery_info")
-            if tag is not None and delivery is not None:  # else kombu's own append
-                entries[tag] = dumps([payload, delivery["exchange"], delivery["routing_key"]])
-        if not entries:
-            return
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, dict.fromkeys(entries, now))
-            pipe.hset(self.unacked_key, mapping=entries)
-            pipe.execute()
-        self.__dict__["_ofa_entered"] = set(entries)
-
     def append(self: QoS, message: Any, delivery_tag: str) -> None:
-        entered = self.__dict__.get("_ofa_entered")
+        entered = self.__dict__.get(_ENTERED)
         if entered and delivery_tag in entered:
             entered.discard(delivery_tag)
             VirtualQoS.append(self, message, delivery_tag)
         else:
             original_append(self, message, delivery_tag)
 
-    def forget_entered(self: QoS) -> None:
-        left = self.__dict__.pop("_ofa_entered", None)
-        if left:
-            with self.pipe_or_acquire() as pipe:
-                for tag in left:
-                    self._remove_from_indices(tag, pipe)
-                pipe.execute()
-
     append._ofa_together = True  # type: ignore[attr-defined]
     QoS.append = append  # type: ignore[method-assign]
-    QoS.enter_together = enter_together  # type: ignore[attr-defined]
-    QoS.forget_entered = forget_entered  # type: ignore[attr-defined]
 
 
 def make_celery(settings: Settings) -> Celery:
