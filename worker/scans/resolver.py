@@ -151,9 +151,12 @@ class RowResolver:
             path = file_under(self.settings.image_root, name, "image", "OFA_IMAGE_ROOT")
         except ValueError as exc:
             raise RowError(str(exc)) from exc
-        if path.stat().st_size > self.settings.max_upload_bytes:
-            raise RowError(f"image is larger than {self.settings.max_upload_bytes} bytes")
-        return path.read_bytes()
+        limit = self.settings.max_upload_bytes
+        with path.open("rb") as f:  # read at most one byte past the limit: no stat first
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise RowError(f"image is larger than {limit} bytes")
+        return data
 
     async def _fetch_url(self, r: Resolved, client: httpx.AsyncClient) -> None:
         """Conditional GET when the URL was seen before; fills digest (and image on 200)."""

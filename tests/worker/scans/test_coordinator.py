@@ -17,6 +17,7 @@ from shared.celery_app import make_celery, queue_name
 from shared.keys import verdict_key
 from shared.messages import EntailChunk, EntailTask, RowState, ScanStatus
 from shared.scans.folder import ScanFolder
+from shared.scans.manifest import Row
 from shared.scans.results import ResultsDB, RowResult, result_line
 from tests.conftest import INPROC_MODEL
 from tests.helpers import VERDICT, broker_messages, small_jpeg
@@ -246,3 +247,17 @@ def test_rows_are_collected_from_announced_records_without_reading_them(
     finally:
         heard.close()
         db.close()
+
+
+def test_an_image_file_over_the_upload_limit_fails_its_row(inproc_settings, jobs, inproc_redis):
+    assert inproc_settings.image_root is not None
+    image = small_jpeg(seed=230)
+    (inproc_settings.image_root / "limit.jpg").write_bytes(image)
+    for limit, fails in ((len(image), False), (len(image) - 1, True)):
+        settings = inproc_settings.model_copy(update={"max_upload_bytes": limit})
+        resolver = RowResolver(settings, jobs.keys, inproc_redis.cache, wiring.url_policy(settings))
+        got = resolver.read(Row(0, "r", {"id": "r", "image": "limit.jpg", "text": "a cup"}))
+        if fails:
+            assert got.error == f"image is larger than {limit} bytes" and got.key is None
+        else:
+            assert got.error is None and got.key is not None
