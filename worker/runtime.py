@@ -30,6 +30,7 @@ from shared.settings import Settings
 from shared.store import JobStore, ScanStore, WorkerRegistry
 from worker.batcher import Batcher
 from worker.leases import Leases
+from worker.ofa import resample
 from worker.ofa.entail import Entailer, Prediction, Prepared
 from worker.ofa.preprocess import decode_and_resize_many
 
@@ -128,7 +129,9 @@ class Runtime:
         if settings.preprocess_processes:
             # spawn: a fork of this threaded process could inherit a held lock.
             pool = ProcessPoolExecutor(
-                settings.preprocess_processes, mp_context=multiprocessing.get_context("spawn")
+                settings.preprocess_processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=resample.warm_up,
             )
         rt = cls(
             settings,

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from shared.errors import UnsupportedConfigError
+from worker.ofa import resample
 from worker.ofa.checkpoint import Checkpoint, load_checkpoint, resolve_model_dir
 from worker.ofa.model import EncoderOutput
 from worker.ofa.preprocess import (
@@ -201,6 +202,7 @@ class Entailer:
         self._answer_vocab = torch.tensor(self.answers.vocab, device=self.device)
         self._staging = Staging(self.device)
         self._norm = norm_constants(self.task, self.device)
+        resample.warm_up()  # the resize kernels compiled before the first job
 
     @classmethod
     def load(

@@ -2,8 +2,9 @@
 
 Text: ``pre_caption`` normalisation, the visual-entailment prompt, byte-level BPE on
 OFA's vocabulary, cut to ``max_src_length`` tokens, wrapped in bos/eos.
-Image: EXIF orientation, RGB, bicubic resize to a square (uint8, on the CPU); scaled to
-[0, 1] and normalised on the model's device (``normalise``).
+Image: EXIF orientation, RGB, bicubic resize to a square (uint8, on the CPU; Pillow's
+arithmetic, vectorised: ``resample``); scaled to [0, 1] and normalised on the model's
+device (``normalise``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from shared.errors import BadInputError, BadTextError
 from shared.images import open_image
 from shared.text import pre_caption
 from worker.ofa.config import HYPOTHESIS_PROMPT, PREMISE_PROMPT, TaskConfig
+from worker.ofa.resample import resize_bicubic
 
 VOCAB_DIR = Path(__file__).parent / "vocab"
 N_CODE_TOKENS = 8192
@@ -96,7 +98,7 @@ def resized_pixels(img: Image.Image, size: int) -> np.ndarray:
     preprocessing, and the compact form items travel in (a quarter of float32's bytes)
     until ``normalise`` runs on the model's device."""
     rgb = img if img.mode == "RGB" else img.convert("RGB")
-    return np.asarray(rgb.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+    return resize_bicubic(rgb, size)  # Pillow's BICUBIC, the same bytes, faster
 
 
 def decode_and_resize(data: bytes, max_pixels: int, size: int) -> np.ndarray:

@@ -1,0 +1,220 @@
+"""Pillow's bicubic resize, bit for bit, in a third of its time.
+
+The reference preprocessor resizes with Pillow (``Image.resize(..., BICUBIC)``), and the
+reference-equivalence tests hold our pixels to its exactly. Pillow's resampler is
+scalar C: about 6 ms of a worker's ~10 ms per 1024x768 photo. This is the same
+arithmetic arranged so that a compiler vectorises it:
+
+- the same coefficients (bicubic, a = -0.5, support widened by the downscale factor,
+  normalised, then rounded to 22-bit fixed point), computed once per size pair;
+- the same two passes in the same order (horizontal first unless the height shrinks
+  more than twice as much as the width), each rounding and clipping to uint8, the
+  horizontal pass over only the rows the vertical pass reads;
+- each pass runs down columns of a row-major block: every tap adds a whole row times
+  one coefficient, so the inner loop is a multiply-add over contiguous bytes. The
+  horizontal pass transposes first (as 32-bit RGBX pixels, in cache-sized tiles).
+
+The pixels come from Pillow's own buffer through the Arrow C data interface (no copy;
+``np.asarray`` of a decoded photo costs ~1.6 ms). Images Pillow stores in more than one
+block (over ~16 MB) and images not in RGB fall back to Pillow itself. The kernels are
+compiled by numba once per machine (cached on disk) and release the interpreter lock.
+``tests/worker/test_resample.py`` checks equality with Pillow over many sizes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from functools import lru_cache
+
+import numba
+import numpy as np
+from PIL import Image
+
+__all__ = ["resize_bicubic", "warm_up"]
+
+PRECISION_BITS = 22  # Pillow's 8-bit resampling precision (32 - 8 - 2)
+HALF = 1 << (PRECISION_BITS - 1)
+TILE = 16
+
+
+def _bicubic(x: float) -> float:
+    """Pillow's bicubic kernel (a = -0.5), the same double operations in the same order."""
+    a = -0.5
+    if x < 0.0:
+        x = -x
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+@lru_cache(maxsize=256)
+def coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each output pixel: its first input pixel and tap count, (out, 2) int64, and
+    its fixed-point weights, (out, ksize) int32; as Pillow's ``precompute_coeffs`` and
+    ``normalize_coeffs_8bpc`` for a box covering the whole input."""
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    ksize = math.ceil(support) * 2 + 1
+    inv_filterscale = 1.0 / filterscale
+    one = float(1 << PRECISION_BITS)
+    bounds = np.zeros((out_size, 2), np.int64)
+    weights = np.zeros((out_size, ksize), np.int32)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        taps = min(int(center + support + 0.5), in_size) - xmin
+        ws = [_bicubic((x + xmin - center + 0.5) * inv_filterscale) for x in range(taps)]
+        total = 0.0
+        for w in ws:  # summed left to right, as Pillow does
+            total += w
+        if total != 0.0:
+            ws = [w / total for w in ws]
+        for x, w in enumerate(ws):
+            weights[xx, x] = int(-0.5 + w * one) if w < 0 else int(0.5 + w * one)
+        bounds[xx] = (xmin, taps)
+    bounds.flags.writeable = False
+    weights.flags.writeable = False
+    return bounds, weights
+
+
+@numba.njit(cache=True, nogil=True)
+def _down_columns(src, row0, bounds, weights, out):
+    """out[o] = clip8(sum over k of src[row0 + first(o) + k] * weight(o, k)), for
+    (rows, lanes) uint8 ``src`` and ``out`` rows of ``lanes`` bytes (4 per pixel), or of
+    3 bytes per pixel when ``out`` is narrower (the alpha byte dropped)."""
+    lanes = src.shape[1]
+    rgb = out.shape[1] != lanes
+    acc = np.empty(lanes, np.int32)
+    for o in range(out.shape[0]):
+        first = bounds[o, 0] + row0
+        acc[:] = HALF
+        for k in range(bounds[o, 1]):
+            w = weights[o, k]
+            row = src[first + k]
+            for j in range(lanes):
+                acc[j] += np.int32(row[j]) * w
+        line = out[o]
+        if rgb:
+            for p in range(lanes // 4):
+                for c in range(3):
+                    line[p * 3 + c] = min(max(acc[p * 4 + c] >> PRECISION_BITS, 0), 255)
+        else:
+            for j in range(lanes):
+                line[j] = min(max(acc[j] >> PRECISION_BITS, 0), 255)
+
+
+@numba.njit(cache=True, nogil=True)
+def _transpose(src, out):
+    """out = src.T for 2-D uint32 arrays (one RGBX pixel per element), tile by tile."""
+    rows, cols = src.shape
+    for i0 in range(0, rows, TILE):
+        i1 = min(i0 + TILE, rows)
+        for j0 in range(0, cols, TILE):
+            j1 = min(j0 + TILE, cols)
+            for j in range(j0, j1):
+                for i in range(i0, i1):
+                    out[j, i] = src[i, j]
+
+
+def _horizontal(px: np.ndarray, row0: int, rows: int, size: int, channels: int) -> np.ndarray:
+    """Rows ``row0:row0 + rows`` of (H, W, 4) ``px`` resized to ``size`` wide:
+    (rows, size, channels) uint8."""
+    width = px.shape[1]
+    bounds, weights = coefficients(width, size)
+    pixels = px.view(np.uint32).reshape(px.shape[0], width)[row0 : row0 + rows]
+    columns = np.empty((width, rows), np.uint32)
+    _transpose(pixels, columns)
+    resized = np.empty((size, rows), np.uint32)
+    _down_columns(columns.view(np.uint8), 0, bounds, weights, resized.view(np.uint8))
+    back = np.empty((rows, size), np.uint32)
+    _transpose(resized, back)
+    rgbx = back.view(np.uint8).reshape(rows, size, 4)
+    return rgbx if channels == 4 else np.ascontiguousarray(rgbx[:, :, :3])
+
+
+def _vertical(px: np.ndarray, first: int, in_h: int, size: int, channels: int) -> np.ndarray:
+    """(rows, W, 4) ``px``, rows ``first:`` of an input ``in_h`` tall, resized to
+    ``size`` tall: (size, W, channels) uint8."""
+    bounds, weights = coefficients(in_h, size)
+    out = np.empty((size, px.shape[1], channels), np.uint8)
+    _down_columns(px.reshape(px.shape[0], -1), -first, bounds, weights, out.reshape(size, -1))
+    return out
+
+
+def resize_rgbx(px: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W, 4) uint8 RGBX pixels -> (height, width, 3) uint8, exactly as Pillow's
+    ``Image.resize((width, height), BICUBIC)`` of the RGB image."""
+    in_h, in_w = px.shape[:2]
+    need_h, need_v = width != in_w, height != in_h
+    if not need_h and not need_v:
+        return np.ascontiguousarray(px[:, :, :3])
+    if not need_v:
+        return _horizontal(px, 0, in_h, width, 3)
+    if not need_h:
+        return _vertical(px, 0, in_h, height, 3)
+    if not (in_h - height > 0 and in_h - height > (in_w - width) * 2):  # horizontal first
+        bounds, _ = coefficients(in_h, height)
+        first, last = int(bounds[0, 0]), int(bounds[-1, 0] + bounds[-1, 1])
+        return _vertical(_horizontal(px, first, last - first, width, 4), first, in_h, height, 3)
+    return _horizontal(_vertical(px, 0, in_h, height, 4), 0, height, width, 3)
+
+
+class _ArrowArray(ctypes.Structure):
+    pass
+
+
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64),
+    ("null_count", ctypes.c_int64),
+    ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64),
+    ("n_children", ctypes.c_int64),
+    ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))),
+    ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p),
+]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _rgbx_view(img: Image.Image) -> tuple[np.ndarray, object] | None:
+    """A (H, W, 4) view of an RGB image's own pixel buffer (Pillow stores RGB as RGBX),
+    and the capsule that keeps the buffer exported while the view is used; None when
+    Pillow cannot export it in one piece (large images)."""
+    try:
+        _, capsule = img.__arrow_c_array__()
+    except (AttributeError, ValueError):
+        return None
+    array = _ArrowArray.from_address(_capsule_pointer(capsule, b"arrow_array"))
+    width, height = img.size
+    if array.n_children != 1 or array.length != width * height:
+        return None
+    child = array.children[0].contents  # fixed-size list of 4 uint8 per pixel
+    data = child.buffers[1] + child.offset
+    buffer = (ctypes.c_uint8 * (width * height * 4)).from_address(data)
+    return np.frombuffer(memoryview(buffer), np.uint8).reshape(height, width, 4), capsule
+
+
+def resize_bicubic(img: Image.Image, size: int) -> np.ndarray:
+    """RGB image -> (size, size, 3) uint8: ``np.asarray(img.resize((size, size),
+    BICUBIC))``, the same bytes."""
+    view = _rgbx_view(img) if img.mode == "RGB" and img.width and img.height else None
+    if view is None:
+        return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+    px, capsule = view
+    out = resize_rgbx(px, size, size)
+    del px, capsule  # the export is released when the capsule goes
+    return out
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernels before the first real image."""
+    resize_bicubic(Image.new("RGB", (9, 7), (10, 20, 30)), 4)
+    resize_bicubic(Image.new("RGB", (7, 30), (10, 20, 30)), 5)
