@@ -14,9 +14,10 @@ arithmetic arranged so that a compiler vectorises it:
   one coefficient, so the inner loop is a multiply-add over contiguous bytes. The
   horizontal pass transposes first (as 32-bit RGBX pixels, in cache-sized tiles).
 
-The pixels come from Pillow's own buffer through the Arrow C data interface (no copy;
-``np.asarray`` of a decoded photo costs ~1.6 ms). Images Pillow stores in more than one
-block (over ~16 MB) and images not in RGB fall back to Pillow itself. The kernels are
+The pixels come from Pillow's own buffer through the Arrow C data interface, copied once
+into a reused buffer (``np.asarray`` of a decoded photo costs ~1.6 ms, this copy ~0.3).
+Images Pillow stores in more than one block (over ~16 MB) and images not in RGB fall
+back to Pillow itself. The kernels are
 compiled by numba once per machine (cached on disk) and release the interpreter lock.
 ``tests/worker/test_resample.py`` checks equality with Pillow over many sizes.
 """
@@ -25,6 +26,10 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numba
@@ -120,27 +125,71 @@ def _transpose(src, out):
                     out[j, i] = src[i, j]
 
 
-def _horizontal(px: np.ndarray, row0: int, rows: int, size: int, channels: int) -> np.ndarray:
+class _Scratch:
+    """One resize's work buffers, kept for the next: a fresh multi-megabyte array is
+    fresh pages, and first touching them (about 2 us per 4 KB page in this VM, ~1.5 ms
+    for a 1024x768 photo's transpose) costs as much as the resize itself."""
+
+    COPY, COLUMNS, RESIZED, BACK, MID = range(5)
+
+    def __init__(self) -> None:
+        self.buffers = [np.empty(0, np.uint8) for _ in range(5)]
+
+    def take(self, role: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        """A ``shape`` array of ``dtype`` over buffer ``role`` (grown when too small)."""
+        n = math.prod(shape) * np.dtype(dtype).itemsize
+        if self.buffers[role].size < n:
+            self.buffers[role] = np.empty(n, np.uint8)
+        return self.buffers[role][:n].view(dtype).reshape(shape)
+
+
+class _ScratchPool:
+    """Scratch sets lent to at most ``os.cpu_count()`` resizes at once (the kernels
+    release the interpreter lock, so more at once would only share the same cores and
+    hold more memory: ~6 MB a set for a 1024x768 photo)."""
+
+    def __init__(self, slots: int) -> None:
+        self._slots = threading.BoundedSemaphore(slots)
+        self._free: list[_Scratch] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def lend(self) -> Iterator[_Scratch]:
+        with self._slots:
+            with self._lock:
+                scratch = self._free.pop() if self._free else _Scratch()
+            try:
+                yield scratch
+            finally:
+                with self._lock:
+                    self._free.append(scratch)
+
+
+_POOL = _ScratchPool(os.cpu_count() or 1)
+
+
+def _horizontal(
+    s: _Scratch, px: np.ndarray, row0: int, rows: int, size: int, channels: int
+) -> np.ndarray:
     """Rows ``row0:row0 + rows`` of (H, W, 4) ``px`` resized to ``size`` wide:
-    (rows, size, channels) uint8."""
+    (rows, size, channels) uint8 (4 channels: a view of scratch; 3: a new array)."""
     width = px.shape[1]
     bounds, weights = coefficients(width, size)
     pixels = px.view(np.uint32).reshape(px.shape[0], width)[row0 : row0 + rows]
-    columns = np.empty((width, rows), np.uint32)
+    columns = s.take(s.COLUMNS, (width, rows), np.uint32)
     _transpose(pixels, columns)
-    resized = np.empty((size, rows), np.uint32)
+    resized = s.take(s.RESIZED, (size, rows), np.uint32)
     _down_columns(columns.view(np.uint8), 0, bounds, weights, resized.view(np.uint8))
-    back = np.empty((rows, size), np.uint32)
+    back = s.take(s.BACK, (rows, size), np.uint32)
     _transpose(resized, back)
     rgbx = back.view(np.uint8).reshape(rows, size, 4)
     return rgbx if channels == 4 else np.ascontiguousarray(rgbx[:, :, :3])
 
 
-def _vertical(px: np.ndarray, first: int, in_h: int, size: int, channels: int) -> np.ndarray:
+def _vertical(out: np.ndarray, px: np.ndarray, first: int, in_h: int, size: int) -> np.ndarray:
     """(rows, W, 4) ``px``, rows ``first:`` of an input ``in_h`` tall, resized to
-    ``size`` tall: (size, W, channels) uint8."""
+    ``size`` tall into ``out``, (size, W, 3 or 4) uint8."""
     bounds, weights = coefficients(in_h, size)
-    out = np.empty((size, px.shape[1], channels), np.uint8)
     _down_columns(px.reshape(px.shape[0], -1), -first, bounds, weights, out.reshape(size, -1))
     return out
 
@@ -148,19 +197,27 @@ def _vertical(px: np.ndarray, first: int, in_h: int, size: int, channels: int) -
 def resize_rgbx(px: np.ndarray, width: int, height: int) -> np.ndarray:
     """(H, W, 4) uint8 RGBX pixels -> (height, width, 3) uint8, exactly as Pillow's
     ``Image.resize((width, height), BICUBIC)`` of the RGB image."""
+    with _POOL.lend() as s:
+        return _resize(s, px, width, height)
+
+
+def _resize(s: _Scratch, px: np.ndarray, width: int, height: int) -> np.ndarray:
     in_h, in_w = px.shape[:2]
     need_h, need_v = width != in_w, height != in_h
     if not need_h and not need_v:
         return np.ascontiguousarray(px[:, :, :3])
     if not need_v:
-        return _horizontal(px, 0, in_h, width, 3)
+        return _horizontal(s, px, 0, in_h, width, 3)
+    out = np.empty((height, width, 3), np.uint8)
     if not need_h:
-        return _vertical(px, 0, in_h, height, 3)
+        return _vertical(out, px, 0, in_h, height)
     if not (in_h - height > 0 and in_h - height > (in_w - width) * 2):  # horizontal first
         bounds, _ = coefficients(in_h, height)
         first, last = int(bounds[0, 0]), int(bounds[-1, 0] + bounds[-1, 1])
-        return _vertical(_horizontal(px, first, last - first, width, 4), first, in_h, height, 3)
-    return _horizontal(_vertical(px, 0, in_h, height, 4), 0, height, width, 3)
+        mid = _horizontal(s, px, first, last - first, width, 4)
+        return _vertical(out, mid, first, in_h, height)
+    mid = _vertical(s.take(s.MID, (height, in_w, 4), np.uint8), px, 0, in_h, height)
+    return _horizontal(s, mid, 0, height, width, 3)
 
 
 class _ArrowArray(ctypes.Structure):
@@ -208,10 +265,13 @@ def resize_bicubic(img: Image.Image, size: int) -> np.ndarray:
     view = _rgbx_view(img) if img.mode == "RGB" and img.width and img.height else None
     if view is None:
         return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
-    px, capsule = view
-    out = resize_rgbx(px, size, size)
-    del px, capsule  # the export is released when the capsule goes
-    return out
+    with _POOL.lend() as s:
+        # One sequential copy into scratch first: the transposing pass reads a freshly
+        # decoded Pillow buffer in place several times slower than a copy of it.
+        px = s.take(s.COPY, view[0].shape, np.uint8)
+        np.copyto(px, view[0])
+        del view  # releases the export
+        return _resize(s, px, size, size)
 
 
 def warm_up() -> None:
