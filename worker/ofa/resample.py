@@ -17,8 +17,8 @@ arithmetic arranged so that a compiler vectorises it:
 The pixels come from Pillow's own buffer through the Arrow C data interface, copied once
 into a reused buffer (``np.asarray`` of a decoded photo costs ~1.6 ms, this copy ~0.3).
 Images Pillow stores in more than one block (over ~16 MB) and images not in RGB fall
-back to Pillow itself. The kernels are
-compiled by numba once per machine (cached on disk) and release the interpreter lock.
+back to Pillow itself. The kernels are compiled by numba once per machine (cached on
+disk) and release the interpreter lock.
 ``tests/worker/test_resample.py`` checks equality with Pillow over many sizes.
 """
 
@@ -28,7 +28,7 @@ import ctypes
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -86,7 +86,17 @@ def coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     return bounds, weights
 
 
-@numba.njit(cache=True, nogil=True)
+def _kernel(fn: Callable[..., None]) -> Callable[..., None]:
+    """Compiled without the interpreter lock, cached on disk where numba can write
+    (``NUMBA_CACHE_DIR``, else beside this file or in the user's cache); with nowhere
+    to write, compiled at each start instead (about a second)."""
+    try:
+        return numba.njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(fn)
+
+
+@_kernel
 def _down_columns(src, row0, bounds, weights, out):
     """out[o] = clip8(sum over k of src[row0 + first(o) + k] * weight(o, k)), for
     (rows, lanes) uint8 ``src`` and ``out`` rows of ``lanes`` bytes (4 per pixel), or of
@@ -112,7 +122,7 @@ def _down_columns(src, row0, bounds, weights, out):
                 line[j] = min(max(acc[j] >> PRECISION_BITS, 0), 255)
 
 
-@numba.njit(cache=True, nogil=True)
+@_kernel
 def _transpose(src, out):
     """out = src.T for 2-D uint32 arrays (one RGBX pixel per element), tile by tile."""
     rows, cols = src.shape
