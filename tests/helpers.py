@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
@@ -26,6 +28,9 @@ API_KEY = "test-key-0123456789-abcdefghijkl"
 WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
 PREFIX = "ofa:test:"
 MODEL = ("tiny-random", "seed1")
+
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -193,17 +198,22 @@ def queue_len(rdb: redis.Redis) -> int:
     return int(rdb.llen(queue_name(*MODEL)))
 
 
-def batch_items(rdb: redis.Redis, keys: Keys, settle_s: float = 0.3) -> int:
-    """Items the workers have scored so far (the batch statistics counter), once it has
-    not changed for ``settle_s``: the batcher counts a batch just after handing out its
-    results, so a job read finished may not be counted yet."""
-    count = int(rdb.hget(keys.batch_stats(), "items") or 0)
+def settled(read: Callable[[], T], settle_s: float = 0.3) -> T:
+    """``read()`` once it has not changed for ``settle_s``: the batcher counts a batch
+    (the batch statistics) just after handing out its results, so a job read finished
+    may not be counted yet."""
+    value = read()
     while True:
         time.sleep(settle_s)
-        again = int(rdb.hget(keys.batch_stats(), "items") or 0)
-        if again == count:
-            return count
-        count = again
+        again = read()
+        if again == value:
+            return value
+        value = again
+
+
+def batch_items(rdb: redis.Redis, keys: Keys, settle_s: float = 0.3) -> int:
+    """Items the workers have scored so far (the batch statistics counter), settled."""
+    return settled(lambda: int(rdb.hget(keys.batch_stats(), "items") or 0), settle_s)
 
 
 VERDICT = Verdict.model_validate(

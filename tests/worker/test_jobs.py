@@ -12,6 +12,7 @@ from shared.errors import BadInputError
 from shared.keys import verdict_key
 from shared.messages import EntailTask, JobStatus
 from tests.conftest import INPROC_MODEL
+from tests.helpers import settled
 from worker.jobs import run_job
 from worker.runtime import Runtime
 
@@ -39,17 +40,9 @@ def queued(rt: Runtime, image: bytes, text: str, scan_id: str | None = None) -> 
     )
 
 
-def settled_stats(rt: Runtime, settle_s: float = 0.2) -> dict[str, int]:
-    """The batch statistics once they have not changed for ``settle_s``: the batcher
-    counts a batch just after handing out its results, so a job that has returned may
-    not be counted yet."""
-    stats = rt.jobs.batch_stats()
-    while True:
-        time.sleep(settle_s)
-        again = rt.jobs.batch_stats()
-        if again == stats:
-            return stats
-        stats = again
+def settled_stats(rt: Runtime) -> dict[str, int]:
+    """The batch statistics, settled (``tests.helpers.settled``)."""
+    return settled(rt.jobs.batch_stats, settle_s=0.2)
 
 
 def test_scores_then_finishes_redelivery_from_the_cache(rt: Runtime):
