@@ -204,14 +204,9 @@ def _vertical(out: np.ndarray, px: np.ndarray, first: int, in_h: int, size: int)
     return out
 
 
-def resize_rgbx(px: np.ndarray, width: int, height: int) -> np.ndarray:
+def _resize(s: _Scratch, px: np.ndarray, width: int, height: int) -> np.ndarray:
     """(H, W, 4) uint8 RGBX pixels -> (height, width, 3) uint8, exactly as Pillow's
     ``Image.resize((width, height), BICUBIC)`` of the RGB image."""
-    with _POOL.lend() as s:
-        return _resize(s, px, width, height)
-
-
-def _resize(s: _Scratch, px: np.ndarray, width: int, height: int) -> np.ndarray:
     in_h, in_w = px.shape[:2]
     need_h, need_v = width != in_w, height != in_h
     if not need_h and not need_v:
