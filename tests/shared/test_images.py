@@ -45,3 +45,22 @@ def test_check_accepts_what_decoding_accepts(data: bytes):
     check_image(data, MAX_PIXELS)
     img = open_image(data, MAX_PIXELS)
     assert img.mode == "RGB"
+
+
+def damaged(data: bytes, at: int) -> bytes:
+    """``data`` with a run of its entropy-coded bytes overwritten."""
+    return data[:at] + bytes(64) + data[at + 64 :]
+
+
+@pytest.mark.parametrize("at", [0.3, 0.6, 0.95])
+def test_check_agrees_with_decoding_on_damaged_jpegs(at: float):
+    """libjpeg-turbo only warns about a damaged stream, and Pillow may still decode it:
+    the check's direct JPEG path steps aside on any warning and lets Pillow judge."""
+    data = damaged(JPEG, int(len(JPEG) * at))
+    try:
+        open_image(data, MAX_PIXELS)
+    except BadInputError as exc:
+        with pytest.raises(type(exc)):
+            check_image(data, MAX_PIXELS)
+    else:
+        check_image(data, MAX_PIXELS)

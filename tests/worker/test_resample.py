@@ -1,4 +1,5 @@
-"""The vectorised resize against Pillow's own: the same bytes, for every shape."""
+"""The vectorised resize against Pillow's own, and plain JPEGs decoded by libjpeg-turbo
+directly against Pillow's decode: the same bytes, for every shape."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import photo
-from worker.ofa.resample import _rgbx_view, resize_bicubic
+from shared.errors import BadImageError, ImageTooLargeError
+from shared.images import open_image, plain_jpeg
+from tests.helpers import encode_image, photo
+from worker.ofa.preprocess import decode_and_resize
+from worker.ofa.resample import _rgbx_view, decode_resize_jpeg, resize_bicubic
 
 
 def pillow(img: Image.Image, size: int) -> np.ndarray:
@@ -70,3 +74,89 @@ def test_other_modes_are_resized_by_pillow():
     gray = photo("camera").convert("L")
     out = resize_bicubic(gray, 64)
     np.testing.assert_array_equal(out, pillow(gray, 64))
+
+
+# -- plain JPEGs decoded by libjpeg-turbo directly (decode_resize_jpeg) --------------------
+
+MAX_PIXELS = 40_000_000
+
+
+def pillows_path(data: bytes, size: int) -> np.ndarray:
+    """What the worker made of image bytes before the direct JPEG path: Pillow's decode,
+    EXIF transpose and RGB, then the resize."""
+    return resize_bicubic(open_image(data, MAX_PIXELS), size)
+
+
+JPEG_VARIANTS = [  # (mode, width, height, options)
+    ("RGB", 1024, 768, {"quality": 90}),  # 4:2:0
+    ("RGB", 640, 480, {"quality": 95, "subsampling": 0}),  # 4:4:4
+    ("RGB", 333, 257, {"quality": 75, "subsampling": 1}),  # 4:2:2, odd sizes
+    ("RGB", 451, 300, {"quality": 85, "progressive": True}),
+    ("RGB", 300, 451, {"quality": 50, "restart_marker_blocks": 3}),
+    ("RGB", 32, 32, {"quality": 75}),  # a scan's thumbnail
+    ("RGB", 1, 1, {"quality": 90}),
+    ("L", 33, 17, {"quality": 80}),  # grey: replicated to RGB, as Pillow's convert does
+    ("L", 500, 400, {"quality": 90, "progressive": True}),
+]
+
+
+@pytest.mark.parametrize("mode,width,height,options", JPEG_VARIANTS)
+def test_plain_jpegs_decode_to_the_same_bytes_as_pillows_path(
+    mode: str, width: int, height: int, options: dict
+):
+    for img in (photo("chelsea").resize((width, height)), noise(width, height, 3)):
+        data = encode_image(img.convert(mode), **options)
+        assert plain_jpeg(data, MAX_PIXELS) == (height, width)
+        for size in (128, 480):
+            ours = decode_resize_jpeg(data, MAX_PIXELS, size)
+            assert ours is not None  # the direct path was taken
+            np.testing.assert_array_equal(ours, pillows_path(data, size))
+            np.testing.assert_array_equal(decode_and_resize(data, MAX_PIXELS, size), ours)
+
+
+def with_exif_orientation(img: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode_image(img, exif=exif.tobytes(), quality=90)
+
+
+def with_xmp_orientation(img: Image.Image, orientation: int) -> bytes:
+    xmp = f'<x:xmpmeta><rdf:Description tiff:Orientation="{orientation}"/></x:xmpmeta>'
+    return encode_image(img, xmp=xmp.encode(), quality=90)
+
+
+def test_rotated_jpegs_take_pillows_path_and_upright_ones_do_not():
+    img = photo("chelsea").resize((300, 200))
+    for orientation in (1, 6, 3, 8):
+        for data in (
+            with_exif_orientation(img, orientation),
+            with_xmp_orientation(img, orientation),
+        ):
+            direct = decode_resize_jpeg(data, MAX_PIXELS, 128)
+            assert (direct is not None) == (orientation == 1), orientation
+            # Either way the worker's pixels are Pillow's, transposed as it transposes.
+            np.testing.assert_array_equal(
+                decode_and_resize(data, MAX_PIXELS, 128), pillows_path(data, 128)
+            )
+    rotated = with_exif_orientation(img, 6)
+    assert not np.array_equal(pillows_path(rotated, 128), pillow(img, 128))
+
+
+def test_other_images_and_damaged_jpegs_take_pillows_path():
+    img = photo("chelsea").resize((200, 150))
+    jpeg = encode_image(img, quality=90)
+    cmyk = encode_image(img.convert("CMYK"), quality=90)
+    png = encode_image(img, "PNG")
+    cut = jpeg[: len(jpeg) - 300]
+    assert plain_jpeg(png, MAX_PIXELS) is None
+    assert plain_jpeg(cmyk, MAX_PIXELS) is None
+    assert plain_jpeg(jpeg, 200 * 150 - 1) is None  # over the pixel limit: Pillow refuses
+    assert decode_resize_jpeg(cut, MAX_PIXELS, 64) is None  # libjpeg-turbo warns
+    for data in (cmyk, png):
+        np.testing.assert_array_equal(
+            decode_and_resize(data, MAX_PIXELS, 64), pillows_path(data, 64)
+        )
+    with pytest.raises(BadImageError):
+        decode_and_resize(cut, MAX_PIXELS, 64)
+    with pytest.raises(ImageTooLargeError):
+        decode_and_resize(jpeg, 200 * 150 - 1, 64)

@@ -31,9 +31,9 @@ from worker.ofa.model import EncoderOutput
 from worker.ofa.preprocess import (
     EOS,
     PAD,
+    decode_and_resize,
     norm_constants,
     normalise,
-    open_image,
     resized_pixels,
 )
 
@@ -223,8 +223,11 @@ class Entailer:
     ) -> Prepared:
         """Decode and resize the image, build the prompt ids. Raises ``BadInputError``s."""
         source = self.text.source_ids(text, premise)
-        img = image if isinstance(image, Image.Image) else open_image(image, self.max_pixels)
-        pixels = resized_pixels(img, self.task.patch_image_size)
+        size = self.task.patch_image_size
+        if isinstance(image, Image.Image):
+            pixels = resized_pixels(image, size)
+        else:
+            pixels = decode_and_resize(image, self.max_pixels, size)
         return Prepared(pixels, source, self.text.decoder_prompt(source))
 
     def prepare_resized(

@@ -21,7 +21,7 @@ from shared.errors import BadInputError, BadTextError
 from shared.images import open_image
 from shared.text import pre_caption
 from worker.ofa.config import HYPOTHESIS_PROMPT, PREMISE_PROMPT, TaskConfig
-from worker.ofa.resample import resize_bicubic
+from worker.ofa.resample import decode_resize_jpeg, resize_bicubic
 
 VOCAB_DIR = Path(__file__).parent / "vocab"
 N_CODE_TOKENS = 8192
@@ -102,8 +102,13 @@ def resized_pixels(img: Image.Image, size: int) -> np.ndarray:
 
 
 def decode_and_resize(data: bytes, max_pixels: int, size: int) -> np.ndarray:
-    """Image bytes -> (R, R, 3) uint8 (top level: runs in preprocessing processes too).
-    Raises the same ``BadInputError``s as ``open_image``."""
+    """Image bytes -> (R, R, 3) uint8 (top level: runs in preprocessing processes too):
+    a plain JPEG straight through libjpeg-turbo, any other image through Pillow
+    (``open_image``), the same bytes either way. Raises the same ``BadInputError``s as
+    ``open_image``."""
+    pixels = decode_resize_jpeg(data, max_pixels, size)
+    if pixels is not None:
+        return pixels
     return resized_pixels(open_image(data, max_pixels), size)
 
 

@@ -14,10 +14,12 @@ arithmetic arranged so that a compiler vectorises it:
   one coefficient, so the inner loop is a multiply-add over contiguous bytes. The
   horizontal pass transposes first (as 32-bit RGBX pixels, in cache-sized tiles).
 
-The pixels come from Pillow's own buffer through the Arrow C data interface, copied once
-into a reused buffer (``np.asarray`` of a decoded photo costs ~1.6 ms, this copy ~0.3).
-Images Pillow stores in more than one block (over ~16 MB) and images not in RGB fall
-back to Pillow itself. The kernels are compiled by numba once per machine (cached on
+A plain JPEG (``shared.images.plain_jpeg``) is decoded by libjpeg-turbo straight into a
+reused buffer (``decode_resize_jpeg``). Other images' pixels come from Pillow's own
+buffer through the Arrow C data interface, copied once into a reused buffer
+(``np.asarray`` of a decoded photo costs ~1.6 ms, this copy ~0.3). Images Pillow
+stores in more than one block (over ~16 MB) and images not in RGB fall back to Pillow
+itself. The kernels are compiled by numba once per machine (cached on
 disk) and release the interpreter lock.
 ``tests/worker/test_resample.py`` checks equality with Pillow over many sizes.
 """
@@ -34,9 +36,12 @@ from functools import lru_cache
 
 import numba
 import numpy as np
+import simplejpeg
 from PIL import Image
 
-__all__ = ["resize_bicubic", "warm_up"]
+from shared.images import plain_jpeg
+
+__all__ = ["decode_resize_jpeg", "resize_bicubic", "warm_up"]
 
 PRECISION_BITS = 22  # Pillow's 8-bit resampling precision (32 - 8 - 2)
 HALF = 1 << (PRECISION_BITS - 1)
@@ -276,6 +281,26 @@ def resize_bicubic(img: Image.Image, size: int) -> np.ndarray:
         px = s.take(s.COPY, view[0].shape, np.uint8)
         np.copyto(px, view[0])
         del view  # releases the export
+        return _resize(s, px, size, size)
+
+
+ONE_BLOCK = 16 << 20  # Pillow's block size: larger images fall back in both paths
+
+
+def decode_resize_jpeg(data: bytes, max_pixels: int, size: int) -> np.ndarray | None:
+    """A plain JPEG (``shared.images.plain_jpeg``) decoded by libjpeg-turbo straight into
+    a reused RGBX buffer, then resized: (size, size, 3) uint8, the bytes of
+    ``resize_bicubic(open_image(data, max_pixels), size)``. None for any other image,
+    and for one libjpeg-turbo warns about: Pillow's path judges those."""
+    dims = plain_jpeg(data, max_pixels)
+    if dims is None or dims[0] * dims[1] * 4 > ONE_BLOCK:
+        return None
+    with _POOL.lend() as s:
+        px = s.take(s.COPY, (*dims, 4), np.uint8)
+        try:
+            simplejpeg.decode_jpeg(data, "RGBX", buffer=px)  # strict: warnings raise
+        except ValueError:
+            return None
         return _resize(s, px, size, size)
 
 
