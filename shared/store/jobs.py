@@ -92,6 +92,63 @@ return hooks
 """
 
 
+def _for_each(body: str) -> str:
+    """A one-item script made to run for many items in one call (a chunk's jobs: one
+    command, one script body sent, one reply, instead of one of each per job). KEYS:
+    each item's keys one after the other, the same number each; ARGV: that number,
+    then for each item the count of its arguments and the arguments. Returns each
+    item's reply, in order. The items run in one atomic step."""
+    return f"""
+local function one(KEYS, ARGV)
+{body}
+end
+local n = tonumber(ARGV[1])
+local out, a = {{}}, 2
+for i = 0, #KEYS / n - 1 do
+  local keys = {{}}
+  for j = 1, n do keys[j] = KEYS[i * n + j] end
+  local m = tonumber(ARGV[a])
+  local argv = {{unpack(ARGV, a + 1, a + m)}}
+  a = a + 1 + m
+  out[i + 1] = one(keys, argv) or false
+end
+return out
+"""
+
+
+_CREATE_OR_JOIN_EACH = _for_each(_CREATE_OR_JOIN)
+_START_EACH = _for_each(_START)
+_FINISH_EACH = _for_each(_FINISH)
+ITEMS_PER_CALL = 64  # a script call's share of a long list: Valkey stays responsive
+
+
+def queue_each(pipe: Any, script: str, calls: Sequence[tuple[list[str], list[Any]]]) -> int:
+    """Queue on ``pipe`` the (KEYS, ARGV) ``calls`` of a ``_for_each`` script, at most
+    ``ITEMS_PER_CALL`` to a command; returns how many commands (``each_reply`` joins
+    their replies)."""
+    commands = 0
+    for i in range(0, len(calls), ITEMS_PER_CALL):
+        group = calls[i : i + ITEMS_PER_CALL]
+        keys = [k for ks, _ in group for k in ks]
+        argv: list[Any] = [len(group[0][0])]
+        for _, args in group:
+            argv += [len(args), *args]
+        pipe.eval(script, len(keys), *keys, *argv)
+        commands += 1
+    return commands
+
+
+def each_reply(replies: Sequence[Any]) -> list[Any]:
+    """The items' replies from the replies of ``queue_each``'s commands (an error reply
+    raises: it stands for all of that command's items)."""
+    out: list[Any] = []
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+        out.extend(reply)
+    return out
+
+
 def confirm_on_disk(reply: Any, undo: Callable[[], None], what: str) -> None:
     """Check a WAITAOF reply: the write is fsynced on the durable store, or it is undone
     and ``QueueUnavailableError`` says why."""
@@ -250,9 +307,10 @@ class JobStore:
         (a scan's chunk), with one WAITAOF for all of them when it is on."""
         t = time.time()
         calls = [self._create_call(k, i, tx, p, scan_id, t) for k, i, tx, p in items]
-        pipe = self._queue_create(self.sync.durable.pipeline(transaction=False), calls)
+        pipe = self.sync.durable.pipeline(transaction=False)
+        commands = self._queue_create(pipe, calls)
         replies = pipe.execute(raise_on_error=False)
-        out = [self._created(reply, t) for reply in replies[: len(items)]]
+        out = [self._created(reply, t) for reply in each_reply(replies[:commands])]
         if self.settings.durable_ack_on and any(c.created for c in out):
 
             def undo() -> None:
@@ -260,7 +318,7 @@ class JobStore:
                     if c.created:
                         self.discard(c.job_id, key)
 
-            confirm_on_disk(replies[len(items)], undo, "job")
+            confirm_on_disk(replies[commands], undo, "job")
         return out
 
     def create_and_send(
@@ -277,9 +335,10 @@ class JobStore:
         new job, its message in one atomic round trip (then WAITAOF when it is on)."""
         t = time.time()
         call = self._create_call(key, image, text, premise, None, t, job_id, queue, message)
-        pipe = self._queue_create(self.sync.durable.pipeline(transaction=False), [call])
+        pipe = self.sync.durable.pipeline(transaction=False)
+        self._queue_create(pipe, [call])
         replies = pipe.execute(raise_on_error=False)
-        got = self._created(replies[0], t)
+        got = self._created(each_reply(replies[:1])[0], t)
         if self.settings.durable_ack_on and got.created:
             confirm_on_disk(
                 replies[1], lambda: self.discard(got.job_id, key, (queue, message)), "job"
@@ -301,9 +360,10 @@ class JobStore:
         is new: one round trip for record, blob, deadlines and message."""
         t = time.time()
         call = self._create_call(key, image, text, premise, None, t, job_id, queue, message)
-        pipe = self._queue_create(self.aio.durable.pipeline(transaction=False), [call])
+        pipe = self.aio.durable.pipeline(transaction=False)
+        self._queue_create(pipe, [call])
         replies = await pipe.execute(raise_on_error=False)
-        got = self._created(replies[0], t)
+        got = self._created(each_reply(replies[:1])[0], t)
         if self.settings.durable_ack_on and got.created:
             try:
                 confirm_on_disk(replies[1], lambda: None, "job")
@@ -312,14 +372,14 @@ class JobStore:
                 raise
         return got
 
-    def _queue_create(self, pipe: Any, calls: list[tuple[list[str], list[Any]]]) -> Any:
-        """Queue on ``pipe`` (blocking or asyncio) one ``_CREATE_OR_JOIN`` per call, then
-        WAITAOF when durable acknowledgement is on (its reply last)."""
-        for keys, args in calls:
-            pipe.eval(_CREATE_OR_JOIN, len(keys), *keys, *args)
+    def _queue_create(self, pipe: Any, calls: list[tuple[list[str], list[Any]]]) -> int:
+        """Queue on ``pipe`` (blocking or asyncio) ``_CREATE_OR_JOIN`` for each call (in
+        as few commands as ``queue_each`` makes: their number is returned), then WAITAOF
+        when durable acknowledgement is on (its reply last)."""
+        commands = queue_each(pipe, _CREATE_OR_JOIN_EACH, calls)
         if self.settings.durable_ack_on:
             pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
-        return pipe
+        return commands
 
     def _create_call(
         self,
@@ -333,7 +393,7 @@ class JobStore:
         queue: str | None = None,
         message: bytes = b"",
     ) -> tuple[list[str], list[str | bytes | float]]:
-        """KEYS and ARGV of one ``_CREATE_OR_JOIN`` call."""
+        """KEYS and ARGV of one job's ``_CREATE_OR_JOIN``."""
         model_id, revision = self.settings.model_tag
         k = self.keys
         job_id = job_id or uuid.uuid4().hex
@@ -419,11 +479,15 @@ class JobStore:
         t = time.time()
         same = r.cache is r.durable
         pipe = r.durable.pipeline(transaction=False)
-        for job_id, key in jobs:
-            keys = [k.job(job_id), k.job_deadlines(), k.blob(key), k.verdict(key)]
-            args: list[str | float] = [job_id, t, t + self.settings.lease_s, 1 if same else 0]
-            pipe.eval(_START, len(keys), *keys, *args)
-        replies = pipe.execute()
+        calls = [
+            (
+                [k.job(job_id), k.job_deadlines(), k.blob(key), k.verdict(key)],
+                [job_id, t, t + self.settings.lease_s, 1 if same else 0],
+            )
+            for job_id, key in jobs
+        ]
+        queue_each(pipe, _START_EACH, calls)
+        replies = each_reply(pipe.execute())
         running = [i for i, reply in enumerate(replies) if text_of(reply[0]) == StartAction.RUN]
         cached: dict[int, bytes | None] = {i: bytes_of(replies[i][2]) for i in running}
         if not same and running:
@@ -506,17 +570,26 @@ class JobStore:
             for (_, key, _), doc in zip(items, docs, strict=True):
                 cache.set(self.keys.verdict(key), doc, ex=self.settings.verdict_ttl_s)
             cache.execute()
-        # Each job's script is atomic; a chunk's are one transaction besides.
-        pipe = self.sync.durable.pipeline(transaction=len(items) > 1)
-        for (job_id, key, _), doc in zip(items, docs, strict=True):
-            fields = {
-                "status": JobStatus.SUCCEEDED,
-                "verdict": doc,
-                "cached": "1" if cached else "0",
-                "finished_at": now(),
-            }
-            self._queue_finish(pipe, job_id, key, fields, True, doc if same else None)
-        return [[Hook.decode(h) for h in hooks] for hooks in pipe.execute()]
+        # A chunk's jobs finish in one script call (up to ``ITEMS_PER_CALL``; a longer
+        # list's calls are one transaction besides).
+        pipe = self.sync.durable.pipeline(transaction=len(items) > ITEMS_PER_CALL)
+        calls = [
+            self._finish_call(
+                job_id,
+                key,
+                {
+                    "status": JobStatus.SUCCEEDED,
+                    "verdict": doc,
+                    "cached": "1" if cached else "0",
+                    "finished_at": now(),
+                },
+                True,
+                doc if same else None,
+            )
+            for (job_id, key, _), doc in zip(items, docs, strict=True)
+        ]
+        queue_each(pipe, _FINISH_EACH, calls)
+        return [[Hook.decode(h) for h in hooks] for hooks in each_reply(pipe.execute())]
 
     def _finish(
         self,
@@ -529,20 +602,19 @@ class JobStore:
         """Final fields, no deadline, the blob gone, waiting API requests told, the
         job's webhooks taken (returned, for the caller to send); one round trip."""
         pipe = self.sync.durable.pipeline(transaction=False)
-        self._queue_finish(pipe, job_id, key, fields, keep_mark, verdict)
-        return [Hook.decode(h) for h in pipe.execute()[0]]
+        queue_each(pipe, _FINISH_EACH, [self._finish_call(job_id, key, fields, keep_mark, verdict)])
+        return [Hook.decode(h) for h in each_reply(pipe.execute())[0]]
 
-    def _queue_finish(
+    def _finish_call(
         self,
-        pipe: Any,
         job_id: str,
         key: str,
         fields: dict[str, Any],
         keep_mark: bool,
         verdict: bytes | None,
-    ) -> None:
-        """Queue on ``pipe`` the one script that finishes a job; its reply lists the
-        job's webhooks."""
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the script that finishes a job; its reply lists the job's
+        webhooks."""
         k = self.keys
         keys = [
             k.job(job_id),
@@ -562,7 +634,7 @@ class JobStore:
             b"" if verdict is None else verdict,
             *(x for pair in fields.items() for x in pair),
         ]
-        pipe.eval(_FINISH, len(keys), *keys, *args)
+        return keys, args
 
     # -- the reaper's view -----------------------------------------------------------
 
