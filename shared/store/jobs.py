@@ -828,11 +828,12 @@ class JobStore:
         if keys:  # one command for the lot, not two per job
             self.sync.durable.eval(_EXPIRE_ALL, len(keys), *keys, SCAN_JOB_LINGER_S)
 
-    def record_batch(self, size: int) -> None:
-        """Count one model pass of ``size`` items (tests and benchmarks read it)."""
+    def record_batch(self, items: int, batches: int = 1) -> None:
+        """Count ``batches`` model passes of ``items`` items in all (tests and benchmarks
+        read them)."""
         pipe = self.sync.durable.pipeline(transaction=False)
-        pipe.hincrby(self.keys.batch_stats(), "batches", 1)
-        pipe.hincrby(self.keys.batch_stats(), "items", size)
+        pipe.hincrby(self.keys.batch_stats(), "batches", batches)
+        pipe.hincrby(self.keys.batch_stats(), "items", items)
         pipe.execute()
 
     def batch_stats(self) -> dict[str, int]:

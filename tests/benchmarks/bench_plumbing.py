@@ -351,7 +351,14 @@ def main() -> None:
                 "valkey": valkey_pid,
             }
             cpu0 = {n: cpu_seconds(pid) for n, pid in scan_pids.items()}
+            if os.environ.get("BENCH_CMDSTATS"):  # Valkey's time by command, for the scan
+                rdb.config_resetstat()
             doc, seconds = run_scan(c, manifest)
+            if os.environ.get("BENCH_CMDSTATS"):
+                stats = rdb.info("commandstats")
+                for name, st in sorted(stats.items(), key=lambda kv: -kv[1]["usec"])[:15]:
+                    per_row = st["usec"] / args.rows
+                    print(f"{name}: {st['calls']} calls, {per_row:.1f} us a row", flush=True)
             for n, pid in scan_pids.items():
                 results[f"scan_{n}_cores"] = (cpu_seconds(pid) - cpu0[n]) / seconds
             busy.clear()

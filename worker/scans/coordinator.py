@@ -56,6 +56,7 @@ def _row_result(row: Row, state: RowState, **fields: Any) -> RowResult:
 
 
 FULL_SWEEP_S = 1.0  # every pending row's job is re-read at least this often
+CANCEL_CHECK_S = 0.2  # a slice looks for its scan's cancellation this often, not every turn
 
 
 class Announcements:
@@ -154,10 +155,13 @@ class Coordinator:
             manifest = Path(record["manifest"])
             total = int(record.get("total", 0))
             deadline = time.monotonic() + self.settings.scan_slice_s
-            published = 0.0
+            published = checked = 0.0
             finished = announced.take()  # None: the first turn re-reads every pending row
             while True:
-                if self.scans.status(scan_id) == ScanStatus.CANCELLED:
+                if time.monotonic() - checked >= CANCEL_CHECK_S:
+                    checked = time.monotonic()
+                    cancelled = self.scans.status(scan_id) == ScanStatus.CANCELLED
+                if cancelled:
                     self._collect(db, scan_id)
                     db.cancel_pending()
                     self._finish(scan_id, record, db, ScanStatus.CANCELLED)
