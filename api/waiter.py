@@ -1,10 +1,11 @@
 """Waiting for jobs without polling: one pub/sub subscription per API process.
 
 Workers publish each finished job on ``Keys.done_channel()``, its final record after
-its id (``JobStore.announced``; the record is parsed only for a job somebody here
-waits for). Requests that asked to ``wait`` register a future here, resolved with that
-record (or None when only the id came: then they read it). The record is checked
-after registering, so a job that finished just before is not missed.
+its id, the jobs finished together in one message (``JobStore.announcements``; a
+record is parsed only for a job somebody here waits for). Requests that asked to
+``wait`` register a future here, resolved with that record (or None when only the id
+came: then they read it). The record is checked after registering, so a job that
+finished just before is not missed.
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ class JobWaiter:
                 pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self.channel)
                 async for message in pubsub.listen():
-                    job_id, rest = JobStore.announced(message["data"])
-                    futures = self._waiting.pop(job_id, None)
-                    if not futures:  # nobody here waits for it: its record stays unread
+                    if not self._waiting:  # nobody here waits: nothing to look for
                         continue
-                    record = JobStore.announced_record(rest)
-                    for fut in futures:
-                        if not fut.done():
-                            fut.set_result(record)
+                    for job_id, rest in JobStore.announcements(message["data"]):
+                        futures = self._waiting.pop(job_id, None)
+                        if not futures:  # nobody here waits for it: its record stays unread
+                            continue
+                        record = JobStore.announced_record(rest)
+                        for fut in futures:
+                            if not fut.done():
+                                fut.set_result(record)
             except asyncio.CancelledError:
                 raise
             except redis.RedisError as exc:

@@ -72,7 +72,9 @@ return {'run', attempts, false, redis.call('GET', KEYS[3])}
 # KEYS: job, inflight, blob, deadlines, pending, hooks, verdict
 # ARGV: job id, job ttl, 1 to keep the in-flight mark (0: drop it if it is this job's),
 #       done channel, verdict ttl, verdict ('' when cached elsewhere), fields...
-# A job's end in one atomic step; returns its webhooks (taken: the caller sends them).
+# A job's end in one atomic step; returns its webhooks (taken: the caller sends them),
+# the done channel and its announcement ("id record-as-JSON"), which ``_FINISH_EACH``
+# publishes, a call's announcements in one message (``JobStore.announcements``).
 _FINISH = """
 if ARGV[6] ~= '' then redis.call('SET', KEYS[7], ARGV[6], 'EX', ARGV[5]) end
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
@@ -85,19 +87,19 @@ end
 redis.call('DEL', KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
-redis.call('PUBLISH', ARGV[4], ARGV[1] .. ' ' .. cjson.encode(redis.call('HGETALL', KEYS[1])))
 local hooks = redis.call('LRANGE', KEYS[6], 0, -1)
 redis.call('DEL', KEYS[6])
-return hooks
+return {hooks, ARGV[4], ARGV[1] .. ' ' .. cjson.encode(redis.call('HGETALL', KEYS[1]))}
 """
 
 
-def _for_each(body: str) -> str:
+def _for_each(body: str, then: str = "") -> str:
     """A one-item script made to run for many items in one call (a chunk's jobs: one
     command, one script body sent, one reply, instead of one of each per job). KEYS:
     each item's keys one after the other, the same number each; ARGV: that number,
     then for each item the count of its arguments and the arguments. Returns each
-    item's reply, in order. The items run in one atomic step."""
+    item's reply, in order (``then``, Lua run after the last item, may change them:
+    ``out``). The items run in one atomic step."""
     return f"""
 local function one(KEYS, ARGV)
 {body}
@@ -112,13 +114,23 @@ for i = 0, #KEYS / n - 1 do
   a = a + 1 + m
   out[i + 1] = one(keys, argv) or false
 end
+{then}
 return out
 """
 
 
 _CREATE_OR_JOIN_EACH = _for_each(_CREATE_OR_JOIN)
 _START_EACH = _for_each(_START)
-_FINISH_EACH = _for_each(_FINISH)
+# Every job's announcement in one message: a listener wakes and parses once a call,
+# not once a job (a scan's chunk of 32 cost the API and the coordinator 32 each).
+_FINISH_EACH = _for_each(
+    _FINISH,
+    then="""
+local said, channel = {}, nil
+for i, r in ipairs(out) do said[i], channel, out[i] = r[3], r[2], r[1] end
+if channel then redis.call('PUBLISH', channel, table.concat(said, '\\n')) end
+""",
+)
 ITEMS_PER_CALL = 64  # a script call's share of a long list: Valkey stays responsive
 
 
@@ -737,14 +749,18 @@ class JobStore:
     # -- reading ---------------------------------------------------------------------
 
     @staticmethod
-    def announced(data: Any) -> tuple[str, str]:
-        """A message on the done channel: the finished job's id, and the rest. A finish
-        sends the job's final record after the id, as JSON (``announced_record``), so
-        that a waiting request needs no read; a cancellation sends the id alone (the
-        rest is ""). The id comes first, so a listener waiting for other jobs, or
-        wanting ids only, parses no JSON."""
-        job_id, _, rest = text_of(data).partition(" ")
-        return job_id, rest
+    def announcements(data: Any) -> list[tuple[str, str]]:
+        """A message on the done channel: for each job it announces (one line each: the
+        jobs a call finished together come in one message), the finished job's id and
+        the rest. A finish sends the job's final record after the id, as JSON
+        (``announced_record``), so that a waiting request needs no read; a
+        cancellation sends the id alone (the rest is ""). The id comes first, so a
+        listener waiting for other jobs, or wanting ids only, parses no JSON."""
+        out = []
+        for line in text_of(data).split("\n"):
+            job_id, _, rest = line.partition(" ")
+            out.append((job_id, rest))
+        return out
 
     @staticmethod
     def announced_record(rest: str) -> dict[str, str] | None:

@@ -204,7 +204,7 @@ def test_a_finish_announces_the_final_record_and_a_cancellation_the_id(
         deadline = time.monotonic() + 5
         while (m := pubsub.get_message(timeout=0.1)) is None:
             assert time.monotonic() < deadline
-        job_id, rest = JobStore.announced(m["data"])
+        [(job_id, rest)] = JobStore.announcements(m["data"])
         return job_id, JobStore.announced_record(rest)
 
     job_id = jobs.create_or_join("k9", b"img", "t", None).job_id
@@ -226,4 +226,23 @@ def test_a_finish_announces_the_final_record_and_a_cancellation_the_id(
 
     asyncio.run(cancel())
     assert heard() == (queued, None)
+    pubsub.close()
+
+
+def test_jobs_finished_together_are_announced_in_one_message(jobs: JobStore, rdb: redis.Redis):
+    pubsub = rdb.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(jobs.keys.done_channel())
+    keys = [f"together{i}" for i in range(3)]
+    ids = [jobs.create_or_join(k, b"img", f"t{i}", None).job_id for i, k in enumerate(keys)]
+    jobs.start_many(list(zip(ids, keys, strict=True)))
+    jobs.succeed_many([(j, k, VERDICT) for j, k in zip(ids, keys, strict=True)])
+    deadline = time.monotonic() + 5
+    while (m := pubsub.get_message(timeout=0.1)) is None:
+        assert time.monotonic() < deadline
+    heard = JobStore.announcements(m["data"])
+    assert [job_id for job_id, _ in heard] == ids
+    for job_id, rest in heard:
+        record = JobStore.announced_record(rest)
+        assert record is not None and jobs.job_of(job_id, record) == jobs.get(job_id)
+    assert pubsub.get_message(timeout=0.3) is None  # nothing more: one message for the three
     pubsub.close()

@@ -78,7 +78,7 @@ class Announcements:
             logger.warning("no job announcements (%s): full re-reads only", exc)
 
     def take(self, wait: float = 0.0) -> dict[str, str] | None:
-        """Job id -> the rest of its announcement (``JobStore.announced``: the final
+        """Job id -> the rest of its announcement (``JobStore.announcements``: the final
         record, or "" for a cancellation) since the last call, waiting up to ``wait``
         seconds for the first; None when a full re-read is due."""
         got: dict[str, str] = {}
@@ -87,8 +87,7 @@ class Announcements:
         else:
             try:
                 while (m := self._pubsub.get_message(timeout=wait)) is not None:
-                    job_id, rest = JobStore.announced(m["data"])
-                    got[job_id] = rest
+                    got.update(JobStore.announcements(m["data"]))
                     wait = 0.0
             except redis.RedisError as exc:
                 logger.warning("job announcements lost (%s): full re-reads only", exc)
