@@ -80,13 +80,21 @@ def after_start(rt: Runtime, msg: EntailTask, started: Started) -> Verdict | byt
     return started.blob
 
 
-def prepared_or_fail(rt: Runtime, msg: EntailTask, got: Future[Any] | bytes) -> Prepared | None:
+def prepared_or_fail(
+    rt: Runtime,
+    msg: EntailTask,
+    got: Future[Any] | bytes,
+    source: list[int] | BadInputError | None = None,
+) -> Prepared | None:
     """The item ready for the batcher (decoded here, or by a preprocessing process whose
-    future ``got`` is), or None after failing the job for bad input."""
+    future ``got`` is; ``source``: its prompt ids when tokenised with the others, or
+    why its text was refused), or None after failing the job for bad input."""
     try:
+        if isinstance(source, BadInputError):
+            raise source
         if isinstance(got, bytes):
-            return rt.entailer.prepare(got, msg.text, msg.premise)
-        return rt.entailer.prepare_resized(got.result(), msg.text, msg.premise)
+            return rt.entailer.prepare(got, msg.text, msg.premise, source)
+        return rt.entailer.prepare_resized(got.result(), msg.text, msg.premise, source)
     except BadInputError as exc:
         fail(rt, msg, f"{exc.title}: {exc.detail}")
         return None
@@ -179,9 +187,10 @@ def submit_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> InFli
     with BULK_PREPARE if priority and rt.pool is None else contextlib.nullcontext():
         # With a preprocessing pool, its processes decode the images side by side.
         decoded = rt.decode_many([blob for _, _, blob in images])
-        for (i, msg, _), blob in zip(images, decoded, strict=True):
+        sources = source_ids_many(rt, [msg for _, msg, _ in images])
+        for (i, msg, _), blob, source in zip(images, decoded, sources, strict=True):
             try:
-                item = prepared_or_fail(rt, msg, blob)
+                item = prepared_or_fail(rt, msg, blob, source)
             except Exception as exc:
                 retry_later(rt, msg, exc)
                 outcomes[i] = Outcome("retried")
@@ -195,6 +204,18 @@ def submit_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> InFli
         flight.held.enter_context(rt.leases.holding(msg.job_id))
     flight.waiting = [(i, msg, rt.batcher.submit(item, priority)) for i, msg, item in todo]
     return flight
+
+
+def source_ids_many(
+    rt: Runtime, msgs: Sequence[EntailTask]
+) -> Sequence[list[int] | BadInputError | None]:
+    """The items' prompt ids, tokenised together; Nones (each item tokenised alone, by
+    ``prepare``) if that fails as a whole."""
+    try:
+        return rt.entailer.source_ids_many([(m.text, m.premise) for m in msgs])
+    except Exception as exc:
+        logger.warning("tokenising %d texts together failed (%s); one at a time", len(msgs), exc)
+        return [None] * len(msgs)
 
 
 def finish_many(rt: Runtime, flights: Sequence[InFlight], timeout: float) -> list[list[Outcome]]:

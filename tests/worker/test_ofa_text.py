@@ -96,6 +96,25 @@ def test_source_ids_match_preprocessor(tiny_dir: Path, text: str, premise: str |
     assert ckpt.text.decoder_prompt(source) == sample["decoder_prompt"].tolist()
 
 
+def test_texts_tokenised_together_match_each_alone(tiny_dir: Path):
+    """A group's texts go through the tokenizer's batch encoding in one call: the same
+    ids as one at a time, an empty text refused in its place, long texts cut alike."""
+    from worker.ofa.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_dir)
+    pairs = [(t, p) for t in [*TEXTS, "word " * 5000] for p in (None, "A man sits on a bench.")]
+    together = ckpt.text.source_ids_many(pairs)
+    assert len(together) == len(pairs)
+    for (text, premise), got in zip(pairs, together, strict=True):
+        if not text.strip():
+            assert isinstance(got, BadTextError)
+            with pytest.raises(BadTextError):
+                ckpt.text.source_ids(text, premise)
+        else:
+            assert got == ckpt.text.source_ids(text, premise)
+    assert ckpt.text.source_ids_many([]) == []
+
+
 def test_long_text_is_truncated_not_refused(tiny_dir: Path):
     from worker.ofa.checkpoint import load_checkpoint
 

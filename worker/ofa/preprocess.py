@@ -86,6 +86,27 @@ class TextEncoder:
         ids = self.encode(self.prompt(hypothesis, premise))[: self.task.max_src_length]
         return [BOS, *ids, EOS]
 
+    def source_ids_many(
+        self, texts: Sequence[tuple[str, str | None]]
+    ) -> list[list[int] | BadTextError]:
+        """``source_ids`` for each (hypothesis, premise), tokenised in one call (the
+        tokenizer's batch encoding: about half the time a text, without the
+        interpreter lock); an item's ``BadTextError`` in its place."""
+        out: list[list[int] | BadTextError] = []
+        prompts: list[str] = []
+        for hypothesis, premise in texts:
+            if not hypothesis or not hypothesis.strip():
+                out.append(BadTextError("text is empty"))
+            else:
+                out.append([])
+                prompts.append(self.prompt(hypothesis, premise))
+        encoded = iter(self.tokenizer.encode_batch(prompts) if prompts else [])
+        n = self.task.max_src_length
+        return [
+            got if isinstance(got, BadTextError) else [BOS, *next(encoded).ids[:n], EOS]
+            for got in out
+        ]
+
     def decoder_prompt(self, source: list[int]) -> list[int]:
         """What the decoder is fed before the answer: bos, or the source without eos."""
         if self.task.prompt_type == "prev_output":
