@@ -20,6 +20,7 @@ import io
 import math
 import re
 import warnings
+from typing import NamedTuple
 
 import simplejpeg
 from PIL import Image, ImageOps
@@ -70,12 +71,21 @@ _XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # as Pillow re
 _ORIENTATION = 0x0112
 
 
-def plain_jpeg(data: bytes, max_pixels: int, upright: bool = True) -> tuple[int, int] | None:
-    """(height, width) of a JPEG that libjpeg-turbo decodes directly to exactly the pixels
-    ``open_image`` returns (``tests/shared/test_images.py`` holds them equal): colour
-    (YCbCr) or grey, within the pixel limits, and, when ``upright``, without an EXIF
-    orientation other than 1 (found as Pillow finds it). None for anything else: then
-    Pillow decides (``open_image``, ``check_image``)."""
+class PlainJpeg(NamedTuple):
+    """What ``plain_jpeg`` found: the stored size, and the EXIF orientation (1-8) that
+    ``open_image`` applies after decoding (1: none)."""
+
+    height: int
+    width: int
+    orientation: int = 1
+
+
+def plain_jpeg(data: bytes, max_pixels: int, oriented: bool = True) -> PlainJpeg | None:
+    """A JPEG that libjpeg-turbo decodes directly to exactly the pixels ``open_image``
+    decodes before its EXIF transpose (``tests/worker/test_resample.py`` holds them
+    equal): colour (YCbCr) or grey, within the pixel limits; with ``oriented``, its
+    orientation found as Pillow finds it. None for anything else: then Pillow decides
+    (``open_image``, ``check_image``)."""
     if not data.startswith(_SOI):
         return None
     try:
@@ -85,9 +95,13 @@ def plain_jpeg(data: bytes, max_pixels: int, upright: bool = True) -> tuple[int,
     limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)  # Pillow's bomb warning
     if colorspace not in ("YCbCr", "Gray") or not 0 < width * height <= limit:
         return None
-    if upright and _orientation(data) != 1:
-        return None
-    return height, width
+    orientation = 1
+    if oriented:
+        found = _orientation(data)
+        if not isinstance(found, int):
+            return None  # unreadable, or a value Pillow may choke on: Pillow decides
+        orientation = found if 2 <= found <= 8 else 1  # Pillow turns only for 2-8
+    return PlainJpeg(height, width, orientation)
 
 
 def _orientation(data: bytes) -> object:
@@ -139,8 +153,8 @@ def check_image(data: bytes, max_pixels: int, formats: frozenset[str] = ACCEPTED
     cost of a full decode, measured on 1024x768 photos); truncation still fails. A plain
     JPEG that libjpeg-turbo decodes without a single warning is accepted without
     Pillow (which would accept it too); anything else is Pillow's to judge."""
-    if "JPEG" in formats and (dims := plain_jpeg(data, max_pixels, upright=False)):
-        height, width = dims
+    if "JPEG" in formats and (jpeg := plain_jpeg(data, max_pixels, oriented=False)):
+        height, width, _ = jpeg
         try:
             simplejpeg.decode_jpeg(
                 data, "GRAY", min_height=math.ceil(height / 8), min_width=math.ceil(width / 8)

@@ -106,7 +106,7 @@ def test_plain_jpegs_decode_to_the_same_bytes_as_pillows_path(
 ):
     for img in (photo("chelsea").resize((width, height)), noise(width, height, 3)):
         data = encode_image(img.convert(mode), **options)
-        assert plain_jpeg(data, MAX_PIXELS) == (height, width)
+        assert plain_jpeg(data, MAX_PIXELS) == (height, width, 1)
         for size in (128, 480):
             ours = decode_resize_jpeg(data, MAX_PIXELS, size)
             assert ours is not None  # the direct path was taken
@@ -125,21 +125,20 @@ def with_xmp_orientation(img: Image.Image, orientation: int) -> bytes:
     return encode_image(img, xmp=xmp.encode(), quality=90)
 
 
-def test_rotated_jpegs_take_pillows_path_and_upright_ones_do_not():
-    img = photo("chelsea").resize((300, 200))
-    for orientation in (1, 6, 3, 8):
-        for data in (
-            with_exif_orientation(img, orientation),
-            with_xmp_orientation(img, orientation),
-        ):
-            direct = decode_resize_jpeg(data, MAX_PIXELS, 128)
-            assert (direct is not None) == (orientation == 1), orientation
-            # Either way the worker's pixels are Pillow's, transposed as it transposes.
-            np.testing.assert_array_equal(
-                decode_and_resize(data, MAX_PIXELS, 128), pillows_path(data, 128)
-            )
-    rotated = with_exif_orientation(img, 6)
-    assert not np.array_equal(pillows_path(rotated, 128), pillow(img, 128))
+@pytest.mark.parametrize("orientation", range(1, 10))
+def test_turned_jpegs_are_decoded_directly_and_turned_as_pillow_turns_them(orientation: int):
+    """EXIF (or XMP) orientations 2-8 are Pillow's transposes after the decode; 1, and a
+    value Pillow does not know (9), leave the pixels as stored."""
+    img = photo("chelsea").resize((300, 200))  # not square: a wrong turn shows
+    for data in (with_exif_orientation(img, orientation), with_xmp_orientation(img, orientation)):
+        found = plain_jpeg(data, MAX_PIXELS)
+        assert found is not None
+        assert found.orientation == (orientation if orientation <= 8 else 1)
+        direct = decode_resize_jpeg(data, MAX_PIXELS, 128)
+        assert direct is not None  # the direct path was taken
+        np.testing.assert_array_equal(direct, pillows_path(data, 128))
+    turned = with_exif_orientation(img, 6)
+    assert not np.array_equal(pillows_path(turned, 128), pillow(img, 128))
 
 
 def test_other_images_and_damaged_jpegs_take_pillows_path():

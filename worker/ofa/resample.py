@@ -145,10 +145,10 @@ class _Scratch:
     fresh pages, and first touching them (about 2 us per 4 KB page in this VM, ~1.5 ms
     for a 1024x768 photo's transpose) costs as much as the resize itself."""
 
-    COPY, COLUMNS, RESIZED, BACK, MID = range(5)
+    COPY, COLUMNS, RESIZED, BACK, MID, TURNED = range(6)
 
     def __init__(self) -> None:
-        self.buffers = [np.empty(0, np.uint8) for _ in range(5)]
+        self.buffers = [np.empty(0, np.uint8) for _ in range(6)]
 
     def take(self, role: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
         """A ``shape`` array of ``dtype`` over buffer ``role`` (grown when too small)."""
@@ -284,23 +284,39 @@ def resize_bicubic(img: Image.Image, size: int) -> np.ndarray:
         return _resize(s, px, size, size)
 
 
+# EXIF orientation -> the view of (H, W, C) pixels that ``ImageOps.exif_transpose``
+# makes of them (Pillow's ROTATE_270 turns clockwise, ROTATE_90 counter-clockwise).
+_ORIENTED: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+    3: lambda a: a[::-1, ::-1],  # ROTATE_180
+    4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+    5: lambda a: a.transpose(1, 0, 2),  # TRANSPOSE
+    6: lambda a: np.rot90(a, -1),  # ROTATE_270
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],  # TRANSVERSE
+    8: lambda a: np.rot90(a, 1),  # ROTATE_90
+}
 ONE_BLOCK = 16 << 20  # Pillow's block size: larger images fall back in both paths
 
 
 def decode_resize_jpeg(data: bytes, max_pixels: int, size: int) -> np.ndarray | None:
     """A plain JPEG (``shared.images.plain_jpeg``) decoded by libjpeg-turbo straight into
-    a reused RGBX buffer, then resized: (size, size, 3) uint8, the bytes of
+    a reused RGBX buffer, turned as its EXIF orientation says, then resized: (size,
+    size, 3) uint8, the bytes of
     ``resize_bicubic(open_image(data, max_pixels), size)``. None for any other image,
     and for one libjpeg-turbo warns about: Pillow's path judges those."""
-    dims = plain_jpeg(data, max_pixels)
-    if dims is None or dims[0] * dims[1] * 4 > ONE_BLOCK:
+    jpeg = plain_jpeg(data, max_pixels)
+    if jpeg is None or jpeg.height * jpeg.width * 4 > ONE_BLOCK:
         return None
     with _POOL.lend() as s:
-        px = s.take(s.COPY, (*dims, 4), np.uint8)
+        px = s.take(s.COPY, (jpeg.height, jpeg.width, 4), np.uint8)
         try:
             simplejpeg.decode_jpeg(data, "RGBX", buffer=px)  # strict: warnings raise
         except ValueError:
             return None
+        if jpeg.orientation != 1:  # EXIF orientation: Pillow's transpose, a permutation
+            turned = _ORIENTED[jpeg.orientation](px)
+            px = s.take(s.TURNED, turned.shape, np.uint8)
+            np.copyto(px, turned)
         return _resize(s, px, size, size)
 
 
