@@ -113,6 +113,22 @@ class Batcher(Generic[T, R]):
         self._queue.put((priority, next(self._seq), item, fut))
         return fut
 
+    def submit_many(self, items: Sequence[T], priority: int = 0) -> list[Future[R]]:
+        """``submit`` for several items at once (a group's, a chunk's): queued under one
+        lock with one wake-up of the batcher's thread, not one each."""
+        if not items:
+            return []
+        futures: list[Future[R]] = [Future() for _ in items]
+        if priority == 0:
+            self._urgent_at = time.monotonic()
+        q = self._queue
+        with q.mutex:  # what Queue.put does, once for all of them
+            for item, fut in zip(items, futures, strict=True):
+                q._put((priority, next(self._seq), item, fut))
+            q.unfinished_tasks += len(items)
+            q.not_empty.notify()
+        return futures
+
     def bulk_limit(self) -> int:
         """How many items a batch of bulk work may take now: ``max_batch``, or fewer
         while interactive work is about (see the module's docstring)."""

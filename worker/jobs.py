@@ -200,9 +200,9 @@ def submit_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> InFli
             else:
                 todo.append((i, msg, item))
     flight = InFlight(len(msgs), outcomes, [])
-    for _, msg, _ in todo:
-        flight.held.enter_context(rt.leases.holding(msg.job_id))
-    flight.waiting = [(i, msg, rt.batcher.submit(item, priority)) for i, msg, item in todo]
+    flight.held.enter_context(rt.leases.holding(*(msg.job_id for _, msg, _ in todo)))
+    futures = rt.batcher.submit_many([item for _, _, item in todo], priority)
+    flight.waiting = [(i, msg, fut) for (i, msg, _), fut in zip(todo, futures, strict=True)]
     return flight
 
 

@@ -33,17 +33,18 @@ class Leases:
         self._thread.start()
 
     @contextlib.contextmanager
-    def holding(self, job_id: str) -> Iterator[None]:
-        """Keep ``job_id``'s lease alive while the block runs."""
+    def holding(self, *job_ids: str) -> Iterator[None]:
+        """Keep the leases of ``job_ids`` alive while the block runs."""
         with self._lock:
-            self._held[job_id] += 1
+            self._held.update(job_ids)
         try:
             yield
         finally:
             with self._lock:
-                self._held[job_id] -= 1
-                if self._held[job_id] <= 0:
-                    del self._held[job_id]
+                for job_id in job_ids:
+                    self._held[job_id] -= 1
+                    if self._held[job_id] <= 0:
+                        del self._held[job_id]
 
     def held(self) -> list[str]:
         """The job ids held right now."""

@@ -223,7 +223,9 @@ class BatchTally:
     """Model passes counted in the durable store (``JobStore.record_batch``) by a thread
     of its own: the batcher's thread, which runs every batch, never waits for a round
     trip (it did after every batch, ~9% of a scan's worker samples). Passes counted
-    while a write is out go together in the next one."""
+    within ``WRITE_EVERY_S`` of each other go together in one write."""
+
+    WRITE_EVERY_S = 0.05  # at most this often: ~20 round trips a second at full speed
 
     def __init__(self, jobs: JobStore) -> None:
         self._jobs = jobs
@@ -241,6 +243,7 @@ class BatchTally:
     def _run(self) -> None:
         while True:
             self._wake.wait()
+            time.sleep(self.WRITE_EVERY_S)  # the passes of the next moments join this write
             self._wake.clear()
             with self._lock:
                 batches, items = self._batches, self._items

@@ -71,6 +71,30 @@ def test_interactive_items_go_before_waiting_bulk_items():
     assert order[0] == 0 and order[1] == 99
 
 
+def test_items_submitted_together_keep_their_order_and_priority():
+    """``submit_many`` queues a chunk's items in one go: each gets its own result, in
+    order, and an interactive item submitted after them still goes first."""
+    order: list[int] = []
+    gate = threading.Event()
+
+    def run(xs):
+        gate.wait(2)
+        order.extend(xs)
+        return [x * 10 for x in xs]
+
+    b: Batcher[int, int] = Batcher(run, max_batch=4, max_wait_s=0)
+    first = b.submit(0, priority=1)  # occupies the batcher while the rest queue up
+    time.sleep(0.05)
+    bulk = b.submit_many(list(range(1, 10)), priority=1)
+    assert b.submit_many([], priority=1) == []
+    interactive = b.submit_many([99], priority=0)
+    gate.set()
+    assert [f.result(timeout=5) for f in bulk] == [x * 10 for x in range(1, 10)]
+    assert interactive[0].result(timeout=5) == 990 and first.result(timeout=5) == 0
+    b.close()
+    assert order[:2] == [0, 99] and order[2:] == list(range(1, 10))
+
+
 def test_interactive_batch_does_not_wait_for_bulk_items():
     batches: list[list[int]] = []
     gate = threading.Event()
