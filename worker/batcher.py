@@ -107,11 +107,7 @@ class Batcher(Generic[T, R]):
 
     def submit(self, item: T, priority: int = 0) -> Future[R]:
         """Queue one item; its result (or exception) arrives on the returned future."""
-        fut: Future[R] = Future()
-        if priority == 0:
-            self._urgent_at = time.monotonic()
-        self._queue.put((priority, next(self._seq), item, fut))
-        return fut
+        return self.submit_many([item], priority)[0]
 
     def submit_many(self, items: Sequence[T], priority: int = 0) -> list[Future[R]]:
         """``submit`` for several items at once (a group's, a chunk's): queued under one

@@ -212,7 +212,7 @@ def source_ids_many(
     """The items' prompt ids, tokenised together; Nones (each item tokenised alone, by
     ``prepare``) if that fails as a whole."""
     try:
-        return rt.entailer.source_ids_many([(m.text, m.premise) for m in msgs])
+        return rt.entailer.text.source_ids_many([(m.text, m.premise) for m in msgs])
     except Exception as exc:
         logger.warning("tokenising %d texts together failed (%s); one at a time", len(msgs), exc)
         return [None] * len(msgs)

@@ -6,10 +6,9 @@ whatever the coordinator does.
 
     python -m tests.benchmarks.bench_chunks --out tests/benchmarks/results/chunks-cpu.md
 
-Rows as in ``bench_plumbing``'s scan: 32 px JPEGs, the tiny model at 128 px. With
-``BENCH_PYSPY=FILE`` (and py-spy installed) it records a raw profile of the worker
-for 3 s of the steady state (``BENCH_PYSPY_GIL=1``: only samples holding the
-interpreter lock).
+Rows as in ``bench_plumbing``'s scan: 32 px JPEGs, the tiny model at 128 px; the
+steady state measured as ``bench_plumbing`` measures the worker fed directly
+(``steady_drain``).
 """
 
 from __future__ import annotations
@@ -30,12 +29,9 @@ from shared.settings import Settings
 from shared.store import JobStore
 from shared.submit import BulkItem, submit_bulk
 from shared.wiring import sync_redis
-from tests.benchmarks.bench_http import cpu_seconds
+from tests.benchmarks.bench_plumbing import MODEL, PREFIX, steady_drain
 from tests.benchmarks.machine import machine
 from tests.helpers import small_jpeg
-
-MODEL = ("instant", "bench")
-PREFIX = "bench-chunks"
 
 
 def main() -> None:
@@ -90,26 +86,13 @@ def main() -> None:
                 stderr=subprocess.STDOUT,
             )
         pids = {"worker": worker.pid, "valkey": int(rdb.info("server")["process_id"])}
-        marks = []
-        for k in (args.rows // 10, args.rows * 9 // 10):
-            while (job := jobs.get(ids[k])) is None or not job.status.finished:
-                assert worker.poll() is None, "the worker exited"
-                time.sleep(0.01)
-            marks.append((time.monotonic(), {n: cpu_seconds(p) for n, p in pids.items()}))
-            if k == args.rows // 10 and os.environ.get("BENCH_PYSPY"):
-                spy = ["py-spy", "record", "--pid", str(worker.pid), "--format", "raw"]
-                spy += ["-o", os.environ["BENCH_PYSPY"], "--duration", "3", "--rate", "250"]
-                spy += ["--nonblocking", *(["--gil"] if os.environ.get("BENCH_PYSPY_GIL") else [])]
-                subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        (t1, cpu1), (t2, cpu2) = marks
-        n = args.rows * 9 // 10 - args.rows // 10
-        seconds = t2 - t1
-        worker_s = cpu2["worker"] - cpu1["worker"]
-        valkey_us = 1e6 * (cpu2["valkey"] - cpu1["valkey"]) / n
+        steady = steady_drain(jobs, ids, pids)
+        rate = steady["jobs_per_s"]
         line = (
-            f"| {args.rows} rows in chunks of {settings.bulk_chunk_jobs} | {n / seconds:.0f} "
-            f"rows/s | {1e6 * worker_s / n:.0f} us ({worker_s / seconds:.2f} cores) | "
-            f"{valkey_us:.0f} us |"
+            f"| {args.rows} rows in chunks of {settings.bulk_chunk_jobs} | {rate:.0f} "
+            f"rows/s | {1000 * steady['worker_ms']:.0f} us "
+            f"({steady['worker_ms'] * rate / 1000:.2f} cores) | "
+            f"{1000 * steady['valkey_ms']:.0f} us |"
         )
         print(line, flush=True)
         if args.out:

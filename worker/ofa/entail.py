@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.errors import BadInputError, UnsupportedConfigError
+from shared.errors import UnsupportedConfigError
 from worker.ofa import resample
 from worker.ofa.checkpoint import Checkpoint, load_checkpoint, resolve_model_dir
 from worker.ofa.model import EncoderOutput
@@ -226,7 +226,7 @@ class Entailer:
         source: list[int] | None = None,
     ) -> Prepared:
         """Decode and resize the image, build the prompt ids (``source``: already built,
-        by ``source_ids_many``). Raises ``BadInputError``s."""
+        by ``TextEncoder.source_ids_many``). Raises ``BadInputError``s."""
         if source is None:
             source = self.text.source_ids(text, premise)
         size = self.task.patch_image_size
@@ -248,14 +248,6 @@ class Entailer:
         if source is None:
             source = self.text.source_ids(text, premise)
         return Prepared(pixels, source, self.text.decoder_prompt(source))
-
-    def source_ids_many(
-        self, texts: Sequence[tuple[str, str | None]]
-    ) -> list[list[int] | BadInputError]:
-        """The prompt ids of several items at once (``TextEncoder.source_ids_many``),
-        for ``prepare``'s ``source``; an item's ``BadInputError`` in its place."""
-        out: list[list[int] | BadInputError] = [*self.text.source_ids_many(texts)]
-        return out
 
     @property
     def image_size(self) -> int:

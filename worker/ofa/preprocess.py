@@ -81,31 +81,32 @@ class TextEncoder:
         Over-long text is truncated, never refused: the API limits text length before
         anything reaches the model.
         """
-        if not hypothesis or not hypothesis.strip():
-            raise BadTextError("text is empty")
-        ids = self.encode(self.prompt(hypothesis, premise))[: self.task.max_src_length]
-        return [BOS, *ids, EOS]
+        return self._wrapped(self.encode(self._checked_prompt(hypothesis, premise)))
 
     def source_ids_many(
         self, texts: Sequence[tuple[str, str | None]]
-    ) -> list[list[int] | BadTextError]:
+    ) -> list[list[int] | BadInputError]:
         """``source_ids`` for each (hypothesis, premise), tokenised in one call (the
         tokenizer's batch encoding: about half the time a text, without the
         interpreter lock); an item's ``BadTextError`` in its place."""
-        out: list[list[int] | BadTextError] = []
+        refused: list[BadInputError | None] = []
         prompts: list[str] = []
         for hypothesis, premise in texts:
-            if not hypothesis or not hypothesis.strip():
-                out.append(BadTextError("text is empty"))
-            else:
-                out.append([])
-                prompts.append(self.prompt(hypothesis, premise))
+            try:
+                prompts.append(self._checked_prompt(hypothesis, premise))
+                refused.append(None)
+            except BadTextError as exc:
+                refused.append(exc)
         encoded = iter(self.tokenizer.encode_batch(prompts) if prompts else [])
-        n = self.task.max_src_length
-        return [
-            got if isinstance(got, BadTextError) else [BOS, *next(encoded).ids[:n], EOS]
-            for got in out
-        ]
+        return [exc if exc is not None else self._wrapped(next(encoded).ids) for exc in refused]
+
+    def _checked_prompt(self, hypothesis: str, premise: str | None) -> str:
+        if not hypothesis or not hypothesis.strip():
+            raise BadTextError("text is empty")
+        return self.prompt(hypothesis, premise)
+
+    def _wrapped(self, ids: Sequence[int]) -> list[int]:
+        return [BOS, *ids[: self.task.max_src_length], EOS]
 
     def decoder_prompt(self, source: list[int]) -> list[int]:
         """What the decoder is fed before the answer: bos, or the source without eos."""

@@ -155,6 +155,7 @@ class Coordinator:
             total = int(record.get("total", 0))
             deadline = time.monotonic() + self.settings.scan_slice_s
             published = checked = 0.0
+            cancelled = False
             finished = announced.take()  # None: the first turn re-reads every pending row
             while True:
                 if time.monotonic() - checked >= CANCEL_CHECK_S:
