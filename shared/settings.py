@@ -53,8 +53,9 @@ class Settings(BaseSettings):
     # its prefetch); a few threads of the worker's own run them in groups. 0: four
     # batches' worth (``interactive_prefetch``).
     worker_threads: int = Field(0, ge=0, le=2048)
-    # Bulk-queue messages (scan chunks) a worker process takes at a time, on threads of
-    # their own: never the interactive messages' prefetch slots above.
+    # Bulk-queue messages (scan chunks) a worker process runs at a time, on threads of
+    # their own: never the interactive messages' prefetch slots above. It holds twice
+    # as many (``worker/bulk.py``): the next chunk is there when a thread finishes one.
     bulk_chunks: int = Field(4, ge=1, le=256)
     # Processes that decode and resize images beside a worker (outside its interpreter
     # lock); 0: in the worker's own threads.

@@ -58,6 +58,9 @@ from tests.helpers import encode_image, free_port, photo, small_jpeg
 
 PREFIX = "ofa:plumbing:"
 MODEL = ("instant", "bench")
+# Extra py-spy flags for the BENCH_PYSPY profiles ("--gil": only the thread holding
+# the interpreter lock, so CPU spent in Python rather than time waiting on sockets).
+SPY_FLAGS = os.environ.get("BENCH_PYSPY_FLAGS", "").split()
 API_KEY = "bench-key-0123456789abcdef0123"
 
 
@@ -252,6 +255,7 @@ def main() -> None:
                             "--rate",
                             "200",
                             "--nonblocking",
+                            *SPY_FLAGS,
                         ],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
@@ -340,6 +344,7 @@ def main() -> None:
                             "--rate",
                             "200",
                             "--nonblocking",
+                            *SPY_FLAGS,
                         ],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
@@ -382,6 +387,7 @@ def main() -> None:
                         "--rate",
                         "300",
                         "--nonblocking",
+                        *SPY_FLAGS,
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
