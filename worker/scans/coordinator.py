@@ -21,10 +21,11 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Coroutine
 from dataclasses import replace
 from functools import cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import redis
@@ -41,6 +42,8 @@ from shared.submit import BulkItem, submit_bulk
 from worker.scans.resolver import Resolved, RowResolver
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @cache
@@ -103,6 +106,44 @@ class Announcements:
             pubsub, self._pubsub = self._pubsub, None
             with contextlib.suppress(redis.RedisError):
                 pubsub.close()
+
+
+class _Network:
+    """A chunk's event loop and HTTP client, made only when one of its rows needs the
+    network (an image URL): a manifest of local files or inline images pays for
+    neither (an event loop and a client cost ~0.5 ms a chunk, ~4% of the coordinator
+    on small chunks)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._runner: asyncio.Runner | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            limits = httpx.Limits(max_connections=self.settings.scan_fetch_concurrency)
+            self._client = httpx.AsyncClient(
+                follow_redirects=False, trust_env=False, limits=limits, verify=tls_context()
+            )
+        return self._client
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """``coro`` run to its end on this chunk's event loop."""
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        return self._runner.run(coro)
+
+    def __enter__(self) -> _Network:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._client is not None:
+                self.run(self._client.aclose())
+        finally:
+            if self._runner is not None:
+                self._runner.close()
 
 
 class Coordinator:
@@ -180,7 +221,7 @@ class Coordinator:
                         self.scans.set_total(scan_id, next_idx)
                         total = next_idx
                         continue
-                    results = asyncio.run(self._process(scan_id, rows, pending))
+                    results = self._process(scan_id, rows, pending)
                     db.record(results, rows[-1].idx + 1, new_offset)
                 else:
                     wait = 0.05  # the window is full: until a job ends, or this long
@@ -241,28 +282,18 @@ class Coordinator:
 
     # -- new rows --------------------------------------------------------------------
 
-    async def _process(
-        self, scan_id: str, rows: list[Row], already: dict[str, str]
-    ) -> list[RowResult]:
+    def _process(self, scan_id: str, rows: list[Row], already: dict[str, str]) -> list[RowResult]:
         """The rows' results; misses not ``already`` pending (key -> job id) are
         submitted."""
-        limits = httpx.Limits(max_connections=self.settings.scan_fetch_concurrency)
-        async with httpx.AsyncClient(
-            follow_redirects=False, trust_env=False, limits=limits, verify=tls_context()
-        ) as client:
-            sem = asyncio.Semaphore(self.settings.scan_fetch_concurrency)
-
-            async def fetch(r: Resolved) -> Resolved:
-                async with sem:
-                    return await self.resolver.fetch(r, client)
-
+        with _Network(self.settings) as net:
             # Rows read one after the other (nothing to wait for); those that must
             # fetch their image then fetch concurrently.
             resolved = [self.resolver.read(row) for row in rows]
             remote = [i for i, r in enumerate(resolved) if r.to_fetch]
-            fetched = await asyncio.gather(*(fetch(resolved[i]) for i in remote))
-            for i, r in zip(remote, fetched, strict=True):
-                resolved[i] = r
+            if remote:
+                fetched = net.run(self._fetch_all([resolved[i] for i in remote], net))
+                for i, r in zip(remote, fetched, strict=True):
+                    resolved[i] = r
             unique = list(dict.fromkeys(r.key for r in resolved if r.key is not None))
             hits = self.jobs.cached_many(unique)
             new: dict[str, BulkItem] = {}  # key -> work for a job not known yet
@@ -279,7 +310,10 @@ class Coordinator:
                     results.append(result(RowState.PENDING, key=r.key, job_id=already.get(r.key)))
                 else:
                     try:
-                        image = await self.resolver.image_for_job(r, client)
+                        if r.image is None and r.path is None:  # a URL: fetched now
+                            image = net.run(self.resolver.image_for_job(r, net.client))
+                        else:
+                            image = self.resolver.local_image_for_job(r)
                     except RowError as exc:
                         results.append(result(RowState.FAILED, key=r.key, error=str(exc)))
                         continue
@@ -308,6 +342,17 @@ class Coordinator:
                     for res in results
                 ]
             return results
+
+    async def _fetch_all(self, rows: list[Resolved], net: _Network) -> list[Resolved]:
+        """``rows`` (each ``to_fetch``) fetched concurrently, at most
+        ``scan_fetch_concurrency`` at a time."""
+        sem = asyncio.Semaphore(self.settings.scan_fetch_concurrency)
+
+        async def fetch(r: Resolved) -> Resolved:
+            async with sem:
+                return await self.resolver.fetch(r, net.client)
+
+        return list(await asyncio.gather(*(fetch(r) for r in rows)))
 
     # -- the end ---------------------------------------------------------------------
 

@@ -197,12 +197,7 @@ class RowResolver:
     async def image_for_job(self, r: Resolved, client: httpx.AsyncClient) -> bytes:
         """The image bytes a miss's job needs, fetched if only the digest is known,
         and checked to decode (a row the model could never take fails here)."""
-        if r.image is None and r.path is not None:
-            image = self._read_path(r.path)
-            if image_digest(image) != r.expected:
-                raise RowError("the image does not match the row's sha256")
-            r.image = image
-        if r.image is None:
+        if r.image is None and r.path is None:
             assert r.url is not None
             try:
                 found = await fetch(r.url, self.policy, client)
@@ -212,6 +207,18 @@ class RowResolver:
             if r.expected is not None and image_digest(found.body) != r.expected:
                 raise RowError("the image does not match the row's sha256")
             r.image = found.body
+        return self.local_image_for_job(r)
+
+    def local_image_for_job(self, r: Resolved) -> bytes:
+        """``image_for_job`` for a row whose image needs no network: its bytes, or its
+        file (named with its sha256) read now."""
+        if r.image is None and r.path is not None:
+            image = self._read_path(r.path)
+            if image_digest(image) != r.expected:
+                raise RowError("the image does not match the row's sha256")
+            r.image = image
+        if r.image is None:
+            raise RowError("no image")
         try:
             check_image(r.image, self.settings.max_pixels)
         except BadInputError as exc:
