@@ -21,8 +21,9 @@ jobs the reaper sent again, like any task.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from celery import bootsteps
@@ -55,6 +56,8 @@ class BulkConsumer(bootsteps.ConsumerStep):
         # (Waking the loop after each acknowledgement instead cost more CPU a row.)
         self.prefetch = 2 * self.settings.bulk_chunks
         self.threads = ThreadPoolExecutor(self.settings.bulk_chunks, thread_name_prefix="bulk")
+        self._taken: set[Future[None]] = set()  # chunks handed to the threads, not done
+        self._lock = threading.Lock()
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         queue = self.c.app.amqp.queues.new_missing(queue_name(*self.settings.model_tag, bulk=True))
@@ -70,15 +73,35 @@ class BulkConsumer(bootsteps.ConsumerStep):
             )
         ]
 
+    def stop(self, c: Any) -> None:
+        """The consumer stops (a warm shutdown, or a reconnection): ``_settle``, then
+        the channel closes."""
+        self._settle()
+        super().stop(c)
+
     def shutdown(self, c: Any) -> None:
-        """Stop taking messages, finish (and acknowledge) the ones taken, then close."""
+        self._settle()
+        self.threads.shutdown(wait=True)
+        super().shutdown(c)
+
+    def _settle(self) -> None:
+        """Stop taking messages and let the chunks running finish (each acknowledged
+        as it is recorded) before the channel closes. The chunks held but not started
+        are not run: they stay unacknowledged, and kombu puts a channel's
+        unacknowledged messages back on their queue when it closes, as they were, for
+        another worker or this one after its restart. (Closing first, as Celery's
+        consumer step does, would put the running chunks back too.)"""
         for consumer in self.consumers or []:
             try:
                 consumer.cancel()
             except Exception as exc:  # a broken connection: nothing left to cancel
                 logger.debug("cancelling the bulk consumer: %s", exc)
-        self.threads.shutdown(wait=True)
-        super().shutdown(c)
+        with self._lock:
+            taken = list(self._taken)
+        running = [f for f in taken if not f.cancel()]
+        if len(running) < len(taken):
+            logger.info("%d held scan chunks go back to the queue", len(taken) - len(running))
+        wait(running)
 
     @staticmethod
     def _undecodable(message: Message, exc: Exception) -> None:
@@ -90,7 +113,14 @@ class BulkConsumer(bootsteps.ConsumerStep):
         headers = message.headers or {}
         task_id = str(headers.get("id", ""))
         received_event(self.c, headers)
-        self.threads.submit(self._run, body, message, task_id, str(headers.get("task")))
+        future = self.threads.submit(self._run, body, message, task_id, str(headers.get("task")))
+        with self._lock:
+            self._taken.add(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[None]) -> None:
+        with self._lock:
+            self._taken.discard(future)
 
     def _run(self, body: Any, message: Message, task_id: str, name: str) -> None:
         start = time.monotonic()

@@ -198,9 +198,10 @@ def test_task_events_reach_monitoring(client, worker, service_env):
 
 
 def test_scan_chunks_never_take_the_interactive_capacity(client, worker, service_env, rdb):
-    """40 chunk messages queued on the bulk queue: the worker holds at most
-    OFA_BULK_CHUNKS (4) of them at a time, on threads of their own, so an interactive
-    job submitted meanwhile finishes while most of the scan work is still queued."""
+    """40 chunk messages queued on the bulk queue: the worker runs OFA_BULK_CHUNKS (4)
+    of them at a time on threads of their own and holds at most twice that, so an
+    interactive job submitted meanwhile finishes while most of the scan work is still
+    queued."""
     import threading
     import uuid
 
@@ -257,7 +258,8 @@ def test_scan_chunks_never_take_the_interactive_capacity(client, worker, service
         sampling.clear()
         sampler.join()
     assert all(jobs.get(i).status == "succeeded" for i in ids)  # type: ignore[union-attr]
-    assert max(reserved) == 4, max(reserved)  # busy, and never more than OFA_BULK_CHUNKS
+    # Busy, and never more than the bulk consumer's prefetch: twice OFA_BULK_CHUNKS.
+    assert max(reserved) == 2 * settings.bulk_chunks, max(reserved)
 
 
 def test_scan_chunks_show_in_monitoring(worker, service_env):
@@ -318,3 +320,64 @@ def test_scan_chunks_show_in_monitoring(worker, service_env):
     assert len(chunks) == 2, chunks  # the only chunks sent while listening: ours
     assert all(e["task-succeeded"]["result"] == "chunk of 3: scored 3, cached 0, skipped 0, "
                "retried 0" for e in chunks)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_stopping_worker_finishes_its_running_chunk_and_hands_back_the_held_ones(
+    worker, service_env, rdb
+):
+    """SIGTERM while one chunk waits in the batcher (a 2 s batch window) and the next
+    is held, not started (one bulk thread, so a prefetch of two): the running chunk's
+    jobs are recorded and its message acknowledged before the worker exits; the held
+    chunk goes back to the bulk queue unrun, and the restarted worker (as a supervisor
+    would restart it) computes it."""
+    from shared.celery_app import make_celery
+    from shared.keys import Keys
+    from shared.settings import Settings
+    from shared.store import JobStore
+    from shared.submit import BulkItem, submit_bulk
+    from shared.wiring import sync_redis
+    from tests.helpers import PREFIX
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        redis_url=service_env["OFA_REDIS_URL"],
+        key_prefix=PREFIX,
+        model=MODEL[0],
+        model_revision=MODEL[1],
+    )
+    jobs = JobStore(settings, Keys(PREFIX), sync_redis(settings))
+    bulk = queue_name(*MODEL, bulk=True)
+    run = time.time()
+    items = [
+        BulkItem(f"handback-{run}-{i}", small_jpeg(seed=6200 + i), f"held {run} {i}", None)
+        for i in range(12)
+    ]
+    worker.kill()
+    worker.start(OFA_BULK_CHUNKS="1", OFA_BATCH_WAIT_MS="2000", OFA_BATCH_SIZE="64")
+    try:
+        ids = submit_bulk(jobs, make_celery(settings), f"handback-{run}", items, chunk=4)
+        running, held = ids[:4], ids[4:]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if len(unacked(rdb, bulk)) == 2 and all(
+                jobs.get(i).status == "running"  # type: ignore[union-attr]
+                for i in running
+            ):
+                break
+            time.sleep(0.05)
+        assert len(unacked(rdb, bulk)) == 2 and rdb.llen(bulk) == 1
+        worker.stop()  # SIGTERM: Celery's warm shutdown
+        assert worker.proc is not None and worker.proc.returncode is not None
+        assert [jobs.get(i).status for i in running] == ["succeeded"] * 4  # type: ignore[union-attr]
+        assert [jobs.get(i).status for i in held] == ["queued"] * 8  # type: ignore[union-attr]
+        assert not unacked(rdb, bulk) and rdb.llen(bulk) == 2  # both held chunks back
+    finally:
+        worker.stop()
+        worker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if all((j := jobs.get(i)) is not None and j.status == "succeeded" for i in held):
+            break
+        time.sleep(0.2)
+    assert [jobs.get(i).status for i in held] == ["succeeded"] * 8  # type: ignore[union-attr]
