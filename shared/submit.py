@@ -12,7 +12,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import redis
 from celery import Celery
@@ -51,22 +51,38 @@ def send_job(celery: Celery, msg: EntailTask) -> None:
 
 def entail_message(celery: Celery, msg: EntailTask) -> tuple[str, bytes]:
     """The ``ofa.entail`` message of ``msg`` as kombu's Redis transport stores it: the
-    list it goes onto and its bytes. Celery's own protocol-2 headers
-    (``amqp.as_task_v2``), the JSON body base64-encoded in the envelope that
-    ``Channel._put`` pushes: what ``send_job`` would write (tests/shared/test_submit.py
-    holds the two equal). Built here so the API pushes it in the same atomic step as
-    the job's record, with no producer pool or thread in between."""
+    list it goes onto and its bytes (``_envelope``): what ``send_job`` would write
+    (tests/shared/test_submit.py holds the two equal). Built here so the API pushes it
+    in the same atomic step as the job's record, with no producer pool or thread in
+    between."""
     kwargs = {"msg": msg.model_dump()}
-    task = celery.amqp.as_task_v2(
-        msg.job_id,
-        TASK_ENTAIL,
-        args=(),
-        kwargs=kwargs,
-        ignore_result=True,
-        argsrepr="()",
-        kwargsrepr=repr(kwargs),
-    )
     queue = queue_name(msg.model, msg.revision, bulk=msg.bulk)
+    return queue, _envelope(celery, msg.job_id, TASK_ENTAIL, kwargs, repr(kwargs), queue)
+
+
+def chunk_message(celery: Celery, msgs: list[EntailTask]) -> tuple[str, bytes]:
+    """The ``ofa.entail.chunk`` message of scan jobs, as ``entail_message`` builds one
+    job's: what Celery's ``send_task`` would write for it (but for the reprs it also
+    copies into the properties), with the summary Flower shows (``chunk_summary``).
+    Built and pushed, ~0.3 ms for 32 jobs, against ~0.5 ms through ``send_task``."""
+    first = msgs[0]
+    chunk = EntailChunk(model=first.model, revision=first.revision, items=msgs)
+    queue = queue_name(first.model, first.revision, bulk=True)
+    kwargs = {"msg": chunk.model_dump()}
+    return queue, _envelope(
+        celery, uuid.uuid4().hex, TASK_ENTAIL_CHUNK, kwargs, chunk_summary(chunk), queue
+    )
+
+
+def _envelope(
+    celery: Celery, task_id: str, name: str, kwargs: dict[str, Any], shown: str, queue: str
+) -> bytes:
+    """A task message as kombu's Redis transport stores it: Celery's own protocol-2
+    headers (``amqp.as_task_v2``, ``shown`` the kwargs Flower lists), the JSON body
+    base64-encoded in the envelope ``Channel._put`` pushes."""
+    task = celery.amqp.as_task_v2(
+        task_id, name, args=(), kwargs=kwargs, ignore_result=True, argsrepr="()", kwargsrepr=shown
+    )
     body = json.dumps(task.body).encode()
     envelope = {
         "body": base64.b64encode(body).decode(),
@@ -82,7 +98,7 @@ def entail_message(celery: Celery, msg: EntailTask) -> tuple[str, bytes]:
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    return queue, json.dumps(envelope).encode()
+    return json.dumps(envelope).encode()
 
 
 def send_hooks(celery: Celery, job_id: str, hooks: list[Hook]) -> None:
@@ -200,21 +216,11 @@ class BulkItem:
     premise: str | None
 
 
-def send_chunk(celery: Celery, msgs: list[EntailTask]) -> None:
-    """Send scan jobs as one ``ofa.entail.chunk`` message on the model's bulk queue."""
-    first = msgs[0]
-    chunk = EntailChunk(model=first.model, revision=first.revision, items=msgs)
-    celery.send_task(
-        TASK_ENTAIL_CHUNK,
-        kwargs={"msg": chunk.model_dump()},
-        queue=queue_name(first.model, first.revision, bulk=True),
-        retry=False,
-        ignore_result=True,
-        # What Flower shows of the message, said here: Celery's own saferepr of the
-        # chunk's items would cost ~2 ms per message and be cut off at 1 KB anyway.
-        argsrepr="()",
-        kwargsrepr=chunk_summary(chunk),
-    )
+def send_chunk(store: JobStore, celery: Celery, msgs: list[EntailTask]) -> None:
+    """Send scan jobs as one ``ofa.entail.chunk`` message on the model's bulk queue
+    (``chunk_message``, pushed onto the broker: the durable store)."""
+    queue, message = chunk_message(celery, msgs)
+    store.sync.durable.lpush(queue, message)
 
 
 def chunk_summary(chunk: EntailChunk) -> str:
@@ -248,7 +254,7 @@ def submit_bulk(
             _send_again(store, celery, got.job_id)
     for start in range(0, len(new), chunk):
         try:
-            send_chunk(celery, new[start : start + chunk])
+            send_chunk(store, celery, new[start : start + chunk])
         except Exception as exc:
             _discard(store, new[start:])
             raise QueueUnavailableError(

@@ -156,6 +156,53 @@ def test_the_api_builds_the_message_send_task_would_write(jobs, celery, rdb):
     assert mine == theirs
 
 
+def test_a_chunk_message_is_the_one_send_task_would_write(jobs, celery, rdb):
+    """Scan chunks are pushed as the coordinator builds them (``chunk_message``): what
+    Celery's send_task writes for the same task, but for the ids drawn anew (task id,
+    delivery tag, reply-to); the repr Flower shows is the chunk's summary in both."""
+    from shared.celery_app import TASK_ENTAIL_CHUNK
+    from shared.messages import EntailChunk
+    from shared.submit import chunk_message, chunk_summary
+
+    msgs = [
+        EntailTask(
+            job_id=f"{i:032x}",
+            key="k" * 64,
+            model=INPROC_MODEL[0],
+            revision=INPROC_MODEL[1],
+            text=f"row {i}",
+            premise=None,
+            scan_id="s1",
+        )
+        for i in range(3)
+    ]
+    queue, ours = chunk_message(celery, msgs)
+    chunk = EntailChunk(model=INPROC_MODEL[0], revision=INPROC_MODEL[1], items=msgs)
+    celery.send_task(
+        TASK_ENTAIL_CHUNK,
+        kwargs={"msg": chunk.model_dump()},
+        queue=queue,
+        retry=False,
+        ignore_result=True,
+        argsrepr="()",
+        kwargsrepr=chunk_summary(chunk),
+    )
+    assert queue == queue_name(*INPROC_MODEL, bulk=True)
+    [theirs] = [json.loads(raw) for raw in rdb.lrange(queue, 0, -1)]
+    mine = json.loads(ours)
+    for envelope in (theirs, mine):
+        envelope["body"] = json.loads(base64.b64decode(envelope["body"]))
+        del envelope["properties"]["delivery_tag"], envelope["properties"]["reply_to"]
+        for drawn in ("id", "root_id"):
+            del envelope["headers"][drawn]
+        del envelope["properties"]["correlation_id"]
+    # send_task also copies the reprs, given as options, into the properties; only the
+    # headers' are read (the worker's task-received event, so Flower).
+    assert theirs["properties"].pop("argsrepr") == mine["headers"]["argsrepr"]
+    assert theirs["properties"].pop("kwargsrepr") == mine["headers"]["kwargsrepr"]
+    assert mine == theirs
+
+
 def test_an_interactive_job_is_recorded_and_queued_in_one_step(ajobs, celery, rdb):
     async def main():
         try:
