@@ -234,7 +234,7 @@ class Entailer:
             pixels = resized_pixels(image, size)
         else:
             pixels = decode_and_resize(image, self.max_pixels, size)
-        return Prepared(pixels, source, self.text.decoder_prompt(source))
+        return self.prepare_resized(pixels, text, premise, source)
 
     def prepare_resized(
         self,
