@@ -310,7 +310,7 @@ class Coordinator:
                     results.append(result(RowState.PENDING, key=r.key, job_id=already.get(r.key)))
                 else:
                     try:
-                        if r.image is None and r.path is None:  # a URL: fetched now
+                        if r.remote:  # a URL: fetched now
                             image = net.run(self.resolver.image_for_job(r, net.client))
                         else:
                             image = self.resolver.local_image_for_job(r)

@@ -52,6 +52,12 @@ class Resolved:
         next."""
         return self.url is not None and self.digest is None
 
+    @property
+    def remote(self) -> bool:
+        """Its image is still only a URL's: a job's bytes need ``image_for_job``'s
+        fetch (otherwise ``local_image_for_job`` reads or checks them)."""
+        return self.image is None and self.path is None
+
 
 class RowResolver:
     """Resolves rows for one coordinator process (owns the remembered URL metadata)."""
@@ -197,7 +203,7 @@ class RowResolver:
     async def image_for_job(self, r: Resolved, client: httpx.AsyncClient) -> bytes:
         """The image bytes a miss's job needs, fetched if only the digest is known,
         and checked to decode (a row the model could never take fails here)."""
-        if r.image is None and r.path is None:
+        if r.remote:
             assert r.url is not None
             try:
                 found = await fetch(r.url, self.policy, client)
