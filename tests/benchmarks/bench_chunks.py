@@ -14,7 +14,6 @@ steady state measured as ``bench_plumbing`` measures the worker fed directly
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,11 +24,10 @@ import redis
 
 from shared.celery_app import make_celery
 from shared.keys import Keys, verdict_key
-from shared.settings import Settings
 from shared.store import JobStore
 from shared.submit import BulkItem, submit_bulk
 from shared.wiring import sync_redis
-from tests.benchmarks.bench_plumbing import MODEL, PREFIX, steady_drain
+from tests.benchmarks.bench_plumbing import MODEL, PREFIX, bench_env, steady_drain
 from tests.benchmarks.machine import machine
 from tests.helpers import small_jpeg
 
@@ -49,23 +47,7 @@ def main() -> None:
     server = ValkeyServer(data_dir=tmp / "valkey", config={"save": ""})
     server.start()
     url = f"redis://127.0.0.1:{server.port}/0"
-    env = {
-        **os.environ,
-        "OFA_REDIS_URL": url,
-        "OFA_KEY_PREFIX": PREFIX,
-        "OFA_MODEL": MODEL[0],
-        "OFA_MODEL_REVISION": MODEL[1],
-        "OFA_MODEL_DIR": str(tiny),
-        "OFA_DEVICE": "cpu",
-        "OFA_DATA_DIR": str(tmp / "data"),
-    }
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        redis_url=url,
-        key_prefix=PREFIX,
-        model=MODEL[0],
-        model_revision=MODEL[1],
-    )
+    env, settings = bench_env(url, tiny, tmp)
     jobs = JobStore(settings, Keys(PREFIX), sync_redis(settings))
     celery = make_celery(settings)
     rdb = redis.Redis.from_url(url)

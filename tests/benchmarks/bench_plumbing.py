@@ -64,6 +64,31 @@ SPY_FLAGS = os.environ.get("BENCH_PYSPY_FLAGS", "").split()
 API_KEY = "bench-key-0123456789abcdef0123"
 
 
+def bench_env(url: str, tiny: Path, tmp: Path, **more: str) -> tuple[dict[str, str], Settings]:
+    """The environment of the processes a benchmark starts (its embedded Valkey at
+    ``url``, the instant model over the ``tiny`` checkpoint, data under ``tmp``, and
+    ``more``), and the same settings for the script's own clients."""
+    env = {
+        **os.environ,
+        "OFA_REDIS_URL": url,
+        "OFA_KEY_PREFIX": PREFIX,
+        "OFA_MODEL": MODEL[0],
+        "OFA_MODEL_REVISION": MODEL[1],
+        "OFA_MODEL_DIR": str(tiny),
+        "OFA_DEVICE": "cpu",
+        "OFA_DATA_DIR": str(tmp / "data"),
+        **more,
+    }
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        redis_url=url,
+        key_prefix=PREFIX,
+        model=MODEL[0],
+        model_revision=MODEL[1],
+    )
+    return env, settings
+
+
 def latencies(api: str, n: int, seed: int, pause: float) -> list[float]:
     return interactive_latencies(api, n, seed, pause, api_key=API_KEY)
 
@@ -164,27 +189,15 @@ def main() -> None:
     server.start()
     url = f"redis://127.0.0.1:{server.port}/0"
     rdb = redis.Redis.from_url(url)
-    env = {
-        **os.environ,
-        "OFA_REDIS_URL": url,
-        "OFA_KEY_PREFIX": PREFIX,
-        "OFA_MODEL": MODEL[0],
-        "OFA_MODEL_REVISION": MODEL[1],
-        "OFA_MODEL_DIR": str(tiny),
-        "OFA_API_KEYS": API_KEY,
-        "OFA_RATE_LIMIT_PER_MIN": "0",
-        "OFA_MAX_PENDING_JOBS": "0",
-        "OFA_DEVICE": "cpu",
-        "OFA_DATA_DIR": str(tmp / "data"),
-        "OFA_IMAGE_ROOT": str(images),
-        "OFA_SCAN_CHUNK_ROWS": "1000",
-    }
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        redis_url=url,
-        key_prefix=PREFIX,
-        model=MODEL[0],
-        model_revision=MODEL[1],
+    env, settings = bench_env(
+        url,
+        tiny,
+        tmp,
+        OFA_API_KEYS=API_KEY,
+        OFA_RATE_LIMIT_PER_MIN="0",
+        OFA_MAX_PENDING_JOBS="0",
+        OFA_IMAGE_ROOT=str(images),
+        OFA_SCAN_CHUNK_ROWS="1000",
     )
     logs = tmp / "logs"
     logs.mkdir()
