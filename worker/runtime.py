@@ -77,6 +77,7 @@ class Runtime:
     reaper: Reaper
     celery: Celery  # the worker's own app: what webhooks and the reaper send through
     pool: ProcessPoolExecutor | None = None  # image decoding outside the interpreter lock
+    tally: BatchTally | None = None  # model passes counted (tests and benchmarks read them)
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -144,6 +145,7 @@ class Runtime:
             reaper,
             celery,
             pool,
+            tally,
         )
         threading.Thread(target=rt._heartbeat, name="heartbeat", daemon=True).start()
         rt._probe_file("ready")
@@ -198,6 +200,8 @@ class Runtime:
         with contextlib.suppress(redis.RedisError):
             self.registry.withdraw(self.redis.durable, self.name)
         self.batcher.close()
+        if self.tally is not None:
+            self.tally.flush()  # the last batches' passes, not left to the thread
         self.leases.stop()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -245,13 +249,20 @@ class BatchTally:
             self._wake.wait()
             time.sleep(self.WRITE_EVERY_S)  # the passes of the next moments join this write
             self._wake.clear()
-            with self._lock:
-                batches, items = self._batches, self._items
-                self._batches = self._items = 0
-            try:
-                self._jobs.record_batch(items, batches)
-            except redis.RedisError:
-                logger.warning("could not record batch statistics")
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the passes counted and not written yet (the thread's turn, or a
+        stopping worker's last ones)."""
+        with self._lock:
+            batches, items = self._batches, self._items
+            self._batches = self._items = 0
+        if not batches:
+            return
+        try:
+            self._jobs.record_batch(items, batches)
+        except redis.RedisError:
+            logger.warning("could not record batch statistics")
 
 
 _runtime: Runtime | None = None
