@@ -20,6 +20,7 @@ from starlette.datastructures import FormData, UploadFile
 from api import metrics
 from api.callbacks import check_callback
 from api.deps import JobsCall, ReadCall, Services, charge
+from api.forms import read_form
 from api.problems import REFUSALS, documented, refusal
 from shared.errors import (
     BadInputError,
@@ -160,8 +161,8 @@ async def _parse(request: Request, s: Services) -> Submission:
     _check_declared(request, s)
     ctype = _content_type(request)
     if ctype == "multipart/form-data":
-        # The context closes the spooled upload files, whatever happens.
-        async with request.form(max_files=1, max_fields=8) as form:
+        # The context closes the upload files, whatever happens.
+        async with read_form(request, max_files=1, max_fields=8) as form:
             return await _from_form(s, form, "")
     if ctype == "application/json":
         try:
@@ -353,7 +354,7 @@ async def _batch_items(request: Request, s: Services) -> list[Submission | Excep
                 out.append(exc)
         return out
     if ctype == "multipart/form-data":
-        async with request.form(max_files=cap, max_fields=4 * cap + 4) as form:
+        async with read_form(request, max_files=cap, max_fields=4 * cap + 4) as form:
             indexes = sorted(
                 {int(k.split("_")[-1]) for k in form if re.fullmatch(r"(image|text)_\d{1,4}", k)}
             )
