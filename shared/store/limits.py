@@ -9,6 +9,7 @@ Refused requests change nothing and learn exactly when the next one would pass.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass, replace
@@ -106,6 +107,7 @@ class RateLimiter:
         self._gcra = durable.register_script(_GCRA)
         self._refund = durable.register_script(_REFUND)
         self._leases: dict[str, _Lease] = {}
+        self._refills: dict[str, asyncio.Future[None]] = {}  # a lease being taken, by key
 
     async def charge(self, caller: Caller, bucket: str) -> Decision | None:
         """Admit or refuse one request; None when the caller has no limit."""
@@ -119,26 +121,45 @@ class RateLimiter:
         key = self.keys.rate_bucket(caller.key_id, bucket)
         if bucket != "hit":
             return await self._take(key, interval_ms, burst, 1)
-        lease = self._leases.get(key)
-        now = time.monotonic()
-        if lease is not None and lease.expires > now:
-            if lease.tokens > 0:
-                lease.tokens -= 1
-                return lease.decision
-            if not lease.decision.admitted:  # refused until then: no need to ask
-                return replace(lease.decision, retry_after_s=lease.expires - now)
-        batch = max(1, min(HIT_BATCH, burst // HIT_BATCH))
-        decision = await self._take(key, interval_ms, burst, batch)
-        if not decision.admitted and batch > 1:
-            decision = await self._take(key, interval_ms, burst, 1)
-            batch = 1
-        if len(self._leases) > 10_000:
-            self._leases.clear()
-        if decision.admitted:
-            self._leases[key] = _Lease(batch - 1, now + LEASE_S, decision)
-        else:
-            self._leases[key] = _Lease(0, now + decision.retry_after_s, decision)
-        return decision
+        while True:
+            lease = self._leases.get(key)
+            now = time.monotonic()
+            if lease is not None and lease.expires > now:
+                if lease.tokens > 0:
+                    lease.tokens -= 1
+                    return lease.decision
+                if not lease.decision.admitted:  # refused until then: no need to ask
+                    return replace(lease.decision, retry_after_s=lease.expires - now)
+            refill = self._refills.get(key)
+            if refill is None:
+                return await self._refill(key, interval_ms, burst)
+            # Another request of this process is leasing: wait for its tokens rather
+            # than lease again (concurrent requests would each take a batch, keep one
+            # token and lose the rest: one round trip a request, the budget wasted).
+            await asyncio.shield(refill)  # a cancelled waiter leaves it to the others
+
+    async def _refill(self, key: str, interval_ms: float, burst: int) -> Decision:
+        """Lease a batch of hit tokens for ``key``, keep one; the requests waiting on
+        the refill take the others (or, when it failed, try again themselves)."""
+        done = asyncio.get_running_loop().create_future()
+        self._refills[key] = done
+        try:
+            now = time.monotonic()
+            batch = max(1, min(HIT_BATCH, burst // HIT_BATCH))
+            decision = await self._take(key, interval_ms, burst, batch)
+            if not decision.admitted and batch > 1:
+                decision = await self._take(key, interval_ms, burst, 1)
+                batch = 1
+            if len(self._leases) > 10_000:
+                self._leases.clear()
+            if decision.admitted:
+                self._leases[key] = _Lease(batch - 1, now + LEASE_S, decision)
+            else:
+                self._leases[key] = _Lease(0, now + decision.retry_after_s, decision)
+            return decision
+        finally:
+            del self._refills[key]
+            done.set_result(None)  # never cancelled: waiters shield it
 
     async def refund(self, caller: Caller, bucket: str) -> None:
         """Give back one request charged to an exact bucket (``miss``) that stored

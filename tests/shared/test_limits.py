@@ -68,9 +68,6 @@ def test_hit_tokens_are_leased_in_batches_never_over_the_limit(valkey):
             limiters = [RateLimiter(KEYS, c) for c in clients]
             who = caller("leased", per_minute=60, burst=32, hit_factor=10)
 
-            def evalsha_calls(stats: dict) -> int:
-                return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
             before = evalsha_calls(await clients[0].info("commandstats"))
             t0 = time.monotonic()
             got = [await limiters[i % 2].charge(who, "hit") for i in range(400)]
@@ -84,6 +81,43 @@ def test_hit_tokens_are_leased_in_batches_never_over_the_limit(valkey):
         finally:
             for c in clients:
                 await c.aclose()
+
+    asyncio.run(main())
+
+
+def evalsha_calls(stats: dict) -> int:
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_concurrent_cache_hits_wait_for_one_lease_instead_of_each_taking_one(valkey):
+    """64 cache hits in flight at once in one API process take 4 leases of 16 and spend
+    all 64 tokens; a cancelled request, even the one leasing, leaves the rest served."""
+
+    async def main() -> None:
+        r = aioredis.Redis.from_url(valkey)
+        try:
+            limiter = RateLimiter(KEYS, r)
+            await limiter.charge(caller("warm", 60, 1), "miss")  # the script loaded
+            who = caller("concurrent", per_minute=6, burst=1000, hit_factor=1)  # 16 a lease
+            before = evalsha_calls(await r.info("commandstats"))
+            got = await asyncio.gather(*(limiter.charge(who, "hit") for _ in range(64)))
+            assert all(d is not None and d.admitted for d in got)
+            assert evalsha_calls(await r.info("commandstats")) - before == 4
+            # Nothing leased and lost: the next lease finds 1000 - 64 - 16 left.
+            nxt = await RateLimiter(KEYS, r).charge(who, "hit")
+            assert nxt is not None and nxt.remaining == 1000 - 64 - 16, nxt
+
+            other = caller("cancelled", per_minute=6, burst=1000, hit_factor=1)
+            tasks = [asyncio.create_task(limiter.charge(other, "hit")) for _ in range(40)]
+            await asyncio.sleep(0)  # the first is leasing, the others wait for it
+            tasks[0].cancel()
+            tasks[1].cancel()
+            done = await asyncio.gather(*tasks[2:])
+            assert all(d is not None and d.admitted for d in done)
+            # redis-py may finish a command it has sent rather than give up the reply.
+            assert tasks[1].cancelled() and (tasks[0].cancelled() or tasks[0].result())
+        finally:
+            await r.aclose()
 
     asyncio.run(main())
 
