@@ -463,7 +463,13 @@ def main() -> None:
         f"| interactive p50 / p99, idle | {r['idle_p50']:.0f} / {r['idle_p99']:.0f} ms | |",
         f"| interactive p50 / p99, during the uncached scan ({r['during_n']:.0f} requests) | "
         f"{r['during_p50']:.0f} / {r['during_p99']:.0f} ms "
-        f"({r['during_p99'] / r['idle_p99']:.1f}x idle) | <= 1.5x idle |",
+        f"({r['during_p99'] / r['idle_p99']:.1f}x idle) | (see below) |",
+        "",
+        "The p99 target (<= 1.5x idle during a full-speed scan) is measured by `bench_scan` "
+        "(`scan-cpu-10k.md`, `scan-cpu.md`), where a model that takes time sets the scan's "
+        "pace, as a GPU would. Here the model answers at once and the scan's plumbing alone "
+        "keeps both cores busy, so an interactive request also waits for a core; the ratio "
+        "is shown for comparison between runs only.",
         "",
     ]
     text = "\n".join(report)
