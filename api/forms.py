@@ -116,8 +116,8 @@ def parse_plain(body: bytes, boundary: bytes, max_files: int, max_fields: int) -
         headers: list[tuple[bytes, bytes]] = []
         params: dict[bytes, bytes] | None = None
         for line in lines:
-            m = _HEADER.fullmatch(line)
-            if m is None or len(line) >= MAX_HEADER_LINE:
+            m = _HEADER.fullmatch(line) if len(line) < MAX_HEADER_LINE else None
+            if m is None:
                 return None
             name = m.group(1).lower()
             headers.append((name, m.group(2)))

@@ -156,6 +156,26 @@ def test_more_files_or_fields_than_allowed_go_to_starlette_which_refuses_them():
     assert ours(body, content_type, max_files=2, max_fields=1) is not None
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [b"X-Long: " + b"a" * 5000],  # over python-multipart's 4 KB header line
+        [b"X-Long: " + b"a" * 4090],  # under it, over ours
+        [f"X-{i}: v".encode() for i in range(8)],  # 9 headers: over the count
+    ],
+    ids=["line-over-both", "line-over-ours", "too-many"],
+)
+def test_parts_with_long_or_many_headers_go_to_starlette(extra):
+    body = (
+        b"--x\r\n"
+        + b"\r\n".join([b'Content-Disposition: form-data; name="text"', *extra])
+        + b"\r\n\r\na dog\r\n--x--\r\n"
+    )
+    assert ours(body, "multipart/form-data; boundary=x") is None
+    theirs = starlette(body, "multipart/form-data; boundary=x")
+    assert isinstance(theirs, MultiPartException) == (len(extra[0]) > 4096 + 128 or len(extra) > 7)
+
+
 def _random_form(rng: random.Random) -> tuple[bytes, str]:
     """A client-like form with random names, texts and files, sometimes written with the
     liberties clients rarely take (header case, spacing, extra headers, order)."""
