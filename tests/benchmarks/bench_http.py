@@ -126,6 +126,26 @@ def multipart(image: bytes, text: str) -> bytes:
     )
 
 
+def seed_cache(rdb: redis.Redis) -> bytes:
+    """Store a verdict where the API (for the model ``MODEL``, keys under ``PREFIX``)
+    and the bare endpoint look; the multipart body whose request finds it."""
+    image = encode_image(photo("coffee").resize((160, 120)))
+    text = "there is a cup of coffee"
+    key = verdict_key(*MODEL, image, text)
+    verdict = json.dumps(
+        {
+            "label": "entailment",
+            "answer": "yes",
+            "probabilities": {"entailment": 0.9, "contradiction": 0.05, "neutral": 0.05},
+            "model": {"id": MODEL[0], "revision": MODEL[1]},
+            "key": key,
+        }
+    )
+    rdb.set(Keys(PREFIX).verdict(key), verdict)
+    rdb.set("bench:bare", verdict)
+    return multipart(image, text)
+
+
 def start(argv: list[str], env: dict, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -148,23 +168,7 @@ def main() -> None:
     server = ValkeyServer(data_dir=tmp / "valkey", config={"save": ""})
     server.start()
     url = f"redis://127.0.0.1:{server.port}/0"
-    rdb = redis.Redis.from_url(url)
-    keys = Keys(PREFIX)
-    image = encode_image(photo("coffee").resize((160, 120)))
-    text = "there is a cup of coffee"
-    key = verdict_key(*MODEL, image, text)
-    verdict = json.dumps(
-        {
-            "label": "entailment",
-            "answer": "yes",
-            "probabilities": {"entailment": 0.9, "contradiction": 0.05, "neutral": 0.05},
-            "model": {"id": MODEL[0], "revision": MODEL[1]},
-            "key": key,
-        }
-    )
-    rdb.set(keys.verdict(key), verdict)
-    rdb.set("bench:bare", verdict)
-    body = multipart(image, text)
+    body = seed_cache(redis.Redis.from_url(url))
     script = tmp / "post.lua"
     script.write_text(
         'wrk.method = "POST"\n'
