@@ -46,6 +46,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def spy(pid: int, name: str, seconds: float, rate: int = 200) -> subprocess.Popen | None:
+    """With ``BENCH_PYSPY=DIR``, a py-spy profile of ``pid`` for ``seconds``, as raw
+    stacks in ``DIR/name.raw`` (extra py-spy flags in ``BENCH_PYSPY_FLAGS``, e.g.
+    ``--gil``: only the thread holding the interpreter lock, so CPU spent in Python
+    rather than time waiting on sockets); None without it."""
+    where = os.environ.get("BENCH_PYSPY")
+    if not where:
+        return None
+    argv = ["py-spy", "record", "--pid", str(pid), "--format", "raw"]
+    argv += ["-o", str(Path(where) / f"{name}.raw"), "--duration", str(seconds)]
+    argv += ["--rate", str(rate), "--nonblocking", *os.environ.get("BENCH_PYSPY_FLAGS", "").split()]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -229,27 +243,8 @@ def main() -> None:
         for r in range(args.rounds):  # alternate, each round in a rotated order
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 pid = procs[name].pid
-                if r == 0 and os.environ.get("BENCH_PYSPY"):  # a profile of each server
-                    out = Path(os.environ["BENCH_PYSPY"]) / f"http-{name}.raw"
-                    subprocess.Popen(
-                        [
-                            "py-spy",
-                            "record",
-                            "--pid",
-                            str(pid),
-                            "--format",
-                            "raw",
-                            "-o",
-                            str(out),
-                            "--duration",
-                            str(args.seconds),
-                            "--rate",
-                            "250",
-                            "--nonblocking",
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
+                if r == 0:  # a profile of each server
+                    spy(pid, f"http-{name}", args.seconds, rate=250)
                 cpu0 = cpu_seconds(pid)
                 rate, cpu, line = run_wrk(urls[name], script, args.seconds, args.connections)
                 server_cpu[name].append((cpu_seconds(pid) - cpu0) / args.seconds)

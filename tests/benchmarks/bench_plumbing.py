@@ -50,6 +50,7 @@ from tests.benchmarks.bench_http import (
     lua_string,
     multipart,
     run_wrk,
+    spy,
     wait_http,
 )
 from tests.benchmarks.bench_scan import interactive_latencies, percentile
@@ -58,9 +59,6 @@ from tests.helpers import encode_image, free_port, photo, small_jpeg
 
 PREFIX = "ofa:plumbing:"
 MODEL = ("instant", "bench")
-# Extra py-spy flags for the BENCH_PYSPY profiles ("--gil": only the thread holding
-# the interpreter lock, so CPU spent in Python rather than time waiting on sockets).
-SPY_FLAGS = os.environ.get("BENCH_PYSPY_FLAGS", "").split()
 API_KEY = "bench-key-0123456789abcdef0123"
 
 
@@ -248,32 +246,7 @@ def main() -> None:
         # (a) interactive end to end, wrk closed loop.
         script = tmp / "jobs.lua"
         wrk_script(script, job_image)
-        spies = []
-        if os.environ.get("BENCH_PYSPY"):  # where profiles go: raw stacks per process
-            for name in ("api", "worker"):
-                out = Path(os.environ["BENCH_PYSPY"]) / f"{name}.raw"
-                spies.append(
-                    subprocess.Popen(
-                        [
-                            "py-spy",
-                            "record",
-                            "--pid",
-                            str(procs[name].pid),
-                            "--format",
-                            "raw",
-                            "-o",
-                            str(out),
-                            "--duration",
-                            str(args.seconds),
-                            "--rate",
-                            "200",
-                            "--nonblocking",
-                            *SPY_FLAGS,
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                )
+        spies = [spy(procs[name].pid, name, args.seconds) for name in ("api", "worker")]
         api_cpu0, worker_cpu0 = cpu_seconds(procs["api"].pid), cpu_seconds(procs["worker"].pid)
         rate, wrk_cpu, _ = run_wrk(f"{api}/v1/jobs?wait=30", script, args.seconds, connections=32)
         results.update(
@@ -290,8 +263,9 @@ def main() -> None:
         )
         if args.photo:
             plain.append(plain_pipeline_ms(job_image))
-        for spy in spies:
-            spy.wait()
+        for profile in spies:
+            if profile is not None:
+                profile.wait()
         if os.environ.get("BENCH_ONLY_INTERACTIVE"):
             return
         if args.photo:
@@ -339,29 +313,8 @@ def main() -> None:
         with httpx.Client(base_url=api, headers={"X-API-Key": API_KEY}, timeout=600) as c:
             load = threading.Thread(target=interactive, daemon=True)
             load.start()
-            if os.environ.get("BENCH_PYSPY"):
-                for name in ("coordinator", "worker"):
-                    out = Path(os.environ["BENCH_PYSPY"]) / f"scan-{name}.raw"
-                    subprocess.Popen(
-                        [
-                            "py-spy",
-                            "record",
-                            "--pid",
-                            str(procs[name].pid),
-                            "--format",
-                            "raw",
-                            "-o",
-                            str(out),
-                            "--duration",
-                            "8",
-                            "--rate",
-                            "200",
-                            "--nonblocking",
-                            *SPY_FLAGS,
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
+            for name in ("coordinator", "worker"):
+                spy(procs[name].pid, f"scan-{name}", 8)
             scan_pids = {
                 "coordinator": procs["coordinator"].pid,
                 "worker": procs["worker"].pid,
@@ -386,28 +339,7 @@ def main() -> None:
             load.join()
             assert doc["done"] == args.rows and doc["failed"] == 0, doc
             results["scan_rows_per_s"] = args.rows / seconds
-            if os.environ.get("BENCH_PYSPY"):
-                out = Path(os.environ["BENCH_PYSPY"]) / "rescan-coordinator.raw"
-                subprocess.Popen(
-                    [
-                        "py-spy",
-                        "record",
-                        "--pid",
-                        str(procs["coordinator"].pid),
-                        "--format",
-                        "raw",
-                        "-o",
-                        str(out),
-                        "--duration",
-                        "3",
-                        "--rate",
-                        "300",
-                        "--nonblocking",
-                        *SPY_FLAGS,
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
+            spy(procs["coordinator"].pid, "rescan-coordinator", 3, rate=300)
             doc2, seconds2 = run_scan(c, again)
             assert doc2["cached"] == args.rows, doc2
             results["rescan_rows_per_s"] = args.rows / seconds2
