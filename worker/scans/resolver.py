@@ -223,8 +223,7 @@ class RowResolver:
             if image_digest(image) != r.expected:
                 raise RowError("the image does not match the row's sha256")
             r.image = image
-        if r.image is None:
-            raise RowError("no image")
+        assert r.image is not None, "a remote row's image: image_for_job fetches it"
         try:
             check_image(r.image, self.settings.max_pixels)
         except BadInputError as exc:
