@@ -11,10 +11,14 @@ import httpx
 import pytest
 
 from shared.celery_app import queue_name
-from shared.keys import verdict_key
+from shared.keys import Keys, verdict_key
+from shared.settings import Settings
+from shared.store import JobStore
+from shared.wiring import sync_redis
 from tests.helpers import (
     API_KEY,
     MODEL,
+    PREFIX,
     batch_items,
     encode_image,
     photo,
@@ -26,6 +30,18 @@ from tests.helpers import (
 )
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
+
+
+def service_store(service_env: dict[str, str]) -> tuple[Settings, JobStore]:
+    """The settings of the running service's model, and a job store on its Valkey."""
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        redis_url=service_env["OFA_REDIS_URL"],
+        key_prefix=PREFIX,
+        model=MODEL[0],
+        model_revision=MODEL[1],
+    )
+    return settings, JobStore(settings, Keys(PREFIX), sync_redis(settings))
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +173,6 @@ def test_task_events_reach_monitoring(client, worker, service_env):
     """Flower's view: every job's received, started and succeeded events arrive (sent in
     batches by the worker's consumer), the last carrying the verdict's summary."""
     from shared.celery_app import make_celery
-    from shared.settings import Settings
 
     settings = Settings(_env_file=None, redis_url=service_env["OFA_REDIS_URL"])  # type: ignore[call-arg]
     app = make_celery(settings)
@@ -206,21 +221,9 @@ def test_scan_chunks_never_take_the_interactive_capacity(client, worker, service
     import uuid
 
     from shared.celery_app import make_celery
-    from shared.keys import Keys
-    from shared.settings import Settings
-    from shared.store import JobStore
     from shared.submit import BulkItem, submit_bulk
-    from shared.wiring import sync_redis
-    from tests.helpers import PREFIX
 
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        redis_url=service_env["OFA_REDIS_URL"],
-        key_prefix=PREFIX,
-        model=MODEL[0],
-        model_revision=MODEL[1],
-    )
-    jobs = JobStore(settings, Keys(PREFIX), sync_redis(settings))
+    settings, jobs = service_store(service_env)
     run = uuid.uuid4().hex[:8]
     items = [
         BulkItem(f"capacity-{run}-{i}", small_jpeg(seed=6000 + i % 40), f"bulk {run} {i}", None)
@@ -268,20 +271,9 @@ def test_scan_chunks_show_in_monitoring(worker, service_env):
     import uuid
 
     from shared.celery_app import TASK_ENTAIL_CHUNK, make_celery
-    from shared.keys import Keys
-    from shared.settings import Settings
-    from shared.store import JobStore
     from shared.submit import BulkItem, submit_bulk
-    from shared.wiring import sync_redis
-    from tests.helpers import PREFIX
 
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        redis_url=service_env["OFA_REDIS_URL"],
-        key_prefix=PREFIX,
-        model=MODEL[0],
-        model_revision=MODEL[1],
-    )
+    settings, jobs = service_store(service_env)
     app = make_celery(settings)
     seen: dict[str, dict[str, dict]] = {}
 
@@ -292,7 +284,6 @@ def test_scan_chunks_show_in_monitoring(worker, service_env):
     run = uuid.uuid4().hex[:8]
     items = [BulkItem(f"shown-{run}-{i}", small_jpeg(seed=6200 + i), f"row {run} {i}", None)
              for i in range(6)]  # fmt: skip
-    jobs = JobStore(settings, Keys(PREFIX), sync_redis(settings))
     with app.connection() as conn:
         receiver = app.events.Receiver(conn, handlers={"*": record})
         listening = concurrent.futures.ThreadPoolExecutor(1).submit(
@@ -332,21 +323,9 @@ def test_a_stopping_worker_finishes_its_running_chunk_and_hands_back_the_held_on
     chunk goes back to the bulk queue unrun, and the restarted worker (as a supervisor
     would restart it) computes it."""
     from shared.celery_app import make_celery
-    from shared.keys import Keys
-    from shared.settings import Settings
-    from shared.store import JobStore
     from shared.submit import BulkItem, submit_bulk
-    from shared.wiring import sync_redis
-    from tests.helpers import PREFIX
 
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        redis_url=service_env["OFA_REDIS_URL"],
-        key_prefix=PREFIX,
-        model=MODEL[0],
-        model_revision=MODEL[1],
-    )
-    jobs = JobStore(settings, Keys(PREFIX), sync_redis(settings))
+    settings, jobs = service_store(service_env)
     bulk = queue_name(*MODEL, bulk=True)
     run = time.time()
     items = [

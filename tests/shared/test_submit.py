@@ -131,6 +131,15 @@ def test_bad_manifests_store_nothing(body, fmt, error, scans, celery, rdb, inpro
     assert set(inproc_settings.scans_path.glob("*")) == folders
 
 
+def readable(raw: bytes) -> dict:
+    """A message as kombu's Redis transport stores it, its body decoded, without the
+    ids kombu draws anew for every message (delivery tag, reply-to)."""
+    envelope = json.loads(raw)
+    envelope["body"] = json.loads(base64.b64decode(envelope["body"]))
+    del envelope["properties"]["delivery_tag"], envelope["properties"]["reply_to"]
+    return envelope
+
+
 def test_the_api_builds_the_message_send_task_would_write(jobs, celery, rdb):
     """The API pushes ``ofa.entail`` messages itself (with the job's record, atomically):
     byte for byte what Celery's send_task writes, but for the ids kombu draws anew
@@ -147,11 +156,9 @@ def test_the_api_builds_the_message_send_task_would_write(jobs, celery, rdb):
     send_job(celery, msg)
     queue, ours = entail_message(celery, msg)
     assert queue == queue_name(*INPROC_MODEL)
-    [theirs] = [json.loads(raw) for raw in rdb.lrange(queue, 0, -1)]
-    mine = json.loads(ours)
+    [theirs] = [readable(raw) for raw in rdb.lrange(queue, 0, -1)]
+    mine = readable(ours)
     for envelope in (theirs, mine):
-        envelope["body"] = json.loads(base64.b64decode(envelope["body"]))
-        del envelope["properties"]["delivery_tag"], envelope["properties"]["reply_to"]
         del envelope["headers"]["kwargsrepr"]
     assert mine == theirs
 
@@ -188,11 +195,9 @@ def test_a_chunk_message_is_the_one_send_task_would_write(jobs, celery, rdb):
         kwargsrepr=chunk_summary(chunk),
     )
     assert queue == queue_name(*INPROC_MODEL, bulk=True)
-    [theirs] = [json.loads(raw) for raw in rdb.lrange(queue, 0, -1)]
-    mine = json.loads(ours)
+    [theirs] = [readable(raw) for raw in rdb.lrange(queue, 0, -1)]
+    mine = readable(ours)
     for envelope in (theirs, mine):
-        envelope["body"] = json.loads(base64.b64decode(envelope["body"]))
-        del envelope["properties"]["delivery_tag"], envelope["properties"]["reply_to"]
         for drawn in ("id", "root_id"):
             del envelope["headers"][drawn]
         del envelope["properties"]["correlation_id"]
