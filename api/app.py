@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import docs, metrics, problems
+from api.bodylimit import BodyLimitMiddleware, BodyLimits
 from api.deps import Services
 from api.routes import health, jobs, scans
 from shared import wiring
@@ -104,6 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             headers={"Retry-After": "5"},
         )
 
+    # Added first, so it runs inside the metrics middleware, which counts its refusals.
+    app.add_middleware(BodyLimitMiddleware, limits=BodyLimits.of(settings))
     app.add_middleware(MetricsMiddleware)
     app.include_router(jobs.router)
     app.include_router(scans.router)

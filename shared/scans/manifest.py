@@ -7,6 +7,11 @@ explicit ``image_url`` / ``image_path`` / ``image_base64``), ``text``, optional
 when the image has to be fetched). CSV manifests are converted to JSONL as they
 arrive, so the coordinator always reads JSONL and can resume from a byte offset.
 
+Every line is read in bounded pieces (``read_line``), never held whole: a line longer
+than ``OFA_MAX_MANIFEST_LINE_BYTES`` is skipped to its end. The first JSONL line that
+long refuses the manifest; a later one is counted, and becomes that row's error. A CSV
+record that long, or with more than ``MAX_CSV_COLUMNS`` columns, refuses the manifest
+while it is converted.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import csv
 import functools
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from shared.errors import ManifestError
+from shared.errors import ManifestError, ManifestLineTooLongError, PayloadTooLargeError
+from shared.settings import get_settings
 
 ROW_FIELDS = (
     "id",
@@ -43,19 +50,109 @@ class Row:
     fields: dict[str, Any]
 
 
-def csv_to_jsonl(src: IO[str], dst: IO[str], max_cell_chars: int) -> int:
+# A line too long to keep is read to its end this many bytes at a time.
+SKIP_BYTES = 1 << 20
+# Columns a CSV manifest may have: the known ones (ROW_FIELDS) and room for the others a
+# catalogue export carries (ignored).
+MAX_CSV_COLUMNS = 64
+# Separators a CSV record may hold before the csv module splits it (those inside quotes
+# count too: a text may hold commas). Each makes a field object (~60 bytes), so a line
+# of commas at the line limit (~13 MB) would otherwise become ~0.5 GB of them first.
+MAX_CSV_SEPARATORS = 16 * 1024
+
+
+def read_line(fh: IO[bytes], max_bytes: int) -> bytes | None:
+    """The next line of ``fh`` with its newline (b"" at the end of the file) when it
+    holds at most ``max_bytes`` bytes before the newline; else None, with ``fh`` moved
+    past the line's end, read ``SKIP_BYTES`` at a time, never held whole."""
+    line = fh.readline(max_bytes + 1)
+    if len(line) <= max_bytes or line.endswith(b"\n"):
+        return line
+    while (piece := fh.readline(SKIP_BYTES)) and not piece.endswith(b"\n"):
+        pass
+    return None
+
+
+def _too_long(what: str, max_bytes: int) -> ManifestLineTooLongError:
+    return ManifestLineTooLongError(
+        f"{what} is longer than {max_bytes} bytes (OFA_MAX_MANIFEST_LINE_BYTES)"
+    )
+
+
+class _CsvLines:
+    """The physical lines of a CSV text stream, for ``csv.reader``, each read in bounded
+    pieces: a record (the lines since the last one the reader returned) longer than
+    ``max_chars`` or with more than ``MAX_CSV_SEPARATORS`` commas refuses the manifest
+    before the csv module builds it."""
+
+    def __init__(self, src: IO[str], max_chars: int) -> None:
+        self.src = src
+        self.max_chars = max_chars
+        self.chars = 0  # of the record being read
+        self.commas = 0
+        self.records = 0
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        line = self.src.readline(self.max_chars + 1 - self.chars)
+        if not line:
+            raise StopIteration
+        self.chars += len(line)
+        self.commas += line.count(",")
+        if self.chars > self.max_chars:
+            raise _too_long(f"CSV record {self.records + 1}", self.max_chars)
+        if self.commas > MAX_CSV_SEPARATORS:
+            raise ManifestError(
+                f"CSV record {self.records + 1} has more than {MAX_CSV_SEPARATORS} commas"
+            )
+        return line
+
+    def record_done(self) -> None:
+        """The reader returned a record: the next lines start another."""
+        self.chars = self.commas = 0
+        self.records += 1
+
+
+def _check_columns(record: list[str], number: int) -> None:
+    if len(record) > MAX_CSV_COLUMNS:
+        raise ManifestError(
+            f"CSV record {number} has {len(record)} columns; the limit is {MAX_CSV_COLUMNS}"
+        )
+
+
+def csv_to_jsonl(
+    src: IO[str], dst: IO[str], max_cell_chars: int, max_line: int, max_chars: int | None = None
+) -> int:
     """Stream CSV (with a header) into JSONL; returns the number of rows. A cell may
-    be as long as ``max_cell_chars`` (a base64 image at the upload limit)."""
+    be as long as ``max_cell_chars`` (a base64 image at the upload limit), a record
+    (its header too) ``max_line`` characters, ``MAX_CSV_COLUMNS`` columns; the JSONL
+    written at most ``max_chars`` characters (a server-side CSV has no other bound)."""
     # The csv module's cap is process-wide (128 KiB by default): raise it, never lower.
     csv.field_size_limit(max(csv.field_size_limit(), max_cell_chars))
+    lines = _CsvLines(src, max_line)
+    reader = csv.reader(lines)
     try:
-        reader = csv.DictReader(src)
-        if not reader.fieldnames or "text" not in reader.fieldnames:
+        fieldnames = next(reader, None)
+        lines.record_done()
+        if not fieldnames or "text" not in fieldnames:
             raise ManifestError("a CSV manifest needs a header row with at least id, image, text")
-        n = 0
+        _check_columns(fieldnames, lines.records)
+        n = written = 0
         for record in reader:
-            clean = {k: v for k, v in record.items() if k in ROW_FIELDS and v not in (None, "")}
-            dst.write(json.dumps(clean, ensure_ascii=False) + "\n")
+            lines.record_done()
+            _check_columns(record, lines.records)
+            if not record:
+                continue  # a blank line, as csv.DictReader skips it
+            # Paired as csv.DictReader pairs them; empty, missing and unknown cells dropped.
+            paired = dict(zip(fieldnames, record, strict=False))
+            clean = {k: v for k, v in paired.items() if k in ROW_FIELDS and v}
+            line = json.dumps(clean, ensure_ascii=False) + "\n"
+            written += len(line)
+            if max_chars is not None and written > max_chars:
+                raise PayloadTooLargeError(f"the manifest is larger than {max_chars} bytes")
+            dst.write(line)
             n += 1
     except csv.Error as exc:
         raise ManifestError(f"the CSV manifest could not be read ({exc})") from exc
@@ -78,47 +175,62 @@ def parse_line(line: bytes) -> dict[str, Any]:
     return obj
 
 
-def check_jsonl_head(path: Path) -> int:
-    """Validate that the first non-empty line is a JSON object; returns the row count."""
+def check_jsonl_head(path: Path, max_line: int) -> int:
+    """Validate that the first non-empty line is a JSON object; returns the row count.
+    A later line over ``max_line`` bytes counts as a row (the coordinator makes it that
+    row's error); a first one that long refuses the manifest."""
     n = 0
-    first = True
     with path.open("rb") as fh:
-        for line in fh:
-            if not line.strip():
+        while (line := read_line(fh, max_line)) != b"":
+            if line is None:
+                if n == 0:
+                    raise _too_long("the first manifest line", max_line)
+            elif line.isspace():
                 continue
-            if first:
+            elif n == 0:
                 try:
                     parse_line(line)
                 except ValueError as exc:
                     if str(exc) == "not a JSON object":
                         raise ManifestError("manifest lines must be JSON objects") from exc
                     raise ManifestError(f"the first manifest line is {exc}") from exc
-                first = False
             n += 1
     return n
 
 
-def read_rows(path: Path, offset: int, start_idx: int, limit: int) -> tuple[list[Row], int]:
+def read_rows(
+    path: Path, offset: int, start_idx: int, limit: int, max_line: int | None = None
+) -> tuple[list[Row], int]:
     """Up to ``limit`` rows from byte ``offset`` (row numbers from ``start_idx``).
 
     Returns the rows and the offset after the last one. A line that is not a JSON
-    object still becomes a row (its error is recorded as that row's result).
+    object, or longer than ``max_line`` bytes (default: this process's
+    ``OFA_MAX_MANIFEST_LINE_BYTES``; skipped in bounded reads), still becomes a row (its
+    error is recorded as that row's result).
     """
+    if max_line is None:
+        max_line = get_settings().manifest_line_bytes
     rows: list[Row] = []
     with path.open("rb") as fh:
         fh.seek(offset)
         while len(rows) < limit:
-            line = fh.readline()
-            if not line:
+            line = read_line(fh, max_line)
+            if line == b"":
                 break
-            if not line.strip():
+            if line is not None and line.isspace():
                 offset = fh.tell()
                 continue
             idx = start_idx + len(rows)
-            try:
-                obj = parse_line(line)
-            except ValueError as exc:
-                obj = {"__error__": f"row is not a JSON object ({exc})"}
+            if line is None:
+                obj: dict[str, Any] = {
+                    "__error__": f"row is longer than {max_line} bytes "
+                    "(OFA_MAX_MANIFEST_LINE_BYTES)"
+                }
+            else:
+                try:
+                    obj = parse_line(line)
+                except ValueError as exc:
+                    obj = {"__error__": f"row is not a JSON object ({exc})"}
             item_id = obj.get("id")
             if isinstance(item_id, bool) or not isinstance(item_id, str | int | float | None):
                 obj = {"__error__": "id must be a string or a number"}
