@@ -30,17 +30,29 @@ def image_digest(image: bytes) -> bytes:
 
 
 def verdict_key(
-    model_id: str, revision: str, image: bytes, text: str, premise: str | None = None
+    model_id: str,
+    revision: str,
+    image: bytes,
+    text: str,
+    premise: str | None = None,
+    tenant: str | None = None,
 ) -> str:
-    """Hex SHA-256 naming the verdict for these inputs under this model."""
-    return verdict_key_for_digest(model_id, revision, image_digest(image), text, premise)
+    """Hex SHA-256 naming the verdict for these inputs under this model (and, with
+    ``OFA_CACHE_SCOPE=key``, for this ``tenant``: the API key's id)."""
+    return verdict_key_for_digest(model_id, revision, image_digest(image), text, premise, tenant)
 
 
 def verdict_key_for_digest(
-    model_id: str, revision: str, digest: bytes, text: str, premise: str | None = None
+    model_id: str,
+    revision: str,
+    digest: bytes,
+    text: str,
+    premise: str | None = None,
+    tenant: str | None = None,
 ) -> str:
     """The same key from the image's SHA-256 alone, so a scan row that carries (or whose
-    URL last served) a known digest is looked up without downloading the image."""
+    URL last served) a known digest is looked up without downloading the image. A
+    ``tenant`` is framed last, so keys without one are unchanged."""
     if len(digest) != 32:
         raise ValueError("an image digest is 32 bytes of SHA-256")
     h = hashlib.sha256()
@@ -54,7 +66,27 @@ def verdict_key_for_digest(
         _frame(h, b"\x00")  # absent premise, distinct from an empty one
     else:
         _frame(h, b"\x01" + pre_caption(premise).encode())
+    if tenant is not None:
+        _frame(h, b"tenant:" + tenant.encode())
     return h.hexdigest()
+
+
+def job_key_matches(
+    key: str,
+    model_id: str,
+    revision: str,
+    image: bytes,
+    text: str,
+    premise: str | None,
+    tenant: str | None = None,
+) -> bool:
+    """Whether ``key`` is the verdict key of a job's own fields and the exact bytes
+    about to be scored: a worker asks before scoring, so a verdict is only ever stored
+    under the digest of the bytes the model saw (a blob that does not hash to its
+    job's key, however it came to be written, fails the job instead). The one place a
+    worker derives a job's key: anything else a key comes to depend on (a tenant's
+    private cache scope, say) is added here and in ``verdict_key_for_digest``."""
+    return key == verdict_key(model_id, revision, image, text, premise, tenant)
 
 
 @dataclass(frozen=True)
@@ -106,6 +138,21 @@ class Keys:
     def job_pending(self) -> str:
         """Durable store: sorted set of unfinished job ids by creation time."""
         return f"{self.prefix}jobs:pending"
+
+    def job_pending_interactive(self) -> str:
+        """Durable store: the interactive (not scan) jobs of ``job_pending``: what load
+        shedding counts, so that scans' work never sheds another key's submissions."""
+        return f"{self.prefix}jobs:pending:interactive"
+
+    def held_bytes(self) -> str:
+        """Durable store: a hash of the image bytes held for unfinished jobs, by class
+        (``interactive_bytes``, ``bulk_bytes``): what admission sheds on besides counts."""
+        return f"{self.prefix}jobs:held"
+
+    def scans_of(self, owner: str) -> str:
+        """Durable store: a hash of one API key's scans (scan id -> manifest bytes
+        stored), for the per-key caps on concurrent scans and scan storage."""
+        return f"{self.prefix}scans:of:{owner}"
 
     def job_prefix(self) -> str:
         """The job keys' common prefix (for scripts that name another job)."""

@@ -168,3 +168,48 @@ def test_preprocessing_processes_give_the_same_verdicts(rt: Runtime, inproc_sett
     finally:
         pooled.stop()
         pooled.redis.close()
+
+
+def test_a_blob_that_does_not_hash_to_its_key_is_never_scored(rt: Runtime):
+    """A job whose stored image is not the one its key names (another image written
+    under the key, or a message whose text is not the key's): failed for good with a
+    readable error, no model run, nothing cached under the key; the chunk's other
+    items are scored as usual."""
+    from tests.helpers import small_jpeg
+    from worker.jobs import KEY_MISMATCH, run_chunk
+
+    image, other = small_jpeg(seed=41), small_jpeg(seed=42)
+    key = verdict_key(*INPROC_MODEL, image, "a red cup", None)
+    # The blob written under the key is another image's (what a URL that changed
+    # between revalidation and fetch used to leave).
+    swapped_id = rt.jobs.create_or_join(key, other, "a red cup", None, "scan-k").job_id
+    swapped = EntailTask(
+        job_id=swapped_id,
+        key=key,
+        model=INPROC_MODEL[0],
+        revision=INPROC_MODEL[1],
+        text="a red cup",
+        scan_id="scan-k",
+    )
+    # The right image, but a message whose text is not the one the key was made of.
+    honest = queued(rt, small_jpeg(seed=43), "a blue cup", "scan-k")
+    retexted = honest.model_copy(update={"text": "a green cup"})
+    fine = queued(rt, small_jpeg(seed=44), "a plain cup", "scan-k")
+    items = settled_stats(rt).get("items", 0)
+    counts = run_chunk(rt, [swapped, retexted, fine])
+    assert counts == {"scored": 1, "cached": 0, "skipped": 2, "retried": 0}
+    assert settled_stats(rt)["items"] == items + 1  # only "fine" reached the model
+    for msg in (swapped, retexted):
+        job = rt.jobs.get(msg.job_id)
+        assert job is not None and job.status == JobStatus.FAILED
+        assert job.error == KEY_MISMATCH
+        assert rt.jobs.cached_many([msg.key]) == {}
+        assert not rt.redis.durable.exists(rt.jobs.keys.blob(msg.key))
+    # Alone (an interactive job, or one the reaper sent again): the same refusal.
+    again_key = verdict_key(*INPROC_MODEL, image, "a tall cup", None)
+    again_id = rt.jobs.create_or_join(again_key, other, "a tall cup", None).job_id
+    alone = swapped.model_copy(update={"job_id": again_id, "key": again_key, "text": "a tall cup"})
+    assert run_job(rt, alone).verdict is None
+    job = rt.jobs.get(again_id)
+    assert job is not None and job.error == KEY_MISMATCH
+    assert rt.jobs.cached_many([again_key]) == {}

@@ -11,7 +11,9 @@ Per chunk of rows: resolve each row (``resolver``); look keys up in one pipeline
 MGET; hits are final at once; misses (deduplicated within the scan, and across scans
 and interactive jobs through the in-flight marks) are queued as bulk jobs, never more
 than ``scan_window`` distinct keys at a time, so Redis holds the window, not the
-manifest.
+manifest. The image bytes a chunk holds meanwhile are bounded
+(``scan_chunk_image_bytes``, ``_Chunk``): past it, the misses so far are submitted
+before another image is read or fetched.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -194,6 +196,8 @@ class Coordinator:
                 self.scans.start(scan_id)
             manifest = Path(record["manifest"])
             total = int(record.get("total", 0))
+            # A private verdict cache per API key: the scan's rows in its owner's.
+            tenant = record.get("owner") if self.settings.cache_scope == "key" else None
             deadline = time.monotonic() + self.settings.scan_slice_s
             published = checked = 0.0
             cancelled = False
@@ -216,12 +220,14 @@ class Coordinator:
                 wait = 0.0
                 if next_idx < total and room > 0:
                     limit = max(1, min(self.settings.scan_chunk_rows, room))
-                    rows, new_offset = read_rows(manifest, offset, next_idx, limit)
+                    rows, new_offset = read_rows(
+                        manifest, offset, next_idx, limit, self.settings.manifest_line_bytes
+                    )
                     if not rows:  # fewer rows than counted: the manifest changed
                         self.scans.set_total(scan_id, next_idx)
                         total = next_idx
                         continue
-                    results = self._process(scan_id, rows, pending)
+                    results = self._process(scan_id, rows, pending, tenant)
                     db.record(results, rows[-1].idx + 1, new_offset)
                 else:
                     wait = 0.05  # the window is full: until a job ends, or this long
@@ -282,77 +288,28 @@ class Coordinator:
 
     # -- new rows --------------------------------------------------------------------
 
-    def _process(self, scan_id: str, rows: list[Row], already: dict[str, str]) -> list[RowResult]:
+    def _process(
+        self, scan_id: str, rows: list[Row], already: dict[str, str], tenant: str | None = None
+    ) -> list[RowResult]:
         """The rows' results; misses not ``already`` pending (key -> job id) are
-        submitted."""
+        submitted. Holds at most ``scan_chunk_image_bytes`` of image data (``_Chunk``):
+        rows are read, and their images fetched, only while there is room; when there
+        is none, the rows so far are looked up and their misses submitted first. With
+        ``OFA_CACHE_SCOPE=key`` the rows are keyed in the scan owner's (``tenant``'s)
+        cache."""
         with _Network(self.settings) as net:
-            # Rows read one after the other (nothing to wait for); those that must
-            # fetch their image then fetch concurrently.
-            resolved = [self.resolver.read(row) for row in rows]
-            remote = [i for i, r in enumerate(resolved) if r.to_fetch]
-            if remote:
-                fetched = net.run(self._fetch_all([resolved[i] for i in remote], net))
-                for i, r in zip(remote, fetched, strict=True):
-                    resolved[i] = r
-            unique = list(dict.fromkeys(r.key for r in resolved if r.key is not None))
-            hits = self.jobs.cached_many(unique)
-            new: dict[str, BulkItem] = {}  # key -> work for a job not known yet
-            results: list[RowResult] = []
-            for r in resolved:
-                row = r.row
-                result = partial(_row_result, row)
-                if r.error is not None or r.key is None:
-                    results.append(result(RowState.FAILED, error=r.error or "no image"))
-                elif r.key in hits:
-                    verdict = hits[r.key].decode()
-                    results.append(result(RowState.DONE, key=r.key, cached=True, verdict=verdict))
-                elif r.key in already or r.key in new:
-                    results.append(result(RowState.PENDING, key=r.key, job_id=already.get(r.key)))
-                else:
-                    try:
-                        if r.remote:  # a URL: fetched now
-                            image = net.run(self.resolver.image_for_job(r, net.client))
-                        else:
-                            image = self.resolver.local_image_for_job(r)
-                    except RowError as exc:
-                        results.append(result(RowState.FAILED, key=r.key, error=str(exc)))
-                        continue
-                    new[r.key] = BulkItem(r.key, image, r.text, r.premise)
-                    results.append(result(RowState.PENDING, key=r.key))
-            # The chunk's new work: jobs created (or joined) together, sent a chunk of
-            # jobs to a Celery message; then its rows learn their job ids.
-            if new:
-                ids = dict(
-                    zip(
-                        new,
-                        submit_bulk(
-                            self.jobs,
-                            self.celery,
-                            scan_id,
-                            list(new.values()),
-                            self.settings.bulk_chunk_jobs,
-                        ),
-                        strict=True,
-                    )
-                )
-                results = [
-                    replace(res, job_id=ids[res.key])
-                    if res.state == RowState.PENDING and res.job_id is None and res.key in ids
-                    else res
-                    for res in results
-                ]
-            return results
-
-    async def _fetch_all(self, rows: list[Resolved], net: _Network) -> list[Resolved]:
-        """``rows`` (each ``to_fetch``) fetched concurrently, at most
-        ``scan_fetch_concurrency`` at a time."""
-        sem = asyncio.Semaphore(self.settings.scan_fetch_concurrency)
-
-        async def fetch(r: Resolved) -> Resolved:
-            async with sem:
-                return await self.resolver.fetch(r, net.client)
-
-        return list(await asyncio.gather(*(fetch(r) for r in rows)))
+            chunk = _Chunk(self, scan_id, already, net, tenant)
+            waiting: list[Resolved] = []  # read, not yet looked up
+            for row in rows:
+                if not chunk.held.room():  # reading a row may bring a whole image
+                    chunk.settle(waiting)
+                    waiting = []
+                    chunk.make_room()
+                r = self.resolver.read(row, tenant)
+                chunk.held.add(_size(r))
+                waiting.append(r)
+            chunk.settle(waiting)
+            return chunk.finish()
 
     # -- the end ---------------------------------------------------------------------
 
@@ -368,11 +325,9 @@ class Coordinator:
         self.scans.finish(scan_id, counts, status, error)
         logger.info("scan %s %s: %s", scan_id, status, counts)
         if record.get("callback_url"):
-            from shared.celery_app import SCAN_QUEUE, TASK_CALLBACK
+            from shared.submit import send_scan_callback
 
-            self.celery.send_task(
-                TASK_CALLBACK, args=(scan_id,), queue=SCAN_QUEUE, ignore_result=True
-            )
+            send_scan_callback(self.celery, scan_id)
 
     def fail(self, scan_id: str, error: str) -> None:
         """End a scan whose slices keep crashing: failed, with what was done so far."""
@@ -404,3 +359,245 @@ def remove_expired_scans(
     if removed:
         logger.info("removed %d expired scan folders", len(removed))
     return removed
+
+
+def _size(r: Resolved) -> int:
+    return len(r.image) if r.image is not None else 0
+
+
+class _Held:
+    """Bytes of image data one chunk holds: images waiting for their lookup or their
+    job, and ``most`` (the upload limit) reserved for each fetch or read in progress.
+    Room is always there when nothing is held, so a limit under one image still takes
+    one at a time. ``peak`` is what tests check the bound with."""
+
+    def __init__(self, limit: int, most: int) -> None:
+        self.limit = limit
+        self.most = most
+        self.bytes = 0
+        self.peak = 0
+
+    def room(self) -> bool:
+        """Whether one more image of up to ``most`` bytes fits."""
+        return self.bytes == 0 or self.bytes + self.most <= self.limit
+
+    def add(self, n: int) -> None:
+        self.bytes += n
+        self.peak = max(self.peak, self.bytes)
+
+    def drop(self, n: int) -> None:
+        self.bytes -= n
+
+
+class _Chunk:
+    """One chunk's rows on their way to results: looked up in batches, misses turned
+    into jobs, the image bytes held meanwhile bounded by ``_Held``. Whatever it holds
+    leaves by a lookup (hits, failures and rows of a key already pending drop their
+    bytes) or by ``make_room`` (the misses so far submitted: their bytes go to Redis
+    as blobs)."""
+
+    def __init__(
+        self,
+        coord: Coordinator,
+        scan_id: str,
+        already: dict[str, str],
+        net: _Network,
+        tenant: str | None = None,
+    ) -> None:
+        self.coord = coord
+        self.tenant = tenant
+        self.settings = coord.settings
+        self.scan_id = scan_id
+        self.net = net
+        self.held = _Held(self.settings.scan_chunk_image_bytes, self.settings.max_upload_bytes)
+        self.known: dict[str, str] = dict(already)  # key -> job id: pending, or submitted here
+        self.new: dict[str, BulkItem] = {}  # key -> work for a job not submitted yet
+        self.new_bytes = 0
+        self.results: list[RowResult] = []
+
+    def settle(self, rows: list[Resolved]) -> None:
+        """``rows`` (just read) fetched where their image must be, looked up, and
+        their misses queued for ``make_room`` or ``finish`` to submit."""
+        while rows:
+            ready = [r for r in rows if not r.to_fetch]
+            remote = [r for r in rows if r.to_fetch]
+            done: list[Resolved] = []
+            if remote:
+                done, remote = self.net.run(self._admitted(remote, self._identify))
+            self._lookup(ready + done)
+            rows = remote  # left for lack of room: the misses so far go first
+            if rows:
+                self.make_room()
+
+    def make_room(self) -> None:
+        """Submit the misses so far if another image would not fit beside them."""
+        if not self.held.room():
+            self._submit()
+
+    def finish(self) -> list[RowResult]:
+        """Every row's result, in manifest order, pending ones with their job ids."""
+        self._submit()
+        results = [
+            replace(res, job_id=self.known.get(res.key))
+            if res.state == RowState.PENDING and res.job_id is None and res.key is not None
+            else res
+            for res in self.results
+        ]
+        return sorted(results, key=lambda res: res.idx)
+
+    # -- inside ----------------------------------------------------------------------
+
+    def _result(self, r: Resolved, state: RowState, **fields: Any) -> None:
+        self.results.append(_row_result(r.row, state, **fields))
+
+    def _release(self, r: Resolved) -> None:
+        self.held.drop(_size(r))
+        r.image = None
+
+    def _lookup(self, rows: list[Resolved]) -> None:
+        """Hits, failures and rows already pending become results (their bytes
+        dropped); misses get their image (read or fetched now) and join ``new``. A row
+        whose URL served other bytes than remembered is keyed anew
+        (``RowResolver.image_for_job``) and looked up again."""
+        if not rows:
+            return
+        unique = list(dict.fromkeys(r.key for r in rows if r.key is not None))
+        hits = self.coord.jobs.cached_many(unique)
+        misses: list[Resolved] = []
+        for r in rows:
+            if r.error is not None or r.key is None:
+                self._release(r)
+                self._result(r, RowState.FAILED, error=r.error or "no image")
+            elif r.key in hits:
+                self._release(r)
+                verdict = hits[r.key].decode()
+                self._result(r, RowState.DONE, key=r.key, cached=True, verdict=verdict)
+            elif r.key in self.known or r.key in self.new:
+                self._release(r)
+                self._result(r, RowState.PENDING, key=r.key, job_id=self.known.get(r.key))
+            else:
+                misses.append(r)
+        remote: list[Resolved] = []
+        again: list[Resolved] = []  # a key another remote miss here is fetching
+        fetching: set[str] = set()
+        for r in misses:
+            assert r.key is not None
+            if r.key in self.new:  # a duplicate within these misses
+                self._release(r)
+                self._result(r, RowState.PENDING, key=r.key)
+            elif r.remote:
+                (again if r.key in fetching else remote).append(r)
+                fetching.add(r.key)
+            else:
+                self._local_miss(r)
+        keys = {id(r): r.key for r in remote}
+        rekeyed: list[Resolved] = []  # fetched bytes other than remembered: another key
+        while remote:
+            done, remote = self.net.run(self._admitted(remote, self._job_image))
+            for r in done:
+                if r.error is not None:
+                    self._result(r, RowState.FAILED, key=r.key, error=r.error)
+                elif r.key != keys[id(r)]:
+                    rekeyed.append(r)
+                else:
+                    self._add(r)
+            if remote:  # out of room: what is held goes first, then the rest
+                self._lookup(rekeyed)
+                rekeyed = []
+                self.make_room()
+        # Looked up again: the new keys, and the duplicates of a key whose fetch failed
+        # or changed key (the others now find their key pending).
+        self._lookup(rekeyed + again)
+
+    def _local_miss(self, r: Resolved) -> None:
+        """A miss whose image is in hand, or in a file read only now: checked, added."""
+        counted = _size(r)
+        if r.image is None:
+            self.make_room()  # the file may be as large as the upload limit
+        try:
+            image = self.coord.resolver.local_image_for_job(r)
+        except RowError as exc:
+            self.held.drop(counted)
+            r.image = None
+            self._result(r, RowState.FAILED, key=r.key, error=str(exc))
+            return
+        self.held.add(len(image) - counted)
+        self._add(r)
+
+    def _add(self, r: Resolved) -> None:
+        """A miss with its image checked: a job to create (or join), bytes held until
+        it is submitted."""
+        assert r.key is not None and r.image is not None
+        self.new[r.key] = BulkItem(r.key, r.image, r.text, r.premise)
+        self.new_bytes += len(r.image)
+        r.image = None  # the item holds it now, and lets go of it once submitted
+        self._result(r, RowState.PENDING, key=r.key)
+
+    def _submit(self) -> None:
+        """The misses so far created (or joined) as jobs and sent; their bytes are the
+        job store's now."""
+        if not self.new:
+            return
+        items = list(self.new.values())
+        ids = submit_bulk(
+            self.coord.jobs,
+            self.coord.celery,
+            self.scan_id,
+            items,
+            self.settings.bulk_chunk_jobs,
+            self.tenant,
+        )
+        self.known.update(zip(self.new, ids, strict=True))
+        self.held.drop(self.new_bytes)
+        self.new, self.new_bytes = {}, 0
+
+    async def _identify(self, r: Resolved) -> Resolved:
+        return await self.coord.resolver.fetch(r, self.net.client)
+
+    async def _job_image(self, r: Resolved) -> Resolved:
+        try:
+            await self.coord.resolver.image_for_job(r, self.net.client)
+        except RowError as exc:
+            r.image, r.error = None, str(exc)
+        return r
+
+    async def _admitted(
+        self, rows: list[Resolved], one: Callable[[Resolved], Awaitable[Resolved]]
+    ) -> tuple[list[Resolved], list[Resolved]]:
+        """``one`` run on each row, at most ``scan_fetch_concurrency`` at a time, each
+        started only while its image (up to the upload limit) fits in what the chunk
+        may hold (what it brings is held, the rest of its reservation given back).
+        Returns the rows done and those left for lack of room once nothing was in
+        flight to make any (the caller submits, then calls again)."""
+        held = self.held
+        sem = asyncio.Semaphore(self.settings.scan_fetch_concurrency)
+        freed = asyncio.Condition()
+        in_flight = 0
+        done: list[Resolved] = []
+        left: list[Resolved] = []
+
+        async def run(r: Resolved) -> None:
+            nonlocal in_flight
+            async with sem:
+                async with freed:
+                    await freed.wait_for(lambda: held.room() or in_flight == 0)
+                    if not held.room():
+                        left.append(r)
+                        return
+                    held.add(held.most)
+                    in_flight += 1
+                got: Resolved | None = None
+                try:
+                    got = await one(r)
+                finally:
+                    in_flight -= 1
+                    held.drop(held.most)
+                    if got is not None:
+                        held.add(_size(got))
+                    async with freed:
+                        freed.notify_all()
+                assert got is not None
+                done.append(got)
+
+        await asyncio.gather(*(run(r) for r in rows))
+        return done, left

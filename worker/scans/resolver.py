@@ -6,6 +6,13 @@ again: its ETag / Last-Modified and SHA-256 are remembered in the cache store, a
 asked about with If-None-Match / If-Modified-Since. A row's own ``sha256`` is trusted
 for the cache lookup (its URL or file is not touched when the verdict is cached) and
 checked whenever the image has to be fetched or read.
+
+A row's key always names the bytes a job is given: a URL remembered as unchanged (a
+304) whose verdict is not cached is fetched again, and if the bytes that come back are
+not the remembered ones, the row is keyed by the new bytes (``image_for_job``) and
+the remembered digest replaced, so a URL that changes (or a server that lies with
+304) can never put one image's verdict under another's digest. The worker checks the
+same thing again before scoring (``worker/jobs.py:image_matches_key``).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import httpx
 import redis
 
 from shared.errors import BadInputError, OfaEntailError, RowError
-from shared.fetch import UrlPolicy, fetch
+from shared.fetch import Fetched, UrlPolicy, fetch
 from shared.images import check_image, decode_base64
 from shared.keys import Keys, image_digest, verdict_key_for_digest
 from shared.scans.manifest import Row, file_under
@@ -45,6 +52,8 @@ class Resolved:
     expected: bytes | None = None  # the row's own sha256, to verify on fetch
     error: str | None = None
     key: str | None = None
+    # The API key whose private cache the scan's verdicts go to (OFA_CACHE_SCOPE=key).
+    tenant: str | None = None
 
     @property
     def to_fetch(self) -> bool:
@@ -70,12 +79,14 @@ class RowResolver:
         self.cache = cache
         self.policy = policy
 
-    def read(self, row: Row) -> Resolved:
+    def read(self, row: Row, tenant: str | None = None) -> Resolved:
         """Everything about the row that needs no network: its texts, and its digest
-        and key unless its image is a URL to fetch (then ``to_fetch``). Never raises:
-        a row's problem is its ``error``."""
+        and key (in ``tenant``'s private cache, if any) unless its image is a URL to
+        fetch (then ``to_fetch``). Never raises: a row's problem is its ``error``."""
         try:
-            return self._keyed(self._read(row))
+            r = self._read(row)
+            r.tenant = tenant
+            return self._keyed(r)
         except ROW_FAULTS as exc:
             return _failed(row, exc)
 
@@ -91,7 +102,9 @@ class RowResolver:
     def _keyed(self, r: Resolved) -> Resolved:
         if r.digest is not None:
             model_id, revision = self.settings.model_tag
-            r.key = verdict_key_for_digest(model_id, revision, r.digest, r.text, r.premise)
+            r.key = verdict_key_for_digest(
+                model_id, revision, r.digest, r.text, r.premise, r.tenant
+            )
         return r
 
     def _read(self, row: Row) -> Resolved:
@@ -172,7 +185,7 @@ class RowResolver:
     async def _fetch_url(self, r: Resolved, client: httpx.AsyncClient) -> None:
         """Conditional GET when the URL was seen before; fills digest (and image on 200)."""
         assert r.url is not None
-        meta_key = self.keys.url_meta(hashlib.sha256(r.url.encode()).hexdigest())
+        meta_key = self._meta_key(r.url)
         meta = decode_hash(self.cache.hgetall(meta_key))
         known = meta.get("sha256")
         found = await fetch(
@@ -188,21 +201,41 @@ class RowResolver:
         assert found.body is not None
         r.image = found.body
         r.digest = image_digest(found.body)
-        fields: dict[Any, Any] = {"sha256": r.digest.hex()}
+        self._remember(meta_key, found, r.digest, had=bool(meta))
+
+    def _meta_key(self, url: str) -> str:
+        return self.keys.url_meta(hashlib.sha256(url.encode()).hexdigest())
+
+    def _remember(self, meta_key: str, found: Fetched, digest: bytes, had: bool = True) -> None:
+        """The URL's validators and the digest of the body it just served, in place of
+        what was remembered (forgotten when the answer carried no validators: the next
+        scan must not revalidate the old body's ETag and be told it is unchanged)."""
+        fields: dict[Any, Any] = {"sha256": digest.hex()}
         if found.etag:
             fields["etag"] = found.etag
         if found.last_modified:
             fields["last_modified"] = found.last_modified
+        if not (found.etag or found.last_modified or had):
+            return
+        pipe = self.cache.pipeline(transaction=False)
+        pipe.delete(meta_key)
         if found.etag or found.last_modified:
-            pipe = self.cache.pipeline(transaction=False)
-            pipe.delete(meta_key)
             pipe.hset(meta_key, mapping=fields)
             pipe.expire(meta_key, self.settings.url_meta_ttl_s)
-            pipe.execute()
+        pipe.execute()
 
     async def image_for_job(self, r: Resolved, client: httpx.AsyncClient) -> bytes:
         """The image bytes a miss's job needs, fetched if only the digest is known,
-        and checked to decode (a row the model could never take fails here)."""
+        and checked to decode (a row the model could never take fails here).
+
+        A row whose digest was the one remembered for its URL (a 304) and that gets
+        other bytes now (the image changed between the two requests, or the server
+        answered 304 for a changed body) is keyed by the bytes it got: its ``digest``
+        and ``key`` change (the caller looks the new key up) and the URL's remembered
+        digest becomes theirs. Re-keying rather than refusing: the scan asks what the
+        URL serves, and a changed image is not the row's fault; the verdict is stored
+        only under the bytes scored either way. A row's own ``sha256`` is a promise
+        instead: other bytes fail the row."""
         if r.remote:
             assert r.url is not None
             try:
@@ -210,8 +243,14 @@ class RowResolver:
             except OfaEntailError as exc:
                 raise RowError(str(exc)) from exc
             assert found.body is not None
-            if r.expected is not None and image_digest(found.body) != r.expected:
+            digest = image_digest(found.body)
+            if r.expected is not None and digest != r.expected:
                 raise RowError("the image does not match the row's sha256")
+            if digest != r.digest:
+                logger.info("row %d: %s changed since it was remembered", r.row.idx, r.url)
+                r.digest = digest
+                self._keyed(r)
+                self._remember(self._meta_key(r.url), found, digest)
             r.image = found.body
         return self.local_image_for_job(r)
 

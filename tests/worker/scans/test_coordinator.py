@@ -261,3 +261,30 @@ def test_an_image_file_over_the_upload_limit_fails_its_row(inproc_settings, jobs
             assert got.error == f"image is larger than {limit} bytes" and got.key is None
         else:
             assert got.error is None and got.key is not None
+
+
+def test_with_a_per_key_cache_a_scan_keys_its_rows_in_its_owners_cache(
+    jobs, scans, rt, rdb, inproc_settings, inproc_redis
+):
+    """OFA_CACHE_SCOPE=key: a row whose verdict another key has cached is computed again
+    for this scan's owner, and its job carries the owner as its tenant (the worker checks
+    the bytes it scores against that key)."""
+    settings = inproc_settings.model_copy(update={"cache_scope": "key"})
+    resolver = RowResolver(settings, jobs.keys, inproc_redis.cache, wiring.url_policy(settings))
+    coord = Coordinator(settings, jobs, scans, resolver, make_celery(settings))
+    image = small_jpeg(seed=231)
+    theirs = verdict_key(*INPROC_MODEL, image, "a shared row", None, tenant="team-a")
+    done = jobs.create_or_join(theirs, image, "a shared row", None).job_id
+    jobs.succeed(done, theirs, VERDICT, cached=False)
+    folder = ScanFolder(settings.scans_path, "scan-tenant")
+    folder.create()
+    folder.manifest.write_text(json.dumps({"id": "r", "image": b64(image), "text": "a shared row"}))
+    scans.create(folder.scan_id, 1, str(folder.manifest), None, owner="team-b")
+    assert coord.run(folder.scan_id) == "more"  # team-a's verdict is not team-b's
+    [message] = broker_messages(rdb, queue_name(*INPROC_MODEL, bulk=True))
+    [item] = EntailChunk.model_validate(message["kwargs"]["msg"]).items
+    assert item.tenant == "team-b"
+    assert item.key == verdict_key(*INPROC_MODEL, image, "a shared row", None, tenant="team-b")
+    assert drain_bulk_queue(rt, rdb) == 1
+    assert coord.run(folder.scan_id) == "done"
+    assert jobs.cached_many([item.key])  # scored and cached in team-b's cache
