@@ -21,6 +21,9 @@ TASK_SCAN = "ofa.scan.run"
 TASK_CALLBACK = "ofa.scan.callback"
 TASK_JOB_CALLBACK = "ofa.job.callback"
 SCAN_QUEUE = "ofa.scans"  # the coordinator's queue: no GPU needed
+# Webhook deliveries: the coordinator takes them on a consumer with threads of its own
+# (worker/scans/webhooks.py), never the threads that run scan slices.
+WEBHOOK_QUEUE = "ofa.webhooks"
 
 
 def queue_name(model_id: str, revision: str, bulk: bool = False) -> str:

@@ -1,4 +1,5 @@
-"""The scan coordinator's Celery app: slices of scans and signed completion callbacks.
+"""The scan coordinator's Celery app: slices of scans, and signed webhooks on a consumer
+of their own (``worker/scans/webhooks.py``).
 
 No torch here: run it on any machine with ``ofa-entail coordinator``.
 """
@@ -14,14 +15,20 @@ from celery import Task
 from celery.signals import worker_init
 
 from shared import wiring
-from shared.celery_app import TASK_CALLBACK, TASK_JOB_CALLBACK, TASK_SCAN, make_celery
+from shared.celery_app import (
+    TASK_CALLBACK,
+    TASK_JOB_CALLBACK,
+    TASK_SCAN,
+    WEBHOOK_QUEUE,
+    make_celery,
+)
 from shared.reaper import Reaper
 from shared.settings import get_settings
 from shared.store import JobStore, ScanStore
 from shared.submit import send_slice
-from worker.scans.callback import CallbackFailed, deliver, deliver_job
 from worker.scans.coordinator import Coordinator, remove_expired_scans
 from worker.scans.resolver import RowResolver
+from worker.scans.webhooks import WebhookConsumer
 
 logger = logging.getLogger(__name__)
 
@@ -90,45 +97,27 @@ def _slice_crashed(coord: Coordinator, scan_id: str, exc: Exception) -> str:
     return "retry"
 
 
-def _retry_or_give_up(task: Task, what: str, url: str, exc: CallbackFailed) -> None:
-    """After a failed delivery: raise Celery's retry with backoff (1 s, 2 s, 4 s ... up
-    to 5 min), or return once ``OFA_CALLBACK_MAX_RETRIES`` retries are spent."""
-    retries = task.request.retries
-    if retries >= settings.callback_max_retries:
-        logger.error("%s: webhook to %s failed for good: %s", what, url, exc)
-        return
-    logger.warning("%s: webhook to %s failed (%s); retry %d", what, url, exc, retries + 1)
-    raise task.retry(exc=exc, countdown=min(2**retries, 300)) from exc
+# Deliveries run on the webhook queue's own consumer and threads (worker/scans/webhooks.py),
+# never on the threads that run scan slices. These tasks only take the messages an
+# older version queued on the scans queue, and move them there.
 
 
-@app.task(name=TASK_CALLBACK, bind=True, acks_late=True)
-def send_callback(self: Task, scan_id: str) -> None:
-    """POST the scan summary to its callback URL, signed; retried with backoff."""
-    scans = coordinator().scans
-    summary = scans.summary(scan_id)
-    if summary is None or not summary.callback_url or settings.webhook_secret is None:
-        return
-    secret = settings.webhook_secret.get_secret_value().encode()
-    try:
-        deliver(summary, summary.callback_url, secret, wiring.url_policy(settings, 0))
-    except CallbackFailed as exc:
-        _retry_or_give_up(self, f"scan {scan_id}", summary.callback_url, exc)
-        scans.callback_failed(scan_id, str(exc))
-        return
-    scans.callback_delivered(scan_id)
+@app.task(name=TASK_CALLBACK, acks_late=True)
+def send_callback(scan_id: str, delivery_id: str = "") -> str:
+    """A scan callback queued on the scans queue: moved to the webhook queue."""
+    return _to_webhook_queue(TASK_CALLBACK, [scan_id, delivery_id])
 
 
-@app.task(name=TASK_JOB_CALLBACK, bind=True, acks_late=True)
-def send_job_callback(self: Task, job_id: str, url: str, delivery_id: str) -> str:
-    """POST a finished job to a webhook its submitter gave, signed; retried with
-    backoff like scan callbacks."""
-    job = coordinator().jobs.get(job_id)
-    if job is None or settings.webhook_secret is None:
-        return "job expired, or no webhook secret: nothing sent"
-    secret = settings.webhook_secret.get_secret_value().encode()
-    try:
-        deliver_job(job, url, delivery_id, secret, wiring.url_policy(settings, 0))
-    except CallbackFailed as exc:
-        _retry_or_give_up(self, f"job {job_id}", url, exc)
-        return f"failed for good: {exc}"
-    return f"delivered {delivery_id} to {url}"
+@app.task(name=TASK_JOB_CALLBACK, acks_late=True)
+def send_job_callback(job_id: str, url: str, delivery_id: str) -> str:
+    """A job webhook queued on the scans queue: moved to the webhook queue."""
+    return _to_webhook_queue(TASK_JOB_CALLBACK, [job_id, url, delivery_id])
+
+
+def _to_webhook_queue(name: str, args: list[str]) -> str:
+    app.send_task(name, args=args, queue=WEBHOOK_QUEUE, retry=True, ignore_result=True)
+    return f"moved to {WEBHOOK_QUEUE}"
+
+
+# The webhook queue's consumer, with threads of its own, in this same process.
+app.steps["consumer"].add(WebhookConsumer)

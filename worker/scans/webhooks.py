@@ -1,0 +1,388 @@
+"""Webhook deliveries on a consumer of their own in the coordinator: a slow receiver
+never delays a scan slice.
+
+When deliveries ran as Celery tasks on the coordinator's threads, the ones that run
+scan slices, a receiver that answered a byte every few seconds held a thread for as
+long as it liked, and each redelivery after the visibility timeout took another:
+four such deliveries stopped every scan (measured: another key's 40-row scan at 0
+rows for a minute). So now:
+
+- the ``ofa.webhooks`` queue has this consumer (a Celery consumer step, as
+  ``worker/bulk.py`` adds the bulk queue to a GPU worker): its own channel, prefetch
+  and ``OFA_WEBHOOK_THREADS`` threads, in the same ``ofa-entail coordinator`` process;
+- one delivery ends within ``Settings.webhook_deadline_s`` and reads at most
+  ``OFA_WEBHOOK_MAX_ANSWER_BYTES`` of the answer (``shared/fetch.py:post_json``);
+- at most ``OFA_WEBHOOK_PER_HOST`` deliveries to one receiver run at a time across every
+  coordinator (``shared/store/webhooks.py:WebhookSlots``); one to a receiver at its
+  bound is sent again after a short pause rather than wait on a thread, and keeps its
+  retry count.
+
+A failed delivery is sent again after 1 s, 2 s, 4 s ... (at most 5 min), up to
+``OFA_CALLBACK_MAX_RETRIES`` times, with the same delivery id. Messages sent again carry
+Celery's ``eta`` and ``retries`` headers: this consumer holds one until its time (its
+prefetch raised meanwhile, as Celery's consumer does), at most half a visibility
+timeout at a stretch: a hold longer than the visibility timeout would see the message
+come back while still held, so a longer wait is sent again, with the same ``eta``.
+
+Like an ``acks_late`` task, a message is acknowledged once its outcome is recorded (a
+delivery made, given up on, or its next try queued); a coordinator that dies leaves it
+to the visibility timeout. Task events go out as Celery's would, so Flower lists
+deliveries.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any, Literal
+
+import redis
+from celery import bootsteps
+from kombu import Consumer, Message
+
+from shared import wiring
+from shared.celery_app import TASK_CALLBACK, TASK_JOB_CALLBACK, WEBHOOK_QUEUE
+from shared.settings import Settings, get_settings
+from shared.store import JobStore, ScanStore, WebhookSlots, receiver_of
+from worker.events import dropped, handed_back, received_event, task_event
+from worker.scans.callback import CallbackFailed, deliver, deliver_job
+
+logger = logging.getLogger(__name__)
+
+# A delivery to a receiver at its bound tries again after a pause in this range (s):
+# random, so the deliveries waiting for one receiver do not all come back at once.
+BUSY_PAUSE_S = (1.0, 3.0)
+MAX_BACKOFF_S = 300.0
+# A hold outlives its delivery's deadline by this much (s), so only a coordinator that
+# died mid-delivery ever leaves a hold to expire.
+HOLD_MARGIN_S = 5.0
+# A delivery that found the store (Redis) unavailable tries again after this long (s).
+STORE_PAUSE_S = 5.0
+
+Kind = Literal["delivered", "nothing", "busy", "retry", "failed"]
+
+
+@dataclass(frozen=True)
+class Next:
+    """A delivery's outcome and what becomes of its message: done, or (``busy`` and
+    ``retry``) sent again after ``countdown`` seconds carrying ``retries``."""
+
+    kind: Kind
+    detail: str
+    countdown: float = 0.0
+    retries: int = 0
+
+    @property
+    def again(self) -> bool:
+        """The message goes back on the queue."""
+        return self.kind in ("busy", "retry")
+
+
+class Webhooks:
+    """What one delivery does: read what to send, take a slot at the receiver, POST it
+    signed, and say what comes next."""
+
+    def __init__(self, settings: Settings, jobs: JobStore, scans: ScanStore, slots: WebhookSlots):
+        self.settings = settings
+        self.jobs = jobs
+        self.scans = scans
+        self.slots = slots
+        # The image URLs' address checks, no redirects, and the delivery's own deadline
+        # (post_json's deadline is the policy's timeout).
+        self.policy = replace(wiring.url_policy(settings, 0), timeout_s=settings.webhook_deadline_s)
+
+    def run(self, name: str, args: list[Any], kwargs: dict[str, Any], retries: int) -> Next:
+        """The delivery a message of task ``name`` asks for."""
+        if name == TASK_CALLBACK:
+            return self.scan(*args, retries=retries, **kwargs)
+        if name == TASK_JOB_CALLBACK:
+            return self.job(*args, retries=retries, **kwargs)
+        raise ValueError(f"the webhook queue carries no {name!r} tasks")
+
+    def scan(self, scan_id: str, delivery_id: str = "", *, retries: int = 0) -> Next:
+        """POST a finished scan's summary to its callback URL; records the outcome on
+        the scan once delivered or given up."""
+        summary = self.scans.summary(scan_id)
+        secret = self._secret()
+        if summary is None or not summary.callback_url or secret is None:
+            return Next("nothing", "scan expired, or no callback or webhook secret")
+        url = summary.callback_url
+        # A message queued before scans had delivery ids: one derived from the scan,
+        # the same on every retry.
+        delivery_id = delivery_id or uuid.uuid5(uuid.NAMESPACE_URL, f"scan:{scan_id}").hex
+
+        def post() -> None:
+            deliver(
+                summary,
+                url,
+                delivery_id,
+                secret,
+                self.policy,
+                self.settings.webhook_max_answer_bytes,
+            )
+
+        outcome = self._attempt(f"scan {scan_id}", url, delivery_id, post, retries)
+        if outcome.kind == "delivered":
+            self.scans.callback_delivered(scan_id)
+        elif outcome.kind == "failed":
+            self.scans.callback_failed(scan_id, outcome.detail)
+        return outcome
+
+    def job(self, job_id: str, url: str, delivery_id: str, *, retries: int = 0) -> Next:
+        """POST a finished job to a webhook its submitter gave."""
+        job = self.jobs.get(job_id)
+        secret = self._secret()
+        if job is None or secret is None:
+            return Next("nothing", "job expired, or no webhook secret")
+
+        def post() -> None:
+            deliver_job(
+                job, url, delivery_id, secret, self.policy, self.settings.webhook_max_answer_bytes
+            )
+
+        return self._attempt(f"job {job_id}", url, delivery_id, post, retries)
+
+    def _secret(self) -> bytes | None:
+        secret = self.settings.webhook_secret
+        return None if secret is None else secret.get_secret_value().encode()
+
+    def _attempt(
+        self, what: str, url: str, delivery_id: str, post: Callable[[], None], retries: int
+    ) -> Next:
+        receiver = receiver_of(url)
+        token = self.slots.take(receiver)
+        if token is None:
+            pause = random.uniform(*BUSY_PAUSE_S)
+            return Next("busy", f"{receiver} at its bound", countdown=pause, retries=retries)
+        try:
+            post()
+        except CallbackFailed as exc:
+            if retries >= self.settings.callback_max_retries:
+                logger.error("%s: webhook to %s failed for good: %s", what, url, exc)
+                return Next("failed", str(exc))
+            logger.warning("%s: webhook to %s failed (%s); retry %d", what, url, exc, retries + 1)
+            backoff = min(2.0**retries, MAX_BACKOFF_S)
+            return Next("retry", str(exc), countdown=backoff, retries=retries + 1)
+        finally:
+            self.slots.give_back(receiver, token)
+        return Next("delivered", f"delivered {delivery_id} to {url}")
+
+
+@cache
+def webhooks() -> Webhooks:
+    """The process's deliveries (Redis clients built once)."""
+    settings = get_settings()
+    clients = wiring.sync_redis(settings)
+    keys = wiring.keys(settings)
+    hold_s = settings.webhook_deadline_s + HOLD_MARGIN_S
+    return Webhooks(
+        settings,
+        JobStore(settings, keys, clients),
+        ScanStore(settings, keys, clients.durable),
+        WebhookSlots(keys, clients.durable, settings.webhook_per_host, hold_s),
+    )
+
+
+def eta_of(headers: dict[str, Any]) -> float | None:
+    """The wall-clock time (epoch seconds) a message may run from, if Celery's ``eta``
+    header sets one."""
+    eta = headers.get("eta")
+    if not eta:
+        return None
+    when = datetime.fromisoformat(str(eta))
+    if when.tzinfo is None:  # Celery writes UTC
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+class WebhookConsumer(bootsteps.ConsumerStep):
+    """Consumes ``ofa.webhooks`` into threads of its own, beside the coordinator's
+    Celery consumer (which runs scan slices)."""
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.c = c
+        self.settings = get_settings()
+        threads = self.settings.webhook_threads
+        # Twice as many held as threads: the next delivery waits in the process, not in
+        # Redis, when a thread finishes one (the reason is worker/bulk.py's).
+        self.prefetch = 2 * threads
+        self.threads = ThreadPoolExecutor(threads, thread_name_prefix="webhook")
+        self._taken: set[Future[None]] = set()
+        self._lock = threading.Lock()
+        self._channel: Any = None
+        self._held = 0  # messages waiting for their eta (the event loop's alone)
+        self._generation = 0  # a new channel per (re)start; held messages of an old one
+        # went back to the queue when it closed
+
+    def get_consumers(self, channel: Any) -> list[Consumer]:
+        """One kombu consumer of the webhook queue on this step's own channel."""
+        queue = self.c.app.amqp.queues.new_missing(WEBHOOK_QUEUE)
+        webhooks()  # built here, once, before any thread needs it
+        self._channel = channel
+        self._generation += 1
+        self._held = 0
+        channel.basic_qos(0, self.prefetch, False)
+        return [
+            Consumer(
+                channel,
+                queues=[queue],
+                callbacks=[self._received],
+                on_decode_error=self._undecodable,
+                accept=["json"],
+                prefetch_count=self.prefetch,
+            )
+        ]
+
+    def stop(self, c: Any) -> None:
+        """The consumer stops (a warm shutdown, or a reconnection): ``_settle``, then
+        the channel closes."""
+        self._settle()
+        super().stop(c)
+
+    def shutdown(self, c: Any) -> None:
+        """The worker ends: the deliveries running finish (each within its deadline)."""
+        self._settle()
+        self.threads.shutdown(wait=True)
+        super().shutdown(c)
+
+    def _settle(self) -> None:
+        """Stop taking messages and let the deliveries running finish; those held or
+        not started stay unacknowledged, and go back to the queue as the channel
+        closes (as in ``worker/bulk.py``)."""
+        for consumer in self.consumers or []:
+            try:
+                consumer.cancel()
+            except Exception as exc:  # a broken connection: nothing left to cancel
+                logger.debug("cancelling the webhook consumer: %s", exc)
+        with self._lock:
+            taken = list(self._taken)
+        wait([f for f in taken if not f.cancel()])
+
+    @staticmethod
+    def _undecodable(message: Message, exc: Exception) -> None:
+        logger.error("dropped an undecodable message from the webhook queue: %s", exc)
+        message.ack()
+
+    def _received(self, body: Any, message: Message) -> None:
+        """On the event loop: announce the delivery, then hold it until its eta or hand
+        it to a webhook thread."""
+        headers = message.headers or {}
+        received_event(self.c, headers)
+        try:
+            eta = eta_of(headers)
+        except ValueError:
+            eta = None  # an eta nobody can read: run it now rather than never
+        if eta is not None and eta > time.time():
+            self._hold(body, message, eta, self._generation)
+            return
+        self._start(body, message)
+
+    def _hold(self, body: Any, message: Message, eta: float, generation: int) -> None:
+        """Keep a message until ``eta`` (at most half a visibility timeout at a stretch),
+        its prefetch slot given back meanwhile so it holds up no other delivery."""
+        self._held += 1
+        self._channel.basic_qos(0, self.prefetch + self._held, False)
+        wait_s = min(eta - time.time(), self.settings.visibility_timeout_s / 2)
+        self.c.timer.call_after(max(wait_s, 0.0), self._due, (body, message, eta, generation))
+
+    def _due(self, body: Any, message: Message, eta: float, generation: int) -> None:
+        """On the event loop, a held message's wait is over."""
+        if generation != self._generation:
+            return  # its channel closed meanwhile, putting it back on the queue
+        self._held -= 1
+        self._channel.basic_qos(0, self.prefetch + self._held, False)
+        if eta > time.time() + 0.05:  # held for half a visibility timeout: send it again
+            self._submit(self._send_again, body, message, eta)
+            return
+        self._start(body, message)
+
+    def _start(self, body: Any, message: Message) -> None:
+        self._submit(self._run, body, message)
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        future = self.threads.submit(fn, *args)
+        with self._lock:
+            self._taken.add(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[None]) -> None:
+        with self._lock:
+            self._taken.discard(future)
+
+    def _send_again(self, body: Any, message: Message, eta: float) -> None:
+        """A fresh message with the same id, arguments, retries and ``eta``; then the
+        old one acknowledged (its visibility timeout was running out)."""
+        headers = message.headers or {}
+        args, kwargs, _ = body
+        self._publish(headers, args, kwargs, int(headers.get("retries") or 0), eta=eta)
+        message.ack()
+
+    def _publish(
+        self,
+        headers: dict[str, Any],
+        args: list[Any],
+        kwargs: dict[str, Any],
+        retries: int,
+        eta: float | None = None,
+        countdown: float | None = None,
+    ) -> None:
+        self.c.app.send_task(
+            str(headers.get("task")),
+            args=args,
+            kwargs=kwargs,
+            task_id=str(headers.get("id") or uuid.uuid4().hex),
+            queue=WEBHOOK_QUEUE,
+            retries=retries,
+            eta=None if eta is None else datetime.fromtimestamp(eta, UTC),
+            countdown=countdown,
+            ignore_result=True,
+        )
+
+    def _run(self, body: Any, message: Message) -> None:
+        """On a webhook thread: one delivery, then its message acknowledged once what
+        comes next is queued."""
+        headers = message.headers or {}
+        task_id, name = str(headers.get("id", "")), str(headers.get("task"))
+        start = time.monotonic()
+        task_event(self.c, "task-started", task_id)
+        retries = int(headers.get("retries") or 0)
+        try:
+            args, kwargs, _ = body  # Celery's protocol 2: (args, kwargs, embed)
+            outcome = webhooks().run(name, args, kwargs, retries)
+        except redis.RedisError as exc:  # the store is away: try again later, same count
+            logger.warning("webhook task %s[%s]: %s; again in a while", name, task_id, exc)
+            outcome = Next("busy", f"the store is unavailable ({exc})", STORE_PAUSE_S, retries)
+        except Exception as exc:  # a message no delivery can ever run: not retried
+            logger.exception("webhook task %s[%s] failed", name, task_id)
+            dropped(self.c, message, task_id, exc)
+            return
+        if outcome.again:
+            try:
+                self._publish(headers, args, kwargs, outcome.retries, countdown=outcome.countdown)
+            except Exception as exc:  # the broker is away: the message goes back as it was
+                logger.error("webhook task %s[%s] not queued again: %s", name, task_id, exc)
+                try:
+                    handed_back(self.c, message, task_id, requeue=True)
+                except Exception as again:  # then the visibility timeout brings it back
+                    logger.error("webhook task %s[%s] not handed back: %s", name, task_id, again)
+                return
+            message.ack()
+            task_event(self.c, "task-retried", task_id, exception=outcome.detail, traceback="")
+            return
+        message.ack()
+        task_event(
+            self.c,
+            "task-succeeded",
+            task_id,
+            result=f"{outcome.kind}: {outcome.detail}",
+            runtime=time.monotonic() - start,
+        )
