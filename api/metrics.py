@@ -36,6 +36,17 @@ REJECTED = Counter("ofa_inputs_rejected_total", "Bad inputs refused", ["type"], 
 # Read from the durable store at scrape time (every API process reports the same):
 # the work the reaper watches over, and what it has done.
 JOBS_PENDING = Gauge("ofa_jobs_pending", "Jobs queued or running", registry=REGISTRY)
+INTERACTIVE_PENDING = Gauge(
+    "ofa_interactive_jobs_pending",
+    "Interactive jobs queued or running (what load shedding counts; scans' jobs are not)",
+    registry=REGISTRY,
+)
+HELD_BYTES = Gauge(
+    "ofa_image_bytes_held",
+    "Bytes of images the durable store holds for unfinished jobs, by class",
+    ["class"],
+    registry=REGISTRY,
+)
 MODEL_WORK = Gauge(
     "ofa_model_work",
     "Jobs for this model not yet finished: queued, reserved by a worker, or running "

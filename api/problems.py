@@ -14,7 +14,13 @@ from starlette.routing import Match
 from api import metrics
 from api.deps import SECURITY_SCHEMES, RateLimitedError
 from shared import errors
-from shared.errors import BadInputError, OverloadedError, QueueUnavailableError
+from shared.errors import (
+    BadInputError,
+    OverloadedError,
+    QueueUnavailableError,
+    ScanLimitError,
+    ScansBusyError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ STATUS_OF: dict[type[BadInputError], tuple[int, str]] = {
     errors.UnsupportedMediaTypeError: (415, "unsupported-media-type"),
     errors.PayloadTooLargeError: (413, "payload-too-large"),
     errors.ManifestError: (400, "bad-manifest"),
+    errors.ManifestLineTooLongError: (413, "manifest-line-too-long"),
 }
 
 
@@ -82,7 +89,14 @@ def problem(status: int, title: str, detail: str, slug: str, headers: dict | Non
     )
 
 
-REFUSALS = (BadInputError, QueueUnavailableError, RateLimitedError, OverloadedError)
+REFUSALS = (
+    BadInputError,
+    QueueUnavailableError,
+    RateLimitedError,
+    OverloadedError,
+    ScanLimitError,
+    ScansBusyError,
+)
 
 
 def refusal(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str] | None]:
@@ -99,6 +113,14 @@ def refusal(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str] | None]
     if isinstance(exc, OverloadedError):
         metrics.SHED.inc()
         body = problem_body(503, "Overloaded", exc.detail, "overloaded")
+        return 503, body, {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, ScanLimitError):
+        metrics.RATE_LIMITED.inc()
+        body = problem_body(429, "Too many scans", exc.detail, "scan-limit")
+        return 429, body, {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, ScansBusyError):
+        metrics.SHED.inc()
+        body = problem_body(503, "Too many scans", exc.detail, "scans-busy")
         return 503, body, {"Retry-After": str(exc.retry_after_s)}
     if isinstance(exc, QueueUnavailableError):
         logger.warning("queue unavailable: %s", exc.detail)

@@ -117,6 +117,14 @@ class ManifestError(BadInputError):
     title = "Invalid manifest"
 
 
+class ManifestLineTooLongError(PayloadTooLargeError):
+    """A manifest line longer than ``OFA_MAX_MANIFEST_LINE_BYTES``, where it refuses the
+    whole manifest (the first JSONL line, any CSV record); a later JSONL line that long
+    is that row's error instead."""
+
+    title = "Manifest line too long"
+
+
 class RowError(OfaEntailError):
     """One manifest row cannot succeed; the message becomes that row's result."""
 
@@ -124,11 +132,31 @@ class RowError(OfaEntailError):
 class OverloadedError(OfaEntailError):
     """Too much work is waiting: come back later (load shedding)."""
 
-    def __init__(self, pending: int, limit: int, retry_after_s: int) -> None:
+    def __init__(self, pending: int, limit: int, retry_after_s: int, what: str = "jobs") -> None:
         self.pending, self.limit, self.retry_after_s = pending, limit, retry_after_s
         self.detail = (
-            f"{pending} jobs are waiting (the limit is {limit}); cached verdicts and polls "
+            f"{pending} {what} are waiting (the limit is {limit}); cached verdicts and polls "
             f"still work, new work is refused for now: retry in {retry_after_s}s"
+        )
+        super().__init__(self.detail)
+
+
+class ScanLimitError(OfaEntailError):
+    """This API key has as many scans, or as much scan storage, as it may (429)."""
+
+    def __init__(self, detail: str, retry_after_s: int = 60) -> None:
+        self.detail, self.retry_after_s = detail, retry_after_s
+        super().__init__(detail)
+
+
+class ScansBusyError(OfaEntailError):
+    """The service runs as many scans as it may, all keys together (503)."""
+
+    def __init__(self, active: int, limit: int, retry_after_s: int = 60) -> None:
+        self.active, self.limit, self.retry_after_s = active, limit, retry_after_s
+        self.detail = (
+            f"{active} scans are running (the service's limit is {limit}); "
+            f"retry in {retry_after_s}s"
         )
         super().__init__(self.detail)
 

@@ -112,6 +112,9 @@ class EntailTask(BaseModel):
     text: str
     premise: str | None = None
     scan_id: str | None = None
+    # The API key whose private cache the verdict belongs to (``OFA_CACHE_SCOPE=key``);
+    # part of the job's key, so the worker needs it to check the bytes it scores.
+    tenant: str | None = None
 
     @property
     def bulk(self) -> bool:

@@ -76,6 +76,22 @@ class Settings(BaseSettings):
     # Load shedding: past this many unfinished jobs, new interactive submissions that
     # are not cache hits get 503 + Retry-After (cache hits and polls still work). 0: off.
     max_pending_jobs: int = Field(10_000, ge=0)
+    # ... and past this many bytes of images held for unfinished interactive jobs (the
+    # durable store holds them until a worker is done). Scans' jobs count toward
+    # neither: their own caps bound them (scan_window, the per-key and global scan
+    # caps below), so bulk work never sheds another key's interactive work. 0: off.
+    max_pending_image_bytes: int = Field(2 * 1024**3, ge=0)
+    # Tenancy. The verdict cache is shared by every key by default (a verdict computed
+    # for one key serves all: its existence is visible to others, never its inputs);
+    # "key" mixes the API key's id into every verdict key, so each key has a cache
+    # (and joins) of its own.
+    cache_scope: Literal["shared", "key"] = "shared"
+    # Scans per API key: unfinished at once, and manifest bytes stored for its scans
+    # that still exist (until OFA_SCAN_TTL_S); past either the key gets 429. Past
+    # max_active_scans unfinished scans in all, any key gets 503. 0: off.
+    max_scans_per_key: int = Field(4, ge=0)
+    max_scan_bytes_per_key: int = Field(8 * 1024**3, ge=0)
+    max_active_scans: int = Field(64, ge=0)
 
     # Lifetimes (seconds).
     verdict_ttl_s: int = Field(30 * 24 * 3600, ge=1)
@@ -113,15 +129,38 @@ class Settings(BaseSettings):
     scan_window: int = Field(256, ge=1, le=100_000)  # distinct misses in flight per scan
     scan_fetch_concurrency: int = Field(16, ge=1, le=512)
     scan_chunk_rows: int = Field(500, ge=1, le=100_000)
+    # Image bytes a coordinator holds for one chunk at most (rows' images waiting for
+    # their lookup or their job, plus OFA_MAX_UPLOAD_BYTES reserved per fetch in
+    # flight): past it, the chunk's misses so far are submitted before more is fetched
+    # or read. Without it a chunk could hold OFA_SCAN_CHUNK_ROWS full-size images (5
+    # GiB by default). Below the upload limit it still takes one image at a time.
+    scan_chunk_image_bytes: int = Field(128 * 1024**2, ge=1)
     # A scan's misses travel to the workers this many to a Celery message (each still
     # its own job). Keep one chunk's scoring time well under the visibility timeout.
     bulk_chunk_jobs: int = Field(32, ge=1, le=1000)
     scan_slice_s: float = Field(10.0, gt=0)  # a coordinator task's slice before it re-queues
     scan_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     max_manifest_bytes: int = Field(2 * 1024**3, ge=1024)
+    # The longest manifest line (a JSONL row, a CSV record) in bytes; 0: a base64 image
+    # at the upload limit plus 64 KiB (``manifest_line_bytes``). Lines are read in
+    # bounded pieces, never held whole: a longer first line refuses the manifest, a
+    # longer later one becomes that row's error.
+    max_manifest_line_bytes: int = Field(0, ge=0)
     url_meta_ttl_s: int = Field(90 * 24 * 3600, ge=60)
     webhook_secret: SecretStr | None = None
     callback_max_retries: int = Field(8, ge=0)
+    # Webhooks (job and scan callbacks) run on the coordinator's threads of their own
+    # (worker/scans/webhooks.py), so a slow receiver can hold a thread only so long:
+    # one delivery (connect, send, the whole answer) ends within webhook_timeout_s
+    # (capped at half the visibility timeout, ``webhook_deadline_s``: its message must
+    # not come back while it still runs), reading at most webhook_max_answer_bytes of
+    # the answer; at most webhook_per_host deliveries to one receiver (host:port) at a
+    # time across every coordinator (a receiver at its bound waits in the queue, not on
+    # a thread); webhook_threads deliveries at a time per coordinator.
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300)
+    webhook_max_answer_bytes: int = Field(64 * 1024, ge=0, le=16 * 1024 * 1024)
+    webhook_per_host: int = Field(4, ge=1, le=1000)
+    webhook_threads: int = Field(16, ge=1, le=256)
 
     # Auth. Keys are compared in constant time; comma-separated in the environment.
     # These have every scope and the default limits; key records (``ofa-entail keys``)
@@ -135,6 +174,10 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(60, ge=1)
     cache_hit_rate_factor: float = Field(10.0, ge=1)
     batch_max_items: int = Field(32, ge=1, le=1000)
+    # The most bytes a POST /v1/jobs/batch body may hold, counted as they arrive
+    # (api/bodylimit.py): the batch is parsed in memory, so this, not items x the upload
+    # limit (~430 MiB as JSON), bounds what one request can make the API hold.
+    batch_max_bytes: int = Field(32 * 1024 * 1024, ge=64 * 1024)
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
 
@@ -195,6 +238,19 @@ class Settings(BaseSettings):
         (the whole prefetch taken, prepared, answered, acknowledged, then the next), at
         about half the rate (``tests/benchmarks/results/HISTORY.md``, item 23)."""
         return self.worker_threads or 4 * self.batch_size
+
+    @property
+    def webhook_deadline_s(self) -> float:
+        """One webhook delivery's deadline: ``webhook_timeout_s``, at most half the
+        visibility timeout (a delivery still running when its message came back would
+        be sent twice, and hold a second thread)."""
+        return min(self.webhook_timeout_s, self.visibility_timeout_s / 2)
+
+    @property
+    def manifest_line_bytes(self) -> int:
+        """The longest manifest line accepted: ``max_manifest_line_bytes``, or a base64
+        image at the upload limit plus 64 KiB for the other fields."""
+        return self.max_manifest_line_bytes or self.max_upload_bytes * 4 // 3 + 64 * 1024
 
     @property
     def durable_ack_on(self) -> bool:

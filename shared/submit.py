@@ -19,10 +19,12 @@ from celery import Celery
 
 from shared.celery_app import (
     SCAN_QUEUE,
+    TASK_CALLBACK,
     TASK_ENTAIL,
     TASK_ENTAIL_CHUNK,
     TASK_JOB_CALLBACK,
     TASK_SCAN,
+    WEBHOOK_QUEUE,
     queue_name,
 )
 from shared.errors import ManifestError, PayloadTooLargeError, QueueUnavailableError
@@ -30,7 +32,7 @@ from shared.messages import EntailChunk, EntailTask, JobStatus
 from shared.scans.folder import ScanFolder
 from shared.scans.manifest import check_jsonl_head, csv_to_jsonl, file_under
 from shared.settings import Settings
-from shared.store import Hook, JobStore, ScanStore
+from shared.store import Created, Hook, JobStore, ScanStore
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +104,16 @@ def _envelope(
 
 
 def send_hooks(celery: Celery, job_id: str, hooks: list[Hook]) -> None:
-    """Queue the delivery of a finished job's webhooks (the coordinator POSTs them).
-    Best effort: a broker outage here is logged, the job itself is already done."""
+    """Queue the delivery of a finished job's webhooks (the coordinator POSTs them, on
+    its webhook threads). Best effort: a broker outage here is logged, the job itself
+    is already done."""
     for hook in hooks:
         try:
             celery.send_task(
                 TASK_JOB_CALLBACK,
-                args=(job_id, hook.url, hook.delivery_id),
-                queue=SCAN_QUEUE,
+                # A handle's hook reports the handle (the id its submitter knows).
+                args=(hook.job_id or job_id, hook.url, hook.delivery_id),
+                queue=WEBHOOK_QUEUE,
                 retry=True,
                 ignore_result=True,
             )
@@ -117,8 +121,28 @@ def send_hooks(celery: Celery, job_id: str, hooks: list[Hook]) -> None:
             logger.error("job %s: webhook to %s not queued: %s", job_id, hook.url, exc)
 
 
+def send_scan_callback(celery: Celery, scan_id: str) -> str:
+    """Queue the delivery of a finished scan's callback (on the coordinator's webhook
+    threads) under a new delivery id, which every retry keeps; returns the id."""
+    delivery_id = uuid.uuid4().hex
+    celery.send_task(
+        TASK_CALLBACK,
+        args=(scan_id, delivery_id),
+        queue=WEBHOOK_QUEUE,
+        retry=True,
+        ignore_result=True,
+    )
+    return delivery_id
+
+
 def new_task(
-    store: JobStore, job_id: str, key: str, text: str, premise: str | None, scan_id: str | None
+    store: JobStore,
+    job_id: str,
+    key: str,
+    text: str,
+    premise: str | None,
+    scan_id: str | None,
+    tenant: str | None = None,
 ) -> EntailTask:
     """The message of a job just created for the store's model."""
     model_id, revision = store.settings.model_tag
@@ -130,6 +154,7 @@ def new_task(
         text=text,
         premise=premise,
         scan_id=scan_id,
+        tenant=tenant,
     )
 
 
@@ -143,15 +168,22 @@ def message_of(job_id: str, record: dict[str, str]) -> EntailTask:
         text=record["text"],
         premise=record.get("premise"),
         scan_id=record.get("scan"),
+        tenant=record.get("tenant"),
     )
 
 
 def _new_job_message(
-    store: JobStore, celery: Celery, key: str, text: str, premise: str | None
+    store: JobStore,
+    celery: Celery,
+    key: str,
+    text: str,
+    premise: str | None,
+    tenant: str | None = None,
 ) -> tuple[str, str, bytes]:
     """A new interactive job's id, and the queue and bytes of its message."""
     job_id = uuid.uuid4().hex
-    queue, message = entail_message(celery, new_task(store, job_id, key, text, premise, None))
+    task = new_task(store, job_id, key, text, premise, None, tenant)
+    queue, message = entail_message(celery, task)
     return job_id, queue, message
 
 
@@ -194,16 +226,37 @@ async def asubmit_job(
 ) -> tuple[str, bool]:
     """``submit_job`` from the event loop (the API): one atomic round trip on the
     loop (``JobStore.acreate_and_send``)."""
-    job_id, queue, message = _new_job_message(store, celery, key, text, premise)
+    got = await asubmit_owned(store, celery, key, image, text, premise, callback_url)
+    return got.job_id, got.created
+
+
+async def asubmit_owned(
+    store: JobStore,
+    celery: Celery,
+    key: str,
+    image: bytes,
+    text: str,
+    premise: str | None,
+    callback_url: str | None = None,
+    owner: str = "",
+    tenant: str | None = None,
+) -> Created:
+    """``asubmit_job`` for a caller: the job records ``owner`` (the API key's id), and
+    joining another key's job gives this caller a handle of its own (its own id,
+    cancel and webhook); ``tenant``: the key whose private cache the verdict goes to
+    (``OFA_CACHE_SCOPE=key``). Returns what was created or joined."""
+    job_id, queue, message = _new_job_message(store, celery, key, text, premise, tenant)
     try:
-        got = await store.acreate_and_send(key, image, text, premise, job_id, queue, message)
+        got = await store.acreate_and_send(
+            key, image, text, premise, job_id, queue, message, owner, tenant
+        )
     except redis.RedisError as exc:
         raise QueueUnavailableError(f"the job store is unavailable ({type(exc).__name__})") from exc
     if callback_url:
         await asyncio.to_thread(_hook, store, celery, got.job_id, callback_url)
     if got.overdue:  # an in-flight mark is never trusted past its job's deadline
-        await asyncio.to_thread(_send_again, store, celery, got.job_id)
-    return got.job_id, got.created
+        await asyncio.to_thread(_send_again, store, celery, got.job)
+    return got
 
 
 @dataclass(frozen=True)
@@ -231,7 +284,12 @@ def chunk_summary(chunk: EntailChunk) -> str:
 
 
 def submit_bulk(
-    store: JobStore, celery: Celery, scan_id: str, items: list[BulkItem], chunk: int
+    store: JobStore,
+    celery: Celery,
+    scan_id: str,
+    items: list[BulkItem],
+    chunk: int,
+    tenant: str | None = None,
 ) -> list[str]:
     """Join or create the job of each item (in order; returns their ids), then send
     the new ones ``chunk`` to a message. Records and dispatch deadlines are written
@@ -242,14 +300,16 @@ def submit_bulk(
     new: list[EntailTask] = []
     try:
         created = store.create_or_join_many(
-            [(i.key, i.image, i.text, i.premise) for i in items], scan_id
+            [(i.key, i.image, i.text, i.premise) for i in items], scan_id, tenant
         )
     except redis.RedisError as exc:
         raise QueueUnavailableError(f"the job store is unavailable ({type(exc).__name__})") from exc
     for item, got in zip(items, created, strict=True):
         ids.append(got.job_id)
         if got.created:
-            new.append(new_task(store, got.job_id, item.key, item.text, item.premise, scan_id))
+            new.append(
+                new_task(store, got.job_id, item.key, item.text, item.premise, scan_id, tenant)
+            )
         elif got.overdue:
             _send_again(store, celery, got.job_id)
     for start in range(0, len(new), chunk):
@@ -316,17 +376,20 @@ def manifest_format(name: str, given: object) -> str:
     return given.lower()
 
 
-def save_manifest(src: IO[bytes], dst: Path, fmt: str, max_bytes: int, max_image_bytes: int) -> int:
+def save_manifest(src: IO[bytes], dst: Path, fmt: str, settings: Settings) -> int:
     """Stream an upload to ``dst`` as JSONL (CSV converted on the way); returns the
-    number of rows. Never holds the whole manifest in memory; a CSV cell may hold a
-    base64 image up to ``max_image_bytes``."""
+    number of rows. Never holds the whole manifest, nor any line of it, in memory:
+    ``OFA_MAX_MANIFEST_BYTES`` in all, lines of ``OFA_MAX_MANIFEST_LINE_BYTES``, a CSV
+    cell a base64 image at the upload limit."""
+    max_bytes, max_line = settings.max_manifest_bytes, settings.manifest_line_bytes
     if fmt == "csv":
         import io
 
         text = io.TextIOWrapper(src, encoding="utf-8", newline="")
         with dst.open("w", encoding="utf-8") as out:
             try:
-                rows = csv_to_jsonl(text, out, max_cell_chars=(max_image_bytes * 4) // 3 + 1024)
+                cell = (settings.max_upload_bytes * 4) // 3 + 1024
+                rows = csv_to_jsonl(text, out, cell, max_line, max_chars=max_bytes)
             except (UnicodeDecodeError, ValueError) as exc:
                 raise ManifestError(f"the CSV manifest could not be read ({exc})") from exc
             finally:
@@ -339,7 +402,7 @@ def save_manifest(src: IO[bytes], dst: Path, fmt: str, max_bytes: int, max_image
                 if written > max_bytes:
                     raise PayloadTooLargeError(f"the manifest is larger than {max_bytes} bytes")
                 out.write(chunk)
-        rows = check_jsonl_head(dst)
+        rows = check_jsonl_head(dst, max_line)
     if dst.stat().st_size > max_bytes:
         raise PayloadTooLargeError(f"the manifest is larger than {max_bytes} bytes")
     if rows == 0:
@@ -355,9 +418,12 @@ def submit_scan(
     callback_url: str | None,
     upload: IO[bytes] | None = None,
     server_path: str | None = None,
+    owner: str = "",
 ) -> tuple[str, int]:
     """Store a manifest (an upload, or a file under ``OFA_MANIFEST_ROOT``), write the
-    scan record and queue the coordinator; returns (scan id, rows).
+    scan record (started by ``owner``, the API key's id: only it, and admin keys, see
+    the scan; its stored manifest counts toward the key's scan storage) and queue the
+    coordinator; returns (scan id, rows).
 
     Blocking (file I/O): the API calls it from its thread pool. Nothing is left behind
     when anything fails.
@@ -367,9 +433,7 @@ def submit_scan(
         folder.create()
         if upload is not None:
             manifest = folder.manifest
-            total = save_manifest(
-                upload, manifest, fmt, settings.max_manifest_bytes, settings.max_upload_bytes
-            )
+            total = save_manifest(upload, manifest, fmt, settings)
         else:
             assert server_path is not None
             try:
@@ -381,13 +445,12 @@ def submit_scan(
             if fmt == "csv":
                 manifest = folder.manifest
                 with path.open("rb") as src:
-                    total = save_manifest(
-                        src, manifest, fmt, settings.max_manifest_bytes, settings.max_upload_bytes
-                    )
-            else:
-                manifest, total = path, check_jsonl_head(path)  # read in place
+                    total = save_manifest(src, manifest, fmt, settings)
+            else:  # read in place
+                manifest, total = path, check_jsonl_head(path, settings.manifest_line_bytes)
+        stored = manifest.stat().st_size if manifest.parent == folder.path else 0
         try:
-            store.create(folder.scan_id, total, str(manifest), callback_url)
+            store.create(folder.scan_id, total, str(manifest), callback_url, owner, stored)
         except redis.RedisError as exc:
             raise QueueUnavailableError(
                 f"the scan store is unavailable ({type(exc).__name__})"

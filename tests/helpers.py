@@ -3,6 +3,7 @@ real service processes (worker, coordinator, uvicorn) the end-to-end tests drive
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import socket
@@ -25,6 +26,8 @@ from shared.messages import Verdict
 from worker.ofa.config import OFAConfig
 
 API_KEY = "test-key-0123456789-abcdefghijkl"
+# The owner recorded on what API_KEY submits (an OFA_API_KEYS entry's caller id).
+API_KEY_OWNER = "env-" + hashlib.sha256(API_KEY.encode()).hexdigest()[:16]
 WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
 PREFIX = "ofa:test:"
 MODEL = ("tiny-random", "seed1")
@@ -244,3 +247,104 @@ def unacked(rdb: redis.Redis, queue: str) -> list[list]:
     unacked hash: [message, exchange, routing key] each)."""
     entries = [json.loads(e) for e in rdb.hvals("unacked")]
     return [e for e in entries if e[2] == queue]
+
+
+class SlowReceiver:
+    """A webhook receiver on 127.0.0.1, a real TCP server that reads each request whole,
+    then answers badly: ``dribble`` sends its status line one byte every ``every_s`` and
+    never finishes; ``endless`` sends 200 and a body that never ends, as fast as the
+    client reads. Each connection's (start, end) is kept, its end the moment the server
+    sees the client close; ``peak`` is the most connections open at once."""
+
+    def __init__(self, mode: str, every_s: float = 1.0):
+        import socketserver
+        import threading
+
+        self.mode, self.every_s = mode, every_s
+        self.requests: list[dict[str, str]] = []
+        self.spans: list[list[float]] = []  # [start, end]; end inf while open
+        self.sent = 0  # body bytes the endless answer got out
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        receiver = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                receiver._serve(self.request)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, host: str = "127.0.0.1", path: str = "/hook") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def open_now(self) -> int:
+        with self._lock:
+            return sum(1 for _, end in self.spans if end == float("inf"))
+
+    def peak(self, grace_s: float = 0.05) -> int:
+        """The most connections open at once. A connection counts as ended ``grace_s``
+        before the server saw it close: on a busy machine the server's thread may wake
+        to the close a little after the client's next connection arrives."""
+        with self._lock:
+            spans = [(s, e - grace_s) for s, e in self.spans]
+        return max((sum(1 for s, e in spans if s <= t < e) for t, _ in spans), default=0)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        import itertools
+        import select
+
+        with self._lock:
+            span = [time.monotonic(), float("inf")]
+            self.spans.append(span)
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                got = conn.recv(65536)
+                if not got:
+                    return
+                head += got
+            lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+            headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+            body = head.split(b"\r\n\r\n", 1)[1]
+            length = int({k.lower(): v for k, v in headers.items()}.get("content-length", 0))
+            while len(body) < length:
+                got = conn.recv(65536)
+                if not got:
+                    return
+                body += got
+            with self._lock:
+                self.requests.append({**headers, "_body": body.decode("utf-8", "replace")})
+            if self.mode == "endless":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+                chunk = b"x" * 16384
+                while not self._stopping.is_set():
+                    conn.sendall(chunk)
+                    with self._lock:
+                        self.sent += len(chunk)
+                return
+            # A status line, then a header that never ends: the answer never finishes.
+            status = b"HTTP/1.1 200 OK\r\nX-Dribble: "
+            for n in itertools.count():
+                if self._stopping.is_set():
+                    return
+                conn.sendall(status[n : n + 1] or b"a")
+                readable, _, _ = select.select([conn], [], [], self.every_s)
+                if readable and not conn.recv(1):
+                    return  # the client closed
+        except OSError:
+            return  # the client went away mid-write
+        finally:
+            with self._lock:
+                span[1] = time.monotonic()
+            conn.close()

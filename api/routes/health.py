@@ -87,6 +87,7 @@ async def get_metrics(s: ServicesDep) -> Response:
     try:
         pending, overdue, oldest = await s.jobs.abacklog()
         counts, age = await s.reaper_log.aread(s.redis.durable)
+        interactive, held = await s.jobs.aheld()
     except redis.RedisError:
         pass  # the process's own metrics still answer; the store's stay as last read
     else:
@@ -96,4 +97,7 @@ async def get_metrics(s: ServicesDep) -> Response:
         metrics.OLDEST_PENDING.set(time.time() - oldest if oldest else 0)
         metrics.REAPER_AGE.set(age if age is not None else -1)
         metrics.REAPER.values = counts
+        metrics.INTERACTIVE_PENDING.set(interactive)
+        for kind in ("interactive", "bulk"):
+            metrics.HELD_BYTES.labels(kind).set(held.get(kind, 0))
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

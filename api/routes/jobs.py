@@ -24,12 +24,11 @@ from api.forms import read_form
 from api.problems import REFUSALS, documented, refusal
 from shared.errors import (
     BadInputError,
-    ImageTooLargeError,
     OverloadedError,
     UnsupportedMediaTypeError,
 )
 from shared.fetch import fetch_image
-from shared.images import check_image, check_size, decode_base64
+from shared.images import check_image, check_size, decode_base64, decoded_pixels
 from shared.keys import verdict_key
 from shared.messages import Job, cached_verdict_body
 from shared.schemas import (
@@ -42,16 +41,19 @@ from shared.schemas import (
 )
 from shared.store.apikeys import Caller
 from shared.store.limits import Decision
-from shared.submit import asubmit_job
+from shared.submit import asubmit_owned, send_hooks
 from shared.text import check_text
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=documented(401, 403, 422, 429, 503))
 
-BODY_OVERHEAD = 64 * 1024  # form fields, multipart boundaries, JSON keys and texts
 # Uploads this small are checked on the event loop (a 2 KB JPEG in ~0.1 ms, 35 KB in
-# ~0.8 ms): cheaper than the hop to a thread, short enough not to hold the loop up.
+# ~0.8 ms): cheaper than the hop to a thread, short enough not to hold the loop up...
 INLINE_CHECK_BYTES = 8 * 1024
+# ...when their header also declares few pixels to decode: a 1 KB WEBP or PNG of one
+# colour can declare 4000x4000 (~120 ms to decode); 65,536 (a JPEG's at 1/8 scale) take
+# at most ~0.6 ms in any accepted format.
+INLINE_CHECK_PIXELS = 256 * 256
 REQUEST_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -146,19 +148,10 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _check_declared(request: Request, s: Services, items: int = 1) -> None:
-    """Refuse a body whose declared length cannot fit ``items`` images (413)."""
-    limit = s.settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    # An image of `limit` bytes, base64-encoded in JSON, takes 4/3 as many.
-    image_cap = limit * 4 // 3 if _content_type(request) == "application/json" else limit
-    if declared and declared.isdigit() and int(declared) > items * (image_cap + BODY_OVERHEAD):
-        raise _too_large(limit * items)
-
-
 async def _parse(request: Request, s: Services) -> Submission:
-    """Read and validate the body (multipart or JSON) without storing anything."""
-    _check_declared(request, s)
+    """Read and validate the body (multipart or JSON) without storing anything. Its
+    size is bounded as it arrives, chunked or not, by ``api/bodylimit.py``: one image,
+    base64 in JSON or a file, and the fields."""
     ctype = _content_type(request)
     if ctype == "multipart/form-data":
         # The context closes the upload files, whatever happens.
@@ -179,21 +172,21 @@ def _unsupported(ctype: str) -> UnsupportedMediaTypeError:
     )
 
 
-def _too_large(limit: int) -> BadInputError:
-    return ImageTooLargeError(f"the request is larger than the {limit}-byte upload limit")
-
-
-async def _wait_for(s: Services, job_id: str, seconds: float, fresh: bool = False) -> Job | None:
+async def _wait_for(
+    s: Services, job_id: str, seconds: float, fresh: bool = False, watch: str | None = None
+) -> Job | None:
     """The job once it has ended, or None after ``seconds``.
 
     Woken by the workers' pub/sub announcement, which carries the final record (no
     read then); the record is re-read at least once a second as well, so a
     notification lost in a reconnect costs latency, not a hang.
     A ``fresh`` job (created by this request, with no await since) cannot have ended
-    unannounced: its first read waits for the announcement.
+    unannounced: its first read waits for the announcement. ``watch``: the id that is
+    announced, when ``job_id`` is a handle (the job it follows).
     """
     deadline = time.monotonic() + seconds
-    fut = s.waiter.register(job_id)
+    watched = watch or job_id
+    fut = s.waiter.register(watched)
     try:
         while True:
             if fut.done() and (record := fut.result()) is not None:
@@ -209,7 +202,7 @@ async def _wait_for(s: Services, job_id: str, seconds: float, fresh: bool = Fals
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(fut), min(remaining, 1.0))
     finally:
-        s.waiter.forget(job_id, fut)
+        s.waiter.forget(watched, fut)
 
 
 @dataclass
@@ -221,37 +214,65 @@ class Answer:
     created: bool = False
     limited: Decision | None = None
     fresh: bool = False  # created with no await since: see _wait_for
+    computed_by: str | None = None  # the job announced when it ends (a handle's job)
 
 
 async def _submit(s: Services, caller: Caller, sub: Submission) -> Answer:
     """The cache, the caller's rate limit, the image check, load shedding, then the
     job; each refusal raises before anything is stored."""
     model_id, revision = s.settings.model_tag
-    key = verdict_key(model_id, revision, sub.image, sub.text, sub.premise)
+    tenant = caller.key_id if s.settings.cache_scope == "key" else None
+    key = verdict_key(model_id, revision, sub.image, sub.text, sub.premise, tenant=tenant)
     cached = await s.jobs.acached(key)
     if cached is not None:
         metrics.CACHE_HIT.inc()
         limited = await charge(s, caller, "hit", "cached verdicts")
         return Answer(cached=cached, limited=limited)
     metrics.CACHE_MISS.inc()
-    if len(sub.image) <= INLINE_CHECK_BYTES:  # cheaper than a hop to a thread
-        check_image(sub.image, s.settings.max_pixels)
+    if len(sub.image) <= INLINE_CHECK_BYTES and decoded_pixels(sub.image) <= INLINE_CHECK_PIXELS:
+        check_image(sub.image, s.settings.max_pixels)  # cheaper than a hop to a thread
     else:
         await run_in_threadpool(check_image, sub.image, s.settings.max_pixels)
-    limit = s.settings.max_pending_jobs
-    if (
-        limit
-        and (pending := await s.jobs.apending()) >= limit
-        and not await s.jobs.ain_flight(key)  # joining queued work adds none
-    ):
-        raise OverloadedError(pending, limit, retry_after_s=5)
+    await _shed(s, key, len(sub.image))
     limited = await charge(s, caller, "miss", "new jobs")
-    job_id, created = await asubmit_job(
-        s.jobs, s.celery, key, sub.image, sub.text, sub.premise, sub.callback_url
+    got = await asubmit_owned(
+        s.jobs,
+        s.celery,
+        key,
+        sub.image,
+        sub.text,
+        sub.premise,
+        sub.callback_url,
+        owner=caller.key_id,
+        tenant=tenant,
     )
-    (metrics.ENQUEUED if created else metrics.DEDUPLICATED).inc()
-    fresh = created and not sub.callback_url  # adding a hook awaited a thread
-    return Answer(job_id=job_id, created=created, limited=limited, fresh=fresh)
+    (metrics.ENQUEUED if got.created else metrics.DEDUPLICATED).inc()
+    fresh = got.created and not sub.callback_url  # adding a hook awaited a thread
+    return Answer(
+        job_id=got.job_id,
+        created=got.created,
+        limited=limited,
+        fresh=fresh,
+        computed_by=got.job,
+    )
+
+
+async def _shed(s: Services, key: str, image_bytes: int) -> None:
+    """Load shedding (503 + Retry-After): past ``OFA_MAX_PENDING_JOBS`` unfinished
+    interactive jobs, or past ``OFA_MAX_PENDING_IMAGE_BYTES`` of images held for them,
+    unless the submission joins a job already computing its key (that adds nothing).
+    Scans' jobs are not counted: bulk work never sheds another key's submission."""
+    count_cap = s.settings.max_pending_jobs
+    bytes_cap = s.settings.max_pending_image_bytes
+    if not count_cap and not bytes_cap:
+        return
+    pending, held = await s.jobs.aadmission()
+    over_count = bool(count_cap) and pending >= count_cap
+    over_bytes = bool(bytes_cap) and held + image_bytes > bytes_cap
+    if (over_count or over_bytes) and not await s.jobs.ain_flight(key):
+        if over_count:
+            raise OverloadedError(pending, count_cap, retry_after_s=5)
+        raise OverloadedError(held, bytes_cap, retry_after_s=5, what="bytes of images")
 
 
 @router.post(
@@ -301,7 +322,13 @@ async def post_job(
         )
     assert answer.job_id is not None
     if wait > 0:
-        job = await _wait_for(s, answer.job_id, min(wait, s.settings.max_wait_s), answer.fresh)
+        job = await _wait_for(
+            s,
+            answer.job_id,
+            min(wait, s.settings.max_wait_s),
+            answer.fresh,
+            answer.computed_by,
+        )
         if job is not None:
             return Response(job.model_dump_json(), media_type="application/json", headers=headers)
     headers.update({"Location": f"/v1/jobs/{answer.job_id}", "Retry-After": "1"})
@@ -335,9 +362,9 @@ BATCH_BODY_DOC: dict[str, Any] = {
 
 
 async def _batch_items(request: Request, s: Services) -> list[Submission | Exception]:
-    """Each item parsed on its own: a Submission, or the refusal it gets."""
+    """Each item parsed on its own: a Submission, or the refusal it gets. The whole
+    body is bounded as it arrives by ``OFA_BATCH_MAX_BYTES`` (``api/bodylimit.py``)."""
     cap = s.settings.batch_max_items
-    _check_declared(request, s, cap)
     ctype = _content_type(request)
     out: list[Submission | Exception] = []
     if ctype == "application/json":
@@ -407,11 +434,12 @@ async def post_batch(request: Request, call: JobsCall) -> BatchAccepted:
 
 @router.get("/{job_id}", response_model=Job, summary="Poll a job", responses=documented(404))
 async def get_job(job_id: str, call: ReadCall) -> Job:
-    """Status, timestamps, and the verdict or error. Unknown or expired ids: 404."""
-    job = await call.services.jobs.aget(job_id)
-    if job is None:
+    """Status, timestamps, and the verdict or error. Unknown or expired ids, and other
+    keys' jobs (unless this key has the ``admin`` scope): 404."""
+    got = await call.services.jobs.aread(job_id)
+    if got is None or not call.caller.owns(got.owner):
         raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
-    return job
+    return got.job
 
 
 @router.delete(
@@ -424,9 +452,17 @@ async def delete_job(job_id: str, call: JobsCall) -> JobCancelled:
     """A queued job nobody else joined is cancelled (it ends failed, "cancelled", and
     the next identical submission starts afresh). A job others joined keeps running for
     them ("detached"); a running or finished job is left to finish and its verdict is
-    still cached ("unchanged")."""
-    got = await call.services.jobs.acancel(job_id)
-    if got is None:
+    still cached ("unchanged"). A job this key joined (its own handle) is cancelled for
+    this key alone. The job's webhooks are sent (with the job, failed "cancelled").
+    Other keys' jobs: 404."""
+    s = call.services
+    got = await s.jobs.aread(job_id)
+    if got is None or not call.caller.owns(got.owner):
         raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
-    outcome, status = got
+    cancelled = await s.jobs.acancel(job_id)
+    if cancelled is None:
+        raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
+    outcome, status, hooks = cancelled
+    if hooks:
+        await run_in_threadpool(send_hooks, s.celery, job_id, hooks)
     return JobCancelled(job_id=job_id, outcome=outcome, status=status)

@@ -14,12 +14,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.callbacks import check_callback
-from api.deps import ReadCall, ScansCall, Services, charge
+from api.deps import Call, ReadCall, ScansCall, Services, charge
 from api.problems import documented
 from shared.errors import (
     BadInputError,
     ManifestError,
-    PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
 from shared.messages import ScanReport, ScanSummary
@@ -99,13 +98,13 @@ MANIFEST_DOC: dict[str, Any] = {
     },
 )
 async def post_scan(request: Request, call: ScansCall) -> JSONResponse:
-    """Store the manifest (streamed, never whole in memory) and queue the coordinator."""
+    """Store the manifest (streamed, never whole in memory) and queue the coordinator.
+    The body is bounded as it arrives (``api/bodylimit.py``): a multipart upload by
+    ``OFA_MAX_MANIFEST_BYTES``, a JSON one (a server-side path) by 64 KiB."""
     s, caller = call.services, call.caller
+    # A key (or the service) at a scan cap is refused before its manifest is read.
+    await s.scans.aadmit(caller.key_id)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    declared = request.headers.get("content-length")
-    limit = s.settings.max_manifest_bytes
-    if declared and declared.isdigit() and int(declared) > limit + 65536:
-        raise PayloadTooLargeError(f"the manifest is larger than {limit} bytes")
     if ctype == "multipart/form-data":
         async with request.form(max_files=1, max_fields=8) as form:
             upload = form.get("manifest")
@@ -151,7 +150,7 @@ async def _start(
     limited = await charge(s, caller, "miss", "scans")
     try:
         scan_id, total = await run_in_threadpool(
-            submit_scan, s.scans, s.celery, s.settings, fmt, callback, **source
+            submit_scan, s.scans, s.celery, s.settings, fmt, callback, owner=caller.key_id, **source
         )
     except Exception:
         if limited is not None:
@@ -161,10 +160,13 @@ async def _start(
     return scan_id, total, limited
 
 
-def _found(scan_id: str, summary: ScanSummary | None) -> ScanSummary:
-    if summary is None:
+async def _visible(call: Call, scan_id: str) -> ScanSummary:
+    """The scan, when it exists and the caller started it (or has the ``admin``
+    scope); otherwise 404, the same for another key's scan as for an unknown id."""
+    got = await call.services.scans.aread(scan_id)
+    if got is None or not call.caller.owns(got[1]):
         raise HTTPException(404, f"no scan {scan_id} (unknown, or expired)")
-    return summary
+    return got[0]
 
 
 @router.get(
@@ -174,8 +176,9 @@ def _found(scan_id: str, summary: ScanSummary | None) -> ScanSummary:
     responses=documented(404),
 )
 async def get_scan(scan_id: str, call: ReadCall) -> ScanSummary:
-    """Counts (total, done, cached, failed, pending), rate and ETA."""
-    return _found(scan_id, await call.services.scans.asummary(scan_id))
+    """Counts (total, done, cached, failed, pending), rate and ETA. Another key's scan:
+    404."""
+    return await _visible(call, scan_id)
 
 
 @router.get(
@@ -201,7 +204,7 @@ async def get_scan_results(
     """One line per manifest row read so far (every row once the scan has finished):
     id, label, answer, probabilities, cached, error."""
     s = call.services
-    _found(scan_id, await s.scans.asummary(scan_id))
+    await _visible(call, scan_id)
     path = ScanFolder(s.settings.scans_path, scan_id).results
 
     def lines() -> Iterator[bytes]:
@@ -257,7 +260,7 @@ async def get_scan_report(
     over the finished rows whose manifest line has a gold ``label`` (others are not
     counted); ``format=html`` draws them as a self-contained page."""
     s = call.services
-    _found(scan_id, await s.scans.asummary(scan_id))
+    await _visible(call, scan_id)
     report = await run_in_threadpool(_report, s, scan_id)
     if format == "html":
         return HTMLResponse(report_html(report))
@@ -271,5 +274,10 @@ async def get_scan_report(
     responses=documented(404),
 )
 async def delete_scan(scan_id: str, call: ScansCall) -> ScanSummary:
-    """Stop reading the manifest and drop its queued bulk jobs; finished results stay."""
-    return _found(scan_id, await call.services.scans.acancel(scan_id))
+    """Stop reading the manifest and drop its queued bulk jobs; finished results stay.
+    Another key's scan: 404."""
+    await _visible(call, scan_id)
+    cancelled = await call.services.scans.acancel(scan_id)
+    if cancelled is None:
+        raise HTTPException(404, f"no scan {scan_id} (unknown, or expired)")
+    return cancelled

@@ -155,8 +155,12 @@ class ResultsDB:
             return
 
     def iter_results(self, batch: int = 1000) -> Iterator[tuple[Any, ...]]:
-        """(idx, item_id, state, cached, verdict, error) in manifest order."""
+        """(idx, item_id, state, cached, verdict, error) in manifest order (none while
+        the coordinator that just made the file has not yet written its tables)."""
         last = -1
+        tables = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rows'"
+        if self.conn.execute(tables).fetchone() is None:
+            return
         while True:
             chunk = self.conn.execute(
                 "SELECT idx, item_id, state, cached, verdict, error FROM rows WHERE idx > ? "

@@ -20,10 +20,12 @@ from shared.store.jobs import (
     Hook,
     JobStore,
     Outcome,
+    Read,
     StartAction,
     Started,
 )
 from shared.store.scans import ScanStore, summarize
+from shared.store.webhooks import WebhookSlots, receiver_of
 from shared.store.workers import ReaperLog, WorkerRegistry
 
 __all__ = [
@@ -32,14 +34,17 @@ __all__ = [
     "Hook",
     "JobStore",
     "Outcome",
+    "Read",
     "ReaperLog",
     "ScanStore",
     "StartAction",
     "Started",
+    "WebhookSlots",
     "WorkerRegistry",
     "bytes_of",
     "decode_hash",
     "now",
+    "receiver_of",
     "summarize",
     "text_of",
 ]

@@ -32,9 +32,14 @@ class Scope(StrEnum):
     JOBS = "jobs"  # submit, cancel and poll jobs
     SCANS = "scans"  # start, cancel and read scans
     READ = "read"  # poll jobs, read scans and reports; submit nothing
+    # Sees every key's jobs and scans (operators, support). Without it a key sees only
+    # what it submitted itself: other keys' ids answer 404.
+    ADMIN = "admin"
 
 
-ALL_SCOPES = frozenset(Scope)
+# What an ``OFA_API_KEYS`` entry may do: everything but seeing other keys' work (an
+# operator who needs that makes a key record with ``--scopes admin``).
+ALL_SCOPES = frozenset({Scope.JOBS, Scope.SCANS, Scope.READ})
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,17 @@ class Caller:
     def may(self, scope: Scope) -> bool:
         """Whether the key carries ``scope`` (``read`` is implied by the others)."""
         return scope in self.scopes or (scope == Scope.READ and bool(self.scopes))
+
+    @property
+    def admin(self) -> bool:
+        """Whether the key sees every key's jobs and scans."""
+        return Scope.ADMIN in self.scopes
+
+    def owns(self, owner: str | None) -> bool:
+        """Whether a job or scan recorded with ``owner`` is this caller's to see, cancel
+        or read: its own, or any with the ``admin`` scope. A record with no owner (made
+        before owners were recorded, or by a scan) is an admin's alone."""
+        return self.admin or (owner is not None and owner == self.key_id)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from shared.errors import QueueUnavailableError
 from shared.keys import Keys
 from shared.messages import Job, JobStatus, Verdict
 from shared.settings import Settings
-from shared.store.codec import DELETE_IF_EQUAL, bytes_of, decode_hash, now, text_of
+from shared.store.codec import bytes_of, decode_hash, now, text_of
 from shared.wiring import AsyncRedis, SyncRedis
 
 # Once a scan's coordinator has copied a job's outcome into the scan's results file,
@@ -26,34 +26,53 @@ SCAN_JOB_LINGER_S = 60
 # KEYS: any number; ARGV: seconds. Each key that exists expires in that many seconds.
 _EXPIRE_ALL = "for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ARGV[1]) end"
 
-# KEYS: inflight, job, blob, deadlines, pending, queue
+# KEYS: inflight, job, blob, deadlines, pending, queue, interactive pending, held bytes
 # ARGV: job id, job ttl, blob ttl, image, dispatch deadline, now, job key prefix,
-#       message ('' for none: sent afterwards), fields...
+#       message ('' for none: sent afterwards), owner ('' for a scan's job), handle id
+#       ('' for none), class ('interactive' or 'bulk'), fields...
 # A new job's Celery message (when given) is pushed onto its queue in the same atomic
 # step as its record: a job is never stored without its message, nor sent without it.
+# A submission joining another owner's job gets a handle of its own (a record naming
+# the job it follows), so no key ever learns another key's job id.
 _CREATE_OR_JOIN = """
+local prefix, owner, handle_id, class = ARGV[7], ARGV[9], ARGV[10], ARGV[11]
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local other = ARGV[7] .. cur
+  local other = prefix .. cur
   if redis.call('EXISTS', other) == 1 then
-    redis.call('HSET', other, 'shared', '1')
-    return {cur, 0, redis.call('ZSCORE', KEYS[4], cur)}
+    redis.call('HINCRBY', other, 'shared', 1)
+    local deadline = redis.call('ZSCORE', KEYS[4], cur)
+    if handle_id ~= '' and redis.call('HGET', other, 'owner') ~= owner then
+      local handle = prefix .. handle_id
+      redis.call('HSET', handle, 'handle_of', cur, 'owner', owner, 'created_at', ARGV[6])
+      redis.call('EXPIRE', handle, ARGV[2])
+      redis.call('RPUSH', other .. ':handles', handle_id)
+      redis.call('EXPIRE', other .. ':handles', ARGV[2])
+      return {handle_id, 0, deadline, cur}
+    end
+    return {cur, 0, deadline, cur}
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local old = redis.call('STRLEN', KEYS[3])
 redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[3])
-redis.call('HSET', KEYS[2], unpack(ARGV, 9))
+redis.call('HINCRBY', KEYS[8], class .. '_bytes', string.len(ARGV[4]) - old)
+redis.call('HSET', KEYS[2], unpack(ARGV, 12))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
+if class == 'interactive' then redis.call('ZADD', KEYS[7], ARGV[6], ARGV[1]) end
 if ARGV[8] ~= '' then redis.call('LPUSH', KEYS[6], ARGV[8]) end
-return {ARGV[1], 1, false}
+return {ARGV[1], 1, false, ARGV[1]}
 """
 
 # KEYS: job, deadlines, blob, verdict
-# ARGV: job id, now, lease deadline, 1 when the verdict cache is this server
+# ARGV: job id, now, lease deadline, 1 when the verdict cache is this server, the
+#       message's key
+# A message whose key is not its job's is not this job's work: nothing to do.
 _START = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+if redis.call('HGET', KEYS[1], 'key') ~= ARGV[5] then return {'gone'} end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'succeeded' or status == 'failed' then return {'finished'} end
 if status == 'running' then
@@ -69,28 +88,70 @@ if verdict then return {'run', attempts, verdict, false} end
 return {'run', attempts, false, redis.call('GET', KEYS[3])}
 """
 
-# KEYS: job, inflight, blob, deadlines, pending, hooks, verdict
+# Lua: the image bytes held for a job leave the held-bytes count (by the job's class)
+# as its blob goes. KEYS[1] job, KEYS[3] blob, KEYS[8] held bytes.
+_DROP_BLOB = """
+local class = 'interactive'
+if redis.call('HEXISTS', KEYS[1], 'scan') == 1 then class = 'bulk' end
+local held = redis.call('STRLEN', KEYS[3])
+if held > 0 then
+  if redis.call('HINCRBY', KEYS[8], class .. '_bytes', -held) <= 0 then
+    redis.call('HDEL', KEYS[8], class .. '_bytes')
+  end
+  redis.call('DEL', KEYS[3])
+end
+"""
+
+# KEYS: job, inflight, blob, deadlines, pending, hooks, verdict, held bytes,
+#       interactive pending
 # ARGV: job id, job ttl, 1 to keep the in-flight mark (0: drop it if it is this job's),
-#       done channel, verdict ttl, verdict ('' when cached elsewhere), fields...
+#       done channel, verdict ttl, verdict ('' when cached elsewhere), job key prefix,
+#       fields...
 # A job's end in one atomic step; returns its webhooks (taken: the caller sends them),
 # the done channel and its announcement ("id record-as-JSON"), which ``_FINISH_EACH``
-# publishes, a call's announcements in one message (``JobStore.announcements``).
-_FINISH = """
+# publishes, a call's announcements in one message (``JobStore.announcements``). The
+# handles other keys hold on the job take its final fields, and their webhooks are
+# taken with the job's own (each hook names the id its submitter knows).
+_FINISH = (
+    """
 if ARGV[6] ~= '' then redis.call('SET', KEYS[7], ARGV[6], 'EX', ARGV[5]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if ARGV[3] == '1' then
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 elseif redis.call('GET', KEYS[2]) == ARGV[1] then
   redis.call('DEL', KEYS[2])
 end
-redis.call('DEL', KEYS[3])
+"""
+    + _DROP_BLOB
+    + """
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[9], ARGV[1])
 local hooks = redis.call('LRANGE', KEYS[6], 0, -1)
 redis.call('DEL', KEYS[6])
+local handles = redis.call('LRANGE', KEYS[1] .. ':handles', 0, -1)
+if #handles > 0 then
+  local final = redis.call('HMGET', KEYS[1], 'status', 'verdict', 'cached', 'error',
+                           'started_at', 'finished_at')
+  local names = {'status', 'verdict', 'cached', 'error', 'started_at', 'finished_at'}
+  for _, hid in ipairs(handles) do
+    local handle = ARGV[7] .. hid
+    if redis.call('EXISTS', handle) == 1 and not redis.call('HGET', handle, 'status') then
+      for i, name in ipairs(names) do
+        if final[i] then redis.call('HSET', handle, name, final[i]) end
+      end
+      for _, h in ipairs(redis.call('LRANGE', handle .. ':hooks', 0, -1)) do
+        hooks[#hooks + 1] = h
+      end
+      redis.call('DEL', handle .. ':hooks')
+    end
+  end
+  redis.call('DEL', KEYS[1] .. ':handles')
+end
 return {hooks, ARGV[4], ARGV[1] .. ' ' .. cjson.encode(redis.call('HGETALL', KEYS[1]))}
 """
+)
 
 
 def _for_each(body: str, then: str = "") -> str:
@@ -175,24 +236,73 @@ def confirm_on_disk(reply: Any, undo: Callable[[], None], what: str) -> None:
         raise QueueUnavailableError(f"the durable store did not confirm the {what} on disk in time")
 
 
-# KEYS: job, deadlines, pending, blob, inflight
+# KEYS: job, inflight, blob, deadlines, pending, hooks, (unused), held bytes,
+#       interactive pending
 # ARGV: job id, now (finished_at), job ttl, done channel
-# A queued job nobody joined is cancelled (failed, its key freed); otherwise nothing
-# changes and the reply says why: {outcome, status}.
-_CANCEL = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', ''} end
+# A queued job nobody joined is cancelled (failed, its key freed, its webhooks taken:
+# the caller sends them); otherwise nothing changes and the reply says why:
+# {outcome, status, hooks}.
+_CANCEL = (
+    """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', '', {}} end
 local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'queued' then return {'unchanged', status} end
-if redis.call('HEXISTS', KEYS[1], 'shared') == 1 then return {'detached', status} end
+if status ~= 'queued' then return {'unchanged', status, {}} end
+if tonumber(redis.call('HGET', KEYS[1], 'shared') or '0') > 0 then
+  return {'detached', status, {}}
+end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error', 'cancelled', 'finished_at', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('DEL', KEYS[4])
-if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
-redis.call('PUBLISH', ARGV[4], ARGV[1])
-return {'cancelled', 'failed'}
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[9], ARGV[1])
 """
+    + _DROP_BLOB
+    + """
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+local hooks = redis.call('LRANGE', KEYS[6], 0, -1)
+redis.call('DEL', KEYS[6])
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return {'cancelled', 'failed', hooks}
+"""
+)
+
+# KEYS: handle, handle's hooks; ARGV: job key prefix, now, done channel, handle id
+# A handle (another key's share in a job) is cancelled while the job is queued: the
+# handle ends failed ("cancelled") with its webhooks taken, the job is shared by one
+# fewer (its owner may then cancel it). A running or finished job is left to finish,
+# and the handle then takes its verdict. Reply: {outcome, status, hooks}.
+_CANCEL_HANDLE = """
+local own = redis.call('HGET', KEYS[1], 'status')
+if own then return {'unchanged', own, {}} end
+local job = ARGV[1] .. redis.call('HGET', KEYS[1], 'handle_of')
+local status = redis.call('HGET', job, 'status')
+if not status then return {'gone', '', {}} end
+if status ~= 'queued' then return {'unchanged', status, {}} end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error', 'cancelled', 'finished_at', ARGV[2])
+redis.call('HINCRBY', job, 'shared', -1)
+local hooks = redis.call('LRANGE', KEYS[2], 0, -1)
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return {'cancelled', 'failed', hooks}
+"""
+
+# KEYS: job, inflight, blob, deadlines, pending, hooks, queue, held bytes,
+#       interactive pending
+# ARGV: job id, message ('' when none was pushed)
+# A job that was never sent (its message refused, or not confirmed on disk) is removed
+# whole: record, blob (and its bytes from the held count), mark, indexes, message.
+_DISCARD = (
+    _DROP_BLOB
+    + """
+redis.call('DEL', KEYS[1], KEYS[6])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[9], ARGV[1])
+if ARGV[2] ~= '' then redis.call('LREM', KEYS[7], 1, ARGV[2]) end
+return 1
+"""
+)
 
 # KEYS: job, deadlines; ARGV: job id, now, new dispatch deadline
 _CLAIM_OVERDUE = """
@@ -205,12 +315,19 @@ return 1
 """
 
 
-# KEYS: job, hooks; ARGV: hook (JSON), ttl. A webhook joins a job that has not ended;
-# the finisher takes the list in the same transaction as the final status, so each hook
-# is sent by exactly one party: the finisher, or (reply 'finished') the caller.
+# KEYS: job (or handle), its hooks; ARGV: hook (JSON), ttl, job key prefix. A webhook
+# joins a job that has not ended; the finisher takes the list in the same transaction
+# as the final status, so each hook is sent by exactly one party: the finisher, or
+# (reply 'finished') the caller. A handle's hooks wait on the handle, for the job it
+# follows (the finisher takes them with the job's own).
 _ADD_HOOK = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'gone' end
+if not status then
+  local of = redis.call('HGET', KEYS[1], 'handle_of')
+  if not of then return 'gone' end
+  status = redis.call('HGET', ARGV[3] .. of, 'status')
+  if not status then return 'gone' end
+end
 if status == 'succeeded' or status == 'failed' then return 'finished' end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -225,23 +342,34 @@ class Hook:
 
     url: str
     delivery_id: str
+    # The id its submitter knows, when that is not the finished job's own (a handle).
+    job_id: str | None = None
 
     def encode(self) -> str:
-        return json.dumps({"url": self.url, "delivery": self.delivery_id})
+        doc = {"url": self.url, "delivery": self.delivery_id}
+        if self.job_id:
+            doc["job"] = self.job_id
+        return json.dumps(doc)
 
     @classmethod
     def decode(cls, raw: Any) -> Hook:
         doc = json.loads(text_of(raw))
-        return cls(doc["url"], doc["delivery"])
+        return cls(doc["url"], doc["delivery"], doc.get("job"))
 
 
 @dataclass(frozen=True)
 class Created:
     """What ``create_or_join`` did."""
 
-    job_id: str
+    job_id: str  # what the submitter is told: the job's id, or its own handle's
     created: bool
     overdue: bool = False  # joined a job past its deadline: send it again now
+    computed_by: str = ""  # the job that computes it (differs from job_id for a handle)
+
+    @property
+    def job(self) -> str:
+        """The id of the job doing the work (its announcement on the done channel)."""
+        return self.computed_by or self.job_id
 
 
 class StartAction(StrEnum):
@@ -262,6 +390,16 @@ class Started:
     cached: bytes | None = None
     blob: bytes | None = None
     attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Read:
+    """A job as one API key may see it: the job, who submitted it, and the id of the
+    job that computes it (itself, or for a handle the job it follows)."""
+
+    job: Job
+    owner: str | None
+    computed_by: str
 
 
 @dataclass(frozen=True)
@@ -302,23 +440,43 @@ class JobStore:
     # -- creation --------------------------------------------------------------------
 
     def create_or_join(
-        self, key: str, image: bytes, text: str, premise: str | None, scan_id: str | None = None
+        self,
+        key: str,
+        image: bytes,
+        text: str,
+        premise: str | None,
+        scan_id: str | None = None,
+        owner: str | None = None,
     ) -> Created:
-        """Join the job computing ``key`` (marking it shared), or store a new queued job:
-        mark, image blob, record and dispatch deadline, atomically. A mark whose job
-        record is gone is replaced. With durable acknowledgement on, returns only once
-        the durable store has fsynced the write (WAITAOF on the connection that wrote)."""
+        """Join the job computing ``key`` (counting one more sharer), or store a new
+        queued job: mark, image blob, record and dispatch deadline, atomically. A mark
+        whose job record is gone is replaced. An ``owner`` (the API key's id) is
+        recorded on a new job; joining another owner's job gives a handle of its own.
+        With durable acknowledgement on, returns only once the durable store has
+        fsynced the write (WAITAOF on the connection that wrote)."""
+        if owner is not None:
+            t = time.time()
+            call = self._create_call(key, image, text, premise, None, t, owner=owner)
+            pipe = self.sync.durable.pipeline(transaction=False)
+            self._queue_create(pipe, [call])
+            replies = pipe.execute(raise_on_error=False)
+            got = self._created(each_reply(replies[:1])[0], t)
+            if self.settings.durable_ack_on and got.created:
+                confirm_on_disk(replies[1], lambda: self.discard(got.job_id, key), "job")
+            return got
         return self.create_or_join_many([(key, image, text, premise)], scan_id)[0]
 
     def create_or_join_many(
         self,
         items: Sequence[tuple[str, bytes, str, str | None]],
         scan_id: str | None = None,
+        tenant: str | None = None,
     ) -> list[Created]:
         """``create_or_join`` for several (key, image, text, premise) in one round trip
-        (a scan's chunk), with one WAITAOF for all of them when it is on."""
+        (a scan's chunk), with one WAITAOF for all of them when it is on. A scan's jobs
+        have no owner: nobody reads them by id but the scan's coordinator."""
         t = time.time()
-        calls = [self._create_call(k, i, tx, p, scan_id, t) for k, i, tx, p in items]
+        calls = [self._create_call(k, i, tx, p, scan_id, t, tenant=tenant) for k, i, tx, p in items]
         pipe = self.sync.durable.pipeline(transaction=False)
         commands = self._queue_create(pipe, calls)
         replies = pipe.execute(raise_on_error=False)
@@ -342,11 +500,14 @@ class JobStore:
         job_id: str,
         queue: str,
         message: bytes,
+        owner: str = "",
     ) -> Created:
         """``acreate_and_send`` for blocking callers: record, blob, deadlines and, for a
         new job, its message in one atomic round trip (then WAITAOF when it is on)."""
         t = time.time()
-        call = self._create_call(key, image, text, premise, None, t, job_id, queue, message)
+        call = self._create_call(
+            key, image, text, premise, None, t, job_id, queue, message, owner=owner
+        )
         pipe = self.sync.durable.pipeline(transaction=False)
         self._queue_create(pipe, [call])
         replies = pipe.execute(raise_on_error=False)
@@ -366,12 +527,18 @@ class JobStore:
         job_id: str,
         queue: str,
         message: bytes,
+        owner: str = "",
+        tenant: str | None = None,
     ) -> Created:
         """``create_or_join`` from the event loop for a job whose Celery ``message``
         (built for ``job_id``) goes onto ``queue`` in the same atomic step when the job
-        is new: one round trip for record, blob, deadlines and message."""
+        is new: one round trip for record, blob, deadlines and message. ``owner``: the
+        submitting API key's id (a join of another key's job gets its own handle);
+        ``tenant``: the key whose private cache the verdict goes to, if any."""
         t = time.time()
-        call = self._create_call(key, image, text, premise, None, t, job_id, queue, message)
+        call = self._create_call(
+            key, image, text, premise, None, t, job_id, queue, message, owner, tenant
+        )
         pipe = self.aio.durable.pipeline(transaction=False)
         self._queue_create(pipe, [call])
         replies = await pipe.execute(raise_on_error=False)
@@ -404,8 +571,11 @@ class JobStore:
         job_id: str | None = None,
         queue: str | None = None,
         message: bytes = b"",
+        owner: str | None = None,
+        tenant: str | None = None,
     ) -> tuple[list[str], list[str | bytes | float]]:
-        """KEYS and ARGV of one job's ``_CREATE_OR_JOIN``."""
+        """KEYS and ARGV of one job's ``_CREATE_OR_JOIN``. An ``owner`` (interactive
+        submissions) is recorded, and a join of another owner's job makes a handle."""
         model_id, revision = self.settings.model_tag
         k = self.keys
         job_id = job_id or uuid.uuid4().hex
@@ -421,6 +591,10 @@ class JobStore:
             record["premise"] = premise
         if scan_id:
             record["scan"] = scan_id
+        if owner:
+            record["owner"] = owner
+        if tenant:
+            record["tenant"] = tenant
         fields = [x for pair in record.items() for x in pair]
         args: list[str | bytes | float] = [
             job_id,
@@ -431,6 +605,9 @@ class JobStore:
             t,
             k.job_prefix(),
             message,
+            owner or "",
+            uuid.uuid4().hex if owner else "",
+            "bulk" if scan_id else "interactive",
             *fields,
         ]
         keys = [
@@ -440,6 +617,8 @@ class JobStore:
             k.job_deadlines(),
             k.job_pending(),
             queue or k.job(job_id),  # no message: an unused key of the same job
+            k.job_pending_interactive(),
+            k.held_bytes(),
         ]
         return keys, args
 
@@ -447,30 +626,38 @@ class JobStore:
     def _created(reply: Any, t: float) -> Created:
         if isinstance(reply, Exception):
             raise reply
-        got, created, deadline = reply
+        got, created, deadline, computed_by = reply
         overdue = deadline is not None and float(deadline) < t
-        return Created(text_of(got), bool(created), overdue)
+        return Created(text_of(got), bool(created), overdue, text_of(computed_by))
 
     def discard(self, job_id: str, key: str, sent: tuple[str, bytes] | None = None) -> None:
         """Remove a job that was never sent (its record, blob, mark and deadlines);
         ``sent``: the (queue, message) pushed with the record, taken back too."""
-        self._discard_ops(self.sync.durable.pipeline(), job_id, key, sent).execute()
+        self.sync.durable.eval(_DISCARD, *self._discard_call(job_id, key, sent))
 
     async def adiscard(self, job_id: str, key: str, sent: tuple[str, bytes] | None = None) -> None:
         """``discard`` from the event loop; ``sent``: the (queue, message) pushed with
         the record, taken back too if no worker has taken it yet (one that has finds no
         job and does nothing)."""
-        await self._discard_ops(self.aio.durable.pipeline(), job_id, key, sent).execute()
+        await self.aio.durable.eval(_DISCARD, *self._discard_call(job_id, key, sent))
 
-    def _discard_ops(self, pipe: Any, job_id: str, key: str, sent: tuple[str, bytes] | None) -> Any:
-        """Queue on ``pipe`` (blocking or asyncio) what removes a job never taken."""
-        pipe.delete(self.keys.job(job_id), self.keys.blob(key), self.keys.job_hooks(job_id))
-        pipe.eval(DELETE_IF_EQUAL, 1, self.keys.inflight(key), job_id)
-        pipe.zrem(self.keys.job_deadlines(), job_id)
-        pipe.zrem(self.keys.job_pending(), job_id)
-        if sent is not None:
-            pipe.lrem(sent[0], 1, sent[1])
-        return pipe
+    def _discard_call(
+        self, job_id: str, key: str, sent: tuple[str, bytes] | None
+    ) -> tuple[Any, ...]:
+        """numkeys, KEYS and ARGV of ``_DISCARD``."""
+        k = self.keys
+        keys = [
+            k.job(job_id),
+            k.inflight(key),
+            k.blob(key),
+            k.job_deadlines(),
+            k.job_pending(),
+            k.job_hooks(job_id),
+            sent[0] if sent else k.job(job_id),
+            k.held_bytes(),
+            k.job_pending_interactive(),
+        ]
+        return (len(keys), *keys, job_id, sent[1] if sent else b"")
 
     # -- the worker's transitions ----------------------------------------------------
 
@@ -494,7 +681,7 @@ class JobStore:
         calls = [
             (
                 [k.job(job_id), k.job_deadlines(), k.blob(key), k.verdict(key)],
-                [job_id, t, t + self.settings.lease_s, 1 if same else 0],
+                [job_id, t, t + self.settings.lease_s, 1 if same else 0, key],
             )
             for job_id, key in jobs
         ]
@@ -547,7 +734,7 @@ class JobStore:
         """Ask for ``url`` to be told when the job ends: ('added', hook) when the
         finisher will send it, ('finished', hook) when the job already ended (the
         caller sends it), ('gone', hook) when the job is unknown."""
-        hook = Hook(url, uuid.uuid4().hex)
+        hook = Hook(url, uuid.uuid4().hex, job_id)
         got = self.sync.durable.eval(
             _ADD_HOOK,
             2,
@@ -555,6 +742,7 @@ class JobStore:
             self.keys.job_hooks(job_id),
             hook.encode(),
             self.settings.job_ttl_s,
+            self.keys.job_prefix(),
         )
         return text_of(got), hook
 
@@ -636,6 +824,8 @@ class JobStore:
             k.job_pending(),
             k.job_hooks(job_id),
             k.verdict(key),
+            k.held_bytes(),
+            k.job_pending_interactive(),
         ]
         args = [
             job_id,
@@ -644,6 +834,7 @@ class JobStore:
             k.done_channel(),
             self.settings.verdict_ttl_s,
             b"" if verdict is None else verdict,
+            k.job_prefix(),
             *(x for pair in fields.items() for x in pair),
         ]
         return keys, args
@@ -686,39 +877,84 @@ class JobStore:
             )
         )
 
-    async def acancel(self, job_id: str) -> tuple[str, str] | None:
+    async def acancel(self, job_id: str) -> tuple[str, str, list[Hook]] | None:
         """Cancel a queued job nobody else joined (it fails as "cancelled" and its key
         is free again); a joined one is left for its other waiters ("detached"), a
         running or finished one is left to finish, its verdict cached ("unchanged").
-        Returns (outcome, status), or None when the job is unknown."""
-        key = await self.aio.durable.hget(self.keys.job(job_id), "key")
-        if key is None:
+        A handle (another key's share in a job) is cancelled alone while the job is
+        queued. Returns (outcome, status, the webhooks taken: the caller sends them),
+        or None when the job is unknown."""
+        got = await self.aio.durable.hmget(self.keys.job(job_id), "key", "handle_of")
+        record = {n: text_of(v) for n, v in zip(("key", "handle_of"), got, strict=True) if v}
+        return await self._acancel(job_id, record)
+
+    async def _acancel(
+        self, job_id: str, record: dict[str, str]
+    ) -> tuple[str, str, list[Hook]] | None:
+        k = self.keys
+        if record.get("handle_of"):
+            reply = await self.aio.durable.eval(
+                _CANCEL_HANDLE,
+                2,
+                k.job(job_id),
+                k.job_hooks(job_id),
+                k.job_prefix(),
+                now(),
+                k.done_channel(),
+                job_id,
+            )
+        elif record.get("key"):
+            verdict_key = record["key"]
+            reply = await self.aio.durable.eval(
+                _CANCEL,
+                9,
+                k.job(job_id),
+                k.inflight(verdict_key),
+                k.blob(verdict_key),
+                k.job_deadlines(),
+                k.job_pending(),
+                k.job_hooks(job_id),
+                k.job(job_id),
+                k.held_bytes(),
+                k.job_pending_interactive(),
+                job_id,
+                now(),
+                self.settings.job_ttl_s,
+                k.done_channel(),
+            )
+        else:
             return None
-        k, verdict_key = self.keys, text_of(key)
-        outcome, status = await self.aio.durable.eval(
-            _CANCEL,
-            5,
-            k.job(job_id),
-            k.job_deadlines(),
-            k.job_pending(),
-            k.blob(verdict_key),
-            k.inflight(verdict_key),
-            job_id,
-            now(),
-            self.settings.job_ttl_s,
-            k.done_channel(),
-        )
+        outcome, status, hooks = reply
         if text_of(outcome) == "gone":
             return None
-        return text_of(outcome), text_of(status)
+        return text_of(outcome), text_of(status), [Hook.decode(h) for h in hooks]
 
     def is_shared(self, job_id: str) -> bool:
-        """True once another submission (interactive, or another scan) joined the job."""
-        return self.sync.durable.hget(self.keys.job(job_id), "shared") is not None
+        """True while another submission (interactive, or another scan) shares the job."""
+        return int(self.sync.durable.hget(self.keys.job(job_id), "shared") or 0) > 0
 
-    async def apending(self) -> int:
-        """Unfinished jobs right now (load shedding's measure)."""
-        return int(await self.aio.durable.zcard(self.keys.job_pending()))
+    async def aadmission(self) -> tuple[int, int]:
+        """(unfinished interactive jobs, image bytes held for them): what load shedding
+        measures. Scans' jobs are not counted: their own admission bounds them."""
+        pipe = self.aio.durable.pipeline(transaction=False)
+        pipe.zcard(self.keys.job_pending_interactive())
+        pipe.hget(self.keys.held_bytes(), "interactive_bytes")
+        pending, held = await pipe.execute()
+        return int(pending), int(held or 0)
+
+    async def aheld(self) -> tuple[int, dict[str, int]]:
+        """(unfinished interactive jobs, image bytes held by class) for /metrics."""
+        pipe = self.aio.durable.pipeline(transaction=False)
+        pipe.zcard(self.keys.job_pending_interactive())
+        pipe.hgetall(self.keys.held_bytes())
+        pending, raw = await pipe.execute()
+        held = {k.removesuffix("_bytes"): int(v) for k, v in decode_hash(raw).items()}
+        return int(pending), held
+
+    def held(self) -> dict[str, int]:
+        """Image bytes held for unfinished jobs, by class (``interactive``, ``bulk``)."""
+        raw = decode_hash(self.sync.durable.hgetall(self.keys.held_bytes()))
+        return {k.removesuffix("_bytes"): int(v) for k, v in raw.items()}
 
     async def ain_flight(self, key: str) -> bool:
         """Whether a job computing ``key`` exists (a submission would join it)."""
@@ -792,14 +1028,44 @@ class JobStore:
         )
 
     def get(self, job_id: str) -> Job | None:
-        """The job, or None when unknown or expired."""
-        raw = self.sync.durable.hgetall(self.keys.job(job_id))
+        """The job (a handle shows the job it follows), or None when unknown or
+        expired."""
+        raw = decode_hash(self.sync.durable.hgetall(self.keys.job(job_id)))
+        of = raw.get("handle_of") if "status" not in raw else None
+        if of:
+            followed = decode_hash(self.sync.durable.hgetall(self.keys.job(of)))
+            raw = self._as_handle(raw, followed)
         return self._decode(job_id, raw) if raw else None
 
     async def aget(self, job_id: str) -> Job | None:
-        """The job, or None when unknown or expired."""
-        raw = await self.aio.durable.hgetall(self.keys.job(job_id))
-        return self._decode(job_id, raw) if raw else None
+        """The job (a handle shows the job it follows), or None when unknown or
+        expired."""
+        got = await self.aread(job_id)
+        return got.job if got is not None else None
+
+    async def aread(self, job_id: str) -> Read | None:
+        """The job as ``aget`` shows it, with its owner and the id of the job computing
+        it (announced on the done channel when it ends); None when unknown or expired.
+        One read, two for a handle whose job has not ended."""
+        raw = decode_hash(await self.aio.durable.hgetall(self.keys.job(job_id)))
+        if not raw:
+            return None
+        owner = raw.get("owner")
+        of = raw.get("handle_of")
+        if of and "status" not in raw:
+            followed = decode_hash(await self.aio.durable.hgetall(self.keys.job(of)))
+            raw = self._as_handle(raw, followed)
+            if not raw:
+                return None
+        return Read(self._decode(job_id, raw), owner, of or job_id)
+
+    @staticmethod
+    def _as_handle(handle: dict[str, str], followed: dict[str, str]) -> dict[str, str]:
+        """A handle's record shown with the state of the job it follows ({} when that
+        job is gone): the handle's own creation time, the job's progress."""
+        if not followed:
+            return {}
+        return {**followed, "created_at": handle.get("created_at", "")}
 
     async def acached(self, key: str) -> bytes | None:
         """The cached verdict's JSON for ``key``, if any."""

@@ -8,11 +8,52 @@ import uuid
 import redis
 import redis.asyncio as aioredis
 
+from shared.errors import ScanLimitError, ScansBusyError
 from shared.keys import Keys
 from shared.messages import ScanCounts, ScanStatus, ScanSummary
 from shared.settings import Settings
 from shared.store.codec import DELETE_IF_EQUAL, decode_hash, now, text_of
 from shared.store.jobs import confirm_on_disk
+
+# KEYS: scan, scans not finalised (the reaper's index), the owner's scans
+# ARGV: mode ('check' or 'create'), global cap, per-key cap, per-key bytes cap (0: off),
+#       this scan's stored bytes, scan key prefix; with 'create' also: scan id, ttl,
+#       deadline, fields...
+# A key's scans and scan storage, and the service's unfinished scans, counted and
+# capped in one step with the creation, so concurrent starts cannot pass a cap
+# together. A key's expired scans leave its index here. Reply: {verdict, count}.
+_ADMIT_SCAN = """
+local mode, cap_all, cap_key, cap_bytes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
+  tonumber(ARGV[4])
+local stored, prefix = tonumber(ARGV[5]), ARGV[6]
+local running = redis.call('ZCARD', KEYS[2])
+if cap_all > 0 and running >= cap_all then return {'busy', running} end
+if cap_key > 0 or cap_bytes > 0 then
+  local mine = redis.call('HGETALL', KEYS[3])
+  local active, bytes = 0, 0
+  for i = 1, #mine, 2 do
+    local status = redis.call('HGET', prefix .. mine[i], 'status')
+    if not status then
+      redis.call('HDEL', KEYS[3], mine[i])
+    else
+      bytes = bytes + tonumber(mine[i + 1])
+      if status == 'queued' or status == 'running' then active = active + 1 end
+    end
+  end
+  if cap_key > 0 and active >= cap_key then return {'key-scans', active} end
+  if cap_bytes > 0 and bytes + stored > cap_bytes then return {'key-bytes', bytes} end
+end
+if mode ~= 'create' then return {'ok', 0} end
+local scan_id, ttl = ARGV[7], ARGV[8]
+redis.call('HSET', KEYS[1], unpack(ARGV, 10))
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], ARGV[9], scan_id)
+if cap_key > 0 or cap_bytes > 0 then
+  redis.call('HSET', KEYS[3], scan_id, stored)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+return {'ok', 0}
+"""
 
 
 class ScanStore:
@@ -42,8 +83,18 @@ class ScanStore:
 
     # -- the API's side --------------------------------------------------------------
 
-    def create(self, scan_id: str, total: int, manifest: str, callback_url: str | None) -> None:
-        """A queued scan of ``total`` rows read from ``manifest``."""
+    def create(
+        self,
+        scan_id: str,
+        total: int,
+        manifest: str,
+        callback_url: str | None,
+        owner: str = "",
+        stored_bytes: int = 0,
+    ) -> None:
+        """A queued scan of ``total`` rows read from ``manifest``, started by ``owner``
+        (the API key's id) with ``stored_bytes`` of manifest kept for it. The scan caps
+        are checked in the same atomic step (``ScanLimitError``, ``ScansBusyError``)."""
         record: dict[str, str] = {
             "status": ScanStatus.QUEUED,
             "created_at": now(),
@@ -53,18 +104,76 @@ class ScanStore:
         }
         if callback_url:
             record["callback_url"] = callback_url
+        if owner:
+            record["owner"] = owner
+            record["stored_bytes"] = str(stored_bytes)
         key = self.keys.scan(scan_id)
+        fields = [x for pair in record.items() for x in pair]
         # One connection, in order (no MULTI: WAITAOF must follow the writes, not sit
         # inside a transaction): the record is on disk before the API answers 202.
         pipe = self.durable.pipeline(transaction=False)
-        pipe.hset(key, mapping=record)  # type: ignore[arg-type]
-        pipe.expire(key, self.settings.scan_ttl_s)
-        pipe.zadd(self.keys.scan_deadlines(), {scan_id: self._deadline(queued=True)})
+        pipe.eval(
+            _ADMIT_SCAN,
+            3,
+            key,
+            self.keys.scan_deadlines(),
+            self.keys.scans_of(owner or "-"),
+            *self._admit_args(owner, stored_bytes, "create"),
+            scan_id,
+            self.settings.scan_ttl_s,
+            self._deadline(queued=True),
+            *fields,
+        )
         if self.settings.durable_ack_on:
             pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
         replies = pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        self._admitted(replies[0], owner)
         if self.settings.durable_ack_on:
             confirm_on_disk(replies[-1], lambda: self.discard(scan_id), "scan")
+
+    async def aadmit(self, owner: str) -> None:
+        """Refuse a new scan before its manifest is read when ``owner`` (an API key's
+        id) or the service is at a scan cap (``create`` checks again, atomically)."""
+        reply = await self.adurable.eval(
+            _ADMIT_SCAN,
+            3,
+            self.keys.scan("-"),
+            self.keys.scan_deadlines(),
+            self.keys.scans_of(owner or "-"),
+            *self._admit_args(owner, 0, "check"),
+        )
+        self._admitted(reply, owner)
+
+    def _admit_args(self, owner: str, stored_bytes: int, mode: str) -> list[str | int]:
+        s = self.settings
+        return [
+            mode,
+            s.max_active_scans,
+            s.max_scans_per_key if owner else 0,
+            s.max_scan_bytes_per_key if owner else 0,
+            stored_bytes,
+            self.keys.scan(""),
+        ]
+
+    def _admitted(self, reply: list[object], owner: str) -> None:
+        verdict, count = text_of(reply[0]), int(reply[1])  # type: ignore[call-overload]
+        s = self.settings
+        if verdict == "busy":
+            raise ScansBusyError(count, s.max_active_scans)
+        if verdict == "key-scans":
+            raise ScanLimitError(
+                f"this API key has {count} scans unfinished (the limit is "
+                f"{s.max_scans_per_key}): wait for one to end, or cancel one"
+            )
+        if verdict == "key-bytes":
+            raise ScanLimitError(
+                f"this API key's scans keep {count} bytes of manifests (the limit is "
+                f"{s.max_scan_bytes_per_key}); they are freed as its scans expire "
+                f"(OFA_SCAN_TTL_S)",
+                retry_after_s=3600,
+            )
 
     def discard(self, scan_id: str) -> None:
         """Remove a scan whose coordinator task could not be sent."""
@@ -97,6 +206,12 @@ class ScanStore:
     def slice_ok(self, scan_id: str) -> None:
         """A slice ran to its end: the failure count starts again."""
         self.durable.hset(self.keys.scan(scan_id), "slice_failures", "0")
+
+    async def aread(self, scan_id: str) -> tuple[ScanSummary, str | None] | None:
+        """The scan's progress and its owner (the API key that started it), or None
+        when unknown or expired."""
+        raw = decode_hash(await self.adurable.hgetall(self.keys.scan(scan_id)))
+        return (summarize(scan_id, raw), raw.get("owner")) if raw else None
 
     async def asummary(self, scan_id: str) -> ScanSummary | None:
         """The scan's progress, or None when unknown or expired."""

@@ -15,7 +15,7 @@ from shared.celery_app import queue_name
 from shared.keys import verdict_key
 from shared.messages import CachedVerdict, JobStatus
 from tests.conftest import INPROC_MODEL
-from tests.helpers import API_KEY, VERDICT, small_jpeg
+from tests.helpers import API_KEY, API_KEY_OWNER, VERDICT, small_jpeg
 
 pytestmark = pytest.mark.usefixtures("clean_inproc")
 
@@ -182,7 +182,7 @@ def test_load_shedding_refuses_new_work_but_not_cache_hits(jobs, rdb, inproc_set
     settings = inproc_settings.model_copy(update={"max_pending_jobs": 2})
     cached_image = small_jpeg(seed=120)
     key = verdict_key(*INPROC_MODEL, cached_image, "cached", None)
-    done = jobs.create_or_join(key, cached_image, "cached", None).job_id
+    done = jobs.create_or_join(key, cached_image, "cached", None, owner=API_KEY_OWNER).job_id
     jobs.succeed(done, key, VERDICT, cached=False)
     with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
         for i in range(2):

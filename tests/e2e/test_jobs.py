@@ -32,6 +32,15 @@ from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
 
 
+def bulk_item(image: bytes, text: str):
+    """A scan row's work under its real key (workers check the bytes they score
+    against it)."""
+    from shared.keys import verdict_key
+    from shared.submit import BulkItem
+
+    return BulkItem(verdict_key(*MODEL, image, text), image, text, None)
+
+
 def service_store(service_env: dict[str, str]) -> tuple[Settings, JobStore]:
     """The settings of the running service's model, and a job store on its Valkey."""
     settings = Settings(  # type: ignore[call-arg]
@@ -221,14 +230,11 @@ def test_scan_chunks_never_take_the_interactive_capacity(client, worker, service
     import uuid
 
     from shared.celery_app import make_celery
-    from shared.submit import BulkItem, submit_bulk
+    from shared.submit import submit_bulk
 
     settings, jobs = service_store(service_env)
     run = uuid.uuid4().hex[:8]
-    items = [
-        BulkItem(f"capacity-{run}-{i}", small_jpeg(seed=6000 + i % 40), f"bulk {run} {i}", None)
-        for i in range(320)
-    ]
+    items = [bulk_item(small_jpeg(seed=6000 + i % 40), f"bulk {run} {i}") for i in range(320)]
     bulk = queue_name(*MODEL, bulk=True)
     reserved: list[int] = []
     sampling = threading.Event()
@@ -271,7 +277,7 @@ def test_scan_chunks_show_in_monitoring(worker, service_env):
     import uuid
 
     from shared.celery_app import TASK_ENTAIL_CHUNK, make_celery
-    from shared.submit import BulkItem, submit_bulk
+    from shared.submit import submit_bulk
 
     settings, jobs = service_store(service_env)
     app = make_celery(settings)
@@ -282,8 +288,7 @@ def test_scan_chunks_show_in_monitoring(worker, service_env):
             seen.setdefault(event["uuid"], {})[event["type"]] = event
 
     run = uuid.uuid4().hex[:8]
-    items = [BulkItem(f"shown-{run}-{i}", small_jpeg(seed=6200 + i), f"row {run} {i}", None)
-             for i in range(6)]  # fmt: skip
+    items = [bulk_item(small_jpeg(seed=6200 + i), f"row {run} {i}") for i in range(6)]
     with app.connection() as conn:
         receiver = app.events.Receiver(conn, handlers={"*": record})
         listening = concurrent.futures.ThreadPoolExecutor(1).submit(
@@ -323,15 +328,12 @@ def test_a_stopping_worker_finishes_its_running_chunk_and_hands_back_the_held_on
     chunk goes back to the bulk queue unrun, and the restarted worker (as a supervisor
     would restart it) computes it."""
     from shared.celery_app import make_celery
-    from shared.submit import BulkItem, submit_bulk
+    from shared.submit import submit_bulk
 
     settings, jobs = service_store(service_env)
     bulk = queue_name(*MODEL, bulk=True)
     run = time.time()
-    items = [
-        BulkItem(f"handback-{run}-{i}", small_jpeg(seed=6200 + i), f"held {run} {i}", None)
-        for i in range(12)
-    ]
+    items = [bulk_item(small_jpeg(seed=6200 + i), f"held {run} {i}") for i in range(12)]
     worker.kill()
     worker.start(OFA_BULK_CHUNKS="1", OFA_BATCH_WAIT_MS="2000", OFA_BATCH_SIZE="64")
     try:

@@ -151,8 +151,9 @@ def test_key_records_store_only_hashes(valkey, sync):
     assert [r.name for r in store.list() if r.key_id == key_id] == ["team"]
     assert store.revoke(key_id) and not store.revoke("f" * 16)
     assert asyncio.run(verify(store, token)) is None
-    with pytest.raises(ValueError, match="unknown scope 'admin'"):
-        parse_scopes("jobs,admin")
+    with pytest.raises(ValueError, match="unknown scope 'root'"):
+        parse_scopes("jobs,root")
+    assert parse_scopes("read, admin") == {Scope.READ, Scope.ADMIN}
 
 
 def test_a_revoked_key_in_constant_use_is_refused_within_the_cache_time(valkey, sync):

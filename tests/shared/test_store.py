@@ -10,7 +10,7 @@ import redis
 
 from shared import wiring
 from shared.messages import JobStatus, ScanCounts, ScanStatus
-from shared.store import JobStore, ScanStore, summarize
+from shared.store import JobStore, ScanStore, StartAction, summarize
 from tests.helpers import VERDICT
 
 pytestmark = pytest.mark.usefixtures("clean_inproc")
@@ -246,3 +246,15 @@ def test_jobs_finished_together_are_announced_in_one_message(jobs: JobStore, rdb
         assert record is not None and jobs.job_of(job_id, record) == jobs.get(job_id)
     assert pubsub.get_message(timeout=0.3) is None  # nothing more: one message for the three
     pubsub.close()
+
+
+def test_a_message_whose_key_is_not_its_jobs_starts_nothing(jobs: JobStore):
+    """A message naming a job with another key (another job's image) is not that job's
+    work: the job stays queued and no image is handed out."""
+    job_id = jobs.create_or_join("k-own", b"own image", "t", None).job_id
+    jobs.create_or_join("k-other", b"other image", "t", None)
+    [started] = jobs.start_many([(job_id, "k-other")])
+    assert started.action == StartAction.GONE and started.blob is None
+    assert jobs.get(job_id).status == JobStatus.QUEUED  # type: ignore[union-attr]
+    [ours] = jobs.start_many([(job_id, "k-own")])
+    assert ours.action == StartAction.RUN and ours.blob == b"own image"
