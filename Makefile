@@ -5,18 +5,42 @@ BIN := $(VENV)/bin
 DATA ?= .data
 TINY := $(DATA)/tiny-model
 
-.PHONY: install browser up test lint bench clean
+.PHONY: install lock browser up test lint bench clean
 
-# torch first, from the CPU wheel (`pip install torch==2.13.0`), so that nothing later
-# pulls the multi-GB CUDA build; then the project with its test extra.
-$(VENV)/.installed: pyproject.toml
+# torch first, from the CPU wheel (requirements/torch.txt: torch==2.13.0), so that
+# nothing later pulls the multi-GB CUDA build; then every other package exactly as locked, each file
+# checked against its hash (requirements/test.txt, made by `make lock`), then the
+# project itself without dependencies, and pip's check that nothing is missing.
+$(VENV)/.installed: pyproject.toml requirements/torch.txt requirements/test.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -r requirements/torch.txt
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/test.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip check
 	touch $@
 
 install: $(VENV)/.installed
+
+# The locks, from pyproject.toml's lists: the tests' first, then the worker image's and
+# the API image's held to the versions the tests run (so the images ship what was
+# tested). Each file starts with the command that made it. torch is left out (installed
+# first, above and in Dockerfile.worker) but resolved as requirements/torch.txt pins it,
+# from the CPU wheel in pip's find-links folder here: so CUDA's nvidia-*, cuda-* and
+# triton packages stay out too. Needs uv (`pip install uv`) and PyPI.
+UV ?= uv
+LOCK := $(UV) pip compile pyproject.toml --quiet --generate-hashes --python-version 3.11 \
+	--python-platform linux --find-links /opt/wheels --constraint requirements/torch.txt \
+	--no-emit-package torch
+TESTED := --constraint requirements/test.txt
+lock:
+	$(LOCK) --extra test --custom-compile-command "$(LOCK) --extra test -o requirements/test.txt" \
+	  -o requirements/test.txt
+	$(LOCK) --extra worker $(TESTED) \
+	  --custom-compile-command "$(LOCK) --extra worker $(TESTED) -o requirements/worker.txt" \
+	  -o requirements/worker.txt
+	$(LOCK) $(TESTED) --custom-compile-command "$(LOCK) $(TESTED) -o requirements/api.txt" \
+	  -o requirements/api.txt
 
 # With no model configured, serve a small RANDOM checkpoint (verdicts meaningless) so
 # that the whole service runs offline; set OFA_MODEL_DIR or OFA_MODEL for a real one.
