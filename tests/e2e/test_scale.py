@@ -101,7 +101,8 @@ def submit(base: str, key: str, seed: int, text: str = "a thing") -> httpx.Respo
 def test_key_records_scopes_and_revocation(idle):
     env, (base, other) = idle
     jobs_key = create_key(env, "shop", "jobs")
-    reader = create_key(env, "dashboard", "read")
+    reader = create_key(env, "dashboard", "read,admin")  # sees every key's work
+    peer = create_key(env, "another-team", "read")
     scanner = create_key(env, "catalogue", "scans")
     listed = cli(env, "keys", "list", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -113,9 +114,12 @@ def test_key_records_scopes_and_revocation(idle):
     resp = submit(base, jobs_key, 900)
     assert resp.status_code == 202, resp.text
     job_id = resp.json()["job_id"]
-    # A read-only key polls (on either API process) but may not submit or cancel: 403.
+    # An admin read-only key polls (on either API process) but may not submit or
+    # cancel: 403. Another team's read key does not see the job at all: 404.
     polled = httpx.get(f"{other}/v1/jobs/{job_id}", headers={"X-API-Key": reader})
     assert polled.status_code == 200
+    unseen = httpx.get(f"{other}/v1/jobs/{job_id}", headers={"X-API-Key": peer})
+    assert unseen.status_code == 404
     denied = submit(base, reader, 901)
     assert denied.status_code == 403 and "'jobs' scope" in denied.json()["detail"]
     assert (

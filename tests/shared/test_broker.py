@@ -16,13 +16,22 @@ from shared.celery_app import make_celery
 def broker(inproc_settings, rdb) -> Iterator[tuple[Connection, Queue]]:
     """A connection (with the app's patches applied) and a queue of 7 messages."""
     app = make_celery(inproc_settings)
-    queue = Queue(f"ofa.test.take.{uuid.uuid4().hex}")
+    run = uuid.uuid4().hex
+    # Unacked keys of its own: the session's worker and coordinator (the same Valkey)
+    # hold messages in kombu's shared ones meanwhile.
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "unacked_key": f"unacked.test.{run}",
+        "unacked_index_key": f"unacked_index.test.{run}",
+        "unacked_mutex_key": f"unacked_mutex.test.{run}",
+    }
+    queue = Queue(f"ofa.test.take.{run}")
     with app.connection_for_read() as conn:
         with Producer(conn.default_channel) as producer:
             for n in range(7):
                 producer.publish({"n": n}, routing_key=queue.name, declare=[queue])
         yield conn, queue
-    rdb.delete(queue.name)
+    rdb.delete(queue.name, f"unacked.test.{run}", f"unacked_index.test.{run}")
 
 
 def consume(conn: Connection, queue: Queue, prefetch: int, callback) -> Consumer:
