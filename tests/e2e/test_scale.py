@@ -149,10 +149,13 @@ def test_key_records_scopes_and_revocation(idle):
     assert codes == {401}
     listed = json.loads(cli(env, "keys", "list", "--json").stdout)
     assert next(r for r in listed if r["key_id"] == key_id)["revoked_at"] is not None
-    # Cancelling frees the idle queue for the shedding test.
+    # Cancelling frees the idle queue for the shedding test: another key cannot (404),
+    # an operator's jobs,admin key can.
     assert (
-        httpx.delete(f"{base}/v1/jobs/{job_id}", headers={"X-API-Key": API_KEY}).status_code == 200
+        httpx.delete(f"{base}/v1/jobs/{job_id}", headers={"X-API-Key": API_KEY}).status_code == 404
     )
+    ops = create_key(env, "ops", "jobs,admin")
+    assert httpx.delete(f"{base}/v1/jobs/{job_id}", headers={"X-API-Key": ops}).status_code == 200
 
 
 def test_rate_limit_is_shared_by_two_api_processes(idle, rdb):
