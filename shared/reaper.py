@@ -7,6 +7,14 @@ again; a job started ``max_attempts`` times without finishing, or sent
 ``max_dispatches`` times without ever starting, fails with a clear error and frees its
 key. Scans whose coordinator went quiet get their next slice sent again. Every
 handler on the other end is idempotent, so a message sent twice costs nothing.
+
+A queued job's message can also be lost long before its dispatch deadline: kombu pops
+a message with BRPOP and only then enters it in its unacked hash, so a worker that
+dies in between (frozen, then killed, with its BRPOP answered) takes the message with
+it. Each pass therefore also looks for queued jobs whose message is nowhere: not on
+its queue, not in the unacked hash (``JobStore.lost_messages``), looked for twice
+``LOST_CONFIRM_S`` apart so that a message on its way between the two is not taken for
+lost, and sends them again at once, counted as a send like any other.
 """
 
 from __future__ import annotations
@@ -19,12 +27,19 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from shared.celery_app import queue_name
 from shared.messages import JobStatus
 from shared.settings import Settings
 from shared.store import JobStore, ReaperLog, ScanStore
 from shared.submit import message_of, send_hooks, send_job, send_slice
 
 logger = logging.getLogger(__name__)
+
+# A job whose message was missing from every place it can be is looked for again this
+# much later before it is sent again: a worker takes a message off its queue and
+# enters it in kombu's unacked hash within milliseconds, so one that is still missing
+# a second later is lost.
+LOST_CONFIRM_S = 1.0
 
 
 class Reaper:
@@ -37,6 +52,11 @@ class Reaper:
         self.celery = celery
         self.log = ReaperLog(jobs.keys)
         self.token = uuid.uuid4().hex
+        # kombu's Redis transport keeps taken, unacknowledged messages in this hash.
+        options = celery.conf.broker_transport_options or {}
+        self.unacked_key = options.get("global_keyprefix", "") + options.get(
+            "unacked_key", "unacked"
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -47,7 +67,12 @@ class Reaper:
         durable = self.jobs.sync.durable
         if not self.log.take_turn(durable, self.token, self.settings.reaper_interval_s):
             return None
-        done = {"resent": 0, "poisoned": 0, "scans_resent": 0}
+        done = {"resent": 0, "poisoned": 0, "scans_resent": 0, "lost": 0}
+        try:
+            done["lost"] = self._reap_lost()
+        except Exception:  # the deadlines below still bring such jobs back, later
+            logger.exception("the look for lost messages failed")
+        done["resent"] += done["lost"]
         for job_id in self.jobs.overdue():
             outcome = self._reap_job(job_id)
             done[outcome] = done.get(outcome, 0) + 1
@@ -83,6 +108,32 @@ class Reaper:
         logger.error("job %s: %s", job_id, error)
         send_hooks(self.celery, job_id, self.jobs.fail(job_id, record["key"], error))
         return "poisoned"
+
+    def _reap_lost(self) -> int:
+        """Send again, at once, the queued jobs whose message is lost (seen missing
+        twice, ``LOST_CONFIRM_S`` apart); returns how many were sent."""
+        first = self._lost()
+        if not first:
+            return 0
+        self._stop.wait(LOST_CONFIRM_S)
+        sent = 0
+        for job_id, record in self._lost([job_id for job_id, _ in first]):
+            if int(record.get("dispatches", 0)) >= self.settings.max_dispatches:
+                continue  # its dispatch deadline fails it, as any job sent too often
+            if self.jobs.claim_lost(job_id, record):  # nothing happened to it meanwhile
+                logger.warning("job %s: its message was lost (taken by a dead worker?)", job_id)
+                # The whole record: the message carries whatever it holds (its trace).
+                send_job(self.celery, message_of(job_id, self.jobs.record(job_id) or record))
+                sent += 1
+        return sent
+
+    def _lost(self, only: list[str] | None = None) -> list[tuple[str, dict[str, str]]]:
+        return self.jobs.lost_messages(
+            lambda r: queue_name(r["model"], r["revision"], bulk=bool(r.get("scan"))),
+            self.unacked_key,
+            self.settings.lost_message_grace_s,
+            only,
+        )
 
     def _reap_scan(self, scan_id: str) -> bool:
         if not self.scans.exists(scan_id):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -9,8 +10,9 @@ import redis
 
 from shared.celery_app import make_celery, queue_name
 from shared.messages import EntailTask, JobStatus, ScanCounts
-from shared.reaper import Reaper
+from shared.reaper import LOST_CONFIRM_S, Reaper
 from shared.store import JobStore, ScanStore
+from shared.submit import BulkItem, submit_bulk, submit_job
 from tests.conftest import INPROC_MODEL
 from tests.helpers import broker_messages
 
@@ -34,7 +36,7 @@ def test_overdue_jobs_are_sent_again_from_their_record(reaper, jobs, rdb):
     live = jobs.create_or_join("r3", b"img", "on time", None).job_id
     overdue(rdb, jobs, queued)
     overdue(rdb, jobs, running)
-    assert reaper.run_once() == {"resent": 2, "poisoned": 0, "scans_resent": 0}
+    assert reaper.run_once() == {"resent": 2, "poisoned": 0, "scans_resent": 0, "lost": 0}
     sent = [
         EntailTask.model_validate(m["kwargs"]["msg"])
         for m in broker_messages(rdb, queue_name(*INPROC_MODEL))
@@ -71,7 +73,7 @@ def test_poison_and_never_started_jobs_fail_and_free_their_key(reaper, inproc_se
     orphan = jobs.create_or_join("r5", b"img", "t", None).job_id
     rdb.hset(jobs.keys.job(orphan), "dispatches", str(inproc_settings.max_dispatches))
     overdue(rdb, jobs, orphan)
-    assert reaper.run_once() == {"resent": 0, "poisoned": 2, "scans_resent": 0}
+    assert reaper.run_once() == {"resent": 0, "poisoned": 2, "scans_resent": 0, "lost": 0}
     assert "gave up after 3 attempts" in (jobs.get(poison).error or "")  # type: ignore[union-attr]
     assert "no worker took this job" in (jobs.get(orphan).error or "")  # type: ignore[union-attr]
     assert not rdb.exists(jobs.keys.inflight("r4"), jobs.keys.inflight("r5"))
@@ -80,14 +82,100 @@ def test_poison_and_never_started_jobs_fail_and_free_their_key(reaper, inproc_se
 
 def test_vanished_and_finished_jobs_are_forgotten(reaper, jobs, rdb):
     rdb.zadd(jobs.keys.job_deadlines(), {"gone": time.time() - 1})
-    assert reaper.run_once() == {"resent": 0, "poisoned": 0, "scans_resent": 0, "forgotten": 1}
+    assert reaper.run_once() == {
+        "resent": 0,
+        "poisoned": 0,
+        "scans_resent": 0,
+        "lost": 0,
+        "forgotten": 1,
+    }
     assert rdb.zscore(jobs.keys.job_deadlines(), "gone") is None
 
 
 def test_a_quiet_scan_gets_its_next_slice(reaper, scans, rdb):
     scans.create("quiet", 3, "/m.jsonl", None)
     rdb.zadd(scans.keys.scan_deadlines(), {"quiet": time.time() - 1})
-    assert reaper.run_once() == {"resent": 0, "poisoned": 0, "scans_resent": 1}
+    assert reaper.run_once() == {"resent": 0, "poisoned": 0, "scans_resent": 1, "lost": 0}
     assert rdb.zscore(scans.keys.scan_deadlines(), "quiet") > time.time() + 100
     scans.finish("quiet", ScanCounts())
     assert rdb.zscore(scans.keys.scan_deadlines(), "quiet") is None
+
+
+# -- lost messages: taken off a queue by a worker that died before recording them ------
+
+
+@pytest.fixture
+def quick(inproc_settings, jobs: JobStore, scans: ScanStore, rdb: redis.Redis) -> Reaper:
+    """A reaper that counts a message lost as soon as it is missing (no grace)."""
+    rdb.delete(jobs.keys.reaper_lock())
+    settings = inproc_settings.model_copy(update={"lost_message_grace_s": 0.0})
+    return Reaper(settings, jobs, scans, make_celery(settings))
+
+
+def next_turn(reaper: Reaper, rdb: redis.Redis) -> dict[str, int] | None:
+    rdb.delete(reaper.jobs.keys.reaper_lock())
+    return reaper.run_once()
+
+
+def test_a_message_a_dead_worker_took_is_sent_again_at_once(quick, jobs, rdb):
+    queue = queue_name(*INPROC_MODEL)
+    lost, _ = submit_job(jobs, quick.celery, "l1", b"img", "taken and lost", None)
+    waiting, _ = submit_job(jobs, quick.celery, "l2", b"img", "still queued", None)
+    # A worker's BRPOP takes the oldest message; the worker dies before kombu records it.
+    taken = json.loads(rdb.rpop(queue))
+    assert taken["headers"]["id"] == lost
+    started = time.monotonic()
+    assert next_turn(quick, rdb) == {"resent": 1, "poisoned": 0, "scans_resent": 0, "lost": 1}
+    assert time.monotonic() - started >= LOST_CONFIRM_S  # looked at twice
+    sent = [m["kwargs"]["msg"]["job_id"] for m in broker_messages(rdb, queue)]
+    assert sorted(sent) == sorted([lost, waiting])  # sent again; the queued one left alone
+    record = jobs.record(lost)
+    assert record["status"] == JobStatus.QUEUED and record["dispatches"] == "1"
+    assert record["dispatch_attempts"] == "0" and float(record["dispatched_at"]) > time.time() - 5
+    assert "dispatches" not in jobs.record(waiting)
+    # Its new message is on the queue: nothing is lost any more.
+    assert next_turn(quick, rdb)["lost"] == 0  # type: ignore[index]
+
+
+def test_messages_a_live_worker_holds_and_jobs_put_back_are_not_lost(quick, jobs, rdb):
+    queue = queue_name(*INPROC_MODEL)
+    held, _ = submit_job(jobs, quick.celery, "l3", b"img", "held by a worker", None)
+    put_back, _ = submit_job(jobs, quick.celery, "l4", b"img", "started, then put back", None)
+    with quick.celery.connection_for_read() as conn:
+        simple = conn.SimpleQueue(queue)
+        message = simple.get(timeout=2)  # taken through kombu: in its unacked hash
+        assert message.headers["id"] == held
+        rdb.rpop(queue)  # the other job's message: taken, started, acknowledged ...
+        assert jobs.start(put_back, "l4").action == "run"
+        jobs.release(put_back)  # ... and put back to queued after a transient error
+        assert next_turn(quick, rdb)["lost"] == 0  # type: ignore[index]
+        message.ack()
+        simple.close()
+    assert jobs.record(put_back)["status"] == JobStatus.QUEUED
+    assert "dispatches" not in jobs.record(put_back)
+
+
+def test_a_lost_scan_chunk_is_sent_again_job_by_job(quick, jobs, rdb):
+    bulk = queue_name(*INPROC_MODEL, bulk=True)
+    items = [BulkItem(f"c{i}", b"img", f"row {i}", None) for i in range(5)]
+    first = submit_bulk(jobs, quick.celery, "scan-a", items[:3], chunk=32)
+    second = submit_bulk(jobs, quick.celery, "scan-a", items[3:], chunk=32)
+    assert next_turn(quick, rdb)["lost"] == 0  # type: ignore[index]  # both chunks queued
+    rdb.rpop(bulk)  # the first chunk, taken by a worker that died
+    assert next_turn(quick, rdb)["lost"] == 3  # type: ignore[index]
+    singles = [m for m in broker_messages(rdb, bulk) if "job_id" in m["kwargs"]["msg"]]
+    assert sorted(m["kwargs"]["msg"]["job_id"] for m in singles) == sorted(first)
+    assert all(jobs.record(j).get("dispatches") is None for j in second)
+
+
+def test_a_long_queue_is_read_only_at_its_old_end(quick, jobs, rdb):
+    queue = queue_name(*INPROC_MODEL)
+    ids = [submit_job(jobs, quick.celery, f"w{i}", b"img", f"n {i}", None)[0] for i in range(4)]
+    lost = ids[0]
+    rdb.rpop(queue)  # the oldest, taken and lost
+    got = jobs.lost_messages(
+        lambda r: queue_name(r["model"], r["revision"]), quick.unacked_key, 0.0, window=1
+    )
+    # Read one message deep, the queue of three: the lost job was sent before the
+    # earliest message read, the two newer ones may be further along the queue.
+    assert [job_id for job_id, _ in got] == [lost]

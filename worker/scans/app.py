@@ -80,6 +80,8 @@ def run_scan(self: Task, scan_id: str) -> str:
         coord.scans.slice_ok(scan_id)
     elif outcome == "busy":  # another coordinator holds the scan (or a dead one's lock)
         send_slice(app, scan_id, countdown=2)
+    # "lost": the lock ran out mid-slice (this process frozen past its life) and another
+    # coordinator holds the scan now; its slices go on, so nothing is sent from here.
     return outcome
 
 

@@ -5,7 +5,10 @@ scan for ``scan_slice_s`` seconds, records everything it did in the scan's resul
 file (rows and the manifest cursor, in one transaction), then queues its own
 continuation. A coordinator killed mid-slice loses nothing: its message comes back
 after the visibility timeout and the next slice resumes from the file; a lock stops
-two coordinators working on one scan.
+two coordinators working on one scan. The lock and the scan's deadline are renewed
+by a thread of the slice's own (``_Keeper``) for as long as the slice runs, whatever
+it is doing (one chunk of slow image hosts can outlast the lock), and a slice checks
+the lock is still its own before it records anything.
 
 Per chunk of rows: resolve each row (``resolver``); look keys up in one pipelined
 MGET; hits are final at once; misses (deduplicated within the scan, and across scans
@@ -22,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
@@ -110,6 +114,48 @@ class Announcements:
                 pubsub.close()
 
 
+class _Keeper:
+    """The scan's lock and deadline, renewed every ``every_s`` in a thread of their own
+    from the moment a slice takes the lock until it ends, whatever the slice is doing
+    (a chunk of URL rows, its fetches and refetches, can take longer than the lock's
+    time to live: renewed between chunks only, the lock ran out and a second
+    coordinator took the same scan). Should the lock be lost all the same (this
+    process frozen past its time to live, Redis unreachable that long), ``ours``
+    turns false and the slice stops before writing anything."""
+
+    def __init__(self, scans: ScanStore, scan_id: str, token: str, ttl_s: float, every_s: float):
+        self.scans = scans
+        self.scan_id = scan_id
+        self.token = token
+        self.ttl_s = ttl_s
+        self.every_s = every_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"keep-{scan_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                if not self.scans.keep(self.scan_id, self.token, self.ttl_s):
+                    logger.warning("scan %s: the lock was lost; the slice stops", self.scan_id)
+                    self.lost = True
+                    return
+            except redis.RedisError as exc:  # down: the next renewal may still be in time
+                logger.warning("scan %s: the lock was not renewed (%s)", self.scan_id, exc)
+
+    def ours(self) -> bool:
+        """Whether this slice still holds the lock (asked of Redis: a check before each
+        write to the results file)."""
+        if not self.lost and not self.scans.holds(self.scan_id, self.token):
+            self.lost = True
+        return not self.lost
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class _Network:
     """A chunk's event loop and HTTP client, made only when one of its rows needs the
     network (an image URL): a manifest of local files or inline images pays for
@@ -164,21 +210,29 @@ class Coordinator:
         self.scans = scans
         self.resolver = resolver
         self.celery = celery
+        # The scan lock's time to live: a coordinator that dies mid-slice holds its scan
+        # this long at most (the slice itself renews it, ``_Keeper``).
+        self.lock_ttl_s = int(2 * settings.scan_slice_s + 10)
 
     # -- one slice -------------------------------------------------------------------
 
     def run(self, scan_id: str) -> str:
-        """Work on ``scan_id`` for one slice: "more", "done" or "busy" (locked elsewhere)."""
-        lock_ttl = int(2 * self.settings.scan_slice_s + 10)
-        token = self.scans.lock(scan_id, lock_ttl)
+        """Work on ``scan_id`` for one slice: "more", "done", "busy" (locked elsewhere)
+        or "lost" (the lock was lost mid-slice: its new holder goes on)."""
+        token = self.scans.lock(scan_id, self.lock_ttl_s)
         if token is None:
             return "busy"
+        # Renewed well within both the lock's time to live and the running scan's
+        # deadline (``ScanStore.hold``), whichever is shorter.
+        span = min(self.lock_ttl_s, 2 * self.settings.scan_slice_s + self.settings.lease_s)
+        keeper = _Keeper(self.scans, scan_id, token, self.lock_ttl_s, span / 3)
         try:
-            return self._slice(scan_id, lock_ttl)
+            return self._slice(scan_id, keeper)
         finally:
+            keeper.stop()
             self.scans.unlock(scan_id, token)
 
-    def _slice(self, scan_id: str, lock_ttl: int) -> str:
+    def _slice(self, scan_id: str, keeper: _Keeper) -> str:
         record = self.scans.get(scan_id)
         if not record:
             logger.warning("scan %s has no record (expired?)", scan_id)
@@ -206,7 +260,11 @@ class Coordinator:
                 if time.monotonic() - checked >= CANCEL_CHECK_S:
                     checked = time.monotonic()
                     cancelled = self.scans.status(scan_id) == ScanStatus.CANCELLED
+                if keeper.lost:
+                    return "lost"  # nothing more written: the lock's new holder goes on
                 if cancelled:
+                    if not keeper.ours():
+                        return "lost"
                     self._collect(db, scan_id)
                     db.cancel_pending()
                     self._finish(scan_id, record, db, ScanStatus.CANCELLED)
@@ -214,6 +272,8 @@ class Coordinator:
                 pending = self._collect(db, scan_id, finished)  # key -> job id: the window
                 next_idx, offset = db.cursor_position()
                 if next_idx >= total and not pending:
+                    if not keeper.ours():
+                        return "lost"
                     self._finish(scan_id, record, db)
                     return "done"
                 room = self.settings.scan_window - len(pending)
@@ -228,14 +288,14 @@ class Coordinator:
                         total = next_idx
                         continue
                     results = self._process(scan_id, rows, pending, tenant)
+                    if not keeper.ours():
+                        return "lost"
                     db.record(results, rows[-1].idx + 1, new_offset)
                 else:
                     wait = 0.05  # the window is full: until a job ends, or this long
                 finished = announced.take(wait)
                 if time.monotonic() - published > 0.5:
                     self.scans.publish_counts(scan_id, db.counts())
-                    self.scans.renew_lock(scan_id, lock_ttl)
-                    self.scans.hold(scan_id)
                     published = time.monotonic()
                 if time.monotonic() > deadline:
                     self.scans.publish_counts(scan_id, db.counts())
