@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 
 from shared.settings import Settings, get_settings
-from shared.wiring import redis_urls
+from shared.wiring import celery_broker, redis_urls
 
 TASK_ENTAIL = "ofa.entail"
 TASK_ENTAIL_CHUNK = "ofa.entail.chunk"
@@ -283,8 +283,11 @@ def make_celery(settings: Settings) -> Celery:
     _tolerate_ack_on_a_closed_channel()
     _reuse_the_channel_client()
     _take_every_waiting_message()
-    durable, _ = redis_urls(settings)
+    # A Sentinel URL becomes kombu's form: the Sentinels, the master name and their own
+    # arguments in the transport options (the broker and the result backend alike).
+    durable, sentinel_options = celery_broker(redis_urls(settings)[0])
     transport = {
+        **sentinel_options,
         # A message a dead worker took comes back after this long: above the hard time
         # limit, so a task still running healthily is never handed to a second worker.
         "visibility_timeout": settings.visibility_timeout_s,

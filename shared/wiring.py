@@ -4,15 +4,31 @@ the key names, and the record stores on top of them.
 Every Redis client here has connect and read timeouts and a health check, so a
 restarted server costs a reconnect, not a hang. The embedded server's URL (written by
 ``ofa-entail up``) is resolved once, in ``redis_urls``.
+
+Either URL may name Sentinels instead of a server (``parse_sentinel_url``):
+``sentinel://[user:password@]h1:26379,h2:26379,h3:26379/mymaster[/db]``, with
+``?sentinel_username=...&sentinel_password=...`` when the Sentinels themselves ask for a
+password. Every client is then one of redis-py's Sentinel-managed ones: each new
+connection asks the Sentinels for the current primary, and a connection that finds a
+dead or demoted primary (refused, reset, ``READONLY``, a replica's unblock) is dropped,
+so the next command reconnects to whichever server was promoted; no process restarts.
+The broker gets the same Sentinels in kombu's form (``celery_broker``).
 """
 
 from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.sentinel as aiosentinel
+import redis.sentinel
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from shared.fetch import UrlPolicy
 from shared.keys import Keys
@@ -22,6 +38,125 @@ CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 10.0
 HEALTH_CHECK_S = 30
 EMBEDDED_URL_FILE = "redis.url"
+SENTINEL_SCHEME = "sentinel"
+SENTINEL_PORT = 26379
+# Sentinels answer from memory: a Sentinel that takes longer than this is skipped for
+# the next one, so one lost Sentinel host costs a client at most this per reconnect.
+SENTINEL_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A parsed ``sentinel://`` URL: where the Sentinels are, the name they monitor the
+    primary under, the database, the credentials for the primary (the role's ACL user)
+    and, if the Sentinels ask for one, theirs."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+    def primary_kwargs(self) -> dict[str, Any]:
+        """Connection arguments for the primary (database and credentials)."""
+        out: dict[str, Any] = {"db": self.db}
+        if self.username:
+            out["username"] = self.username
+        if self.password:
+            out["password"] = self.password
+        return out
+
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        """Connection arguments for the Sentinels themselves (timeouts, credentials)."""
+        out: dict[str, Any] = {
+            "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+            "socket_timeout": SENTINEL_TIMEOUT_S,
+        }
+        if self.sentinel_username:
+            out["username"] = self.sentinel_username
+        if self.sentinel_password:
+            out["password"] = self.sentinel_password
+        return out
+
+
+def _host_port(item: str, url: str) -> tuple[str, int]:
+    """``host[:port]`` or ``[v6]:port`` of one Sentinel."""
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+    if not host:
+        raise ValueError(f"a Sentinel without a host in {redact(url)}")
+    try:
+        return host, int(port) if port else SENTINEL_PORT
+    except ValueError:
+        raise ValueError(f"bad Sentinel port {port!r} in {redact(url)}") from None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl | None:
+    """The Sentinels a ``sentinel://`` URL names; None for any other URL (``redis://``,
+    ``rediss://``, ``unix://``: redis-py reads those itself). Raises ``ValueError`` for a
+    Sentinel URL without hosts or master name, or with an unknown option."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        return None
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    sentinels = tuple(_host_port(h.strip(), url) for h in hosts.split(",") if h.strip())
+    if not sentinels:
+        raise ValueError(f"no Sentinel hosts in {redact(url)}")
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise ValueError(f"a Sentinel URL names its master: .../mymaster[/db], not {redact(url)}")
+    if len(path) == 2 and not path[1].isdigit():
+        raise ValueError(f"bad database {path[1]!r} in {redact(url)}")
+    options = dict(parse_qsl(parts.query))
+    unknown = set(options) - {"sentinel_username", "sentinel_password"}
+    if unknown:
+        raise ValueError(f"unknown Sentinel URL options {sorted(unknown)} in {redact(url)}")
+    return SentinelUrl(
+        sentinels=sentinels,
+        master=unquote(path[0]),
+        db=int(path[1]) if len(path) == 2 else 0,
+        username=unquote(user) or None,
+        password=unquote(password) or None,
+        sentinel_username=options.get("sentinel_username") or None,
+        sentinel_password=options.get("sentinel_password") or None,
+    )
+
+
+def redact(url: str) -> str:
+    """``url`` with its password (and a Sentinel password option) hidden, for errors
+    and logs."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    netloc = f"{user}{':***' if colon else ''}{at}{hosts}"
+    query = "&".join(f"{k}={'***' if 'password' in k else v}" for k, v in parse_qsl(parts.query))
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
+    """(broker URL, transport options to add) for Celery's Redis transport and result
+    backend: a plain URL as it is; a Sentinel URL as kombu spells it, one
+    ``sentinel://`` URL per Sentinel joined by ``;`` (each with the primary's
+    credentials and database), the master name and the Sentinels' own arguments as
+    options."""
+    parsed = parse_sentinel_url(url)
+    if parsed is None:
+        return url, {}
+    auth = ""
+    if parsed.username or parsed.password:
+        auth = f"{quote(parsed.username or '', safe='')}:{quote(parsed.password or '', safe='')}@"
+    hosts = [f"[{h}]" if ":" in h else h for h, _ in parsed.sentinels]
+    broker = ";".join(
+        f"{SENTINEL_SCHEME}://{auth}{host}:{port}/{parsed.db}"
+        for host, (_, port) in zip(hosts, parsed.sentinels, strict=True)
+    )
+    return broker, {"master_name": parsed.master, "sentinel_kwargs": parsed.sentinel_kwargs()}
 
 
 def redis_urls(settings: Settings) -> tuple[str, str]:
@@ -38,21 +173,76 @@ def redis_urls(settings: Settings) -> tuple[str, str]:
     return durable, settings.cache_redis_url or durable
 
 
-def _sync_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=READ_TIMEOUT_S,
-        health_check_interval=HEALTH_CHECK_S,
+_TIMEOUTS: dict[str, Any] = {
+    "socket_connect_timeout": CONNECT_TIMEOUT_S,
+    "socket_timeout": READ_TIMEOUT_S,
+    "health_check_interval": HEALTH_CHECK_S,
+}
+# A command whose connection failed is sent again on a new one (asking the Sentinels
+# again) this many times, waiting ~0.1, 0.2, 0.4 s: a connection the old primary closed
+# costs a retry, not an error. redis-py sets this on the clients ``from_url`` builds,
+# but a Sentinel-managed pool's connections get no retry unless told.
+RETRIES = 3
+
+
+def _retry_backoff() -> ExponentialWithJitterBackoff:
+    return ExponentialWithJitterBackoff(cap=1.0, base=0.1)
+
+
+class _SentinelConnection(redis.sentinel.SentinelManagedConnection):
+    """redis-py's Sentinel-managed connection, asking for the primary on every connect.
+
+    redis-py asks the Sentinels only when a pool hands out a closed connection; a
+    command that fails mid-way (the old primary closed it, or answered ``READONLY``)
+    reconnects inside its retry to the address it had, the old primary, so every retry
+    fails the same way. Here each socket connect asks first."""
+
+    def _connect(self) -> Any:
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super()._connect()
+
+
+class _AsyncSentinelConnection(aiosentinel.SentinelManagedConnection):
+    """``_SentinelConnection`` for asyncio clients."""
+
+    async def _connect(self) -> None:
+        if self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super()._connect()
+
+
+def sync_client(url: str) -> redis.Redis:
+    """A blocking client on ``url``: one server, or the primary the Sentinels name."""
+    retry = Retry(_retry_backoff(), RETRIES)
+    parsed = parse_sentinel_url(url)
+    if parsed is None:
+        return redis.Redis.from_url(url, retry=retry, **_TIMEOUTS)
+    sentinels = redis.sentinel.Sentinel(
+        parsed.sentinels, sentinel_kwargs=parsed.sentinel_kwargs(), retry=retry, **_TIMEOUTS
+    )
+    return sentinels.master_for(
+        parsed.master,
+        redis.Redis,
+        connection_class=_SentinelConnection,
+        **parsed.primary_kwargs(),
     )
 
 
-def _async_client(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
-        url,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=READ_TIMEOUT_S,
-        health_check_interval=HEALTH_CHECK_S,
+def async_client(url: str) -> aioredis.Redis:
+    """An asyncio client on ``url``: one server, or the primary the Sentinels name."""
+    retry = AsyncRetry(_retry_backoff(), RETRIES)
+    parsed = parse_sentinel_url(url)
+    if parsed is None:
+        return aioredis.Redis.from_url(url, retry=retry, **_TIMEOUTS)
+    sentinels = aiosentinel.Sentinel(
+        parsed.sentinels, sentinel_kwargs=parsed.sentinel_kwargs(), retry=retry, **_TIMEOUTS
+    )
+    return sentinels.master_for(
+        parsed.master,
+        aioredis.Redis,
+        connection_class=_AsyncSentinelConnection,
+        **parsed.primary_kwargs(),
     )
 
 
@@ -65,10 +255,12 @@ class SyncRedis:
     cache: redis.Redis
 
     def close(self) -> None:
-        """Close both connection pools."""
-        self.durable.close()
-        if self.cache is not self.durable:
-            self.cache.close()
+        """Close both connection pools (and their Sentinels' connections)."""
+        for client in {id(c): c for c in (self.durable, self.cache)}.values():
+            client.close()
+            pool = client.connection_pool
+            if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+                pool.sentinel_manager.close()
 
 
 @dataclass(frozen=True)
@@ -79,25 +271,27 @@ class AsyncRedis:
     cache: aioredis.Redis
 
     async def aclose(self) -> None:
-        """Close both connection pools."""
-        await self.durable.aclose()
-        if self.cache is not self.durable:
-            await self.cache.aclose()
+        """Close both connection pools (and their Sentinels' connections)."""
+        for client in {id(c): c for c in (self.durable, self.cache)}.values():
+            await client.aclose()
+            pool = client.connection_pool
+            if isinstance(pool, aiosentinel.SentinelConnectionPool):
+                await pool.sentinel_manager.aclose()
 
 
 def sync_redis(settings: Settings) -> SyncRedis:
     """Blocking durable and cache clients."""
     durable_url, cache_url = redis_urls(settings)
-    durable = _sync_client(durable_url)
-    cache = durable if cache_url == durable_url else _sync_client(cache_url)
+    durable = sync_client(durable_url)
+    cache = durable if cache_url == durable_url else sync_client(cache_url)
     return SyncRedis(durable, cache)
 
 
 def async_redis(settings: Settings) -> AsyncRedis:
     """Asyncio durable and cache clients."""
     durable_url, cache_url = redis_urls(settings)
-    durable = _async_client(durable_url)
-    cache = durable if cache_url == durable_url else _async_client(cache_url)
+    durable = async_client(durable_url)
+    cache = durable if cache_url == durable_url else async_client(cache_url)
     return AsyncRedis(durable, cache)
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+from shared import wiring
 from shared.cli.secrets import SECRETS_FILE, ensure_secrets
 from shared.settings import Settings
 
@@ -154,7 +155,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             children[name] = subprocess.Popen(argv, env=child_env)
         model_id, revision = settings.model_tag
         secrets_path = settings.data_dir / SECRETS_FILE
-        logger.info("Redis:  %s", server_url)
+        logger.info("Redis:  %s", wiring.redact(server_url))  # never its password
         logger.info("API:    http://%s:%d  (docs at /docs)", settings.api_host, settings.api_port)
         logger.info(
             "Flower: http://%s:%d  (user %s, password in %s)",
