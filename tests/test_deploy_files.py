@@ -76,7 +76,9 @@ def test_compose_redis_needs_passwords_and_caps_its_memory():
     services = compose()["services"]
     for name in ("redis-durable", "redis-cache"):
         redis = services[name]
-        assert redis["entrypoint"] == ["sh", "/etc/redis-start/redis-start.sh"], name
+        # The durable one through redis-ha.sh, which hands over to redis-start.sh.
+        script = "redis-ha.sh" if name == "redis-durable" else "redis-start.sh"
+        assert redis["entrypoint"][:2] == ["sh", f"/etc/redis-start/{script}"], name
         assert (
             "./deploy/k8s/base/redis-start.sh:/etc/redis-start/redis-start.sh:ro"
             in (redis["volumes"])
@@ -128,3 +130,89 @@ def test_api_image_needs_no_torch():
     assert "requirements/api.txt" in api_docker and "COPY worker" not in api_docker
     assert "torch.txt" not in api_docker and "pip install torch" not in api_docker
     assert "pip install -r requirements/torch.txt" in (ROOT / "Dockerfile.worker").read_text()
+
+
+SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
+OVERRIDE = ROOT / "deploy/compose/sentinel.yml"
+
+
+def merged(base: dict, override: dict) -> dict:
+    """``override`` merged into ``base`` as ``docker compose -f base -f override``
+    merges mappings (the only kind the override holds)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = merged(base[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def test_compose_sentinel_profile():
+    """The `sentinel` profile: a replica of the durable Redis (same command: AOF with
+    appendfsync always, noeviction, capped) and three Sentinels (quorum 2, each
+    announcing its own service name, all naming the same three), started only with the
+    profile, hardened as the other Redis servers, the replication and Sentinel
+    passwords only where they are used; the override file (schema-valid once merged)
+    points every component's durable URL at the three Sentinels with its own role's
+    user and password and acknowledges on a replica's disk; the cache stays single."""
+    doc = compose()
+    services = doc["services"]
+    profiled = {name for name, s in services.items() if s.get("profiles")}
+    assert profiled == {"redis-durable-replica", *SENTINELS}
+    assert all(services[n]["profiles"] == ["sentinel"] for n in profiled)
+    durable, replica = services["redis-durable"], services["redis-durable-replica"]
+    assert (
+        replica["command"] == durable["command"] and replica["entrypoint"] == durable["entrypoint"]
+    )
+    assert replica["mem_limit"] == durable["mem_limit"]
+    assert "durable-replica-data:/data" in replica["volumes"]
+    assert durable["environment"]["REDIS_ANNOUNCE"] == "redis-durable:6379"
+    assert replica["environment"]["REDIS_ANNOUNCE"] == "redis-durable-replica:6379"
+    addresses = {f"{name}:26379" for name in SENTINELS}
+    for name in SENTINELS:
+        sentinel = services[name]
+        assert sentinel["entrypoint"] == ["sh", "/etc/redis-start/redis-ha.sh", "sentinel"]
+        env = sentinel["environment"]
+        assert env["SENTINEL_ANNOUNCE"] == f"{name}:26379"
+        assert env["SENTINEL_QUORUM"] == "2" and int(env["SENTINEL_DOWN_AFTER_MS"]) <= 5000
+        assert set(env["REDIS_SENTINELS"].split()) == addresses
+        assert env["REDIS_INITIAL_PRIMARY"] == "redis-durable:6379"
+        assert env["REDIS_MASTER_NAME"] == "ofa-durable"
+        assert sentinel["read_only"] is True and sentinel["cap_drop"] == ["ALL"]
+        assert "/run/redis" in sentinel["tmpfs"]  # its configuration, rewritten as it learns
+        assert (
+            "./deploy/k8s/base/redis-ha.sh:/etc/redis-start/redis-ha.sh:ro" in (sentinel["volumes"])
+        )
+    ha = ("REDIS_SENTINELS", "REDIS_MASTER_NAME", "REDIS_INITIAL_PRIMARY")
+    for name in ("redis-durable", "redis-durable-replica"):
+        env = services[name]["environment"]
+        sentinel_env = services["sentinel-1"]["environment"]
+        assert all(env[k] == sentinel_env[k] for k in ha), name
+    # The replication password: the durable servers only; the Sentinels': them and
+    # the Sentinels. (Empty without the profile: no such users, and redis-ha.sh refuses
+    # to start a replica or a Sentinel without them.)
+    for name, service in services.items():
+        env = json.dumps(service.get("environment", {}))
+        replication = "OFA_REDIS_PASSWORD_REPLICATION" in env
+        sentinel = "OFA_REDIS_PASSWORD_SENTINEL" in env
+        durable_server = name in ("redis-durable", "redis-durable-replica")
+        assert replication == durable_server, name
+        assert sentinel == (durable_server or name in SENTINELS), name
+
+    override = yaml.safe_load(OVERRIDE.read_text())
+    schema = json.loads((ROOT / "tests/data/compose-spec.json").read_text())
+    whole = merged(doc, override)
+    jsonschema.Draft201909Validator(schema).validate(whole)
+    assert set(override["services"]) == set(ROLES)
+    for role in ROLES:
+        env = whole["services"][role]["environment"]
+        url = env["OFA_REDIS_URL"]
+        secret = f"${{OFA_REDIS_PASSWORD_{role.upper()}:?"
+        match = re.fullmatch(r"sentinel://(\w+):(\$\{[^}]+\})@([^/]+)/ofa-durable/0", url)
+        assert match, (role, url)
+        assert match[1] == role and match[2].startswith(secret), (role, url)
+        assert set(match[3].split(",")) == addresses, (role, url)
+        assert env.get("OFA_DURABLE_ACK") == ("replica" if role != "flower" else None), role
+        assert env.get("OFA_CACHE_REDIS_URL", "@redis-cache:").count("@redis-cache:") == 1
+        assert set(whole["services"][role]["depends_on"]) >= set(SENTINELS), role

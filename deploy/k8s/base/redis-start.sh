@@ -22,6 +22,11 @@
 #     whole (nothing changes; the workers restore them on their next sweep) and an
 #     `inspect` made meanwhile fails for those few seconds.
 #   probe: PING only, no password (the readiness check; it reaches nothing else).
+#   replication: a replica's login on the primary (masteruser, redis-ha.sh): the
+#     replication handshake only (REDIS_PASSWORD_REPLICATION; durable Redis with HA).
+#   sentinel: the Sentinels' login (their auth-user, redis-ha.sh): what they send to
+#     watch the servers and promote one: INFO, ROLE, their hello channel, REPLICAOF
+#     and CONFIG REWRITE in a transaction, CLIENT KILL (REDIS_PASSWORD_SENTINEL).
 set -eu
 
 acl="${REDIS_ACL_FILE:-/run/redis/users.acl}"
@@ -45,7 +50,9 @@ umask 077
     for role in api worker coordinator; do
         password_of "$role"
         if [ -n "$password" ]; then
-            echo "user $role on >$password ~* &* +@all -@dangerous"
+            # +info: INFO is among the "dangerous" commands, but reads nothing of the
+            # data; the API exports the memory use and cap from it (the memory alert).
+            echo "user $role on >$password ~* &* +@all -@dangerous +info"
         fi
     done
     # Task queues are named ofa.<kind>.<model>@<revision> (Celery's, read-only here);
@@ -57,6 +64,17 @@ umask 077
             "+@all -@dangerous -script|flush -function" \
             "%R~ofa.* %R~celery* ~unacked* ~_kombu.binding* ~celeryev.* ~*.reply.celery.pidbox*" \
             "&/0.celeryev/* &/0.celery.pidbox"
+    fi
+    password_of replication
+    if [ -n "$password" ]; then
+        echo "user replication on >$password resetkeys resetchannels -@all" \
+            "+psync +sync +replconf +ping"
+    fi
+    password_of sentinel
+    if [ -n "$password" ]; then
+        echo "user sentinel on >$password resetkeys &* -@all +multi +exec +ping +info" \
+            "+role +subscribe +publish +slaveof +replicaof +config|rewrite" \
+            "+client|setname +client|kill +script|kill"
     fi
 } >"$acl"
 exec "$@" --aclfile "$acl"
