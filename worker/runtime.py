@@ -106,7 +106,7 @@ class Runtime:
         tally = BatchTally(jobs)
 
         def record_batch(size: int, seconds: float) -> None:
-            tally.add(size)
+            tally.add(size, seconds)
             logger.debug("batch of %d in %.3fs", size, seconds)
 
         def run_batch(items: Sequence[Prepared]) -> list[Prediction]:
@@ -235,13 +235,16 @@ class BatchTally:
         self._jobs = jobs
         self._lock = threading.Lock()
         self._batches = self._items = 0
+        self._busy_s = 0.0  # the passes' time: /metrics shows it as the device's busy time
         self._wake = threading.Event()
         threading.Thread(target=self._run, name="batch-tally", daemon=True).start()
 
-    def add(self, size: int) -> None:
+    def add(self, size: int, seconds: float = 0.0) -> None:
+        """Count one model pass of ``size`` items that took ``seconds``."""
         with self._lock:
             self._batches += 1
             self._items += size
+            self._busy_s += seconds
         self._wake.set()
 
     def _run(self) -> None:
@@ -255,12 +258,13 @@ class BatchTally:
         """Write the passes counted and not written yet (the thread's turn, or a
         stopping worker's last ones)."""
         with self._lock:
-            batches, items = self._batches, self._items
+            batches, items, busy_s = self._batches, self._items, self._busy_s
             self._batches = self._items = 0
+            self._busy_s = 0.0
         if not batches:
             return
         try:
-            self._jobs.record_batch(items, batches)
+            self._jobs.record_batch(items, batches, busy_s)
         except redis.RedisError:
             logger.warning("could not record batch statistics")
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api import metrics
-from api.deps import ServicesDep
+from api.deps import Services, ServicesDep
 from api.metrics import REGISTRY
+from shared.store.workers import WebhookLog
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
@@ -83,21 +88,55 @@ async def get_readyz(s: ServicesDep) -> Response:
 )
 async def get_metrics(s: ServicesDep) -> Response:
     """Request counts, cache hits and misses, enqueued jobs, latency histograms; the
-    backlog (pending, overdue, oldest) and the reaper's counters, read from Redis."""
+    backlog (pending, overdue, oldest), workers alive, scans, the reaper's, the batches'
+    and the webhooks' counters and the Redis servers' memory, read from Redis."""
     try:
-        pending, overdue, oldest = await s.jobs.abacklog()
-        counts, age = await s.reaper_log.aread(s.redis.durable)
-        interactive, held = await s.jobs.aheld()
-    except redis.RedisError:
-        pass  # the process's own metrics still answer; the store's stay as last read
-    else:
-        metrics.JOBS_PENDING.set(pending)
-        metrics.MODEL_WORK.labels(*s.settings.model_tag).set(pending)
-        metrics.JOBS_OVERDUE.set(overdue)
-        metrics.OLDEST_PENDING.set(time.time() - oldest if oldest else 0)
-        metrics.REAPER_AGE.set(age if age is not None else -1)
-        metrics.REAPER.values = counts
-        metrics.INTERACTIVE_PENDING.set(interactive)
-        for kind in ("interactive", "bulk"):
-            metrics.HELD_BYTES.labels(kind).set(held.get(kind, 0))
+        await _read_store(s)
+    except redis.RedisError as exc:
+        # The process's own metrics still answer; the store's stay as last read.
+        logger.warning("metrics from the store not read: %s", exc)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _read_store(s: Services) -> None:
+    """Every value /metrics reads from the durable store (and the servers' memory)."""
+    pending, overdue, oldest = await s.jobs.abacklog()
+    counts, age = await s.reaper_log.aread(s.redis.durable)
+    interactive, held = await s.jobs.aheld()
+    workers = await s.workers.acount(s.redis.durable)
+    unfinished, stalled, rows = await s.scans.aprogress()
+    batches = await s.jobs.abatch_stats()
+    webhooks = await WebhookLog(s.jobs.keys).aread(s.redis.durable)
+    metrics.JOBS_PENDING.set(pending)
+    metrics.MODEL_WORK.labels(*s.settings.model_tag).set(pending)
+    metrics.JOBS_OVERDUE.set(overdue)
+    metrics.OLDEST_PENDING.set(time.time() - oldest if oldest else 0)
+    metrics.REAPER_AGE.set(age if age is not None else -1)
+    metrics.INTERACTIVE_PENDING.set(interactive)
+    for kind in ("interactive", "bulk"):
+        metrics.HELD_BYTES.labels(kind).set(held.get(kind, 0))
+    metrics.WORKERS_ALIVE.labels(*s.settings.model_tag).set(workers)
+    metrics.SCANS_UNFINISHED.set(unfinished)
+    metrics.SCANS_OVERDUE.set(stalled)
+    metrics.STORE.reaper, metrics.STORE.batches = counts, batches
+    metrics.STORE.webhooks, metrics.STORE.scan_rows = webhooks, rows
+    stores = {"durable": s.redis.durable}
+    if s.redis.cache is not s.redis.durable:
+        stores["cache"] = s.redis.cache
+    for name, client in stores.items():
+        used, cap = await redis_memory(client)
+        metrics.REDIS_MEMORY_USED.labels(name).set(used)
+        if cap is not None:
+            metrics.REDIS_MEMORY_MAX.labels(name).set(cap)
+
+
+async def redis_memory(client: aioredis.Redis) -> tuple[int, int | None]:
+    """(bytes used, maxmemory or None when unknown) of the server ``client`` reaches.
+    INFO is one of Redis's "dangerous" commands, which a deployed ACL user may lack:
+    then MEMORY STATS (allowed) gives the bytes used, and the cap stays unknown."""
+    try:
+        info = await client.info("memory")
+    except redis.exceptions.NoPermissionError:
+        stats = await client.memory_stats()
+        return int(stats["total.allocated"]), None
+    return int(info["used_memory"]), int(info["maxmemory"])

@@ -41,6 +41,27 @@ class WorkerRegistry:
         return [text_of(m) for m in durable.zrangebyscore(self.key, time.time() - within_s, "+inf")]
 
 
+class WebhookLog:
+    """Webhook deliveries counted by outcome: the coordinators' webhook threads add,
+    the API's /metrics reads (any API process reports the service's totals)."""
+
+    # delivered: accepted by the receiver; retried: an attempt failed, another is
+    # queued; failed: given up after the last retry (the receiver never got it).
+    OUTCOMES = ("delivered", "retried", "failed")
+
+    def __init__(self, keys: Keys) -> None:
+        self.key = keys.webhook_stats()
+
+    def record(self, durable: redis.Redis, outcome: str) -> None:
+        """Count one delivery attempt's ``outcome`` (one of ``OUTCOMES``)."""
+        durable.hincrby(self.key, outcome, 1)
+
+    async def aread(self, adurable: aioredis.Redis) -> dict[str, int]:
+        """Every outcome's count (0 for one never seen)."""
+        raw = {text_of(k): int(v) for k, v in (await adurable.hgetall(self.key)).items()}
+        return {name: raw.get(name, 0) for name in self.OUTCOMES}
+
+
 class ReaperLog:
     """The reaper's lock, its counters and the time of its last pass."""
 
