@@ -18,7 +18,7 @@ from api import docs, metrics, problems
 from api.bodylimit import BodyLimitMiddleware, BodyLimits
 from api.deps import Services
 from api.routes import health, jobs, scans
-from shared import wiring
+from shared import tracing, wiring
 from shared.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await services.aclose()
 
     extra: dict[str, Any] = {}
-    if not settings.opentelemetry and "telemetry" in inspect.signature(FastAPI).parameters:
-        extra["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
+    # One switch (OFA_OPENTELEMETRY) for FastAPI's instrumentation and the job's trace
+    # (shared/tracing.py): its request span is the parent of the submission's.
+    tracing.configure(settings, "ofa-entail-api")
+    if "telemetry" in inspect.signature(FastAPI).parameters:
+        if not settings.opentelemetry:
+            extra["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
+        elif tracing.provider() is not None:
+            extra["telemetry"] = {"tracer_provider": tracing.provider()}
     app = FastAPI(
         **extra,
         title="ofa-entail",

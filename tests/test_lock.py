@@ -19,7 +19,8 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 LOCKS = ROOT / "requirements"
 # Which extras each lock covers, and who installs it.
-EXTRAS = {"api": [], "worker": ["worker"], "test": ["worker", "test"]}
+# The images carry the tracing extra, so OFA_OPENTELEMETRY can be turned on in them.
+EXTRAS = {"api": ["tracing"], "worker": ["worker", "tracing"], "test": ["worker", "test"]}
 INSTALLED_BY = {"api": "Dockerfile.api", "worker": "Dockerfile.worker", "test": "Makefile"}
 # Installed before the lock, never from it.
 OUTSIDE = re.compile(r"torch|triton|nvidia-.*|cuda-.*")

@@ -42,6 +42,7 @@ from kombu.transport.redis import QoS as RedisQoS
 from kombu.transport.virtual.base import QoS as VirtualQoS
 from pydantic import ValidationError
 
+from shared import tracing
 from shared.messages import EntailTask
 from shared.settings import get_settings
 from worker import jobs
@@ -189,7 +190,9 @@ class Groups:
             msgs.append(msg)
         if not msgs:
             return
-        flight = Flight(taken_ok, msgs, jobs.submit_many(rt, msgs, 0))
+        # With tracing on, each job continues the trace its message's headers carry.
+        headers = [t.message.headers for t in taken_ok] if tracing.on() else None
+        flight = Flight(taken_ok, msgs, jobs.submit_many(rt, msgs, 0, headers))
         if not flight.left:  # nothing for the model (cached, finished, failed)
             self._finish([flight], 0.0)
             return
@@ -295,6 +298,7 @@ class InteractiveGroups(bootsteps.StartStopStep):
         c.ofa_groups = None
 
     def start(self, c: Any) -> None:
+        tracing.configure(get_settings(), "ofa-entail-worker")
         if c.ofa_groups is None or not c.ofa_groups.open:
             c.ofa_groups = Groups(c, get_settings().batch_size)
 

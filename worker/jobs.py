@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -28,6 +28,7 @@ from shared.keys import job_key_matches
 from shared.messages import EntailTask, ScanStatus, Verdict
 from shared.store import StartAction, Started
 from shared.submit import send_hooks
+from worker import tracing
 from worker.ofa.entail import Prediction, Prepared
 from worker.runtime import Runtime, make_verdict
 
@@ -129,11 +130,12 @@ class Outcome(NamedTuple):
     verdict: Verdict | None = None
 
 
-def run_job(rt: Runtime, msg: EntailTask) -> Outcome:
+def run_job(rt: Runtime, msg: EntailTask, headers: Mapping[str, Any] | None = None) -> Outcome:
     """One job alone (the ``ofa.entail`` task's body: a job the reaper sent again),
     at its own priority. Idempotent: a message for a finished job, or for one another
-    worker holds a live lease on, does nothing."""
-    return run_many(rt, [msg], 1 if msg.bulk else 0)[0]
+    worker holds a live lease on, does nothing. ``headers``: its message's (the trace
+    it continues)."""
+    return run_many(rt, [msg], 1 if msg.bulk else 0, None if headers is None else [headers])[0]
 
 
 def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:
@@ -144,10 +146,15 @@ def run_chunk(rt: Runtime, msgs: list[EntailTask]) -> dict[str, int]:
     return counts
 
 
-def run_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> list[Outcome]:
+def run_many(
+    rt: Runtime,
+    msgs: Sequence[EntailTask],
+    priority: int,
+    headers: Sequence[Mapping[str, Any] | None] | None = None,
+) -> list[Outcome]:
     """Jobs taken together, waited for in this thread: ``submit_many`` then
     ``finish_many``. Returns each message's outcome, in order."""
-    flight = submit_many(rt, msgs, priority)
+    flight = submit_many(rt, msgs, priority, headers)
     return finish_many(rt, [flight], rt.settings.task_soft_time_limit_s)[0]
 
 
@@ -161,15 +168,31 @@ class InFlight:
     outcomes: dict[int, Outcome]
     waiting: list[tuple[int, EntailTask, Future[Prediction]]]
     held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    # Each job's spans (worker/tracing.py) by position; empty while tracing is off.
+    traces: list[tracing.JobTrace | None] = field(default_factory=list)
+
+    def traceparent(self, i: int) -> str | None:
+        """The job span of the ``i``-th job, for its webhooks; None if untraced."""
+        job = self.traces[i] if self.traces else None
+        return None if job is None else job.traceparent()
 
 
-def submit_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> InFlight:
+def submit_many(
+    rt: Runtime,
+    msgs: Sequence[EntailTask],
+    priority: int,
+    headers: Sequence[Mapping[str, Any] | None] | None = None,
+) -> InFlight:
     """Jobs taken together: a scan's chunk (``priority`` 1), or the interactive
     messages that arrived at once (0, ``worker/groups.py``). Each taken and prepared,
     all handed to the batcher at once (so they fill batches; bulk work behind any
-    interactive work), their leases held until ``finish_many``. One item's error never
-    touches the others: it goes back to queued (``retry_later``) or fails alone. Scan
-    jobs are dropped when their scan is cancelled, unless someone else joined them."""
+    interactive work), their leases held from their start until ``finish_many``. One
+    item's error never touches the others: it goes back to queued (``retry_later``) or
+    fails alone. Scan jobs are dropped when their scan is cancelled, unless someone
+    else joined them.
+    ``headers``: the messages' headers, in order: each job continues the trace its
+    message carries (with tracing on)."""
+    traces = tracing.taken([m.job_id for m in msgs], headers) if headers else []
     outcomes: dict[int, Outcome] = {}
     cancelled = {sid for sid in {m.scan_id for m in msgs if m.scan_id} if scan_cancelled(rt, sid)}
     live: list[tuple[int, EntailTask]] = []
@@ -186,6 +209,11 @@ def submit_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> InFli
             outcomes[i] = Outcome("retried")
         started = []
         live = []
+    # Each job taken is held (its lease renewed) from here until it is recorded, whatever
+    # step it is in: waiting for the bulk preparation slot and decoding its image can
+    # outlast a lease on a busy host, and a lease run out sends the job again.
+    running = zip(live, started, strict=True)
+    held = rt.leases.hold(m.job_id for (_, m), took in running if took.action == StartAction.RUN)
     images: list[tuple[int, EntailTask, bytes]] = []
     for (i, msg), took in zip(live, started, strict=True):
         try:
@@ -206,7 +234,10 @@ def submit_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> InFli
     # (With a preprocessing pool, the pool's size bounds that work instead, and every
     # bulk thread keeps a chunk queued for it.) Only the preparing counts: a chunk's
     # round trips to Redis run outside that limit.
-    with BULK_PREPARE if priority and rt.pool is None else contextlib.nullcontext():
+    with (
+        BULK_PREPARE if priority and rt.pool is None else contextlib.nullcontext(),
+        held.on_error(),
+    ):
         # With a preprocessing pool, its processes decode the images side by side.
         decoded = rt.decode_many([blob for _, _, blob in images])
         sources = source_ids_many(rt, [msg for _, msg, _ in images])
@@ -221,8 +252,11 @@ def submit_many(rt: Runtime, msgs: Sequence[EntailTask], priority: int) -> InFli
                 outcomes[i] = Outcome("skipped")
             else:
                 todo.append((i, msg, item))
-    flight = InFlight(len(msgs), outcomes, [])
-    flight.held.enter_context(rt.leases.holding(*(msg.job_id for _, msg, _ in todo)))
+    flight = InFlight(len(msgs), outcomes, [], traces=traces)
+    held.keep_only(msg.job_id for _, msg, _ in todo)  # the others ended, or went back
+    flight.held.enter_context(held)
+    if traces:
+        tracing.handed(rt.batcher, [item for _, _, item in todo], [traces[i] for i, _, _ in todo])
     futures = rt.batcher.submit_many([item for _, _, item in todo], priority)
     flight.waiting = [(i, msg, fut) for (i, msg, _), fut in zip(todo, futures, strict=True)]
     return flight
@@ -268,8 +302,12 @@ def finish_many(rt: Runtime, flights: Sequence[InFlight], timeout: float) -> lis
                     flight.outcomes[i] = Outcome("retried")
             else:
                 for (flight, i, msg, verdict), theirs in zip(scored, hooks, strict=True):
-                    send_hooks(rt.celery, msg.job_id, theirs)
+                    send_hooks(rt.celery, msg.job_id, theirs, flight.traceparent(i))
                     flight.outcomes[i] = Outcome("scored", verdict)
+    for flight in flights:
+        for i, job in enumerate(flight.traces):
+            if job is not None:
+                job.end(flight.outcomes[i].kind)
     return [[f.outcomes[i] for i in range(f.size)] for f in flights]
 
 

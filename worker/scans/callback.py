@@ -19,6 +19,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from shared import tracing
 from shared.errors import OfaEntailError
 from shared.fetch import UrlPolicy, post_json
 from shared.messages import Job, ScanSummary
@@ -82,6 +83,7 @@ def post_signed(
     timestamp = str(int(time.time()))
     headers = {
         **headers,
+        **tracing.outgoing(),  # a traced delivery: the receiver may continue the trace
         "X-OFA-Timestamp": timestamp,
         "X-OFA-Signature": f"v1={sign(secret, timestamp, body)}",
     }

@@ -48,10 +48,11 @@ import redis
 from celery import bootsteps
 from kombu import Consumer, Message
 
-from shared import wiring
+from shared import tracing, wiring
 from shared.celery_app import TASK_CALLBACK, TASK_JOB_CALLBACK, WEBHOOK_QUEUE
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, ScanStore, WebhookSlots, receiver_of
+from shared.store.workers import WebhookLog
 from worker.events import dropped, handed_back, received_event, task_event
 from worker.scans.callback import CallbackFailed, deliver, deliver_job
 
@@ -68,6 +69,9 @@ HOLD_MARGIN_S = 5.0
 STORE_PAUSE_S = 5.0
 
 Kind = Literal["delivered", "nothing", "busy", "retry", "failed"]
+# The outcomes /metrics counts (WebhookLog), by kind: a receiver at its bound or a
+# vanished job is no delivery attempt, so neither is counted.
+COUNTED: dict[str, str] = {"delivered": "delivered", "retry": "retried", "failed": "failed"}
 
 
 @dataclass(frozen=True)
@@ -90,22 +94,38 @@ class Webhooks:
     """What one delivery does: read what to send, take a slot at the receiver, POST it
     signed, and say what comes next."""
 
-    def __init__(self, settings: Settings, jobs: JobStore, scans: ScanStore, slots: WebhookSlots):
+    def __init__(
+        self,
+        settings: Settings,
+        jobs: JobStore,
+        scans: ScanStore,
+        slots: WebhookSlots,
+        log: WebhookLog | None = None,
+    ):
         self.settings = settings
         self.jobs = jobs
         self.scans = scans
         self.slots = slots
+        self.log = log
         # The image URLs' address checks, no redirects, and the delivery's own deadline
         # (post_json's deadline is the policy's timeout).
         self.policy = replace(wiring.url_policy(settings, 0), timeout_s=settings.webhook_deadline_s)
 
     def run(self, name: str, args: list[Any], kwargs: dict[str, Any], retries: int) -> Next:
-        """The delivery a message of task ``name`` asks for."""
+        """The delivery a message of task ``name`` asks for (its outcome counted)."""
         if name == TASK_CALLBACK:
-            return self.scan(*args, retries=retries, **kwargs)
-        if name == TASK_JOB_CALLBACK:
-            return self.job(*args, retries=retries, **kwargs)
-        raise ValueError(f"the webhook queue carries no {name!r} tasks")
+            outcome = self.scan(*args, retries=retries, **kwargs)
+        elif name == TASK_JOB_CALLBACK:
+            outcome = self.job(*args, retries=retries, **kwargs)
+        else:
+            raise ValueError(f"the webhook queue carries no {name!r} tasks")
+        counted = COUNTED.get(outcome.kind)
+        if counted and self.log is not None:
+            try:
+                self.log.record(self.slots.durable, counted)
+            except redis.RedisError as exc:  # a count lost, never the delivery's outcome
+                logger.warning("webhook outcome not counted: %s", exc)
+        return outcome
 
     def scan(self, scan_id: str, delivery_id: str = "", *, retries: int = 0) -> Next:
         """POST a finished scan's summary to its callback URL; records the outcome on
@@ -188,7 +208,29 @@ def webhooks() -> Webhooks:
         JobStore(settings, keys, clients),
         ScanStore(settings, keys, clients.durable),
         WebhookSlots(keys, clients.durable, settings.webhook_per_host, hold_s),
+        WebhookLog(keys),
     )
+
+
+def run_traced(
+    hooks: Webhooks,
+    name: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    retries: int,
+    headers: dict[str, Any],
+) -> Next:
+    """``hooks.run`` for a message with these ``headers``: a job's delivery continues the
+    job's trace (an ``ofa.webhook`` span, a child of the worker's ``ofa.job``, whose
+    context the POST carries on to the receiver) when tracing is on and it has one."""
+    parent = headers.get(tracing.TRACEPARENT)
+    if not parent or not tracing.on():
+        return hooks.run(name, args, kwargs, retries)
+    attributes = {"ofa.webhook.task": name, "ofa.webhook.retries": retries}
+    with tracing.span("ofa.webhook", str(parent), attributes, kind="CLIENT"):
+        outcome = hooks.run(name, args, kwargs, retries)
+        tracing.set_attribute("ofa.webhook.outcome", outcome.kind)
+    return outcome
 
 
 def eta_of(headers: dict[str, Any]) -> float | None:
@@ -211,6 +253,7 @@ class WebhookConsumer(bootsteps.ConsumerStep):
         super().__init__(c, **kwargs)
         self.c = c
         self.settings = get_settings()
+        tracing.configure(self.settings, "ofa-entail-coordinator")  # a job's delivery span
         threads = self.settings.webhook_threads
         # Twice as many held as threads: the next delivery waits in the process, not in
         # Redis, when a thread finishes one (the reason is worker/bulk.py's).
@@ -345,6 +388,8 @@ class WebhookConsumer(bootsteps.ConsumerStep):
             eta=None if eta is None else datetime.fromtimestamp(eta, UTC),
             countdown=countdown,
             ignore_result=True,
+            # a retry stays in the job's trace
+            **({"headers": carried} if (carried := tracing.carried(headers)) else {}),
         )
 
     def _run(self, body: Any, message: Message) -> None:
@@ -357,7 +402,7 @@ class WebhookConsumer(bootsteps.ConsumerStep):
         retries = int(headers.get("retries") or 0)
         try:
             args, kwargs, _ = body  # Celery's protocol 2: (args, kwargs, embed)
-            outcome = webhooks().run(name, args, kwargs, retries)
+            outcome = run_traced(webhooks(), name, args, kwargs, retries, headers)
         except redis.RedisError as exc:  # the store is away: try again later, same count
             logger.warning("webhook task %s[%s]: %s; again in a while", name, task_id, exc)
             outcome = Next("busy", f"the store is unavailable ({exc})", STORE_PAUSE_S, retries)
