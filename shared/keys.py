@@ -174,6 +174,10 @@ class Keys:
         """Durable store: a hash counting model passes and items (tests, benchmarks)."""
         return f"{self.prefix}stats:batches"
 
+    def webhook_stats(self) -> str:
+        """Durable store: a hash counting webhook deliveries by outcome (/metrics)."""
+        return f"{self.prefix}stats:webhooks"
+
     def workers(self, model_id: str, revision: str) -> str:
         """Durable store: sorted set of workers serving a model, scored by heartbeat time."""
         return f"{self.prefix}workers:{model_id}@{revision}"

@@ -69,9 +69,11 @@ class Settings(BaseSettings):
     url_max_redirects: int = Field(3, ge=0)
     url_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_wait_s: float = Field(30.0, ge=0)
-    # FastAPI's own OpenTelemetry instrumentation (traces, metrics, logs through the
-    # OTel SDK you configure). Off: the service's Prometheus metrics stand, and each
-    # request skips FastAPI's check for configured providers.
+    # The one OpenTelemetry switch: FastAPI's own instrumentation and one trace per job
+    # (API -> message -> worker's batch -> webhook, shared/tracing.py), exported by the
+    # SDK provider installed, else over OTLP/HTTP (the `tracing` extra). Off: nothing is
+    # traced, the hooks cost a check of a module global (so the default), the service's
+    # Prometheus metrics stand, and each request skips FastAPI's provider check.
     opentelemetry: bool = False
     # Load shedding: past this many unfinished jobs, new interactive submissions that
     # are not cache hits get 503 + Retry-After (cache hits and polls still work). 0: off.
@@ -113,12 +115,18 @@ class Settings(BaseSettings):
     dispatch_deadline_s: float = Field(300.0, gt=0)
     lease_s: float = Field(30.0, gt=0)
     reaper_interval_s: float = Field(5.0, gt=0)
+    # A queued job whose message is on no queue and in no worker's hands (a worker died
+    # between taking it and recording it) is sent again once it was sent this long ago
+    # (its message has had time to arrive), not at its dispatch deadline.
+    lost_message_grace_s: float = Field(5.0, ge=0)
     max_attempts: int = Field(3, ge=1)  # starts (worker died, or a transient error) before failing
     max_dispatches: int = Field(10, ge=1)  # sends of a job no worker ever started
     retry_backoff_s: float = Field(2.0, ge=0)  # first wait after a transient error (doubles)
     scan_max_slice_failures: int = Field(5, ge=1)
     # "fsync": POST answers 202 only once WAITAOF confirms the job record is on disk.
-    durable_ack: Literal["off", "fsync"] | None = None  # default: fsync in production
+    # "replica": ... on the primary's disk and on at least one replica's (WAITAOF 1 1),
+    # so an acknowledged job survives losing the primary's host to a Sentinel failover.
+    durable_ack: Literal["off", "fsync", "replica"] | None = None  # default: fsync in production
     durable_ack_timeout_ms: int = Field(2000, ge=1)
 
     # Catalogue scans. Manifests and per-scan result files live under scan_dir, which
@@ -251,7 +259,13 @@ class Settings(BaseSettings):
         """Whether submissions wait for the durable store's fsync (production default)."""
         if self.durable_ack is None:
             return self.environment == "production"
-        return self.durable_ack == "fsync"
+        return self.durable_ack in ("fsync", "replica")
+
+    @property
+    def durable_ack_replicas(self) -> int:
+        """Replicas whose append-only file must hold a write before it is acknowledged
+        (WAITAOF's second argument): 1 with ``replica``, else 0 (the primary alone)."""
+        return 1 if self.durable_ack == "replica" else 0
 
     @property
     def scans_path(self) -> Path:

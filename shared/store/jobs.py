@@ -193,6 +193,11 @@ if channel then redis.call('PUBLISH', channel, table.concat(said, '\\n')) end
 """,
 )
 ITEMS_PER_CALL = 64  # a script call's share of a long list: Valkey stays responsive
+# The reaper's look for lost messages: at most this many queued jobs a pass, and this
+# many messages read at the old end of each queue (both bound the script's work: a few
+# milliseconds of Valkey's time a pass at most).
+LOST_CANDIDATES = 500
+LOST_WINDOW = 1000
 
 
 def queue_each(pipe: Any, script: str, calls: Sequence[tuple[list[str], list[Any]]]) -> int:
@@ -222,18 +227,26 @@ def each_reply(replies: Sequence[Any]) -> list[Any]:
     return out
 
 
-def confirm_on_disk(reply: Any, undo: Callable[[], None], what: str) -> None:
-    """Check a WAITAOF reply: the write is fsynced on the durable store, or it is undone
-    and ``QueueUnavailableError`` says why."""
+def confirm_on_disk(reply: Any, undo: Callable[[], None], what: str, replicas: int = 0) -> None:
+    """Check a WAITAOF reply: the write is fsynced on the durable store (and on
+    ``replicas`` of its replicas), or it is undone and ``QueueUnavailableError`` says
+    why."""
     if isinstance(reply, Exception):
         undo()
         raise QueueUnavailableError(
-            f"durable acknowledgement (OFA_DURABLE_ACK=fsync) failed: {reply}. The durable "
+            f"durable acknowledgement (OFA_DURABLE_ACK) failed: {reply}. The durable "
             "store needs appendonly yes, or set OFA_DURABLE_ACK=off"
         )
     if int(reply[0]) < 1:
         undo()
         raise QueueUnavailableError(f"the durable store did not confirm the {what} on disk in time")
+    if int(reply[1]) < replicas:
+        # The primary has it, but no replica confirmed it: a failover now could lose it,
+        # so it is not acknowledged (OFA_DURABLE_ACK=replica).
+        undo()
+        raise QueueUnavailableError(
+            f"no replica of the durable store confirmed the {what} on disk in time"
+        )
 
 
 # KEYS: job, inflight, blob, deadlines, pending, hooks, (unused), held bytes,
@@ -305,13 +318,83 @@ return 1
 )
 
 # KEYS: job, deadlines; ARGV: job id, now, new dispatch deadline
+# A send is stamped on the record (``dispatched_at``, and ``dispatch_attempts``: the
+# starts counted so far), so the reaper can tell a job whose last event was a send
+# from one a worker started and put back (``JobStore.lost_messages``).
 _CLAIM_OVERDUE = """
 local d = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not d or tonumber(d) > tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'queued')
+local attempts = redis.call('HGET', KEYS[1], 'attempts') or '0'
+redis.call('HSET', KEYS[1], 'status', 'queued', 'dispatched_at', ARGV[2],
+           'dispatch_attempts', attempts)
 redis.call('HINCRBY', KEYS[1], 'dispatches', 1)
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
+"""
+
+# KEYS: job, deadlines
+# ARGV: job id, now, new dispatch deadline, the attempts and dispatches the reaper saw
+# A job whose message is lost is sent again only if nothing happened to it since the
+# reaper looked (still queued, not started, not sent by anyone else); stamped as
+# ``_CLAIM_OVERDUE`` stamps a send.
+_CLAIM_LOST = """
+local job_id, now, deadline = ARGV[1], ARGV[2], ARGV[3]
+local seen_attempts, seen_dispatches = ARGV[4], ARGV[5]
+local got = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'dispatches')
+if got[1] ~= 'queued' then return 0 end
+if (got[2] or '0') ~= seen_attempts or (got[3] or '0') ~= seen_dispatches then return 0 end
+redis.call('HSET', KEYS[1], 'dispatched_at', now, 'dispatch_attempts', seen_attempts)
+redis.call('HINCRBY', KEYS[1], 'dispatches', 1)
+redis.call('ZADD', KEYS[2], deadline, job_id)
+return 1
+"""
+
+# KEYS: kombu's unacked hash, then the queues (lists) to look in
+# ARGV: how many messages to read at the old (right) end of each queue, job key prefix
+# One atomic look at every place a job's message can be: a message moves from its
+# queue to a worker and into the unacked hash, and two separate reads could see it in
+# neither. Each message becomes a token: its task id (an ``ofa.entail`` message's is
+# its job's id), or for a scan chunk "chunk:{scan}:{created_at}" (a chunk's jobs are
+# created together, so they share their creation time; the message's headers name its
+# first job) or "chunkscan:{scan}" when that job's record is gone. Each queue also
+# gives its length and the earliest send time of the messages read (a job's
+# ``dispatched_at``, else its ``created_at``). Reply: {unacked tokens, {length, earliest
+# or false, tokens} per queue}.
+_WHERE_MESSAGES_ARE = """
+local window, prefix = tonumber(ARGV[1]), ARGV[2]
+local function read(m, stamp)
+  local at = string.find(m, '"headers"', 1, true)
+  if not at then return false, nil end
+  local task = string.match(m, '"task": ?"([^"]+)"', at)
+  if task == 'ofa.entail.chunk' then
+    local scan, first = string.match(m, 'jobs of scan (%S+): (%w+)', at)
+    if not scan then return false, nil end
+    local created = redis.call('HGET', prefix .. first, 'created_at')
+    if not created then return 'chunkscan:' .. scan, nil end
+    return 'chunk:' .. scan .. ':' .. created, tonumber(created)
+  end
+  local id = string.match(m, '"id": ?"([^"]+)"', at)
+  if not id or not stamp then return id or false, nil end
+  local sent = redis.call('HMGET', prefix .. id, 'dispatched_at', 'created_at')
+  return id, tonumber(sent[1] or sent[2] or '')
+end
+local held = {}
+for _, m in ipairs(redis.call('HVALS', KEYS[1])) do
+  local token = read(m, false)
+  if token then held[#held + 1] = token end
+end
+local queues = {}
+for i = 2, #KEYS do
+  local length = redis.call('LLEN', KEYS[i])
+  local tokens, earliest = {}, false
+  for _, m in ipairs(redis.call('LRANGE', KEYS[i], -window, -1)) do
+    local token, sent = read(m, true)
+    if token then tokens[#tokens + 1] = token end
+    if sent and (not earliest or sent < earliest) then earliest = sent end
+  end
+  queues[#queues + 1] = {length, earliest and tostring(earliest), tokens}
+end
+return {held, queues}
 """
 
 
@@ -462,7 +545,9 @@ class JobStore:
             replies = pipe.execute(raise_on_error=False)
             got = self._created(each_reply(replies[:1])[0], t)
             if self.settings.durable_ack_on and got.created:
-                confirm_on_disk(replies[1], lambda: self.discard(got.job_id, key), "job")
+                confirm_on_disk(
+                    replies[1], lambda: self.discard(got.job_id, key), "job", self._replicas
+                )
             return got
         return self.create_or_join_many([(key, image, text, premise)], scan_id)[0]
 
@@ -488,7 +573,7 @@ class JobStore:
                     if c.created:
                         self.discard(c.job_id, key)
 
-            confirm_on_disk(replies[commands], undo, "job")
+            confirm_on_disk(replies[commands], undo, "job", self._replicas)
         return out
 
     def create_and_send(
@@ -514,7 +599,10 @@ class JobStore:
         got = self._created(each_reply(replies[:1])[0], t)
         if self.settings.durable_ack_on and got.created:
             confirm_on_disk(
-                replies[1], lambda: self.discard(got.job_id, key, (queue, message)), "job"
+                replies[1],
+                lambda: self.discard(got.job_id, key, (queue, message)),
+                "job",
+                self._replicas,
             )
         return got
 
@@ -529,6 +617,7 @@ class JobStore:
         message: bytes,
         owner: str = "",
         tenant: str | None = None,
+        traceparent: str | None = None,
     ) -> Created:
         """``create_or_join`` from the event loop for a job whose Celery ``message``
         (built for ``job_id``) goes onto ``queue`` in the same atomic step when the job
@@ -537,7 +626,7 @@ class JobStore:
         ``tenant``: the key whose private cache the verdict goes to, if any."""
         t = time.time()
         call = self._create_call(
-            key, image, text, premise, None, t, job_id, queue, message, owner, tenant
+            key, image, text, premise, None, t, job_id, queue, message, owner, tenant, traceparent
         )
         pipe = self.aio.durable.pipeline(transaction=False)
         self._queue_create(pipe, [call])
@@ -545,7 +634,7 @@ class JobStore:
         got = self._created(each_reply(replies[:1])[0], t)
         if self.settings.durable_ack_on and got.created:
             try:
-                confirm_on_disk(replies[1], lambda: None, "job")
+                confirm_on_disk(replies[1], lambda: None, "job", self._replicas)
             except QueueUnavailableError:
                 await self.adiscard(got.job_id, key, (queue, message))
                 raise
@@ -554,11 +643,17 @@ class JobStore:
     def _queue_create(self, pipe: Any, calls: list[tuple[list[str], list[Any]]]) -> int:
         """Queue on ``pipe`` (blocking or asyncio) ``_CREATE_OR_JOIN`` for each call (in
         as few commands as ``queue_each`` makes: their number is returned), then WAITAOF
-        when durable acknowledgement is on (its reply last)."""
+        when durable acknowledgement is on (its reply last): the primary's AOF, and with
+        ``OFA_DURABLE_ACK=replica`` one replica's too."""
         commands = queue_each(pipe, _CREATE_OR_JOIN_EACH, calls)
         if self.settings.durable_ack_on:
-            pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
+            pipe.execute_command("WAITAOF", 1, self._replicas, self.settings.durable_ack_timeout_ms)
         return commands
+
+    @property
+    def _replicas(self) -> int:
+        """Replicas WAITAOF waits for (``Settings.durable_ack_replicas``)."""
+        return self.settings.durable_ack_replicas
 
     def _create_call(
         self,
@@ -573,6 +668,7 @@ class JobStore:
         message: bytes = b"",
         owner: str | None = None,
         tenant: str | None = None,
+        traceparent: str | None = None,
     ) -> tuple[list[str], list[str | bytes | float]]:
         """KEYS and ARGV of one job's ``_CREATE_OR_JOIN``. An ``owner`` (interactive
         submissions) is recorded, and a join of another owner's job makes a handle."""
@@ -595,6 +691,8 @@ class JobStore:
             record["owner"] = owner
         if tenant:
             record["tenant"] = tenant
+        if traceparent:  # the job's trace (shared/tracing.py): the reaper's re-send keeps it
+            record["traceparent"] = traceparent
         fields = [x for pair in record.items() for x in pair]
         args: list[str | bytes | float] = [
             job_id,
@@ -877,6 +975,124 @@ class JobStore:
             )
         )
 
+    def lost_messages(
+        self,
+        queue_of: Callable[[dict[str, str]], str],
+        unacked_key: str,
+        grace_s: float,
+        only: Sequence[str] | None = None,
+        limit: int = LOST_CANDIDATES,
+        window: int = LOST_WINDOW,
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Queued jobs whose message can no longer be anywhere, with their records: a
+        worker took it off its queue and died before kombu entered it in the unacked
+        hash (``unacked_key``). Such a job is queued, its last event a send (its own
+        creation, or the reaper's: no start since) more than ``grace_s`` ago (a message
+        sent after its record has had time to arrive), and its message is neither in
+        the unacked hash nor among the ``window`` oldest messages of its queue
+        (``queue_of`` names it from the record); when the queue is longer than that,
+        the job must also have been sent ``grace_s`` before the earliest message read,
+        so that its message cannot be among the newer ones. Looks at most ``limit`` jobs,
+        those sent longest ago first (``only``: just those ids, to confirm a first
+        look). One script reads the unacked hash and the queues at one instant, so a
+        message on its way from a queue into the unacked hash is missed only while a
+        worker is between the two (milliseconds: the reaper looks twice).
+
+        Jobs whose dispatch deadline is less than a lease away are left to it: the
+        deadline sends them within a lease anyway."""
+        t = time.time()
+        durable = self.sync.durable
+        if only is None:
+            # Running jobs hold leases of at most ``lease_s`` from now; above that sit
+            # the queued jobs' dispatch deadlines (and put-back jobs' backoffs).
+            raw = durable.zrangebyscore(
+                self.keys.job_deadlines(), t + self.settings.lease_s, "+inf", start=0, num=limit
+            )
+            ids = [text_of(i) for i in raw]
+        else:
+            ids = list(only)
+        if not ids:
+            return []
+        fields = (
+            "status",
+            "model",
+            "revision",
+            "scan",
+            "created_at",
+            "dispatched_at",
+            "attempts",
+            "dispatch_attempts",
+            "dispatches",
+            "key",
+            "text",
+            "premise",
+            "tenant",
+        )
+        pipe = durable.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(self.keys.job(job_id), *fields)
+        suspects: dict[str, tuple[dict[str, str], float, str]] = {}
+        for job_id, got in zip(ids, pipe.execute(), strict=True):
+            record = {f: text_of(v) for f, v in zip(fields, got, strict=True) if v is not None}
+            if record.get("status") != JobStatus.QUEUED or not record.get("model"):
+                continue
+            # Started since its last send (then put back by ``release``, or running
+            # under a lease): its message was taken and acknowledged, not lost.
+            if record.get("attempts", "0") != record.get("dispatch_attempts", "0"):
+                continue
+            sent = float(record.get("dispatched_at") or record.get("created_at") or t)
+            if sent < t - grace_s:
+                suspects[job_id] = (record, sent, queue_of(record))
+        if not suspects:
+            return []
+        queues = list(dict.fromkeys(q for _, _, q in suspects.values()))
+        held_raw, seen_raw = durable.eval(
+            _WHERE_MESSAGES_ARE,
+            1 + len(queues),
+            unacked_key,
+            *queues,
+            window,
+            self.keys.job_prefix(),
+        )
+        held = {text_of(x) for x in held_raw}
+        seen: dict[str, tuple[int, float | None, set[str]]] = {}
+        for queue, (length, earliest, tokens) in zip(queues, seen_raw, strict=True):
+            first = float(text_of(earliest)) if earliest else None
+            seen[queue] = (int(length), first, {text_of(x) for x in tokens})
+        lost = []
+        for job_id, (record, sent, queue) in suspects.items():
+            length, earliest, tokens = seen[queue]
+            names = {job_id}
+            if record.get("scan"):
+                scan = record["scan"]
+                names |= {f"chunk:{scan}:{record.get('created_at', '')}", f"chunkscan:{scan}"}
+            if names & (held | tokens):
+                continue
+            if length > window and (earliest is None or sent >= earliest - grace_s):
+                continue  # its message may be among the newer ones, not read
+            lost.append((job_id, record))
+        return lost
+
+    def claim_lost(self, job_id: str, record: dict[str, str]) -> bool:
+        """Atomically take a job ``lost_messages`` found (as ``record`` shows it) for
+        sending again: one more dispatch, a new dispatch deadline. False when anything
+        happened to it since (started, sent, finished): then nothing is to be sent."""
+        k = self.keys
+        t = time.time()
+        return bool(
+            self.sync.durable.eval(
+                _CLAIM_LOST,
+                2,
+                k.job(job_id),
+                k.job_deadlines(),
+                job_id,
+                t,
+                t + self.settings.dispatch_deadline_s,
+                record.get("attempts", "0"),
+                record.get("dispatches", "0"),
+            )
+        )
+
     async def acancel(self, job_id: str) -> tuple[str, str, list[Hook]] | None:
         """Cancel a queued job nobody else joined (it fails as "cancelled" and its key
         is free again); a joined one is left for its other waiters ("detached"), a
@@ -1110,15 +1326,22 @@ class JobStore:
         if keys:  # one command for the lot, not two per job
             self.sync.durable.eval(_EXPIRE_ALL, len(keys), *keys, SCAN_JOB_LINGER_S)
 
-    def record_batch(self, items: int, batches: int = 1) -> None:
-        """Count ``batches`` model passes of ``items`` items in all (tests and benchmarks
-        read them)."""
+    def record_batch(self, items: int, batches: int = 1, busy_s: float = 0.0) -> None:
+        """Count ``batches`` model passes of ``items`` items in all, which kept the
+        device busy ``busy_s`` seconds (tests, benchmarks and /metrics read them)."""
         pipe = self.sync.durable.pipeline(transaction=False)
         pipe.hincrby(self.keys.batch_stats(), "batches", batches)
         pipe.hincrby(self.keys.batch_stats(), "items", items)
+        if busy_s > 0:  # whole microseconds: HINCRBY, no float to round in Redis
+            pipe.hincrby(self.keys.batch_stats(), "busy_us", round(busy_s * 1e6))
         pipe.execute()
 
     def batch_stats(self) -> dict[str, int]:
-        """{"batches": n, "items": m} counted so far."""
+        """{"batches": n, "items": m, "busy_us": t} counted so far."""
         raw = decode_hash(self.sync.durable.hgetall(self.keys.batch_stats()))
+        return {k: int(v) for k, v in raw.items()}
+
+    async def abatch_stats(self) -> dict[str, int]:
+        """``batch_stats`` for the API's event loop (its /metrics)."""
+        raw = decode_hash(await self.aio.durable.hgetall(self.keys.batch_stats()))
         return {k: int(v) for k, v in raw.items()}

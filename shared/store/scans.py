@@ -56,6 +56,20 @@ return {'ok', 0}
 """
 
 
+# KEYS: the scan's lock, scans not finalised (the reaper's index)
+# ARGV: the lock's token, its time to live (ms), scan id, the scan's next deadline
+# The coordinator holding the lock extends it and the scan's deadline in one step,
+# only while the lock is still its own (one that expired and was taken by another
+# coordinator is left to that one). Reply: 1 when kept, 0 when no longer ours.
+_KEEP_SCAN = """
+local token, ttl_ms, scan_id, deadline = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('GET', KEYS[1]) ~= token then return 0 end
+redis.call('PEXPIRE', KEYS[1], ttl_ms)
+redis.call('ZADD', KEYS[2], 'XX', deadline, scan_id)
+return 1
+"""
+
+
 class ScanStore:
     """Scan records (progress counters, status, callback state) and coordinator locks."""
 
@@ -125,13 +139,24 @@ class ScanStore:
             *fields,
         )
         if self.settings.durable_ack_on:
-            pipe.execute_command("WAITAOF", 1, 0, self.settings.durable_ack_timeout_ms)
+            # The primary's AOF, and with OFA_DURABLE_ACK=replica one replica's too.
+            pipe.execute_command(
+                "WAITAOF",
+                1,
+                self.settings.durable_ack_replicas,
+                self.settings.durable_ack_timeout_ms,
+            )
         replies = pipe.execute(raise_on_error=False)
         if isinstance(replies[0], Exception):
             raise replies[0]
         self._admitted(replies[0], owner)
         if self.settings.durable_ack_on:
-            confirm_on_disk(replies[-1], lambda: self.discard(scan_id), "scan")
+            confirm_on_disk(
+                replies[-1],
+                lambda: self.discard(scan_id),
+                "scan",
+                self.settings.durable_ack_replicas,
+            )
 
     async def aadmit(self, owner: str) -> None:
         """Refuse a new scan before its manifest is read when ``owner`` (an API key's
@@ -206,6 +231,25 @@ class ScanStore:
     def slice_ok(self, scan_id: str) -> None:
         """A slice ran to its end: the failure count starts again."""
         self.durable.hset(self.keys.scan(scan_id), "slice_failures", "0")
+
+    async def aprogress(self, limit: int = 200) -> tuple[int, int, dict[str, int]]:
+        """For /metrics: (scans not yet finalised, those whose coordinator has gone
+        quiet, finished rows (done + failed) of each unfinished scan, the ``limit`` most
+        urgent ones). Reads only."""
+        pipe = self.adurable.pipeline(transaction=False)
+        pipe.zcard(self.keys.scan_deadlines())
+        pipe.zcount(self.keys.scan_deadlines(), "-inf", time.time())
+        pipe.zrange(self.keys.scan_deadlines(), 0, limit - 1)
+        unfinished, overdue, ids = await pipe.execute()
+        names = [text_of(i) for i in ids]
+        pipe = self.adurable.pipeline(transaction=False)
+        for scan_id in names:
+            pipe.hmget(self.keys.scan(scan_id), "done", "failed")
+        rows = {
+            scan_id: int(done or 0) + int(failed or 0)
+            for scan_id, (done, failed) in zip(names, await pipe.execute(), strict=True)
+        }
+        return int(unfinished), int(overdue), rows
 
     async def aread(self, scan_id: str) -> tuple[ScanSummary, str | None] | None:
         """The scan's progress and its owner (the API key that started it), or None
@@ -308,8 +352,28 @@ class ScanStore:
         return token if ok else None
 
     def renew_lock(self, scan_id: str, ttl_s: int) -> None:
-        """Extend a lock this coordinator holds."""
+        """Extend a lock this coordinator holds (unchecked: ``keep`` checks the token)."""
         self.durable.expire(self.keys.scan_lock(scan_id), ttl_s)
+
+    def keep(self, scan_id: str, token: str, ttl_s: float) -> bool:
+        """Extend the scan's lock (while ``token`` still holds it) by ``ttl_s`` and its
+        deadline as a running slice's, in one step; False when the lock is no longer
+        this coordinator's."""
+        reply = self.durable.eval(
+            _KEEP_SCAN,
+            2,
+            self.keys.scan_lock(scan_id),
+            self.keys.scan_deadlines(),
+            token,
+            max(1, int(ttl_s * 1000)),
+            scan_id,
+            self._deadline(queued=False),
+        )
+        return bool(reply)
+
+    def holds(self, scan_id: str, token: str) -> bool:
+        """Whether ``token`` still holds the scan's lock."""
+        return text_of(self.durable.get(self.keys.scan_lock(scan_id)) or b"") == token
 
     def unlock(self, scan_id: str, token: str) -> None:
         """Release the lock if it is still ours."""
