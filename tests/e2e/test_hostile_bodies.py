@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 import pytest
@@ -118,8 +118,20 @@ def send(
     ``headers``), watching for an answer before each piece: a real client that stops
     sending once the server has answered. Counts the body bytes sent before then."""
     url = urlsplit(base)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        return _send_on(sock, url, path, headers, pieces, chunked, answer_within)
+
+
+def _send_on(
+    sock: socket.socket,
+    url: SplitResult,
+    path: str,
+    headers: dict[str, str],
+    pieces: Iterator[bytes],
+    chunked: bool,
+    answer_within: float,
+) -> Sent:
     out = Sent()
-    sock = socket.create_connection((url.hostname, url.port))
     # A small send buffer: bytes counted as sent are bytes the server's side took.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
     lines = [f"POST {path} HTTP/1.1", f"Host: {url.netloc}"]
@@ -159,7 +171,6 @@ def send(
             break
         rest += got
     out.body = rest[:length]
-    sock.close()
     return out
 
 

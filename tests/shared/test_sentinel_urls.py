@@ -130,13 +130,14 @@ def test_clients_follow_a_promotion(group: SentinelGroup, inproc_settings):
             # dropped (READONLY) and the write lands on the promoted one, no restart.
             sync.durable.set("after", "2")
             await aio.durable.set("after-aio", "2")
-            after = redis.Redis(port=second, db=1)
-            assert after.mget("before", "after", "before-aio", "after-aio") == [b"1", b"2"] * 2
-            # A promoted server lacks the scripts clients registered on the old one.
-            after.script_flush()
-            decision = await limiter.charge(caller, "miss")
-            assert decision is not None and decision.admitted
-            assert after.exists(wiring.keys(settings).rate_bucket(caller.key_id, "miss"))
+            with redis.Redis(port=second, db=1) as after:
+                got = after.mget("before", "after", "before-aio", "after-aio")
+                assert got == [b"1", b"2"] * 2
+                # A promoted server lacks the scripts clients registered on the old one.
+                after.script_flush()
+                decision = await limiter.charge(caller, "miss")
+                assert decision is not None and decision.admitted
+                assert after.exists(wiring.keys(settings).rate_bucket(caller.key_id, "miss"))
         finally:
             sync.close()
             await aio.aclose()
@@ -176,8 +177,8 @@ def test_replica_acknowledgement(group: SentinelGroup, inproc_settings, tmp_path
             got = jobs.create_or_join("r1", b"image-bytes", "t", None)
             scans.create("scan-r1", 1, "/m", None)
             replica = next(p for p in group.server_ports if p != group.primary_port())
-            on_replica = redis.Redis(port=replica, db=2)
-            assert on_replica.exists(keys.job(got.job_id), keys.scan("scan-r1")) == 2
+            with redis.Redis(port=replica, db=2) as on_replica:
+                assert on_replica.exists(keys.job(got.job_id), keys.scan("scan-r1")) == 2
         else:
             with pytest.raises(QueueUnavailableError, match="no replica"):
                 jobs.create_or_join("r2", b"image-bytes", "t", None)
@@ -198,7 +199,8 @@ def test_the_broker_follows_the_sentinels(group: SentinelGroup, inproc_settings)
     with app.connection_for_write() as conn:
         queue = conn.SimpleQueue("ofa.sentinel.test")
         queue.put({"n": 1})
-        assert redis.Redis(port=group.primary_port(), db=3).llen("ofa.sentinel.test") == 1
+        with redis.Redis(port=group.primary_port(), db=3) as primary:
+            assert primary.llen("ofa.sentinel.test") == 1
         assert queue.get(timeout=5).payload == {"n": 1}
         queue.close()
 
