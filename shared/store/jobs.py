@@ -961,17 +961,17 @@ class JobStore:
         """Atomically take an overdue job for sending again: queued, one more dispatch,
         a new dispatch deadline. False when its deadline moved meanwhile (a worker
         started it, or it finished): then nothing is to be sent."""
+        return self._claim(_CLAIM_OVERDUE, job_id)
+
+    def _claim(self, script: str, job_id: str, *expected: str) -> bool:
+        """Run a claim script (KEYS: job, deadlines; ARGV: job id, now, new dispatch
+        deadline, then ``expected``): True when the job was taken for sending again."""
         k = self.keys
         t = time.time()
+        deadline = t + self.settings.dispatch_deadline_s
         return bool(
             self.sync.durable.eval(
-                _CLAIM_OVERDUE,
-                2,
-                k.job(job_id),
-                k.job_deadlines(),
-                job_id,
-                t,
-                t + self.settings.dispatch_deadline_s,
+                script, 2, k.job(job_id), k.job_deadlines(), job_id, t, deadline, *expected
             )
         )
 
@@ -1077,20 +1077,8 @@ class JobStore:
         """Atomically take a job ``lost_messages`` found (as ``record`` shows it) for
         sending again: one more dispatch, a new dispatch deadline. False when anything
         happened to it since (started, sent, finished): then nothing is to be sent."""
-        k = self.keys
-        t = time.time()
-        return bool(
-            self.sync.durable.eval(
-                _CLAIM_LOST,
-                2,
-                k.job(job_id),
-                k.job_deadlines(),
-                job_id,
-                t,
-                t + self.settings.dispatch_deadline_s,
-                record.get("attempts", "0"),
-                record.get("dispatches", "0"),
-            )
+        return self._claim(
+            _CLAIM_LOST, job_id, record.get("attempts", "0"), record.get("dispatches", "0")
         )
 
     async def acancel(self, job_id: str) -> tuple[str, str, list[Hook]] | None:
