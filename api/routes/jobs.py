@@ -337,11 +337,31 @@ async def post_job(
     )
 
 
+def inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` written in place of their references:
+    an OpenAPI document has no ``#/$defs/...`` (ReDoc refuses the whole document with
+    "Invalid reference token: $defs"; Swagger UI happens to resolve them)."""
+    defs = schema.get("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
 BATCH_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": BatchRequest.model_json_schema()},
+            "application/json": {"schema": inline_defs(BatchRequest.model_json_schema())},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
