@@ -479,7 +479,7 @@ async def delete_job(job_id: str, call: JobsCall) -> JobCancelled:
     got = await s.jobs.aread(job_id)
     if got is None or not call.caller.owns(got.owner):
         raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
-    cancelled = await s.jobs.acancel(job_id)
+    cancelled = await s.jobs.acancel(job_id, got)
     if cancelled is None:
         raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
     outcome, status, hooks = cancelled

@@ -483,6 +483,7 @@ class Read:
     job: Job
     owner: str | None
     computed_by: str
+    key: str | None = None  # the verdict key (what a cancel needs)
 
 
 @dataclass(frozen=True)
@@ -743,19 +744,26 @@ class JobStore:
         self, job_id: str, key: str, sent: tuple[str, bytes] | None
     ) -> tuple[Any, ...]:
         """numkeys, KEYS and ARGV of ``_DISCARD``."""
+        keys = self._ending_keys(job_id, key, sent[0] if sent else self.keys.job(job_id))
+        return (len(keys), *keys, job_id, sent[1] if sent else b"")
+
+    def _ending_keys(self, job_id: str, key: str, seventh: str) -> list[str]:
+        """KEYS of the scripts that end a job (``_FINISH``, ``_CANCEL``, ``_DISCARD``),
+        one layout so that ``_DROP_BLOB`` reads the same slots in each: job, in-flight
+        mark, blob, deadlines, pending, hooks, ``seventh`` (the script's own: verdict,
+        queue, or the job again where it has none), held bytes, interactive pending."""
         k = self.keys
-        keys = [
+        return [
             k.job(job_id),
             k.inflight(key),
             k.blob(key),
             k.job_deadlines(),
             k.job_pending(),
             k.job_hooks(job_id),
-            sent[0] if sent else k.job(job_id),
+            seventh,
             k.held_bytes(),
             k.job_pending_interactive(),
         ]
-        return (len(keys), *keys, job_id, sent[1] if sent else b"")
 
     # -- the worker's transitions ----------------------------------------------------
 
@@ -914,17 +922,7 @@ class JobStore:
         """KEYS and ARGV of the script that finishes a job; its reply lists the job's
         webhooks."""
         k = self.keys
-        keys = [
-            k.job(job_id),
-            k.inflight(key),
-            k.blob(key),
-            k.job_deadlines(),
-            k.job_pending(),
-            k.job_hooks(job_id),
-            k.verdict(key),
-            k.held_bytes(),
-            k.job_pending_interactive(),
-        ]
+        keys = self._ending_keys(job_id, key, k.verdict(key))
         args = [
             job_id,
             self.settings.job_ttl_s,
@@ -1081,13 +1079,20 @@ class JobStore:
             _CLAIM_LOST, job_id, record.get("attempts", "0"), record.get("dispatches", "0")
         )
 
-    async def acancel(self, job_id: str) -> tuple[str, str, list[Hook]] | None:
+    async def acancel(
+        self, job_id: str, read: Read | None = None
+    ) -> tuple[str, str, list[Hook]] | None:
         """Cancel a queued job nobody else joined (it fails as "cancelled" and its key
         is free again); a joined one is left for its other waiters ("detached"), a
         running or finished one is left to finish, its verdict cached ("unchanged").
         A handle (another key's share in a job) is cancelled alone while the job is
         queued. Returns (outcome, status, the webhooks taken: the caller sends them),
-        or None when the job is unknown."""
+        or None when the job is unknown. ``read``: the job as ``aread`` just gave it
+        (the API checked its owner), which spares reading it again."""
+        if read is not None:
+            if read.computed_by != job_id:
+                return await self._acancel(job_id, {"handle_of": read.computed_by})
+            return await self._acancel(job_id, {"key": read.key} if read.key else {})
         got = await self.aio.durable.hmget(self.keys.job(job_id), "key", "handle_of")
         record = {n: text_of(v) for n, v in zip(("key", "handle_of"), got, strict=True) if v}
         return await self._acancel(job_id, record)
@@ -1108,19 +1113,11 @@ class JobStore:
                 job_id,
             )
         elif record.get("key"):
-            verdict_key = record["key"]
+            keys = self._ending_keys(job_id, record["key"], k.job(job_id))
             reply = await self.aio.durable.eval(
                 _CANCEL,
-                9,
-                k.job(job_id),
-                k.inflight(verdict_key),
-                k.blob(verdict_key),
-                k.job_deadlines(),
-                k.job_pending(),
-                k.job_hooks(job_id),
-                k.job(job_id),
-                k.held_bytes(),
-                k.job_pending_interactive(),
+                len(keys),
+                *keys,
                 job_id,
                 now(),
                 self.settings.job_ttl_s,
@@ -1261,7 +1258,7 @@ class JobStore:
             raw = self._as_handle(raw, followed)
             if not raw:
                 return None
-        return Read(self._decode(job_id, raw), owner, of or job_id)
+        return Read(self._decode(job_id, raw), owner, of or job_id, raw.get("key"))
 
     @staticmethod
     def _as_handle(handle: dict[str, str], followed: dict[str, str]) -> dict[str, str]:
