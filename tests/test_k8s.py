@@ -28,7 +28,7 @@ import yaml
 
 from shared.cli import build_parser
 from shared.settings import Settings
-from tests.helpers import free_port
+from tests.helpers import free_port, strict
 from tests.sizes import quantity_bytes, redis_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,18 +70,6 @@ def one(objs: list[dict], kind: str, name: str) -> dict:
 
 def container(objs: list[dict], kind: str, name: str) -> dict:
     return one(objs, kind, name)["spec"]["template"]["spec"]["containers"][0]
-
-
-def strict(schema: Any) -> Any:
-    """The schema with ``additionalProperties: false`` wherever properties are listed."""
-    if isinstance(schema, dict):
-        out = {k: strict(v) for k, v in schema.items()}
-        if "properties" in out and "additionalProperties" not in out:
-            out["additionalProperties"] = False
-        return out
-    if isinstance(schema, list):
-        return [strict(v) for v in schema]
-    return schema
 
 
 KEDA_SCHEMA = strict(

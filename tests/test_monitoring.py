@@ -31,7 +31,7 @@ from api.app import create_app
 from shared.celery_app import TASK_CALLBACK
 from shared.store import WebhookSlots, WorkerRegistry
 from shared.store.workers import WebhookLog
-from tests.helpers import API_KEY
+from tests.helpers import API_KEY, strict
 
 ROOT = Path(__file__).resolve().parent.parent
 RULE_FILE = ROOT / "deploy" / "k8s" / "base" / "monitoring" / "alerts.yaml"
@@ -62,18 +62,6 @@ def rules_file(tmp_path: Path, groups: list[dict[str, Any]] | None = None) -> Pa
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": groups or rule()["spec"]["groups"]}))
     return path
-
-
-def strict(schema: Any) -> Any:
-    """The schema with ``additionalProperties: false`` wherever properties are listed."""
-    if isinstance(schema, dict):
-        out = {k: strict(v) for k, v in schema.items()}
-        if "properties" in out and "additionalProperties" not in out:
-            out["additionalProperties"] = False
-        return out
-    if isinstance(schema, list):
-        return [strict(v) for v in schema]
-    return schema
 
 
 # The operator's schema, read strictly (tests/test_k8s.py validates the rendered rule

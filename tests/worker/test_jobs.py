@@ -28,6 +28,8 @@ def rt(inproc_settings) -> Iterator[Runtime]:
 
 
 def queued(rt: Runtime, image: bytes, text: str, scan_id: str | None = None) -> EntailTask:
+    """A job stored (record, blob, deadline) for the in-process model, and its message,
+    as the API or a scan's coordinator would have sent it."""
     key = verdict_key(*INPROC_MODEL, image, text, None)
     job_id = rt.jobs.create_or_join(key, image, text, None, scan_id).job_id
     return EntailTask(

@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 
-from shared.keys import verdict_key
 from shared.messages import EntailTask, JobStatus
 from shared.store import StartAction
-from tests.conftest import INPROC_MODEL
 from tests.helpers import settled, small_jpeg
+from tests.worker.test_jobs import queued as queued_job
 from worker import jobs as worker_jobs
 from worker.jobs import Outcome, run_chunk, run_job
 from worker.leases import Leases
@@ -39,17 +38,7 @@ def rt(inproc_settings) -> Iterator[Runtime]:
 
 
 def queued(rt: Runtime, seed: int, scan_id: str | None = None) -> EntailTask:
-    image, text = small_jpeg(seed=seed), f"slow to prepare {seed}"
-    key = verdict_key(*INPROC_MODEL, image, text, None)
-    job_id = rt.jobs.create_or_join(key, image, text, None, scan_id).job_id
-    return EntailTask(
-        job_id=job_id,
-        key=key,
-        model=INPROC_MODEL[0],
-        revision=INPROC_MODEL[1],
-        text=text,
-        scan_id=scan_id,
-    )
+    return queued_job(rt, small_jpeg(seed=seed), f"slow to prepare {seed}", scan_id)
 
 
 def in_thread(work: Any) -> tuple[threading.Thread, list[Any]]:
