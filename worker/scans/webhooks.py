@@ -34,25 +34,23 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any, Literal
 
 import redis
-from celery import bootsteps
-from kombu import Consumer, Message
+from kombu import Message
 
 from shared import tracing, wiring
 from shared.celery_app import TASK_CALLBACK, TASK_JOB_CALLBACK, WEBHOOK_QUEUE
 from shared.settings import Settings, get_settings
 from shared.store import JobStore, ScanStore, WebhookSlots, receiver_of
 from shared.store.workers import WebhookLog
+from worker.consumer_step import ThreadedConsumerStep
 from worker.events import dropped, handed_back, received_event, task_event
 from worker.scans.callback import CallbackFailed, deliver, deliver_job
 
@@ -245,75 +243,29 @@ def eta_of(headers: dict[str, Any]) -> float | None:
     return when.timestamp()
 
 
-class WebhookConsumer(bootsteps.ConsumerStep):
-    """Consumes ``ofa.webhooks`` into threads of its own, beside the coordinator's
-    Celery consumer (which runs scan slices)."""
+class WebhookConsumer(ThreadedConsumerStep):
+    """Consumes ``ofa.webhooks`` into ``OFA_WEBHOOK_THREADS`` threads of its own, beside
+    the coordinator's Celery consumer (which runs scan slices)."""
+
+    what = "webhook deliveries"
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
-        super().__init__(c, **kwargs)
-        self.c = c
-        self.settings = get_settings()
+        super().__init__(c, get_settings().webhook_threads, "webhook", **kwargs)
         tracing.configure(self.settings, "ofa-entail-coordinator")  # a job's delivery span
-        threads = self.settings.webhook_threads
-        # Twice as many held as threads: the next delivery waits in the process, not in
-        # Redis, when a thread finishes one (the reason is worker/bulk.py's).
-        self.prefetch = 2 * threads
-        self.threads = ThreadPoolExecutor(threads, thread_name_prefix="webhook")
-        self._taken: set[Future[None]] = set()
-        self._lock = threading.Lock()
         self._channel: Any = None
         self._held = 0  # messages waiting for their eta (the event loop's alone)
         self._generation = 0  # a new channel per (re)start; held messages of an old one
         # went back to the queue when it closed
 
-    def get_consumers(self, channel: Any) -> list[Consumer]:
-        """One kombu consumer of the webhook queue on this step's own channel."""
-        queue = self.c.app.amqp.queues.new_missing(WEBHOOK_QUEUE)
+    def queue_name(self) -> str:
+        """The webhook queue."""
+        return WEBHOOK_QUEUE
+
+    def _on_channel(self, channel: Any) -> None:
         webhooks()  # built here, once, before any thread needs it
         self._channel = channel
         self._generation += 1
         self._held = 0
-        channel.basic_qos(0, self.prefetch, False)
-        return [
-            Consumer(
-                channel,
-                queues=[queue],
-                callbacks=[self._received],
-                on_decode_error=self._undecodable,
-                accept=["json"],
-                prefetch_count=self.prefetch,
-            )
-        ]
-
-    def stop(self, c: Any) -> None:
-        """The consumer stops (a warm shutdown, or a reconnection): ``_settle``, then
-        the channel closes."""
-        self._settle()
-        super().stop(c)
-
-    def shutdown(self, c: Any) -> None:
-        """The worker ends: the deliveries running finish (each within its deadline)."""
-        self._settle()
-        self.threads.shutdown(wait=True)
-        super().shutdown(c)
-
-    def _settle(self) -> None:
-        """Stop taking messages and let the deliveries running finish; those held or
-        not started stay unacknowledged, and go back to the queue as the channel
-        closes (as in ``worker/bulk.py``)."""
-        for consumer in self.consumers or []:
-            try:
-                consumer.cancel()
-            except Exception as exc:  # a broken connection: nothing left to cancel
-                logger.debug("cancelling the webhook consumer: %s", exc)
-        with self._lock:
-            taken = list(self._taken)
-        wait([f for f in taken if not f.cancel()])
-
-    @staticmethod
-    def _undecodable(message: Message, exc: Exception) -> None:
-        logger.error("dropped an undecodable message from the webhook queue: %s", exc)
-        message.ack()
 
     def _received(self, body: Any, message: Message) -> None:
         """On the event loop: announce the delivery, then hold it until its eta or hand
@@ -350,16 +302,6 @@ class WebhookConsumer(bootsteps.ConsumerStep):
 
     def _start(self, body: Any, message: Message) -> None:
         self._submit(self._run, body, message)
-
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        future = self.threads.submit(fn, *args)
-        with self._lock:
-            self._taken.add(future)
-        future.add_done_callback(self._done)
-
-    def _done(self, future: Future[None]) -> None:
-        with self._lock:
-            self._taken.discard(future)
 
     def _send_again(self, body: Any, message: Message, eta: float) -> None:
         """A fresh message with the same id, arguments, retries and ``eta``; then the
