@@ -540,3 +540,19 @@ def strict(schema: Any) -> Any:
     if isinstance(schema, list):
         return [strict(v) for v in schema]
     return schema
+
+
+def scan_finished(client: httpx.Client, scan_id: str, deadline: float, log: object = None) -> dict:
+    """The scan's summary once it has succeeded with nothing pending, polled through
+    errors (a restart or failover in progress); fails past ``deadline`` (monotonic),
+    showing ``log`` (the processes' logs, say)."""
+    doc: dict = {}
+    while True:
+        try:
+            doc = client.get(f"/v1/scans/{scan_id}").json()
+            if doc["status"] == "succeeded" and doc["pending"] == 0:
+                return doc
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        assert time.monotonic() < deadline, (doc, log() if callable(log) else log)
+        time.sleep(0.2)

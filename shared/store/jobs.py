@@ -541,15 +541,7 @@ class JobStore:
         if owner is not None:
             t = time.time()
             call = self._create_call(key, image, text, premise, None, t, owner=owner)
-            pipe = self.sync.durable.pipeline(transaction=False)
-            self._queue_create(pipe, [call])
-            replies = pipe.execute(raise_on_error=False)
-            got = self._created(each_reply(replies[:1])[0], t)
-            if self.settings.durable_ack_on and got.created:
-                confirm_on_disk(
-                    replies[1], lambda: self.discard(got.job_id, key), "job", self._replicas
-                )
-            return got
+            return self._create_one(call, t, key)
         return self.create_or_join_many([(key, image, text, premise)], scan_id)[0]
 
     def create_or_join_many(
@@ -594,16 +586,24 @@ class JobStore:
         call = self._create_call(
             key, image, text, premise, None, t, job_id, queue, message, owner=owner
         )
+        return self._create_one(call, t, key, (queue, message))
+
+    def _create_one(
+        self,
+        call: tuple[list[str], list[Any]],
+        t: float,
+        key: str,
+        sent: tuple[str, bytes] | None = None,
+    ) -> Created:
+        """Run one ``_CREATE_OR_JOIN`` call (blocking), then WAITAOF when it is on; a new
+        job the store did not confirm is removed again (with its ``sent`` message)."""
         pipe = self.sync.durable.pipeline(transaction=False)
         self._queue_create(pipe, [call])
         replies = pipe.execute(raise_on_error=False)
         got = self._created(each_reply(replies[:1])[0], t)
         if self.settings.durable_ack_on and got.created:
             confirm_on_disk(
-                replies[1],
-                lambda: self.discard(got.job_id, key, (queue, message)),
-                "job",
-                self._replicas,
+                replies[1], lambda: self.discard(got.job_id, key, sent), "job", self._replicas
             )
         return got
 

@@ -30,7 +30,14 @@ import httpx
 import pytest
 
 from shared import wiring
-from tests.helpers import API_KEY, SentinelGroup, WorkerProcess, small_jpeg, start_api
+from tests.helpers import (
+    API_KEY,
+    SentinelGroup,
+    WorkerProcess,
+    scan_finished,
+    small_jpeg,
+    start_api,
+)
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
 
@@ -206,16 +213,7 @@ def test_a_failover_keeps_every_job_acknowledged_by_a_replica(
             assert job["verdict"]["label"] == want.label, job_id
 
         # The scan completes, every row scored as direct scoring says.
-        doc: dict = {}
-        while True:
-            try:
-                doc = client.get(f"/v1/scans/{scan_id}").json()
-                if doc["status"] == "succeeded" and doc["pending"] == 0:
-                    break
-            except (httpx.HTTPError, KeyError, ValueError):
-                pass
-            assert time.monotonic() < deadline, (doc, coordinator.log())
-            time.sleep(0.2)
+        doc = scan_finished(client, scan_id, deadline, coordinator.log)
         assert doc["done"] == len(rows) and doc["failed"] == 0
         lines = [
             json.loads(x) for x in client.get(f"/v1/scans/{scan_id}/results").text.splitlines()

@@ -14,7 +14,15 @@ import httpx
 import pytest
 import redis
 
-from tests.helpers import API_KEY, WorkerProcess, free_port, poll, small_jpeg, start_api
+from tests.helpers import (
+    API_KEY,
+    WorkerProcess,
+    free_port,
+    poll,
+    scan_finished,
+    small_jpeg,
+    start_api,
+)
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
 
@@ -105,16 +113,7 @@ def test_scan_survives_a_redis_restart(
         assert failed <= 3, f"{failed} of 40 requests failed after the restart"
 
         deadline = time.monotonic() + 150
-        doc: dict = {}
-        while True:
-            try:
-                doc = client.get(f"/v1/scans/{scan_id}").json()
-                if doc["status"] == "succeeded" and doc["pending"] == 0:
-                    break
-            except (httpx.HTTPError, KeyError, ValueError):
-                pass
-            assert time.monotonic() < deadline, (doc, worker.log(), coordinator.log())
-            time.sleep(0.3)
+        doc = scan_finished(client, scan_id, deadline, lambda: (worker.log(), coordinator.log()))
         for job_id in [*before_ids, *accepted]:
             job = poll(client, job_id, timeout=60)
             assert job["status"] == "succeeded", job
