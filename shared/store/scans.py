@@ -351,10 +351,6 @@ class ScanStore:
         ok = self.durable.set(self.keys.scan_lock(scan_id), token, nx=True, ex=ttl_s)
         return token if ok else None
 
-    def renew_lock(self, scan_id: str, ttl_s: int) -> None:
-        """Extend a lock this coordinator holds (unchecked: ``keep`` checks the token)."""
-        self.durable.expire(self.keys.scan_lock(scan_id), ttl_s)
-
     def keep(self, scan_id: str, token: str, ttl_s: float) -> bool:
         """Extend the scan's lock (while ``token`` still holds it) by ``ttl_s`` and its
         deadline as a running slice's, in one step; False when the lock is no longer
