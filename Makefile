@@ -110,6 +110,8 @@ bench: install
 	$(PY) -m tests.benchmarks.bench_runtime --out tests/benchmarks/results/runtime-cpu.md
 	$(PY) -m tests.benchmarks.bench_runtime --dtype bfloat16 --batch-sizes 1,4 --baseline-items 2 \
 	  --agreement 8 --out tests/benchmarks/results/runtime-cpu-bf16.md
+	$(PY) -m tests.benchmarks.bench_tracing --rounds 12 --requests 3000 \
+	  --out tests/benchmarks/results/tracing-off-cpu.md
 
 clean:
 	rm -rf $(VENV) $(DATA) .pytest_cache .mypy_cache .ruff_cache
