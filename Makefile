@@ -88,30 +88,30 @@ test: install browser promtool lint
 bench: install
 	@command -v wrk >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
-	$(PY) -m tests.benchmarks.bench_http --seconds 4 --rounds 12 \
-	  --out tests/benchmarks/results/http-cpu.md
-	$(PY) -m tests.benchmarks.bench_plumbing --rows 10000 \
-	  --out tests/benchmarks/results/plumbing-cpu.md
-	$(PY) -m tests.benchmarks.bench_chunks --rows 12000 \
-	  --out tests/benchmarks/results/chunks-cpu.md
+	$(PY) -m bench.bench_http --seconds 4 --rounds 12 \
+	  --out bench/results/http-cpu.md
+	$(PY) -m bench.bench_plumbing --rows 10000 \
+	  --out bench/results/plumbing-cpu.md
+	$(PY) -m bench.bench_chunks --rows 12000 \
+	  --out bench/results/chunks-cpu.md
 	mkdir -p $(DATA)
-	$(PY) -m tests.benchmarks.bench_plumbing --photo --direct-jobs 600 --out $(DATA)/photo-1.md
-	OFA_PREPROCESS_PROCESSES=2 $(PY) -m tests.benchmarks.bench_plumbing --photo \
+	$(PY) -m bench.bench_plumbing --photo --direct-jobs 600 --out $(DATA)/photo-1.md
+	OFA_PREPROCESS_PROCESSES=2 $(PY) -m bench.bench_plumbing --photo \
 	  --direct-jobs 600 --out $(DATA)/photo-2.md
 	{ cat $(DATA)/photo-1.md; echo; sed '1s/.*/## The same with OFA_PREPROCESS_PROCESSES=2/' \
-	  $(DATA)/photo-2.md; } > tests/benchmarks/results/plumbing-photo-cpu.md
-	$(PY) -m tests.benchmarks.bench_service --out tests/benchmarks/results/service-cpu.md
-	$(PY) -m tests.benchmarks.bench_scan --out tests/benchmarks/results/scan-cpu.md
+	  $(DATA)/photo-2.md; } > bench/results/plumbing-photo-cpu.md
+	$(PY) -m bench.bench_service --out bench/results/service-cpu.md
+	$(PY) -m bench.bench_scan --out bench/results/scan-cpu.md
 	mkdir -p $(DATA)
-	$(PY) -m tests.benchmarks.bench_durable_ack --appendfsync everysec --out $(DATA)/ack-1.md
-	$(PY) -m tests.benchmarks.bench_durable_ack --appendfsync always --out $(DATA)/ack-2.md
+	$(PY) -m bench.bench_durable_ack --appendfsync everysec --out $(DATA)/ack-1.md
+	$(PY) -m bench.bench_durable_ack --appendfsync always --out $(DATA)/ack-2.md
 	{ cat $(DATA)/ack-1.md; echo; sed '1s/.*/## The same with appendfsync always/' \
-	  $(DATA)/ack-2.md; } > tests/benchmarks/results/durable-ack-cpu.md
-	$(PY) -m tests.benchmarks.bench_runtime --out tests/benchmarks/results/runtime-cpu.md
-	$(PY) -m tests.benchmarks.bench_runtime --dtype bfloat16 --batch-sizes 1,4 --baseline-items 2 \
-	  --agreement 8 --out tests/benchmarks/results/runtime-cpu-bf16.md
-	$(PY) -m tests.benchmarks.bench_tracing --rounds 12 --requests 3000 \
-	  --out tests/benchmarks/results/tracing-off-cpu.md
+	  $(DATA)/ack-2.md; } > bench/results/durable-ack-cpu.md
+	$(PY) -m bench.bench_runtime --out bench/results/runtime-cpu.md
+	$(PY) -m bench.bench_runtime --dtype bfloat16 --batch-sizes 1,4 --baseline-items 2 \
+	  --agreement 8 --out bench/results/runtime-cpu-bf16.md
+	$(PY) -m bench.bench_tracing --rounds 12 --requests 3000 \
+	  --out bench/results/tracing-off-cpu.md
 
 clean:
 	rm -rf $(VENV) $(DATA) .pytest_cache .mypy_cache .ruff_cache

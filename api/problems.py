@@ -132,8 +132,8 @@ def refusal(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str] | None]
 def install(app: FastAPI) -> None:
     """Register the exception handlers, and in the OpenAPI document the schemas that
     responses name by reference only (Problem, CachedVerdict)."""
-    from shared.messages import CachedVerdict
-    from shared.schemas import Problem
+    from api.schemas import Problem
+    from shared.models import CachedVerdict
 
     build = app.openapi
 

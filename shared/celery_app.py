@@ -161,7 +161,7 @@ def _take_every_waiting_message() -> None:
     takes messages without acknowledgement) is removed again, and messages taken but
     not delivered go back onto the list, oldest last, as they were. Interactive
     messages then arrive in groups (``worker/groups.py``), which share their round
-    trips (measured with ``bench_plumbing``: ``tests/benchmarks/results/HISTORY.md``,
+    trips (measured with ``bench_plumbing``: ``bench/results/HISTORY.md``,
     items 21 and 22). The body restates kombu 5.7's ``Channel._brpop_read``, whose
     only changes are the RPOP and the one write: a ``count`` there belongs upstream.
     """
@@ -322,10 +322,10 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,  # job records carry the outcome
         result_expires=settings.job_ttl_s,
         worker_send_task_events=True,  # Flower: received, started, succeeded (and result)
-        # ... sent in batches every 50 ms (shared/celery_consumer.py), read the same way.
-        worker_consumer="shared.celery_consumer:Consumer",
+        # ... sent in batches every 50 ms (worker/celery_consumer.py), read the same way.
+        worker_consumer="worker.celery_consumer:Consumer",
         # No "sent" event from the API: a fan-out PUBLISH per submission cost about a
-        # third of send_task (tests/benchmarks/results/plumbing-cpu.md); Flower lists a
+        # third of send_task (bench/results/plumbing-cpu.md); Flower lists a
         # task from the moment a worker receives it, and the job record has its creation.
         task_send_sent_event=False,
         task_default_queue=queue_name(*settings.model_tag),

@@ -6,7 +6,7 @@
         result = ofa.check("photo.jpg", "There is a cup of coffee on the table.")
         print(result.verdict.label, result.verdict.probabilities, result.cached)
 
-Results are the service's own typed models (``shared.messages``); every refusal raises
+Results are the service's own typed models (``shared.models``); every refusal raises
 ``ApiError`` carrying the problem detail; a failed job raises ``JobFailed``; a job
 that does not finish in time raises ``WaitTimeout``.
 """
@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import httpx
 
-from shared.messages import Job, JobStatus, ScanReport, ScanSummary, Verdict
+from shared.models import Job, JobStatus, ScanReport, ScanSummary, Verdict
 
 ImageInput = bytes | str | Path  # bytes, a file path, or an http(s) URL
 Progress = Callable[[ScanSummary], None]

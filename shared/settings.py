@@ -238,7 +238,7 @@ class Settings(BaseSettings):
         default four batches' worth, so that while one batch computes the next ones are
         being started and prepared. With two batches' worth a backlog drained in waves
         (the whole prefetch taken, prepared, answered, acknowledged, then the next), at
-        about half the rate (``tests/benchmarks/results/HISTORY.md``, item 23)."""
+        about half the rate (``bench/results/HISTORY.md``, item 23)."""
         return self.worker_threads or 4 * self.batch_size
 
     @property

@@ -30,7 +30,7 @@ from shared.celery_app import (
     queue_name,
 )
 from shared.errors import ManifestError, PayloadTooLargeError, QueueUnavailableError
-from shared.messages import EntailChunk, EntailTask, JobStatus
+from shared.models import EntailChunk, EntailTask, JobStatus
 from shared.scans.folder import ScanFolder
 from shared.scans.manifest import check_jsonl_head, csv_to_jsonl, file_under
 from shared.settings import Settings

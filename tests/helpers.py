@@ -22,7 +22,7 @@ from PIL import Image
 
 from shared.celery_app import queue_name
 from shared.keys import Keys
-from shared.messages import Verdict
+from shared.models import Verdict
 from worker.ofa.config import OFAConfig
 
 API_KEY = "test-key-0123456789-abcdefghijkl"

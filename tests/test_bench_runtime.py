@@ -1,4 +1,4 @@
-"""The runtime benchmark that a lent GPU runs (tests/benchmarks/bench_runtime.py) stays
+"""The runtime benchmark that a lent GPU runs (bench/bench_runtime.py) stays
 runnable: here at the tiny shape on the CPU, every part of it (batch sizes, FLOPs and
 peak fractions, ModelScope's reference, bf16 against fp32, the real worker end to end)."""
 
@@ -18,7 +18,7 @@ def test_runtime_benchmark_runs_every_part(tmp_path: Path):
         [
             sys.executable,
             "-m",
-            "tests.benchmarks.bench_runtime",
+            "bench.bench_runtime",
             "--shape",
             "tiny",
             "--dtype",

@@ -15,7 +15,7 @@ from celery.signals import worker_init, worker_shutdown
 
 from shared import wiring
 from shared.celery_app import TASK_ENTAIL, TASK_ENTAIL_CHUNK, make_celery
-from shared.messages import EntailChunk, EntailTask
+from shared.models import EntailChunk, EntailTask
 from shared.settings import get_settings
 from worker import jobs
 from worker.bulk import BulkConsumer

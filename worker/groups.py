@@ -43,7 +43,7 @@ from kombu.transport.virtual.base import QoS as VirtualQoS
 from pydantic import ValidationError
 
 from shared import tracing
-from shared.messages import EntailTask
+from shared.models import EntailTask
 from shared.settings import get_settings
 from worker import jobs
 from worker.events import dropped, handed_back, received_event, task_event

@@ -25,7 +25,7 @@ from celery.exceptions import Reject
 
 from shared.errors import BadInputError
 from shared.keys import job_key_matches
-from shared.messages import EntailTask, ScanStatus, Verdict
+from shared.models import EntailTask, ScanStatus, Verdict
 from shared.store import StartAction, Started
 from shared.submit import send_hooks
 from worker import tracing

@@ -24,8 +24,7 @@ from celery import Celery
 
 from shared import wiring
 from shared.celery_app import make_celery
-from shared.messages import ModelRef, Verdict
-from shared.reaper import Reaper
+from shared.models import ModelRef, Verdict
 from shared.settings import Settings
 from shared.store import JobStore, ScanStore, WorkerRegistry
 from worker.batcher import Batcher
@@ -33,6 +32,7 @@ from worker.leases import Leases
 from worker.ofa import resample
 from worker.ofa.entail import Entailer, Prediction, Prepared
 from worker.ofa.preprocess import decode_and_resize_many
+from worker.reaper import Reaper
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,14 @@ from api.callbacks import check_callback
 from api.deps import JobsCall, ReadCall, Services, charge
 from api.forms import read_form
 from api.problems import REFUSALS, documented, refusal
+from api.schemas import (
+    BatchAccepted,
+    BatchItem,
+    BatchRequest,
+    JobAccepted,
+    JobCancelled,
+    JobRequest,
+)
 from shared.errors import (
     BadInputError,
     OverloadedError,
@@ -30,15 +38,7 @@ from shared.errors import (
 from shared.fetch import fetch_image
 from shared.images import check_image, check_size, decode_base64, decoded_pixels
 from shared.keys import verdict_key
-from shared.messages import Job, cached_verdict_body
-from shared.schemas import (
-    BatchAccepted,
-    BatchItem,
-    BatchRequest,
-    JobAccepted,
-    JobCancelled,
-    JobRequest,
-)
+from shared.models import Job, cached_verdict_body
 from shared.store.apikeys import Caller
 from shared.store.limits import Decision
 from shared.submit import asubmit_owned, send_hooks

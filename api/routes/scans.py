@@ -16,17 +16,17 @@ from starlette.datastructures import UploadFile
 from api.callbacks import check_callback
 from api.deps import Call, ReadCall, ScansCall, Services, charge
 from api.problems import documented
+from api.report import build_report, report_html
+from api.schemas import ScanAccepted
 from shared.errors import (
     BadInputError,
     ManifestError,
     UnsupportedMediaTypeError,
 )
-from shared.messages import ScanReport, ScanSummary
+from shared.models import ScanReport, ScanSummary
 from shared.scans.folder import ScanFolder
 from shared.scans.manifest import parse_line
-from shared.scans.report import build_report, report_html
 from shared.scans.results import CSV_COLUMNS, ResultsDB, csv_line, result_line
-from shared.schemas import ScanAccepted
 from shared.store.apikeys import Caller
 from shared.store.limits import Decision
 from shared.submit import manifest_format, submit_scan

@@ -41,7 +41,7 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
     )
 
     from shared.client import ApiError, Client
-    from shared.messages import ScanSummary
+    from shared.models import ScanSummary
 
     key = api_key(args, settings)
     if not key:

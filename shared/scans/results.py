@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.messages import RowState, ScanCounts
+from shared.models import RowState, ScanCounts
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rows (

@@ -12,7 +12,7 @@ from typing import Any
 
 from shared.errors import QueueUnavailableError
 from shared.keys import Keys
-from shared.messages import Job, JobStatus, Verdict
+from shared.models import Job, JobStatus, Verdict
 from shared.settings import Settings
 from shared.store.codec import bytes_of, decode_hash, now, text_of
 from shared.wiring import AsyncRedis, SyncRedis

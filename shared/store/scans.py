@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from shared.errors import ScanLimitError, ScansBusyError
 from shared.keys import Keys
-from shared.messages import ScanCounts, ScanStatus, ScanSummary
+from shared.models import ScanCounts, ScanStatus, ScanSummary
 from shared.settings import Settings
 from shared.store.codec import DELETE_IF_EQUAL, decode_hash, now, text_of
 from shared.store.jobs import confirm_on_disk

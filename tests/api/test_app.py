@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from shared.celery_app import queue_name
 from shared.keys import verdict_key
-from shared.messages import CachedVerdict, JobStatus
+from shared.models import CachedVerdict, JobStatus
 from tests.conftest import INPROC_MODEL
 from tests.helpers import API_KEY, API_KEY_OWNER, VERDICT, small_jpeg
 

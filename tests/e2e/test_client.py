@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared.client import ApiError, AsyncClient, Client, WaitTimeout
-from shared.messages import ScanSummary
+from shared.models import ScanSummary
 from tests.helpers import API_KEY, encode_image, photo, small_jpeg, start_api
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer

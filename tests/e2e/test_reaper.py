@@ -13,7 +13,7 @@ import redis
 
 from shared import wiring
 from shared.keys import verdict_key
-from shared.messages import JobStatus
+from shared.models import JobStatus
 from shared.settings import Settings
 from shared.store import JobStore
 from tests.helpers import MODEL, PREFIX, poll, small_jpeg

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from shared.messages import RowState
+from shared.models import RowState
 from shared.scans.results import ResultsDB, RowResult
 
 

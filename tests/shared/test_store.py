@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from shared import wiring
-from shared.messages import JobStatus, ScanCounts, ScanStatus
+from shared.models import JobStatus, ScanCounts, ScanStatus
 from shared.store import JobStore, ScanStore, StartAction, summarize
 from tests.helpers import VERDICT
 

@@ -12,7 +12,7 @@ import pytest
 
 from shared.celery_app import queue_name
 from shared.errors import ManifestError, PayloadTooLargeError, QueueUnavailableError
-from shared.messages import EntailTask, JobStatus, ScanStatus
+from shared.models import EntailTask, JobStatus, ScanStatus
 from shared.submit import (
     BulkItem,
     asubmit_job,
@@ -168,7 +168,7 @@ def test_a_chunk_message_is_the_one_send_task_would_write(jobs, celery, rdb):
     Celery's send_task writes for the same task, but for the ids drawn anew (task id,
     delivery tag, reply-to); the repr Flower shows is the chunk's summary in both."""
     from shared.celery_app import TASK_ENTAIL_CHUNK
-    from shared.messages import EntailChunk
+    from shared.models import EntailChunk
     from shared.submit import chunk_message, chunk_summary
 
     msgs = [

@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from api.app import create_app
 from shared import tracing, wiring
 from shared.celery_app import WEBHOOK_QUEUE, make_celery, queue_name
-from shared.messages import EntailTask, JobStatus
+from shared.models import EntailTask, JobStatus
 from shared.store import JobStore, ScanStore, WebhookSlots
 from shared.submit import entail_message, message_of, send_job
 from tests.conftest import INPROC_MODEL

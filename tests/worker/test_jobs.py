@@ -10,7 +10,7 @@ import pytest
 
 from shared.errors import BadInputError
 from shared.keys import verdict_key
-from shared.messages import EntailTask, JobStatus
+from shared.models import EntailTask, JobStatus
 from tests.conftest import INPROC_MODEL
 from tests.helpers import settled
 from worker.jobs import run_job

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shared.messages import EntailTask, JobStatus
+from shared.models import EntailTask, JobStatus
 from shared.store import StartAction
 from tests.helpers import settled, small_jpeg
 from tests.worker.test_jobs import queued as queued_job

@@ -107,7 +107,7 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The model's answer for one item (the service wraps it in ``shared.messages.Verdict``)."""
+    """The model's answer for one item (the service wraps it in ``shared.models.Verdict``)."""
 
     label: str
     answer: str

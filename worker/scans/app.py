@@ -22,10 +22,10 @@ from shared.celery_app import (
     WEBHOOK_QUEUE,
     make_celery,
 )
-from shared.reaper import Reaper
 from shared.settings import get_settings
 from shared.store import JobStore, ScanStore
 from shared.submit import send_slice
+from worker.reaper import Reaper
 from worker.scans.coordinator import Coordinator, remove_expired_scans
 from worker.scans.resolver import RowResolver
 from worker.scans.webhooks import WebhookConsumer

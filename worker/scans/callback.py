@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from shared import tracing
 from shared.errors import OfaEntailError
 from shared.fetch import UrlPolicy, post_json
-from shared.messages import Job, ScanSummary
+from shared.models import Job, ScanSummary
 
 logger = logging.getLogger(__name__)
 

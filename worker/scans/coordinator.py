@@ -38,7 +38,7 @@ import redis
 from celery import Celery
 
 from shared.errors import RowError
-from shared.messages import JobStatus, RowState, ScanStatus
+from shared.models import JobStatus, RowState, ScanStatus
 from shared.scans.folder import ScanFolder
 from shared.scans.manifest import Row, gold_label, read_rows
 from shared.scans.results import ResultsDB, RowResult

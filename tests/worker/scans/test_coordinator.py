@@ -15,7 +15,7 @@ import pytest
 from shared import wiring
 from shared.celery_app import make_celery, queue_name
 from shared.keys import verdict_key
-from shared.messages import EntailChunk, EntailTask, RowState, ScanStatus
+from shared.models import EntailChunk, EntailTask, RowState, ScanStatus
 from shared.scans.folder import ScanFolder
 from shared.scans.manifest import Row
 from shared.scans.results import ResultsDB, RowResult, result_line

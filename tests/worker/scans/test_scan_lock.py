@@ -17,7 +17,7 @@ import pytest
 from shared import wiring
 from shared.celery_app import make_celery
 from shared.keys import verdict_key
-from shared.messages import RowState, ScanStatus
+from shared.models import RowState, ScanStatus
 from shared.scans.folder import ScanFolder
 from shared.scans.results import ResultsDB
 from shared.settings import Settings

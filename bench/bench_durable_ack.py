@@ -6,7 +6,7 @@ every submission is an uncached image, so each answer is a 202 after the job rec
 (and, with fsync, WAITAOF) and the Celery message. One client sends them one at a
 time, alternating between the two APIs in blocks, so both see the same machine state.
 
-    python -m tests.benchmarks.bench_durable_ack --out tests/benchmarks/results/durable-ack-cpu.md
+    python -m bench.bench_durable_ack --out bench/results/durable-ack-cpu.md
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.benchmarks.machine import machine
+from bench.machine import machine
 from tests.helpers import API_KEY, free_port, small_jpeg, start_api
 
 
@@ -113,7 +113,7 @@ def main() -> None:
             f"Machine: {machine()}, Python "
             f"{platform.python_version()}; Valkey with appendonly yes, "
             f"appendfsync {args.appendfsync}.",
-            f"Command: `python -m tests.benchmarks.bench_durable_ack --jobs {args.jobs} "
+            f"Command: `python -m bench.bench_durable_ack --jobs {args.jobs} "
             f"--block {args.block} --appendfsync {args.appendfsync}`",
             "",
             "One client, one submission at a time (uncached 32 px JPEG, multipart), "

@@ -5,7 +5,7 @@ gives the figure that counts (over HTTP, wrk as the load); this one tells where 
 difference comes from, with ``--profile api`` (or ``bare``) writing a cProfile of one
 round.
 
-    python -m tests.benchmarks.profile_cache_hit --rounds 8 --requests 2000
+    python -m bench.profile_cache_hit --rounds 8 --requests 2000
 
 The rate limiter is off unless asked for, as in ``bench_http``'s ``api+limiter``:
 ``OFA_RATE_LIMIT_PER_MIN=1000000000 OFA_RATE_LIMIT_BURST=1000000
@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from tests.benchmarks.bench_http import API_KEY, BARE_APP, BOUNDARY, MODEL, PREFIX, seed_cache
+from bench.bench_http import API_KEY, BARE_APP, BOUNDARY, MODEL, PREFIX, seed_cache
 
 
 def _scope(path: str, body: bytes, state: dict) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import html
 import json
 from collections.abc import Iterable
 
-from shared.messages import CurvePoint, ScanReport
+from shared.models import CurvePoint, ScanReport
 from shared.scans.manifest import GOLD_LABELS
 
 THRESHOLDS = tuple(round(i / 20, 2) for i in range(21))  # 0.00, 0.05, ..., 1.00

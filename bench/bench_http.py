@@ -10,7 +10,7 @@ Debian's package) so the generator is not the Python process being measured:
 Three uvicorn processes on one embedded Valkey, driven in alternating rounds.
 Reports requests/s, their ratios, the CPU each server and wrk used.
 
-    python -m tests.benchmarks.bench_http --out tests/benchmarks/results/http-cpu.md
+    python -m bench.bench_http --out bench/results/http-cpu.md
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from bench.machine import machine
 from shared.keys import Keys, verdict_key
-from tests.benchmarks.machine import machine
 from tests.helpers import encode_image, free_port, photo
 
 PREFIX = "ofa:bench:"
@@ -270,7 +270,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}, Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}.",
         "",
-        f"Command: `python -m tests.benchmarks.bench_http --seconds {args.seconds} "
+        f"Command: `python -m bench.bench_http --seconds {args.seconds} "
         f"--connections {args.connections} --rounds {args.rounds}`",
         "",
         f"Load: wrk (Debian), 1 thread, {args.connections} connections, {args.seconds} s "

@@ -9,7 +9,7 @@
 Everything runs here: an embedded Valkey, uvicorn servers and a worker as
 subprocesses, the load generator in this process (asyncio + httpx).
 
-    python -m tests.benchmarks.bench_service --out tests/benchmarks/results/service-cpu.md
+    python -m bench.bench_service --out bench/results/service-cpu.md
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from pathlib import Path
 import httpx
 import redis
 
+from bench.bench_http import BARE_APP, wait_http
+from bench.machine import machine
 from shared.keys import Keys, verdict_key
-from tests.benchmarks.bench_http import BARE_APP, wait_http
-from tests.benchmarks.machine import machine
 from tests.helpers import encode_image, free_port, photo, small_jpeg
 
 API_KEY = "bench-key-0123456789-abcdefghij"
@@ -300,7 +300,7 @@ def main() -> None:
     lines = [
         "# Service benchmark (CPU)",
         "",
-        f"Command: `python -m tests.benchmarks.bench_service --requests {args.requests} "
+        f"Command: `python -m bench.bench_service --requests {args.requests} "
         f"--concurrency {args.concurrency} --jobs {args.jobs}`",
         f"Hardware: {machine()}; the load generator, API, "
         "worker and Valkey all run on this machine. Tiny random checkpoint (128x128 images).",

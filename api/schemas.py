@@ -1,5 +1,5 @@
 """Request and response bodies of the HTTP API that no other process sees (the shapes
-that cross process boundaries live in ``shared.messages``)."""
+that cross process boundaries live in ``shared.models``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from shared.messages import JobStatus, ScanStatus
+from shared.models import JobStatus, ScanStatus
 
 
 class JobRequest(BaseModel):

@@ -6,8 +6,8 @@ server), in rotating rounds on one event loop, one process, one embedded Valkey;
 the hooks a job's submission, a worker's group and a webhook pass through while off,
 per call.
 
-    python -m tests.benchmarks.bench_tracing --rounds 12 --requests 3000 \\
-        --out tests/benchmarks/results/tracing-off-cpu.md
+    python -m bench.bench_tracing --rounds 12 --requests 3000 \\
+        --out bench/results/tracing-off-cpu.md
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 
 import redis
 
-from tests.benchmarks.bench_http import API_KEY, BARE_APP, MODEL, PREFIX, seed_cache
-from tests.benchmarks.machine import machine
-from tests.benchmarks.profile_cache_hit import _request, _started
+from bench.bench_http import API_KEY, BARE_APP, MODEL, PREFIX, seed_cache
+from bench.machine import machine
+from bench.profile_cache_hit import _request, _started
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOKS, NO_HOOKS, BARE = "API, tracing hooks (off)", "API, no hooks (HEAD's api/app.py)", "bare"
@@ -140,8 +140,8 @@ def main() -> None:
         "",
         f"Machine: {machine()}, Python {platform.python_version()}; {datetime.date.today()}.",
         "",
-        f"Command: `python -m tests.benchmarks.bench_tracing --rounds {args.rounds} "
-        f"--requests {args.requests} --out tests/benchmarks/results/tracing-off-cpu.md`",
+        f"Command: `python -m bench.bench_tracing --rounds {args.rounds} "
+        f"--requests {args.requests} --out bench/results/tracing-off-cpu.md`",
         "",
         "One process, one event loop (uvloop), one embedded Valkey: the API's ASGI app "
         "with the hooks (this tree, OFA_OPENTELEMETRY unset), the same app built by "

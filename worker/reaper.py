@@ -28,7 +28,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from shared.celery_app import queue_name
-from shared.messages import JobStatus
+from shared.models import JobStatus
 from shared.settings import Settings
 from shared.store import JobStore, ReaperLog, ScanStore
 from shared.submit import message_of, send_hooks, send_job, send_slice

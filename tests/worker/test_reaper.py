@@ -9,12 +9,12 @@ import pytest
 import redis
 
 from shared.celery_app import make_celery, queue_name
-from shared.messages import EntailTask, JobStatus, ScanCounts
-from shared.reaper import LOST_CONFIRM_S, Reaper
+from shared.models import EntailTask, JobStatus, ScanCounts
 from shared.store import JobStore, ScanStore
 from shared.submit import BulkItem, submit_bulk, submit_job
 from tests.conftest import INPROC_MODEL
 from tests.helpers import broker_messages
+from worker.reaper import LOST_CONFIRM_S, Reaper
 
 pytestmark = pytest.mark.usefixtures("clean_inproc")
 

@@ -4,7 +4,7 @@ running. Its rate, and the worker's and Valkey's CPU per row, between the 10th a
 the 90th percent of the queue: the ceiling the worker puts on an uncached scan,
 whatever the coordinator does.
 
-    python -m tests.benchmarks.bench_chunks --out tests/benchmarks/results/chunks-cpu.md
+    python -m bench.bench_chunks --out bench/results/chunks-cpu.md
 
 Rows as in ``bench_plumbing``'s scan: 32 px JPEGs, the tiny model at 128 px; the
 steady state measured as ``bench_plumbing`` measures the worker fed directly
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import redis
 
+from bench.bench_plumbing import MODEL, PREFIX, bench_env, steady_drain
+from bench.machine import machine
 from shared.celery_app import make_celery
 from shared.keys import Keys, verdict_key
 from shared.store import JobStore
 from shared.submit import BulkItem, submit_bulk
 from shared.wiring import sync_redis
-from tests.benchmarks.bench_plumbing import MODEL, PREFIX, bench_env, steady_drain
-from tests.benchmarks.machine import machine
 from tests.helpers import small_jpeg
 
 
@@ -62,7 +62,7 @@ def main() -> None:
             ids += submit_bulk(jobs, celery, "bench", items, settings.bulk_chunk_jobs)
         with (tmp / "worker.log").open("wb") as log:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "tests.benchmarks.instant_worker"],
+                [sys.executable, "-m", "bench.instant_worker"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -82,7 +82,7 @@ def main() -> None:
                 "# The worker alone on a scan's chunks (instant model)\n\n"
                 f"Machine: {machine()}; Python {sys.version.split()[0]}; "
                 f"{time.strftime('%Y-%m-%d')}.\n\n"
-                f"Command: `python -m tests.benchmarks.bench_chunks --rows {args.rows}`\n\n"
+                f"Command: `python -m bench.bench_chunks --rows {args.rows}`\n\n"
                 "Jobs queued as a scan's coordinator queues them (`submit_bulk`), then one "
                 "worker started with nothing else running; counted between the 10th and "
                 "the 90th percent of the queue. 32 px JPEGs, the tiny model at 128 px.\n\n"

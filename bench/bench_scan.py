@@ -13,7 +13,7 @@ are misses for the tiny model. Measured in the same run:
 - p50/p99 latency of interactive submits (distinct images, ``?wait``) during the scan
   against the same load on an idle service.
 
-    python -m tests.benchmarks.bench_scan --out tests/benchmarks/results/scan-cpu.md
+    python -m bench.bench_scan --out bench/results/scan-cpu.md
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from bench.machine import machine
 from shared.keys import Keys, image_digest, verdict_key_for_digest
-from tests.benchmarks.machine import machine
 from tests.helpers import free_port, small_jpeg
 
 API_KEY = "bench-key-0123456789-abcdefghij"
@@ -277,7 +277,7 @@ def main() -> None:
     lines = [
         "# Scan benchmark (CPU)",
         "",
-        f"Command: `python -m tests.benchmarks.bench_scan --rows {args.rows} --images "
+        f"Command: `python -m bench.bench_scan --rows {args.rows} --images "
         f"{args.images} --window {args.window}`",
         f"Hardware: {machine()} shared by Valkey, API, worker "
         "(tiny random checkpoint), coordinator and the load generator.",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.messages import CachedVerdict, EntailTask, JobStatus, cached_verdict_body
+from shared.models import CachedVerdict, EntailTask, JobStatus, cached_verdict_body
 from tests.helpers import VERDICT
 
 

@@ -11,7 +11,7 @@ ceilings a GPU worker would meet. Issue 10's targets are ratios and rates of the
 - the same rows again, carrying ``sha256``: all cached, rows/s;
 - interactive latency, one request at a time, idle and during the uncached scan.
 
-    python -m tests.benchmarks.bench_plumbing --out tests/benchmarks/results/plumbing-cpu.md
+    python -m bench.bench_plumbing --out bench/results/plumbing-cpu.md
 
 With ``BENCH_PYSPY=DIR`` (and py-spy installed) it also records sampling profiles of
 the API and worker during the interactive run, of the coordinator and worker during
@@ -38,13 +38,7 @@ from typing import Any
 import httpx
 import redis
 
-from shared.celery_app import make_celery
-from shared.keys import Keys, verdict_key
-from shared.settings import Settings
-from shared.store import JobStore
-from shared.submit import submit_job
-from shared.wiring import freeze_startup_objects, sync_redis
-from tests.benchmarks.bench_http import (
+from bench.bench_http import (
     BOUNDARY,
     cpu_seconds,
     lua_string,
@@ -53,8 +47,14 @@ from tests.benchmarks.bench_http import (
     spy,
     wait_http,
 )
-from tests.benchmarks.bench_scan import interactive_latencies, percentile
-from tests.benchmarks.machine import machine
+from bench.bench_scan import interactive_latencies, percentile
+from bench.machine import machine
+from shared.celery_app import make_celery
+from shared.keys import Keys, verdict_key
+from shared.settings import Settings
+from shared.store import JobStore
+from shared.submit import submit_job
+from shared.wiring import freeze_startup_objects, sync_redis
 from tests.helpers import encode_image, free_port, photo, small_jpeg
 
 PREFIX = "ofa:plumbing:"
@@ -207,7 +207,7 @@ def main() -> None:
         jobs = JobStore(settings, Keys(PREFIX), clients)
         celery = make_celery(settings)
         valkey_pid = int(rdb.info("server")["process_id"])
-        worker_cmd = [sys.executable, "-m", "tests.benchmarks.instant_worker"]
+        worker_cmd = [sys.executable, "-m", "bench.instant_worker"]
         # Photos: first the worker held to one core (taskset), then free on all of them:
         # how preprocessing scales with cores.
         for cores in (["1"] if args.photo and shutil.which("taskset") else []) + ["all"]:
@@ -367,10 +367,10 @@ def main() -> None:
         f"the worker, the coordinator and the load; Python {platform.python_version()}; "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
-        f"Command: `python -m tests.benchmarks.bench_plumbing --seconds {args.seconds} "
+        f"Command: `python -m bench.bench_plumbing --seconds {args.seconds} "
         f"--direct-jobs {args.direct_jobs} --rows {args.rows}`",
         "",
-        "The model's forward pass answers at once (`tests/benchmarks/instant_worker.py`); "
+        "The model's forward pass answers at once (`bench/instant_worker.py`); "
         "Celery, Redis, the batcher and preprocessing are real. Images: 48 px (jobs) and "
         "32 px (scan rows) JPEGs.",
         "",
@@ -445,7 +445,7 @@ def photo_report(args: argparse.Namespace, r: dict[str, Any]) -> None:
         "",
         f"Machine: {machine()}; Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}.",
         "",
-        f"Command: `python -m tests.benchmarks.bench_plumbing --photo --seconds "
+        f"Command: `python -m bench.bench_plumbing --photo --seconds "
         f"{args.seconds} --direct-jobs {args.direct_jobs}`",
         "",
         "A 1024x768 JPEG photo per job (each job a new text), preprocessed to 480 px by "

@@ -1,6 +1,6 @@
 """A worker whose model answers instantly: everything else is real (Celery, Redis, the
 batcher, preprocessing). For measuring the plumbing around the model, the ceiling a
-GPU worker would hit: ``python -m tests.benchmarks.instant_worker`` takes the same
+GPU worker would hit: ``python -m bench.instant_worker`` takes the same
 settings as ``ofa-entail worker``."""
 
 from __future__ import annotations

