@@ -14,10 +14,10 @@ from celery import Task
 from celery.signals import worker_init, worker_shutdown
 
 from shared import wiring
-from shared.celery_app import TASK_ENTAIL, TASK_ENTAIL_CHUNK, make_celery
-from shared.models import EntailChunk, EntailTask
 from shared.settings import get_settings
+from shared.wire import TASK_ENTAIL, TASK_ENTAIL_CHUNK, EntailChunk, EntailTask
 from worker import jobs
+from worker.broker import worker_celery
 from worker.bulk import BulkConsumer
 from worker.groups import InteractiveGroups
 from worker.runtime import get_runtime, stop_runtime
@@ -25,7 +25,7 @@ from worker.runtime import get_runtime, stop_runtime
 logger = logging.getLogger(__name__)
 
 settings = get_settings()
-app = make_celery(settings)
+app = worker_celery(settings)  # kombu patched, Celery's consumer ours: worker/broker.py
 
 
 @worker_init.connect

@@ -25,10 +25,10 @@ import time
 from typing import Any
 
 from celery.exceptions import Reject
-from kombu import Message
 
-from shared.celery_app import TASK_ENTAIL, TASK_ENTAIL_CHUNK, queue_name
 from shared.settings import get_settings
+from shared.wire import TASK_ENTAIL, TASK_ENTAIL_CHUNK, queue_name
+from worker.broker import Message
 from worker.consumer_step import ThreadedConsumerStep
 from worker.events import dropped, handed_back, received_event, task_event
 

@@ -26,9 +26,9 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from celery import bootsteps
-from kombu import Consumer, Message
 
 from shared.settings import get_settings
+from worker.broker import Consumer, Message
 
 logger = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from kombu import Message
+from worker.broker import Message
 
 
 def task_event(consumer: Any, kind: str, task_id: str, **fields: Any) -> None:
     """Send ``kind`` (task-started, task-succeeded, ...) for ``task_id``, if events are
-    enabled (they are buffered and flushed together: worker/celery_consumer.py)."""
+    enabled (they are buffered and flushed together: worker/broker.py)."""
     dispatcher = getattr(consumer, "event_dispatcher", None)
     if dispatcher is not None and dispatcher.enabled:
         dispatcher.send(kind, uuid=task_id, **fields)

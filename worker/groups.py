@@ -34,18 +34,15 @@ import threading
 import time
 from typing import Any, NamedTuple
 
-import redis
 from celery import bootsteps
 from celery.exceptions import Reject
-from kombu import Message
-from kombu.transport.redis import QoS as RedisQoS
-from kombu.transport.virtual.base import QoS as VirtualQoS
 from pydantic import ValidationError
 
 from shared import tracing
-from shared.models import EntailTask
 from shared.settings import get_settings
+from shared.wire import EntailTask
 from worker import jobs
+from worker.broker import Message, ack_together
 from worker.events import dropped, handed_back, received_event, task_event
 from worker.runtime import get_runtime
 
@@ -65,10 +62,10 @@ class Taken(NamedTuple):
     started: float
 
 
-class Flight:
+class HandedGroup:
     """A group handed to the batcher: its messages, and its jobs until recorded."""
 
-    def __init__(self, taken: list[Taken], msgs: list[EntailTask], jobs: jobs.InFlight) -> None:
+    def __init__(self, taken: list[Taken], msgs: list[EntailTask], jobs: jobs.ScoringGroup) -> None:
         self.taken = taken
         self.msgs = msgs
         self.jobs = jobs
@@ -84,9 +81,9 @@ class Groups:
         self.consumer = consumer
         self.max_group = max_group
         self.open = True
-        self._queue: queue.SimpleQueue[Taken | Flight | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Taken | HandedGroup | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._flights: dict[int, Flight] = {}  # handed to the batcher, not yet answered
+        self._handed: dict[int, HandedGroup] = {}  # handed to the batcher, not yet answered
         self._busy = 0  # threads between taking work and finishing it
         self._overdue_check_at = 0.0  # monotonic time of the next look for late groups
         self._threads = [
@@ -100,12 +97,12 @@ class Groups:
         self._queue.put(taken)
 
     def close(self, timeout: float) -> None:
-        """Run what is queued and in flight (up to ``timeout``), then stop the threads."""
+        """Run what is queued and in group (up to ``timeout``), then stop the threads."""
         self.open = False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._flights and not self._busy and self._queue.empty():
+                if not self._handed and not self._busy and self._queue.empty():
                     break
             time.sleep(0.02)
         for _ in self._threads:
@@ -132,15 +129,15 @@ class Groups:
                 with self._lock:
                     self._busy -= 1
 
-    def _work(self, first: Taken | Flight) -> None:
+    def _work(self, first: Taken | HandedGroup) -> None:
         """A group of the new messages waiting (up to ``max_group``) started, and every
         answered group waiting finished together (a batch's items are answered at
         once, so their groups are recorded and acknowledged in one round trip each)."""
         group: list[Taken] = []
-        answered: list[Flight] = []
-        item: Taken | Flight | None = first
+        answered: list[HandedGroup] = []
+        item: Taken | HandedGroup | None = first
         while True:
-            if isinstance(item, Flight):
+            if isinstance(item, HandedGroup):
                 answered.append(item)
             elif isinstance(item, Taken):
                 group.append(item)
@@ -192,24 +189,24 @@ class Groups:
             return
         # With tracing on, each job continues the trace its message's headers carry.
         headers = [t.message.headers for t in taken_ok] if tracing.on() else None
-        flight = Flight(taken_ok, msgs, jobs.submit_many(rt, msgs, 0, headers))
-        if not flight.left:  # nothing for the model (cached, finished, failed)
-            self._finish([flight], 0.0)
+        handed = HandedGroup(taken_ok, msgs, jobs.submit_many(rt, msgs, 0, headers))
+        if not handed.left:  # nothing for the model (cached, finished, failed)
+            self._finish([handed], 0.0)
             return
         with self._lock:
-            self._flights[id(flight)] = flight
-        answered = functools.partial(self._answered, flight)
-        for _, _, future in flight.jobs.waiting:
+            self._handed[id(handed)] = handed
+        answered = functools.partial(self._answered, handed)
+        for _, _, future in handed.jobs.waiting:
             future.add_done_callback(answered)
 
-    def _answered(self, flight: Flight, _: object) -> None:
+    def _answered(self, group: HandedGroup, _: object) -> None:
         """In the batcher's thread, as each item is answered: the group back on the
-        queue once all are (only one caller gets it out of ``_flights``)."""
+        queue once all are (only one caller gets it out of ``_handed``)."""
         with self._lock:
-            flight.left -= 1
-            if flight.left > 0 or self._flights.pop(id(flight), None) is None:
+            group.left -= 1
+            if group.left > 0 or self._handed.pop(id(group), None) is None:
                 return
-        self._queue.put(flight)
+        self._queue.put(group)
 
     def _finish_overdue(self) -> None:
         """Finish the groups past their deadline; looked for at most once a second
@@ -219,19 +216,19 @@ class Groups:
             return
         self._overdue_check_at = now + OVERDUE_CHECK_S
         with self._lock:
-            late = [f for f in self._flights.values() if f.deadline <= now]
-            for flight in late:
-                del self._flights[id(flight)]
+            late = [f for f in self._handed.values() if f.deadline <= now]
+            for group in late:
+                del self._handed[id(group)]
         if late:
             logger.warning("%d interactive jobs unanswered in time", sum(len(f.msgs) for f in late))
             self._finish(late, 0.0)
 
-    def _finish(self, flights: list[Flight], timeout: float) -> None:
+    def _finish(self, groups: list[HandedGroup], timeout: float) -> None:
         rt = get_runtime(get_settings(), self.consumer.app)
-        outcomes = jobs.finish_many(rt, [f.jobs for f in flights], timeout)
-        ack_together([taken.message for f in flights for taken in f.taken])
-        for flight, theirs in zip(flights, outcomes, strict=True):
-            for taken, msg, outcome in zip(flight.taken, flight.msgs, theirs, strict=True):
+        outcomes = jobs.finish_many(rt, [f.jobs for f in groups], timeout)
+        ack_together([taken.message for f in groups for taken in f.taken])
+        for group, theirs in zip(groups, outcomes, strict=True):
+            for taken, msg, outcome in zip(group.taken, group.msgs, theirs, strict=True):
                 task_event(
                     self.consumer,
                     "task-succeeded",
@@ -239,37 +236,6 @@ class Groups:
                     result=jobs.summary(outcome, msg.job_id),
                     runtime=time.monotonic() - taken.started,
                 )
-
-
-def ack_together(messages: list[Message]) -> None:
-    """Acknowledge a group's messages in one round trip. For each message kombu's Redis
-    transport runs a transaction of its own (ZREM from the unacked index, HDEL from the
-    unacked hash: 8% of a worker's CPU under load); here both commands take every tag of
-    a channel at once, then kombu's own bookkeeping runs per message as in
-    ``Message.ack``. Anything else (another transport, a channel already closed: see
-    ``shared/celery_app.py``) takes kombu's path, one message at a time."""
-    by_channel: dict[int, list[Message]] = {}
-    for message in messages:
-        by_channel.setdefault(id(message.channel), []).append(message)
-    for group in by_channel.values():
-        channel = group[0].channel
-        qos = getattr(channel, "qos", None)
-        if not isinstance(qos, RedisQoS) or getattr(channel, "connection", None) is None:
-            for message in group:
-                message.ack()
-            continue
-        tags = [message.delivery_tag for message in group]
-        try:
-            with qos.pipe_or_acquire() as pipe:
-                pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
-        except (redis.RedisError, AttributeError, OSError) as exc:
-            # The broker went away: the messages come back after the visibility
-            # timeout, and find their jobs finished.
-            logger.warning("%d messages not acknowledged: %s", len(tags), exc)
-            continue
-        for message in group:
-            VirtualQoS.ack(qos, message.delivery_tag)  # what RedisQoS.ack does after
-            message._state = "ACK"  # what Message.ack does after
 
 
 def grouped(task: Any, app: Any, consumer: Any, **_: Any) -> Any:

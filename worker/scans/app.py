@@ -15,16 +15,10 @@ from celery import Task
 from celery.signals import worker_init
 
 from shared import wiring
-from shared.celery_app import (
-    TASK_CALLBACK,
-    TASK_JOB_CALLBACK,
-    TASK_SCAN,
-    WEBHOOK_QUEUE,
-    make_celery,
-)
 from shared.settings import get_settings
-from shared.store import JobStore, ScanStore
 from shared.submit import send_slice
+from shared.wire import TASK_JOB_WEBHOOK, TASK_SCAN, TASK_SCAN_WEBHOOK, WEBHOOK_QUEUE
+from worker.broker import worker_celery
 from worker.reaper import Reaper
 from worker.scans.coordinator import Coordinator, remove_expired_scans
 from worker.scans.resolver import RowResolver
@@ -33,19 +27,17 @@ from worker.scans.webhooks import WebhookConsumer
 logger = logging.getLogger(__name__)
 
 settings = get_settings()
-app = make_celery(settings)
+app = worker_celery(settings)  # kombu patched, Celery's consumer ours: worker/broker.py
 
 
 @cache
 def coordinator() -> Coordinator:
     """The process's coordinator (Redis clients built once)."""
     clients = wiring.sync_redis(settings)
-    keys = wiring.keys(settings)
     return Coordinator(
         settings,
-        JobStore(settings, keys, clients),
-        ScanStore(settings, keys, clients.durable),
-        RowResolver(settings, keys, clients.cache, wiring.url_policy(settings)),
+        wiring.stores(settings, sync=clients),
+        RowResolver(settings, wiring.keys(settings), clients.cache, wiring.url_policy(settings)),
         app,
     )
 
@@ -54,7 +46,7 @@ def coordinator() -> Coordinator:
 def _start_reaper(**_: Any) -> None:
     """Coordinators reap too: any live process heals what a dead one left."""
     coord = coordinator()
-    Reaper(settings, coord.jobs, coord.scans, app).start()
+    Reaper(settings, coord.stores, app).start()
     wiring.freeze_startup_objects()
 
 
@@ -104,16 +96,16 @@ def _slice_crashed(coord: Coordinator, scan_id: str, exc: Exception) -> str:
 # older version queued on the scans queue, and move them there.
 
 
-@app.task(name=TASK_CALLBACK, acks_late=True)
+@app.task(name=TASK_SCAN_WEBHOOK, acks_late=True)
 def send_callback(scan_id: str, delivery_id: str = "") -> str:
     """A scan callback queued on the scans queue: moved to the webhook queue."""
-    return _to_webhook_queue(TASK_CALLBACK, [scan_id, delivery_id])
+    return _to_webhook_queue(TASK_SCAN_WEBHOOK, [scan_id, delivery_id])
 
 
-@app.task(name=TASK_JOB_CALLBACK, acks_late=True)
+@app.task(name=TASK_JOB_WEBHOOK, acks_late=True)
 def send_job_callback(job_id: str, url: str, delivery_id: str) -> str:
     """A job webhook queued on the scans queue: moved to the webhook queue."""
-    return _to_webhook_queue(TASK_JOB_CALLBACK, [job_id, url, delivery_id])
+    return _to_webhook_queue(TASK_JOB_WEBHOOK, [job_id, url, delivery_id])
 
 
 def _to_webhook_queue(name: str, args: list[str]) -> str:

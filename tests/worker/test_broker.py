@@ -1,21 +1,27 @@
-"""kombu's Redis channel as our Celery app patches it: a real broker (the test Valkey),
-real kombu consumers."""
+"""The broker seam (``worker/broker.py``): kombu's Redis channel as the worker's Celery
+app patches it, on a real broker (the test Valkey) with real kombu consumers; the
+version check; and the API's process, which never patches kombu."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from kombu import Connection, Consumer, Message, Producer, Queue
 
-from shared.celery_app import make_celery
+from worker import broker as seam
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def broker(inproc_settings, rdb) -> Iterator[tuple[Connection, Queue]]:
-    """A connection (with the app's patches applied) and a queue of 7 messages."""
-    app = make_celery(inproc_settings)
+    """A connection (with the worker's patches applied) and a queue of 7 messages."""
+    app = seam.worker_celery(inproc_settings)
     run = uuid.uuid4().hex
     # Unacked keys of its own: the session's worker and coordinator (the same Valkey)
     # hold messages in kombu's shared ones meanwhile.
@@ -139,3 +145,69 @@ def test_a_failed_delivery_leaves_entries_only_for_what_was_handed_over(broker, 
     entries = {k.decode() for k in rdb.hgetall(consumer.channel.unacked_key)}
     assert entries == {m.delivery_tag for m in handed}  # 0 and 1; 2-6 back on the list
     assert rdb.llen(queue.name) == 5
+
+
+def test_the_worker_app_is_patched_and_runs_our_consumer(inproc_settings):
+    from kombu.transport.redis import Channel, QoS
+
+    app = seam.worker_celery(inproc_settings)
+    assert app.conf.worker_consumer == "worker.broker:BatchedEventsConsumer"
+    patched = (QoS.append, QoS.ack, Channel._brpop_read, Channel._create_client)
+    assert all(f.__module__ == "worker.broker" for f in patched)
+    seam.install_patches()  # again: nothing wrapped twice
+    assert (QoS.append, QoS.ack, Channel._brpop_read, Channel._create_client) == patched
+
+
+def test_the_api_leaves_kombu_as_kombu_ships_it(valkey):
+    """The API's process builds its Celery app (``api.deps.Services.build``, through the
+    app's lifespan) and never imports the seam: kombu's methods stay kombu's own."""
+    code = f"""
+import sys
+from fastapi.testclient import TestClient
+from kombu.transport.redis import Channel, QoS
+from kombu.transport.virtual.base import QoS as VirtualQoS
+from api.app import create_app
+from shared.settings import Settings
+
+def kombus():
+    return [QoS.append, QoS.ack, QoS.reject, VirtualQoS.restore_unacked_once,
+            Channel._brpop_read, Channel._create_client]
+
+before = kombus()
+assert all(f.__module__.startswith("kombu.") for f in before), before
+app = create_app(Settings(_env_file=None, redis_url={valkey!r}))
+with TestClient(app):
+    assert app.state.services.celery is not None
+    assert kombus() == before
+assert not [m for m in sys.modules if m == "worker" or m.startswith("worker.")]
+print("unpatched")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith("unpatched")
+
+
+def test_other_kombu_or_celery_releases_are_refused_with_what_to_do():
+    seam.check_versions(seam.KOMBU_VERSION, seam.CELERY_VERSION)
+    with pytest.raises(RuntimeError) as kombu_differs:
+        seam.check_versions("5.8.0", seam.CELERY_VERSION)
+    said = str(kombu_differs.value)
+    assert f"kombu {seam.KOMBU_VERSION} and Celery {seam.CELERY_VERSION}" in said
+    assert f"kombu 5.8.0 and Celery {seam.CELERY_VERSION} are installed" in said
+    assert "requirements/worker.txt" in said and "tests/worker/test_broker.py" in said
+    with pytest.raises(RuntimeError, match=r"kombu 5\.7\.0 and Celery 5\.6\.3 are installed"):
+        seam.check_versions("5.7.0", "5.6.3")
+
+
+def test_the_checked_versions_are_the_locked_ones():
+    """What the seam checks at import is what pyproject pins and the worker's lock
+    installs."""
+    from tests.test_lock import declared, read_lock
+
+    pins = {r.name: str(r.specifier) for r in declared([]) if r.name in ("kombu", "celery")}
+    assert pins == {"kombu": f"=={seam.KOMBU_VERSION}", "celery": f"=={seam.CELERY_VERSION}"}
+    locked = read_lock("worker")
+    assert str(locked["kombu"][0]) == seam.KOMBU_VERSION
+    assert str(locked["celery"][0]) == seam.CELERY_VERSION
