@@ -1,5 +1,5 @@
 """The one place that builds things from ``Settings``: Redis clients, the URL policy,
-the key names, and the record stores on top of them.
+the key names, and the record stores on top of them (``stores``).
 
 Every Redis client here has connect and read timeouts and a health check, so a
 restarted server costs a reconnect, not a hang. The embedded server's URL (written by
@@ -32,7 +32,19 @@ from redis.retry import Retry
 
 from shared.fetch import UrlPolicy
 from shared.keys import Keys
+from shared.objects import BucketPolicy, ObjectStorage
 from shared.settings import Settings
+from shared.store.apikeys import ApiKeyStore
+from shared.store.clients import AsyncRedis, Clients, SyncRedis
+from shared.store.job_reads import JobReads
+from shared.store.jobs import JobStore
+from shared.store.limits import RateLimiter
+from shared.store.reaping import JobReaping
+from shared.store.scans import ScanStore
+from shared.store.webhooks import WebhookSlots
+from shared.store.workers import ReaperLog, WebhookLog, WorkerRegistry
+
+__all__ = ["AsyncRedis", "Clients", "Stores", "SyncRedis", "stores"]
 
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 10.0
@@ -246,39 +258,6 @@ def async_client(url: str) -> aioredis.Redis:
     )
 
 
-@dataclass(frozen=True)
-class SyncRedis:
-    """Blocking clients (workers, coordinator, enqueueing from the API's thread pool).
-    ``cache`` is ``durable`` itself when both roles share one server."""
-
-    durable: redis.Redis
-    cache: redis.Redis
-
-    def close(self) -> None:
-        """Close both connection pools (and their Sentinels' connections)."""
-        for client in {id(c): c for c in (self.durable, self.cache)}.values():
-            client.close()
-            pool = client.connection_pool
-            if isinstance(pool, redis.sentinel.SentinelConnectionPool):
-                pool.sentinel_manager.close()
-
-
-@dataclass(frozen=True)
-class AsyncRedis:
-    """Asyncio clients (the API's request handlers)."""
-
-    durable: aioredis.Redis
-    cache: aioredis.Redis
-
-    async def aclose(self) -> None:
-        """Close both connection pools (and their Sentinels' connections)."""
-        for client in {id(c): c for c in (self.durable, self.cache)}.values():
-            await client.aclose()
-            pool = client.connection_pool
-            if isinstance(pool, aiosentinel.SentinelConnectionPool):
-                await pool.sentinel_manager.aclose()
-
-
 def sync_redis(settings: Settings) -> SyncRedis:
     """Blocking durable and cache clients."""
     durable_url, cache_url = redis_urls(settings)
@@ -305,9 +284,60 @@ def url_policy(settings: Settings, max_redirects: int | None = None) -> UrlPolic
     )
 
 
+def object_storage(settings: Settings) -> ObjectStorage:
+    """The object-store client (``OFA_S3_*``, ``OFA_OBJECT_TIMEOUT_S``): scans' manifests,
+    images and results named by ``s3://``, ``gs://``, ``az://`` URLs."""
+    return ObjectStorage.from_settings(settings)
+
+
+def bucket_policy(settings: Settings) -> BucketPolicy:
+    """The global allow-list of object URLs a request may name (``OFA_OBJECT_BUCKETS``)."""
+    return BucketPolicy(settings.object_buckets)
+
+
 def keys(settings: Settings) -> Keys:
     """Redis key names under the configured prefix."""
     return Keys(settings.key_prefix)
+
+
+@dataclass(frozen=True)
+class Stores:
+    """Every record store, on one process's clients (``stores``)."""
+
+    clients: Clients
+    jobs: JobStore  # jobs' state changes
+    reads: JobReads  # jobs read, and the done channel
+    reaping: JobReaping  # the reaper's look at jobs
+    scans: ScanStore
+    workers: WorkerRegistry
+    reaper_log: ReaperLog
+    webhook_slots: WebhookSlots
+    webhook_log: WebhookLog
+    apikeys: ApiKeyStore
+    limiter: RateLimiter
+
+
+def stores(
+    settings: Settings, sync: SyncRedis | None = None, aio: AsyncRedis | None = None
+) -> Stores:
+    """Every store on the clients the process has (``sync``: blocking, ``aio``:
+    asyncio; a store used through a kind it was not given raises
+    ``MissingClientError``). The only place that builds a store."""
+    clients = Clients(sync, aio)
+    k = keys(settings)
+    return Stores(
+        clients=clients,
+        jobs=JobStore(settings, k, clients),
+        reads=JobReads(settings, k, clients),
+        reaping=JobReaping(settings, k, clients),
+        scans=ScanStore(settings, k, clients),
+        workers=WorkerRegistry(settings, k, clients),
+        reaper_log=ReaperLog(settings, k, clients),
+        webhook_slots=WebhookSlots(settings, k, clients),
+        webhook_log=WebhookLog(settings, k, clients),
+        apikeys=ApiKeyStore(settings, k, clients),
+        limiter=RateLimiter(settings, k, clients),
+    )
 
 
 def freeze_startup_objects() -> None:

@@ -25,9 +25,10 @@ from celery.exceptions import Reject
 
 from shared.errors import BadInputError
 from shared.keys import job_key_matches
-from shared.models import EntailTask, ScanStatus, Verdict
+from shared.models import ScanStatus, Verdict
 from shared.store import StartAction, Started
 from shared.submit import send_hooks
+from shared.wire import EntailTask
 from worker import tracing
 from worker.ofa.entail import Prediction, Prepared
 from worker.runtime import Runtime, make_verdict
@@ -58,7 +59,7 @@ def scan_cancelled(rt: Runtime, scan_id: str) -> bool:
 
 def cancelled_alone(rt: Runtime, msg: EntailTask, cancelled: bool) -> bool:
     """Fail the job of a cancelled scan unless someone else joined it; True if failed."""
-    if cancelled and not rt.jobs.is_shared(msg.job_id):
+    if cancelled and not rt.reads.is_shared(msg.job_id):
         fail(rt, msg, "scan cancelled")
         return True
     return False
@@ -121,7 +122,7 @@ def prepared_or_fail(
         return None
 
 
-class Outcome(NamedTuple):
+class Handled(NamedTuple):
     """What became of one message's job: ``scored`` (by the model) or ``cached`` (the
     verdict was known), both with the verdict; ``skipped`` (finished, gone, running
     elsewhere, or failed here for good) or ``retried`` (back to queued), without."""
@@ -130,7 +131,7 @@ class Outcome(NamedTuple):
     verdict: Verdict | None = None
 
 
-def run_job(rt: Runtime, msg: EntailTask, headers: Mapping[str, Any] | None = None) -> Outcome:
+def run_job(rt: Runtime, msg: EntailTask, headers: Mapping[str, Any] | None = None) -> Handled:
     """One job alone (the ``ofa.entail`` task's body: a job the reaper sent again),
     at its own priority. Idempotent: a message for a finished job, or for one another
     worker holds a live lease on, does nothing. ``headers``: its message's (the trace
@@ -151,21 +152,21 @@ def run_many(
     msgs: Sequence[EntailTask],
     priority: int,
     headers: Sequence[Mapping[str, Any] | None] | None = None,
-) -> list[Outcome]:
+) -> list[Handled]:
     """Jobs taken together, waited for in this thread: ``submit_many`` then
     ``finish_many``. Returns each message's outcome, in order."""
-    flight = submit_many(rt, msgs, priority, headers)
-    return finish_many(rt, [flight], rt.settings.task_soft_time_limit_s)[0]
+    group = submit_many(rt, msgs, priority, headers)
+    return finish_many(rt, [group], rt.settings.task_soft_time_limit_s)[0]
 
 
 @dataclass
-class InFlight:
+class ScoringGroup:
     """Jobs handed to the batcher together (``submit_many``), until ``finish_many``
     records them: the outcomes known so far, the futures still to come, the leases
     held meanwhile."""
 
     size: int
-    outcomes: dict[int, Outcome]
+    outcomes: dict[int, Handled]
     waiting: list[tuple[int, EntailTask, Future[Prediction]]]
     held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     # Each job's spans (worker/tracing.py) by position; empty while tracing is off.
@@ -182,7 +183,7 @@ def submit_many(
     msgs: Sequence[EntailTask],
     priority: int,
     headers: Sequence[Mapping[str, Any] | None] | None = None,
-) -> InFlight:
+) -> ScoringGroup:
     """Jobs taken together: a scan's chunk (``priority`` 1), or the interactive
     messages that arrived at once (0, ``worker/groups.py``). Each taken and prepared,
     all handed to the batcher at once (so they fill batches; bulk work behind any
@@ -193,12 +194,12 @@ def submit_many(
     ``headers``: the messages' headers, in order: each job continues the trace its
     message carries (with tracing on)."""
     traces = tracing.taken([m.job_id for m in msgs], headers) if headers else []
-    outcomes: dict[int, Outcome] = {}
+    outcomes: dict[int, Handled] = {}
     cancelled = {sid for sid in {m.scan_id for m in msgs if m.scan_id} if scan_cancelled(rt, sid)}
     live: list[tuple[int, EntailTask]] = []
     for i, msg in enumerate(msgs):
         if cancelled_alone(rt, msg, msg.scan_id in cancelled):
-            outcomes[i] = Outcome("skipped")
+            outcomes[i] = Handled("skipped")
         else:
             live.append((i, msg))
     try:
@@ -206,7 +207,7 @@ def submit_many(
     except Exception as exc:
         for i, msg in live:
             retry_later(rt, msg, exc)
-            outcomes[i] = Outcome("retried")
+            outcomes[i] = Handled("retried")
         started = []
         live = []
     # Each job taken is held (its lease renewed) from here until it is recorded, whatever
@@ -222,15 +223,15 @@ def submit_many(
                 got = None  # failed for good: nothing scored, nothing cached
         except Exception as exc:
             retry_later(rt, msg, exc)
-            outcomes[i] = Outcome("retried")
+            outcomes[i] = Handled("retried")
             continue
         if isinstance(got, bytes):
             images.append((i, msg, got))
         else:
-            outcomes[i] = Outcome("skipped") if got is None else Outcome("cached", got)
+            outcomes[i] = Handled("skipped") if got is None else Handled("cached", got)
     todo: list[tuple[int, EntailTask, Prepared]] = []
     # Bulk work prepares at most cores - 1 chunks at a time: an interactive job's
-    # thread competes with that many bulk threads, not with every chunk in flight.
+    # thread competes with that many bulk threads, not with every chunk being scored.
     # (With a preprocessing pool, the pool's size bounds that work instead, and every
     # bulk thread keeps a chunk queued for it.) Only the preparing counts: a chunk's
     # round trips to Redis run outside that limit.
@@ -246,20 +247,20 @@ def submit_many(
                 item = prepared_or_fail(rt, msg, blob, source)
             except Exception as exc:
                 retry_later(rt, msg, exc)
-                outcomes[i] = Outcome("retried")
+                outcomes[i] = Handled("retried")
                 continue
             if item is None:
-                outcomes[i] = Outcome("skipped")
+                outcomes[i] = Handled("skipped")
             else:
                 todo.append((i, msg, item))
-    flight = InFlight(len(msgs), outcomes, [], traces=traces)
+    group = ScoringGroup(len(msgs), outcomes, [], traces=traces)
     held.keep_only(msg.job_id for _, msg, _ in todo)  # the others ended, or went back
-    flight.held.enter_context(held)
+    group.held.enter_context(held)
     if traces:
         tracing.handed(rt.batcher, [item for _, _, item in todo], [traces[i] for i, _, _ in todo])
     futures = rt.batcher.submit_many([item for _, _, item in todo], priority)
-    flight.waiting = [(i, msg, fut) for (i, msg, _), fut in zip(todo, futures, strict=True)]
-    return flight
+    group.waiting = [(i, msg, fut) for (i, msg, _), fut in zip(todo, futures, strict=True)]
+    return group
 
 
 def source_ids_many(
@@ -274,44 +275,44 @@ def source_ids_many(
         return [None] * len(msgs)
 
 
-def finish_many(rt: Runtime, flights: Sequence[InFlight], timeout: float) -> list[list[Outcome]]:
+def finish_many(rt: Runtime, groups: Sequence[ScoringGroup], timeout: float) -> list[list[Handled]]:
     """Wait up to ``timeout`` for the jobs ``submit_many`` handed to the batcher (one
     group of them, or several the batcher answered together) and record their verdicts
     in one round trip (one that failed or did not come in time goes back to queued);
     release their leases. Returns each group's outcomes, in order."""
     with contextlib.ExitStack() as held:
-        for flight in flights:
-            held.enter_context(flight.held)
+        for group in groups:
+            held.enter_context(group.held)
         deadline = time.monotonic() + timeout
-        scored: list[tuple[InFlight, int, EntailTask, Verdict]] = []
-        for flight in flights:
-            for i, msg, future in flight.waiting:
+        scored: list[tuple[ScoringGroup, int, EntailTask, Verdict]] = []
+        for group in groups:
+            for i, msg, future in group.waiting:
                 try:
                     prediction = future.result(timeout=max(0.0, deadline - time.monotonic()))
                     verdict = make_verdict(prediction, rt.model_tag, msg.key)
-                    scored.append((flight, i, msg, verdict))
+                    scored.append((group, i, msg, verdict))
                 except Exception as exc:
                     retry_later(rt, msg, exc)
-                    flight.outcomes[i] = Outcome("retried")
+                    group.outcomes[i] = Handled("retried")
         if scored:
             try:  # every verdict recorded in one round trip
                 hooks = rt.jobs.succeed_many([(m.job_id, m.key, v) for _, _, m, v in scored])
             except Exception as exc:
-                for flight, i, msg, _ in scored:
+                for group, i, msg, _ in scored:
                     retry_later(rt, msg, exc)
-                    flight.outcomes[i] = Outcome("retried")
+                    group.outcomes[i] = Handled("retried")
             else:
-                for (flight, i, msg, verdict), theirs in zip(scored, hooks, strict=True):
-                    send_hooks(rt.celery, msg.job_id, theirs, flight.traceparent(i))
-                    flight.outcomes[i] = Outcome("scored", verdict)
-    for flight in flights:
-        for i, job in enumerate(flight.traces):
+                for (group, i, msg, verdict), theirs in zip(scored, hooks, strict=True):
+                    send_hooks(rt.celery, msg.job_id, theirs, group.traceparent(i))
+                    group.outcomes[i] = Handled("scored", verdict)
+    for group in groups:
+        for i, job in enumerate(group.traces):
             if job is not None:
-                job.end(flight.outcomes[i].kind)
-    return [[f.outcomes[i] for i in range(f.size)] for f in flights]
+                job.end(group.outcomes[i].kind)
+    return [[f.outcomes[i] for i in range(f.size)] for f in groups]
 
 
-def summary(outcome: Outcome, job_id: str) -> str:
+def summary(outcome: Handled, job_id: str) -> str:
     """A one-line summary of a job's outcome: Celery's task events carry it, so
     Flower's task pages show each job's verdict (the job record stays the source of
     truth)."""

@@ -12,7 +12,7 @@ A queued job's message can also be lost long before its dispatch deadline: kombu
 a message with BRPOP and only then enters it in its unacked hash, so a worker that
 dies in between (frozen, then killed, with its BRPOP answered) takes the message with
 it. Each pass therefore also looks for queued jobs whose message is nowhere: not on
-its queue, not in the unacked hash (``JobStore.lost_messages``), looked for twice
+its queue, not in the unacked hash (``JobReaping.lost_messages``), looked for twice
 ``LOST_CONFIRM_S`` apart so that a message on its way between the two is not taken for
 lost, and sends them again at once, counted as a send like any other.
 """
@@ -25,13 +25,13 @@ import uuid
 
 import redis
 from celery import Celery
-from kombu.exceptions import OperationalError
 
-from shared.celery_app import queue_name
 from shared.models import JobStatus
 from shared.settings import Settings
-from shared.store import JobStore, ReaperLog, ScanStore
 from shared.submit import message_of, send_hooks, send_job, send_slice
+from shared.wire import queue_name
+from shared.wiring import Stores
+from worker.broker import OperationalError
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,13 @@ LOST_CONFIRM_S = 1.0
 class Reaper:
     """Re-sends overdue work; one pass per ``reaper_interval_s`` across all processes."""
 
-    def __init__(self, settings: Settings, jobs: JobStore, scans: ScanStore, celery: Celery):
+    def __init__(self, settings: Settings, stores: Stores, celery: Celery):
         self.settings = settings
-        self.jobs = jobs
-        self.scans = scans
+        self.jobs = stores.jobs
+        self.reaping = stores.reaping
+        self.scans = stores.scans
         self.celery = celery
-        self.log = ReaperLog(jobs.keys)
+        self.log = stores.reaper_log
         self.token = uuid.uuid4().hex
         # kombu's Redis transport keeps taken, unacknowledged messages in this hash.
         options = celery.conf.broker_transport_options or {}
@@ -64,8 +65,7 @@ class Reaper:
 
     def run_once(self) -> dict[str, int] | None:
         """Reap if this process holds the period's lock; the counts of what it did."""
-        durable = self.jobs.sync.durable
-        if not self.log.take_turn(durable, self.token, self.settings.reaper_interval_s):
+        if not self.log.take_turn(self.token, self.settings.reaper_interval_s):
             return None
         done = {"resent": 0, "poisoned": 0, "scans_resent": 0, "lost": 0}
         try:
@@ -73,13 +73,13 @@ class Reaper:
         except Exception:  # the deadlines below still bring such jobs back, later
             logger.exception("the look for lost messages failed")
         done["resent"] += done["lost"]
-        for job_id in self.jobs.overdue():
+        for job_id in self.reaping.overdue():
             outcome = self._reap_job(job_id)
             done[outcome] = done.get(outcome, 0) + 1
         for scan_id in self.scans.overdue():
             if self._reap_scan(scan_id):
                 done["scans_resent"] += 1
-        self.log.record(durable, done)
+        self.log.record(done)
         if done["resent"] or done["poisoned"] or done["scans_resent"]:
             logger.warning("reaper: %s", done)
         return done
@@ -88,7 +88,7 @@ class Reaper:
         record = self.jobs.record(job_id)
         status = JobStatus(record["status"]) if record.get("status") else None
         if status is None or status.finished:
-            self.jobs.forget(job_id)
+            self.reaping.forget(job_id)
             return "forgotten"
         s = self.settings
         attempts = int(record.get("attempts", 0))
@@ -120,7 +120,7 @@ class Reaper:
         for job_id, record in self._lost([job_id for job_id, _ in first]):
             if int(record.get("dispatches", 0)) >= self.settings.max_dispatches:
                 continue  # its dispatch deadline fails it, as any job sent too often
-            if self.jobs.claim_lost(job_id, record):  # nothing happened to it meanwhile
+            if self.reaping.claim_lost(job_id, record):  # nothing happened to it meanwhile
                 logger.warning("job %s: its message was lost (taken by a dead worker?)", job_id)
                 # The whole record: the message carries whatever it holds (its trace).
                 send_job(self.celery, message_of(job_id, self.jobs.record(job_id) or record))
@@ -128,7 +128,7 @@ class Reaper:
         return sent
 
     def _lost(self, only: list[str] | None = None) -> list[tuple[str, dict[str, str]]]:
-        return self.jobs.lost_messages(
+        return self.reaping.lost_messages(
             lambda r: queue_name(r["model"], r["revision"], bulk=bool(r.get("scan"))),
             self.unacked_key,
             self.settings.lost_message_grace_s,

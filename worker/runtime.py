@@ -26,7 +26,7 @@ from shared import wiring
 from shared.celery_app import make_celery
 from shared.models import ModelRef, Verdict
 from shared.settings import Settings
-from shared.store import JobStore, ScanStore, WorkerRegistry
+from shared.store import JobReads, JobStore, ScanStore, WorkerRegistry
 from worker.batcher import Batcher
 from worker.leases import Leases
 from worker.ofa import resample
@@ -70,6 +70,7 @@ class Runtime:
     entailer: Entailer
     redis: wiring.SyncRedis
     jobs: JobStore
+    reads: JobReads
     scans: ScanStore
     batcher: Batcher[Prepared, Prediction]
     registry: WorkerRegistry
@@ -100,8 +101,8 @@ class Runtime:
             time.perf_counter() - t0,
         )
         clients = wiring.sync_redis(settings)
-        keys = wiring.keys(settings)
-        jobs = JobStore(settings, keys, clients)
+        stores = wiring.stores(settings, sync=clients)
+        jobs = stores.jobs
 
         tally = BatchTally(jobs)
 
@@ -119,11 +120,9 @@ class Runtime:
             record_batch,
             bulk_budget_s=settings.bulk_batch_ms / 1000,
         )
-        scans = ScanStore(settings, keys, clients.durable)
-        registry = WorkerRegistry(keys, settings.model_tag)
         leases = Leases(jobs, settings.lease_s)
         celery = celery or make_celery(settings)
-        reaper = Reaper(settings, jobs, scans, celery)
+        reaper = Reaper(settings, stores, celery)
         reaper.start()
         pool = None
         if settings.preprocess_processes:
@@ -138,9 +137,10 @@ class Runtime:
             entailer,
             clients,
             jobs,
-            scans,
+            stores.reads,
+            stores.scans,
             batcher,
-            registry,
+            stores.workers,
             leases,
             reaper,
             celery,
@@ -165,7 +165,7 @@ class Runtime:
         """Announce this worker (and its model) for the API's readiness check."""
         while not self._stop.is_set():
             try:
-                self.registry.beat(self.redis.durable, self.name, HEARTBEAT_S)
+                self.registry.beat(self.name, HEARTBEAT_S)
             except redis.RedisError as exc:
                 logger.warning("heartbeat failed: %s", exc)
             # Alive means this process still runs its loops; a Redis outage is not
@@ -198,7 +198,7 @@ class Runtime:
         self._stop.set()
         self.reaper.stop()
         with contextlib.suppress(redis.RedisError):
-            self.registry.withdraw(self.redis.durable, self.name)
+            self.registry.withdraw(self.name)
         self.batcher.close()
         if self.tally is not None:
             self.tally.flush()  # the last batches' passes, not left to the thread

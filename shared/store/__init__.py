@@ -1,11 +1,17 @@
 """The owners of every record the service keeps in Redis (one module each).
 
-``JobStore`` owns a job's record, its image blob, its in-flight mark and the verdict
-cache; ``ScanStore`` owns a scan's record and its coordinator lock; ``WorkerRegistry``
-owns the workers' heartbeats. Each knows its keys (through ``Keys``), how its fields
+``jobs.py`` (``JobStore``) changes a job's state: its record, image blob, in-flight
+mark and the verdict cache; ``job_reads.py`` (``JobReads``) reads them and holds the
+done channel's one subscriber (``DoneChannel``); ``reaping.py`` (``JobReaping``) is the
+reaper's look at them. ``scans.py`` owns a scan's record and its coordinator lock,
+``workers.py`` the workers' heartbeats and the webhook and reaper counters,
+``webhooks.py`` the per-receiver delivery slots, ``apikeys.py`` and ``limits.py`` the
+API keys and their rate limits. Each knows its keys (through ``Keys``), how its fields
 are encoded, its lifetimes and every state change; nothing else reads or writes those
-keys. Blocking methods serve the workers, the coordinator and the API's thread pool;
-the ``a``-prefixed ones serve the API's event loop.
+keys. Every store is built as ``Store(settings, keys, clients)``, by
+``shared/wiring.py:stores`` alone; the scripts are ``lua/*.lua`` (``scripts.py``).
+Blocking methods serve the workers, the coordinator and the API's thread pool; the
+``a``-prefixed ones serve the API's event loop.
 
 Who writes what, in order (see docs/ARCHITECTURE.md):
 job: ``create_or_join`` (API or coordinator) -> ``start`` -> ``succeed`` | ``fail`` (worker);
@@ -13,32 +19,42 @@ scan: ``create`` (API) -> ``start`` -> ``publish_counts``* -> ``finish`` (coordi
 or ``acancel`` (API) at any point before the end.
 """
 
+from shared.store.clients import AsyncRedis, Clients, MissingClientError, Store, SyncRedis
 from shared.store.codec import bytes_of, decode_hash, now, text_of
+from shared.store.job_reads import Collected, DoneChannel, JobReads, Read
 from shared.store.jobs import (
     SCAN_JOB_LINGER_S,
     Created,
     Hook,
     JobStore,
-    Outcome,
-    Read,
     StartAction,
     Started,
 )
+from shared.store.reaping import JobReaping
 from shared.store.scans import ScanStore, summarize
 from shared.store.webhooks import WebhookSlots, receiver_of
-from shared.store.workers import ReaperLog, WorkerRegistry
+from shared.store.workers import ReaperLog, WebhookLog, WorkerRegistry
 
 __all__ = [
     "SCAN_JOB_LINGER_S",
+    "AsyncRedis",
+    "Clients",
+    "Collected",
     "Created",
+    "DoneChannel",
     "Hook",
+    "JobReads",
+    "JobReaping",
     "JobStore",
-    "Outcome",
+    "MissingClientError",
     "Read",
     "ReaperLog",
     "ScanStore",
     "StartAction",
     "Started",
+    "Store",
+    "SyncRedis",
+    "WebhookLog",
     "WebhookSlots",
     "WorkerRegistry",
     "bytes_of",

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-import redis
-import redis.asyncio as aioredis
-
-from shared.keys import Keys
+from shared.objects import ObjectUrl
+from shared.store.clients import Store
 from shared.store.codec import decode_hash, now, text_of
 
 TOKEN = re.compile(r"^ofa_([0-9a-f]{16})_([A-Za-z0-9_-]{20,100})$")
@@ -60,6 +60,10 @@ class Caller:
     name: str
     scopes: frozenset[Scope]
     limits: Limits
+    # Object URL prefixes this key may name (``s3://bucket/prefix/``), narrowing
+    # ``OFA_OBJECT_BUCKETS``; None (no list: an OFA_API_KEYS entry, or a record made
+    # without one): the global list alone applies.
+    buckets: tuple[str, ...] | None = None
 
     def may(self, scope: Scope) -> bool:
         """Whether the key carries ``scope`` (``read`` is implied by the others)."""
@@ -88,6 +92,7 @@ class KeyRecord:
     burst: int
     created_at: float
     revoked_at: float | None
+    buckets: tuple[str, ...] | None = None
 
 
 def parse_scopes(text: str) -> frozenset[Scope]:
@@ -106,29 +111,44 @@ def parse_scopes(text: str) -> frozenset[Scope]:
     return frozenset(out)
 
 
+def check_buckets(entries: Sequence[str]) -> tuple[str, ...]:
+    """A key's bucket list, each entry an object URL prefix (``s3://bucket`` or
+    ``s3://bucket/prefix/``) written back canonically; ValueError names a bad one."""
+    out = []
+    for entry in entries:
+        try:
+            url = ObjectUrl.parse(entry.strip(), key_required=False)
+        except ValueError as exc:
+            raise ValueError(f"bucket {entry!r}: {exc}") from None
+        out.append(f"{url.scheme}://{url.bucket}/{url.key + '/' if url.key else ''}")
+    return tuple(out)
+
+
+def _buckets_of(rec: dict[str, str]) -> tuple[str, ...] | None:
+    return tuple(json.loads(rec["buckets"])) if "buckets" in rec else None
+
+
 def digest(secret_token: str) -> str:
     """Hex SHA-256 of a whole key."""
     return hashlib.sha256(secret_token.encode()).hexdigest()
 
 
-class ApiKeyStore:
-    """Creates, lists, revokes and verifies key records in the durable store."""
+class ApiKeyStore(Store):
+    """Creates, lists, revokes (``ofa-entail keys``) and verifies (the API) key records
+    in the durable store; a key's cache hits get ``OFA_CACHE_HIT_RATE_FACTOR`` times its
+    limits."""
 
-    def __init__(
+    def create(
         self,
-        keys: Keys,
-        sync: redis.Redis | None = None,
-        aio: aioredis.Redis | None = None,
-        hit_factor: float = 10.0,
-    ) -> None:
-        self.keys = keys
-        self.sync = sync
-        self.aio = aio
-        self.hit_factor = hit_factor
-
-    def create(self, name: str, scopes: frozenset[Scope], per_minute: float, burst: int) -> str:
-        """Store a new key's record; returns the key itself (shown once, never stored)."""
-        assert self.sync is not None
+        name: str,
+        scopes: frozenset[Scope],
+        per_minute: float,
+        burst: int,
+        buckets: Sequence[str] | None = None,
+    ) -> str:
+        """Store a new key's record; returns the key itself (shown once, never stored).
+        ``buckets``: the object URL prefixes the key may name (within
+        ``OFA_OBJECT_BUCKETS``); None leaves the global list alone to apply."""
         if not name.strip():
             raise ValueError("a key needs a name")
         if per_minute < 0 or burst < 1:
@@ -143,7 +163,9 @@ class ApiKeyStore:
             "sha256": digest(token),
             "created_at": now(),
         }
-        pipe = self.sync.pipeline()
+        if buckets is not None:
+            record["buckets"] = json.dumps(check_buckets(buckets))
+        pipe = self.sync.durable.pipeline()
         pipe.hset(self.keys.api_key(key_id), mapping=record)  # type: ignore[arg-type]
         pipe.sadd(self.keys.api_key_index(), key_id)
         pipe.execute()
@@ -151,9 +173,9 @@ class ApiKeyStore:
 
     def list(self) -> list[KeyRecord]:
         """Every key ever created, oldest first."""
-        assert self.sync is not None
-        ids = sorted(text_of(i) for i in self.sync.smembers(self.keys.api_key_index()))
-        pipe = self.sync.pipeline()
+        durable = self.sync.durable
+        ids = sorted(text_of(i) for i in durable.smembers(self.keys.api_key_index()))
+        pipe = durable.pipeline()
         for key_id in ids:
             pipe.hgetall(self.keys.api_key(key_id))
         out = []
@@ -170,33 +192,33 @@ class ApiKeyStore:
                     burst=int(rec.get("burst", 1)),
                     created_at=float(rec.get("created_at", 0)),
                     revoked_at=float(rec["revoked_at"]) if "revoked_at" in rec else None,
+                    buckets=_buckets_of(rec),
                 )
             )
         return sorted(out, key=lambda r: r.created_at)
 
     def revoke(self, key_id: str) -> bool:
         """Mark the key revoked; False when there is no such key."""
-        assert self.sync is not None
         key = self.keys.api_key(key_id)
-        if not self.sync.exists(key):
+        if not self.sync.durable.exists(key):
             return False
-        self.sync.hsetnx(key, "revoked_at", now())
+        self.sync.durable.hsetnx(key, "revoked_at", now())
         return True
 
     async def averify(self, token: str) -> Caller | None:
         """The caller a presented key belongs to, or None (unknown, wrong or revoked)."""
-        assert self.aio is not None
         m = TOKEN.match(token)
         if m is None:
             return None
-        rec = decode_hash(await self.aio.hgetall(self.keys.api_key(m.group(1))))
+        rec = decode_hash(await self.aio.durable.hgetall(self.keys.api_key(m.group(1))))
         if not rec or "revoked_at" in rec:
             return None
         if not hmac.compare_digest(rec.get("sha256", ""), digest(token)):
             return None
         scopes = frozenset(Scope(s) for s in rec.get("scopes", "").split(",") if s)
-        limits = Limits(float(rec["per_minute"]), int(rec["burst"]), self.hit_factor)
-        return Caller(m.group(1), rec.get("name", ""), scopes, limits)
+        factor = self.settings.cache_hit_rate_factor
+        limits = Limits(float(rec["per_minute"]), int(rec["burst"]), factor)
+        return Caller(m.group(1), rec.get("name", ""), scopes, limits, _buckets_of(rec))
 
 
 class KeyCache:

@@ -27,8 +27,3 @@ def bytes_of(value: Any) -> bytes | None:
 def now() -> str:
     """A timestamp as records store it."""
     return f"{time.time():.6f}"
-
-
-DELETE_IF_EQUAL = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-)

@@ -15,47 +15,22 @@ import time
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-import redis.asyncio as aioredis
-
 from shared.keys import Keys
+from shared.settings import Settings
 from shared.store.apikeys import Caller
+from shared.store.clients import Clients, Store
+from shared.store.scripts import Script
 
-# KEYS: bucket. ARGV: emission interval T (ms), burst B, cost n. Admits n requests at
-# once when the new TAT stays within B*T of now. Returns {admitted, remaining,
-# retry_after_ms, reset_ms}.
-_GCRA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local T = tonumber(ARGV[1])
-local limit = T * tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new_tat = tat + T * tonumber(ARGV[3])
-if new_tat - now > limit then
-  return {0, 0, tostring(new_tat - limit - now), tostring(tat - now)}
-end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
-return {1, math.floor((limit - (new_tat - now)) / T), '0', tostring(new_tat - now)}
-"""
-
-# KEYS: bucket. ARGV: emission interval T (ms). Gives one admitted request back: TAT
-# moves back by T, never before now (a bucket back at now is simply full).
-_REFUND = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[1])
-if tat <= now then return redis.call('DEL', KEYS[1]) end
-redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
-return 1
-"""
+_GCRA = Script("gcra")
+_REFUND = Script("refund")
 
 # Cache hits take their tokens from Redis this many at a time (at most; fewer for small
-# bursts) and spend them locally for up to LEASE_S: one round trip per batch instead of
-# one per request. Tokens a process leased and did not spend are lost, never lent
-# twice, so a limit is never exceeded across processes; near the limit a process may
-# refuse a little early while another holds unspent tokens.
+# bursts), a token batch, and spend them locally for up to TOKEN_BATCH_S: one round trip
+# per batch instead of one per request. Tokens a process took and did not spend are
+# lost, never lent twice, so a limit is never exceeded across processes; near the limit
+# a process may refuse a little early while another holds unspent tokens.
 HIT_BATCH = 16
-LEASE_S = 1.0
+TOKEN_BATCH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,7 +49,7 @@ class Decision:
         return dict(self._headers)  # a copy: callers add their own
 
     @cached_property
-    def _headers(self) -> dict[str, str]:  # a leased decision answers many requests
+    def _headers(self) -> dict[str, str]:  # a token batch's decision answers many requests
         out = {
             "RateLimit-Limit": str(self.limit),
             "RateLimit-Remaining": str(self.remaining),
@@ -87,7 +62,7 @@ class Decision:
 
 
 @dataclass
-class _Lease:
+class _TokenBatch:
     """Hit tokens this process took from Redis and has not spent yet."""
 
     tokens: int
@@ -95,19 +70,15 @@ class _Lease:
     decision: Decision
 
 
-class RateLimiter:
+class RateLimiter(Store):
     """Charges requests to a caller's buckets: ``miss`` (work that computes, scans:
     exact, one atomic call each) and ``hit`` (answered from the cache, ``hit_factor``
-    times as generous, taken in leased batches)."""
+    times as generous, taken in token batches)."""
 
-    def __init__(self, keys: Keys, durable: aioredis.Redis) -> None:
-        self.keys = keys
-        self.redis = durable
-        # EVALSHA, and the script sent again if a restarted server forgot it.
-        self._gcra = durable.register_script(_GCRA)
-        self._refund = durable.register_script(_REFUND)
-        self._leases: dict[str, _Lease] = {}
-        self._refills: dict[str, asyncio.Future[None]] = {}  # a lease being taken, by key
+    def __init__(self, settings: Settings, keys: Keys, clients: Clients) -> None:
+        super().__init__(settings, keys, clients)
+        self._batches: dict[str, _TokenBatch] = {}
+        self._refills: dict[str, asyncio.Future[None]] = {}  # a token batch being taken, by key
 
     async def charge(self, caller: Caller, bucket: str) -> Decision | None:
         """Admit or refuse one request; None when the caller has no limit."""
@@ -122,24 +93,24 @@ class RateLimiter:
         if bucket != "hit":
             return await self._take(key, interval_ms, burst, 1)
         while True:
-            lease = self._leases.get(key)
+            held = self._batches.get(key)
             now = time.monotonic()
-            if lease is not None and lease.expires > now:
-                if lease.tokens > 0:
-                    lease.tokens -= 1
-                    return lease.decision
-                if not lease.decision.admitted:  # refused until then: no need to ask
-                    return replace(lease.decision, retry_after_s=lease.expires - now)
+            if held is not None and held.expires > now:
+                if held.tokens > 0:
+                    held.tokens -= 1
+                    return held.decision
+                if not held.decision.admitted:  # refused until then: no need to ask
+                    return replace(held.decision, retry_after_s=held.expires - now)
             refill = self._refills.get(key)
             if refill is None:
                 return await self._refill(key, interval_ms, burst)
-            # Another request of this process is leasing: wait for its tokens rather
-            # than lease again (concurrent requests would each take a batch, keep one
+            # Another request of this process is taking a token batch: wait for its tokens
+            # rather than take one too (concurrent requests would each take a batch, keep one
             # token and lose the rest: one round trip a request, the budget wasted).
             await asyncio.shield(refill)  # a cancelled waiter leaves it to the others
 
     async def _refill(self, key: str, interval_ms: float, burst: int) -> Decision:
-        """Lease a batch of hit tokens for ``key``, keep one; the requests waiting on
+        """Take a token batch of hit tokens for ``key``, keep one; the requests waiting on
         the refill take the others (or, when it failed, try again themselves)."""
         done = asyncio.get_running_loop().create_future()
         self._refills[key] = done
@@ -150,12 +121,12 @@ class RateLimiter:
             if not decision.admitted and batch > 1:
                 decision = await self._take(key, interval_ms, burst, 1)
                 batch = 1
-            if len(self._leases) > 10_000:
-                self._leases.clear()
+            if len(self._batches) > 10_000:
+                self._batches.clear()
             if decision.admitted:
-                self._leases[key] = _Lease(batch - 1, now + LEASE_S, decision)
+                self._batches[key] = _TokenBatch(batch - 1, now + TOKEN_BATCH_S, decision)
             else:
-                self._leases[key] = _Lease(0, now + decision.retry_after_s, decision)
+                self._batches[key] = _TokenBatch(0, now + decision.retry_after_s, decision)
             return decision
         finally:
             del self._refills[key]
@@ -164,14 +135,14 @@ class RateLimiter:
     async def refund(self, caller: Caller, bucket: str) -> None:
         """Give back one request charged to an exact bucket (``miss``) that stored
         nothing after all: a refused manifest costs its caller nothing."""
-        assert bucket != "hit", "hit tokens are leased, not charged one by one"
+        assert bucket != "hit", "hit tokens come in token batches, not charged one by one"
         rate = caller.limits.per_minute
         if rate > 0:
             key = self.keys.rate_bucket(caller.key_id, bucket)
-            await self._refund(keys=[key], args=[60_000.0 / rate])
+            await _REFUND.acall(self.aio.durable, [key], [60_000.0 / rate])
 
     async def _take(self, key: str, interval_ms: float, burst: int, cost: int) -> Decision:
-        reply = await self._gcra(keys=[key], args=[interval_ms, burst, cost])
+        reply = await _GCRA.acall(self.aio.durable, [key], [interval_ms, burst, cost])
         admitted, remaining, retry_ms, reset_ms = reply
         return Decision(
             admitted=bool(admitted),

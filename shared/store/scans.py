@@ -2,98 +2,42 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
+from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
 
 from shared.errors import ScanLimitError, ScansBusyError
-from shared.keys import Keys
-from shared.models import ScanCounts, ScanStatus, ScanSummary
-from shared.settings import Settings
-from shared.store.codec import DELETE_IF_EQUAL, decode_hash, now, text_of
-from shared.store.jobs import confirm_on_disk
+from shared.models import ChangeCounts, ScanCounts, ScanStatus, ScanSummary
+from shared.store.clients import Store
+from shared.store.codec import decode_hash, now, text_of
+from shared.store.durability import confirm_on_disk, wait_on_disk
+from shared.store.scripts import Batch, Script
 
-# KEYS: scan, scans not finalised (the reaper's index), the owner's scans
-# ARGV: mode ('check' or 'create'), global cap, per-key cap, per-key bytes cap (0: off),
-#       this scan's stored bytes, scan key prefix; with 'create' also: scan id, ttl,
-#       deadline, fields...
-# A key's scans and scan storage, and the service's unfinished scans, counted and
-# capped in one step with the creation, so concurrent starts cannot pass a cap
-# together. A key's expired scans leave its index here. Reply: {verdict, count}.
-_ADMIT_SCAN = """
-local mode, cap_all, cap_key, cap_bytes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
-  tonumber(ARGV[4])
-local stored, prefix = tonumber(ARGV[5]), ARGV[6]
-local running = redis.call('ZCARD', KEYS[2])
-if cap_all > 0 and running >= cap_all then return {'busy', running} end
-if cap_key > 0 or cap_bytes > 0 then
-  local mine = redis.call('HGETALL', KEYS[3])
-  local active, bytes = 0, 0
-  for i = 1, #mine, 2 do
-    local status = redis.call('HGET', prefix .. mine[i], 'status')
-    if not status then
-      redis.call('HDEL', KEYS[3], mine[i])
-    else
-      bytes = bytes + tonumber(mine[i + 1])
-      if status == 'queued' or status == 'running' then active = active + 1 end
-    end
-  end
-  if cap_key > 0 and active >= cap_key then return {'key-scans', active} end
-  if cap_bytes > 0 and bytes + stored > cap_bytes then return {'key-bytes', bytes} end
-end
-if mode ~= 'create' then return {'ok', 0} end
-local scan_id, ttl = ARGV[7], ARGV[8]
-redis.call('HSET', KEYS[1], unpack(ARGV, 10))
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('ZADD', KEYS[2], ARGV[9], scan_id)
-if cap_key > 0 or cap_bytes > 0 then
-  redis.call('HSET', KEYS[3], scan_id, stored)
-  redis.call('EXPIRE', KEYS[3], ttl)
-end
-return {'ok', 0}
-"""
+_ADMIT_SCAN = Script("admit_scan")
+_KEEP_SCAN = Script("keep_scan")
+_DELETE_IF_EQUAL = Script("delete_if_equal")
+
+# How long an Idempotency-Key is remembered: a day, so a nightly job's retries (and a
+# rerun the same day) find the scan their first try started.
+IDEMPOTENCY_TTL_S = 24 * 3600
 
 
-# KEYS: the scan's lock, scans not finalised (the reaper's index)
-# ARGV: the lock's token, its time to live (ms), scan id, the scan's next deadline
-# The coordinator holding the lock extends it and the scan's deadline in one step,
-# only while the lock is still its own (one that expired and was taken by another
-# coordinator is left to that one). Reply: 1 when kept, 0 when no longer ours.
-_KEEP_SCAN = """
-local token, ttl_ms, scan_id, deadline = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('GET', KEYS[1]) ~= token then return 0 end
-redis.call('PEXPIRE', KEYS[1], ttl_ms)
-redis.call('ZADD', KEYS[2], 'XX', deadline, scan_id)
-return 1
-"""
-
-
-class ScanStore:
+class ScanStore(Store):
     """Scan records (progress counters, status, callback state) and coordinator locks."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        keys: Keys,
-        durable: redis.Redis | None = None,
-        adurable: aioredis.Redis | None = None,
-    ) -> None:
-        self.settings = settings
-        self.keys = keys
-        self._durable = durable
-        self._adurable = adurable
 
     @property
     def durable(self) -> redis.Redis:
-        assert self._durable is not None, "this ScanStore was built without a blocking client"
-        return self._durable
+        """The blocking durable client."""
+        return self.sync.durable
 
     @property
     def adurable(self) -> aioredis.Redis:
-        assert self._adurable is not None, "this ScanStore was built without an asyncio client"
-        return self._adurable
+        """The asyncio durable client."""
+        return self.aio.durable
 
     # -- the API's side --------------------------------------------------------------
 
@@ -105,10 +49,14 @@ class ScanStore:
         callback_url: str | None,
         owner: str = "",
         stored_bytes: int = 0,
+        catalogue: str | None = None,
+        extra: dict[str, str] | None = None,
     ) -> None:
         """A queued scan of ``total`` rows read from ``manifest``, started by ``owner``
-        (the API key's id) with ``stored_bytes`` of manifest kept for it. The scan caps
-        are checked in the same atomic step (``ScanLimitError``, ``ScansBusyError``)."""
+        (the API key's id) with ``stored_bytes`` of manifest kept for it, of ``owner``'s
+        ``catalogue`` when named; ``extra``: more fields of the record (an object
+        manifest's ETag, the results' URL). The scan caps are checked in the same atomic
+        step (``ScanLimitError``, ``ScansBusyError``)."""
         record: dict[str, str] = {
             "status": ScanStatus.QUEUED,
             "created_at": now(),
@@ -118,6 +66,9 @@ class ScanStore:
         }
         if callback_url:
             record["callback_url"] = callback_url
+        if catalogue:
+            record["catalogue"] = catalogue
+        record.update(extra or {})
         if owner:
             record["owner"] = owner
             record["stored_bytes"] = str(stored_bytes)
@@ -125,32 +76,24 @@ class ScanStore:
         fields = [x for pair in record.items() for x in pair]
         # One connection, in order (no MULTI: WAITAOF must follow the writes, not sit
         # inside a transaction): the record is on disk before the API answers 202.
-        pipe = self.durable.pipeline(transaction=False)
-        pipe.eval(
+        batch = Batch(self.durable)
+        batch.script(
             _ADMIT_SCAN,
-            3,
-            key,
-            self.keys.scan_deadlines(),
-            self.keys.scans_of(owner or "-"),
-            *self._admit_args(owner, stored_bytes, "create"),
-            scan_id,
-            self.settings.scan_ttl_s,
-            self._deadline(queued=True),
-            *fields,
+            [key, self.keys.scan_deadlines(), self.keys.scans_of(owner or "-")],
+            [
+                *self._admit_args(owner, stored_bytes, "create"),
+                scan_id,
+                self.settings.scan_ttl_s,
+                self._deadline(queued=True),
+                *fields,
+            ],
         )
-        if self.settings.durable_ack_on:
-            # The primary's AOF, and with OFA_DURABLE_ACK=replica one replica's too.
-            pipe.execute_command(
-                "WAITAOF",
-                1,
-                self.settings.durable_ack_replicas,
-                self.settings.durable_ack_timeout_ms,
-            )
-        replies = pipe.execute(raise_on_error=False)
+        waits = wait_on_disk(batch, self.settings)
+        replies = batch.execute()
         if isinstance(replies[0], Exception):
             raise replies[0]
         self._admitted(replies[0], owner)
-        if self.settings.durable_ack_on:
+        if waits:
             confirm_on_disk(
                 replies[-1],
                 lambda: self.discard(scan_id),
@@ -161,13 +104,10 @@ class ScanStore:
     async def aadmit(self, owner: str) -> None:
         """Refuse a new scan before its manifest is read when ``owner`` (an API key's
         id) or the service is at a scan cap (``create`` checks again, atomically)."""
-        reply = await self.adurable.eval(
-            _ADMIT_SCAN,
-            3,
-            self.keys.scan("-"),
-            self.keys.scan_deadlines(),
-            self.keys.scans_of(owner or "-"),
-            *self._admit_args(owner, 0, "check"),
+        reply = await _ADMIT_SCAN.acall(
+            self.adurable,
+            [self.keys.scan("-"), self.keys.scan_deadlines(), self.keys.scans_of(owner or "-")],
+            self._admit_args(owner, 0, "check"),
         )
         self._admitted(reply, owner)
 
@@ -300,8 +240,15 @@ class ScanStore:
         )
 
     def set_total(self, scan_id: str, total: int) -> None:
-        """The manifest turned out shorter than counted."""
-        self.durable.hset(self.keys.scan(scan_id), "total", str(total))
+        """The manifest turned out shorter than counted, or (an object manifest, whose
+        rows are not counted before the scan) was read to its end."""
+        mapping = {"total": str(total), "total_known": "1"}
+        self.durable.hset(self.keys.scan(scan_id), mapping=mapping)  # type: ignore[arg-type]
+
+    def results_written(self, scan_id: str, error: str | None = None) -> None:
+        """The outcome of writing the scan's results to its ``results_url``."""
+        fields = {"results_written": "0" if error else "1", "results_error": error or ""}
+        self.durable.hset(self.keys.scan(scan_id), mapping=fields)  # type: ignore[arg-type]
 
     @staticmethod
     def _count_fields(counts: ScanCounts, finished: bool) -> dict[str, str]:
@@ -321,17 +268,67 @@ class ScanStore:
         counts: ScanCounts,
         status: ScanStatus = ScanStatus.SUCCEEDED,
         error: str | None = None,
+        catalogue: Catalogued | None = None,
     ) -> None:
         """The end: succeeded, cancelled (kept) or failed, with the final counts; the
-        scan leaves the reaper's index."""
+        scan leaves the reaper's index. A succeeded scan of a catalogue (``catalogue``:
+        its changes, counted first) becomes, in the same transaction, the baseline of
+        the catalogue's next scan."""
         fields = {**self._count_fields(counts, True), "status": status}
         if error:
             fields["error"] = error
+        if catalogue is not None and catalogue.baseline_scan:
+            fields["baseline_scan"] = catalogue.baseline_scan
+        if catalogue is not None and catalogue.changes is not None:
+            fields["changes"] = catalogue.changes.model_dump_json()
         pipe = self.durable.pipeline(transaction=True)
         pipe.hset(self.keys.scan(scan_id), mapping=fields)  # type: ignore[arg-type]
         pipe.expire(self.keys.scan(scan_id), self.settings.scan_ttl_s)
         pipe.zrem(self.keys.scan_deadlines(), scan_id)
+        if catalogue is not None and status == ScanStatus.SUCCEEDED:
+            name = self.keys.catalogue(catalogue.owner, catalogue.name)
+            pipe.hset(name, mapping={"scan": scan_id, "finished_at": fields["finished_at"]})
+            pipe.expire(name, self.settings.scan_ttl_s)
         pipe.execute()
+
+    def baseline(self, owner: str, catalogue: str) -> str | None:
+        """The catalogue's last succeeded scan (None: none yet, or it expired)."""
+        got = self.durable.hget(self.keys.catalogue(owner, catalogue), "scan")
+        return text_of(got) if got is not None else None
+
+    # -- Idempotency-Key ---------------------------------------------------------------
+
+    async def areserve(self, owner: str, key: str, digest: str) -> tuple[str, str] | None:
+        """Reserve ``owner``'s idempotency ``key`` for a request whose body has
+        ``digest``, for ``IDEMPOTENCY_TTL_S``: None when this request won it; otherwise
+        what the key holds, (body digest, scan id or "" while its winner is creating)."""
+        name = self.keys.idempotency(owner, _key_digest(key))
+        ok = await self.adurable.set(name, f"{digest} ", nx=True, ex=IDEMPOTENCY_TTL_S)
+        if ok:
+            return None
+        held = await self.adurable.get(name)
+        if held is None:  # expired between the two calls: try once more
+            ok = await self.adurable.set(name, f"{digest} ", nx=True, ex=IDEMPOTENCY_TTL_S)
+            if ok:
+                return None
+            held = await self.adurable.get(name) or b" "
+        got, _, scan_id = text_of(held).partition(" ")
+        return got, scan_id
+
+    async def arecord(self, owner: str, key: str, digest: str, scan_id: str) -> None:
+        """The reserved key's request created ``scan_id``: what its replays answer."""
+        name = self.keys.idempotency(owner, _key_digest(key))
+        await self.adurable.set(name, f"{digest} {scan_id}", xx=True, keepttl=True)
+
+    async def arelease(self, owner: str, key: str, digest: str, scan_id: str = "") -> None:
+        """The key is free again: its reserving request created nothing (or the
+        ``scan_id`` it names is gone). Left alone if it has come to hold anything else."""
+        name = self.keys.idempotency(owner, _key_digest(key))
+        await _DELETE_IF_EQUAL.acall(self.adurable, [name], [f"{digest} {scan_id}"])
+
+    async def aheld(self, owner: str, key: str) -> bool:
+        """Whether ``owner``'s idempotency ``key`` is reserved or names a scan."""
+        return bool(await self.adurable.exists(self.keys.idempotency(owner, _key_digest(key))))
 
     def forget(self, scan_id: str) -> None:
         """Drop a vanished scan from the reaper's index."""
@@ -355,15 +352,10 @@ class ScanStore:
         """Extend the scan's lock (while ``token`` still holds it) by ``ttl_s`` and its
         deadline as a running slice's, in one step; False when the lock is no longer
         this coordinator's."""
-        reply = self.durable.eval(
-            _KEEP_SCAN,
-            2,
-            self.keys.scan_lock(scan_id),
-            self.keys.scan_deadlines(),
-            token,
-            max(1, int(ttl_s * 1000)),
-            scan_id,
-            self._deadline(queued=False),
+        reply = _KEEP_SCAN(
+            self.durable,
+            [self.keys.scan_lock(scan_id), self.keys.scan_deadlines()],
+            [token, max(1, int(ttl_s * 1000)), scan_id, self._deadline(queued=False)],
         )
         return bool(reply)
 
@@ -373,7 +365,22 @@ class ScanStore:
 
     def unlock(self, scan_id: str, token: str) -> None:
         """Release the lock if it is still ours."""
-        self.durable.eval(DELETE_IF_EQUAL, 1, self.keys.scan_lock(scan_id), token)
+        _DELETE_IF_EQUAL(self.durable, [self.keys.scan_lock(scan_id)], [token])
+
+
+@dataclass(frozen=True)
+class Catalogued:
+    """A catalogue scan's end: its owner's catalogue, the baseline it was compared with
+    and the changes (None: nothing to compare with)."""
+
+    owner: str
+    name: str
+    baseline_scan: str | None = None
+    changes: ChangeCounts | None = None
+
+
+def _key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def summarize(scan_id: str, raw: dict[str, str]) -> ScanSummary:
@@ -386,12 +393,18 @@ def summarize(scan_id: str, raw: dict[str, str]) -> ScanSummary:
     }
     started = times["started_at"]
     end = times["finished_at"] or time.time()
+    total_known = raw.get("total_known") != "0"
+    if not total_known:  # an object manifest still being read: the rows so far
+        counts["total"] = max(counts["total"], counts["read"])
     finished_rows = counts["done"] + counts["failed"]
     rate = finished_rows / (end - started) if started and end > started else 0.0
     remaining = counts["total"] - finished_rows
     eta = round(remaining / rate, 1) if rate > 0 and remaining > 0 else None
     if remaining <= 0:
         eta = 0.0
+    if not total_known:
+        eta = None
+    written = raw.get("results_written")
     return ScanSummary(
         scan_id=scan_id,
         status=ScanStatus(raw.get("status", ScanStatus.QUEUED)),
@@ -401,4 +414,13 @@ def summarize(scan_id: str, raw: dict[str, str]) -> ScanSummary:
         eta_s=eta,
         callback_url=raw.get("callback_url") or None,
         error=raw.get("error") or None,
+        catalogue=raw.get("catalogue") or None,
+        baseline_scan=raw.get("baseline_scan") or None,
+        changes=ChangeCounts.model_validate_json(raw["changes"]) if raw.get("changes") else None,
+        total_known=total_known,
+        manifest_url=raw.get("manifest") if raw.get("manifest_etag") is not None else None,
+        results_url=raw.get("results_url") or None,
+        results_format=raw.get("results_format") or None,
+        results_written=None if written is None else written == "1",
+        results_error=raw.get("results_error") or None,
     )

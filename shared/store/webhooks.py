@@ -17,26 +17,17 @@ from urllib.parse import urlsplit
 import redis
 
 from shared.keys import Keys
+from shared.settings import Settings
+from shared.store.clients import Clients, Store
+from shared.store.scripts import Script
 
 logger = logging.getLogger(__name__)
 
-# KEYS[1] = the receiver's holds (sorted set: token -> expiry, ms on the server clock)
-# ARGV[1] = token, ARGV[2] = the bound, ARGV[3] = how long a hold lasts (ms)
-# Returns 1 with the hold taken, 0 when the receiver is at its bound (nothing changed
-# but the removal of expired holds).
-_TAKE = """
-local holds = KEYS[1]
-local token = ARGV[1]
-local bound = tonumber(ARGV[2])
-local hold_ms = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', holds, '-inf', now)
-if redis.call('ZCARD', holds) >= bound then return 0 end
-redis.call('ZADD', holds, now + hold_ms, token)
-redis.call('PEXPIRE', holds, hold_ms)
-return 1
-"""
+_TAKE_HOLD = Script("take_hold")
+
+# A hold lasts a delivery's deadline (OFA_WEBHOOK_DEADLINE_S) and this much more: a
+# delivery still running holds its slot; a dead coordinator's hold expires soon after.
+HOLD_MARGIN_S = 5.0
 
 
 def receiver_of(url: str) -> str:
@@ -51,16 +42,30 @@ def receiver_of(url: str) -> str:
     return f"{host}:{port or (443 if parts.scheme == 'https' else 80)}"
 
 
-class WebhookSlots:
-    """At most ``bound`` deliveries in flight to one receiver; each hold lasts ``hold_s``
-    unless given back first. Owns the ``webhooks:{host:port}`` keys."""
+class WebhookSlots(Store):
+    """At most ``bound`` deliveries in flight to one receiver (``OFA_WEBHOOK_PER_HOST``);
+    each hold lasts ``hold_s`` (the delivery's deadline and ``HOLD_MARGIN_S``) unless
+    given back first. Owns the ``webhooks:{host:port}`` keys."""
 
-    def __init__(self, keys: Keys, durable: redis.Redis, bound: int, hold_s: float):
-        self.keys = keys
-        self.durable = durable
-        self.bound = bound
+    def __init__(
+        self,
+        settings: Settings,
+        keys: Keys,
+        clients: Clients,
+        *,
+        bound: int | None = None,
+        hold_s: float | None = None,
+    ) -> None:
+        super().__init__(settings, keys, clients)
+        self.bound = settings.webhook_per_host if bound is None else bound
+        if hold_s is None:
+            hold_s = settings.webhook_deadline_s + HOLD_MARGIN_S
         self.hold_ms = max(1, int(hold_s * 1000))
-        self._take = durable.register_script(_TAKE)
+
+    @property
+    def durable(self) -> redis.Redis:
+        """The blocking durable client."""
+        return self.sync.durable
 
     def key(self, receiver: str) -> str:
         """The receiver's sorted set of holds (``shared/keys.py`` spells every other key;
@@ -70,7 +75,7 @@ class WebhookSlots:
     def take(self, receiver: str) -> str | None:
         """A hold on one of the receiver's slots (its token), or None at the bound."""
         token = uuid.uuid4().hex
-        taken = self._take(keys=[self.key(receiver)], args=[token, self.bound, self.hold_ms])
+        taken = _TAKE_HOLD(self.durable, [self.key(receiver)], [token, self.bound, self.hold_ms])
         return token if int(taken) else None
 
     def give_back(self, receiver: str, token: str) -> None:

@@ -12,8 +12,9 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from api import waiter as waiter_module
 from api.waiter import JobWaiter
+from shared.store import AsyncRedis, Clients, DoneChannel
+from shared.store import job_reads as job_reads_module
 
 
 class FreezingProxy:
@@ -69,7 +70,7 @@ class FreezingProxy:
 
 
 def test_a_silent_subscription_is_replaced(valkey: str, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(waiter_module, "QUIET_S", 0.3)
+    monkeypatch.setattr(job_reads_module, "QUIET_S", 0.3)
     port = int(valkey.rsplit(":", 1)[1].split("/")[0])
     channel = "ofa:test:waiter-done"
 
@@ -77,7 +78,7 @@ def test_a_silent_subscription_is_replaced(valkey: str, monkeypatch: pytest.Monk
         proxy = FreezingProxy(port)
         proxied = aioredis.Redis(port=await proxy.start(), socket_timeout=None)
         direct = aioredis.Redis.from_url(valkey)
-        waiter = JobWaiter(proxied, channel)
+        waiter = JobWaiter(DoneChannel(channel, Clients(asyncio=AsyncRedis(proxied, proxied))))
         try:
             first = waiter.register("job-1")
             await asyncio.sleep(0.2)  # subscribed

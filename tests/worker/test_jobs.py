@@ -10,9 +10,10 @@ import pytest
 
 from shared.errors import BadInputError
 from shared.keys import verdict_key
-from shared.models import EntailTask, JobStatus
+from shared.models import JobStatus
+from shared.wire import EntailTask
 from tests.conftest import INPROC_MODEL
-from tests.helpers import settled
+from tests.helpers import batch_stats, settled
 from worker.jobs import run_job
 from worker.runtime import Runtime
 
@@ -44,7 +45,7 @@ def queued(rt: Runtime, image: bytes, text: str, scan_id: str | None = None) -> 
 
 def settled_stats(rt: Runtime) -> dict[str, int]:
     """The batch statistics, settled (``tests.helpers.settled``)."""
-    return settled(rt.jobs.batch_stats, settle_s=0.2)
+    return settled(lambda: batch_stats(rt.settings), settle_s=0.2)
 
 
 def test_scores_then_finishes_redelivery_from_the_cache(rt: Runtime):
@@ -58,7 +59,7 @@ def test_scores_then_finishes_redelivery_from_the_cache(rt: Runtime):
     assert verdict is not None and verdict.label == expected.label
     assert verdict.probabilities.model_dump() == pytest.approx(expected.probabilities, abs=1e-6)
     assert (verdict.model.id, verdict.model.revision) == INPROC_MODEL and verdict.key == msg.key
-    job = rt.jobs.get(msg.job_id)
+    job = rt.reads.get(msg.job_id)
     assert job is not None and job.status == JobStatus.SUCCEEDED and not job.cached
     assert settled_stats(rt)["items"] == items + 1
     # The same message again (a duplicate): the job is finished, nothing runs.
@@ -70,7 +71,7 @@ def test_scores_then_finishes_redelivery_from_the_cache(rt: Runtime):
     rdb.hset(rt.jobs.keys.job(msg.job_id), "status", "running")
     rdb.zadd(rt.jobs.keys.job_deadlines(), {msg.job_id: time.time() - 1})
     assert run_job(rt, msg).verdict == verdict
-    assert rt.jobs.get(msg.job_id).cached  # type: ignore[union-attr]
+    assert rt.reads.get(msg.job_id).cached  # type: ignore[union-attr]
     assert settled_stats(rt)["items"] == items + 1
 
 
@@ -79,7 +80,7 @@ def test_an_image_the_model_cannot_read_fails_at_once(rt: Runtime):
 
     msg = queued(rt, small_jpeg(seed=6)[:300], "x")  # truncated
     assert run_job(rt, msg).verdict is None
-    job = rt.jobs.get(msg.job_id)
+    job = rt.reads.get(msg.job_id)
     assert job is not None and job.status == JobStatus.FAILED
     assert job.error is not None and job.error.startswith("Unreadable image")
 
@@ -90,7 +91,7 @@ def test_an_expired_blob_fails_readably(rt: Runtime, rdb):
     msg = queued(rt, small_jpeg(seed=7), "x")
     rdb.delete(rt.jobs.keys.blob(msg.key))
     assert run_job(rt, msg).verdict is None
-    assert "expired" in (rt.jobs.get(msg.job_id).error or "")  # type: ignore[union-attr]
+    assert "expired" in (rt.reads.get(msg.job_id).error or "")  # type: ignore[union-attr]
 
 
 def test_a_cancelled_scan_drops_its_jobs(rt: Runtime):
@@ -100,7 +101,7 @@ def test_a_cancelled_scan_drops_its_jobs(rt: Runtime):
     msg = queued(rt, small_jpeg(seed=8), "x", scan_id="s-cancel")
     rt.scans.durable.hset(rt.scans.keys.scan("s-cancel"), "status", "cancelled")
     assert run_job(rt, msg).verdict is None
-    assert rt.jobs.get(msg.job_id).error == "scan cancelled"  # type: ignore[union-attr]
+    assert rt.reads.get(msg.job_id).error == "scan cancelled"  # type: ignore[union-attr]
 
 
 def test_a_chunk_runs_its_items_together_each_with_its_own_outcome(rt: Runtime, monkeypatch):
@@ -124,11 +125,11 @@ def test_a_chunk_runs_its_items_together_each_with_its_own_outcome(rt: Runtime, 
     assert after["items"] - stats.get("items", 0) == 5
     assert after["batches"] - stats.get("batches", 0) <= 2  # scored together, not one by one
     for msg in fresh:
-        job = rt.jobs.get(msg.job_id)
+        job = rt.reads.get(msg.job_id)
         assert job is not None and job.status == JobStatus.SUCCEEDED and job.verdict is not None
-    cached_job = rt.jobs.get(cached.job_id)
+    cached_job = rt.reads.get(cached.job_id)
     assert cached_job is not None and cached_job.cached
-    failed = rt.jobs.get(broken.job_id)
+    failed = rt.reads.get(broken.job_id)
     assert failed is not None and failed.status == JobStatus.FAILED and failed.error
 
 
@@ -165,7 +166,7 @@ def test_preprocessing_processes_give_the_same_verdicts(rt: Runtime, inproc_sett
         broken = queued(pooled, b"GIF89a not an image", "pooled broken", "scan-p")
         counts = run_chunk(pooled, [*chunk, broken])
         assert counts == {"scored": 4, "cached": 0, "skipped": 1, "retried": 0}
-        failed = pooled.jobs.get(broken.job_id)
+        failed = pooled.reads.get(broken.job_id)
         assert failed is not None and failed.status == JobStatus.FAILED
     finally:
         pooled.stop()
@@ -202,16 +203,16 @@ def test_a_blob_that_does_not_hash_to_its_key_is_never_scored(rt: Runtime):
     assert counts == {"scored": 1, "cached": 0, "skipped": 2, "retried": 0}
     assert settled_stats(rt)["items"] == items + 1  # only "fine" reached the model
     for msg in (swapped, retexted):
-        job = rt.jobs.get(msg.job_id)
+        job = rt.reads.get(msg.job_id)
         assert job is not None and job.status == JobStatus.FAILED
         assert job.error == KEY_MISMATCH
-        assert rt.jobs.cached_many([msg.key]) == {}
+        assert rt.reads.cached_many([msg.key]) == {}
         assert not rt.redis.durable.exists(rt.jobs.keys.blob(msg.key))
     # Alone (an interactive job, or one the reaper sent again): the same refusal.
     again_key = verdict_key(*INPROC_MODEL, image, "a tall cup", None)
     again_id = rt.jobs.create_or_join(again_key, other, "a tall cup", None).job_id
     alone = swapped.model_copy(update={"job_id": again_id, "key": again_key, "text": "a tall cup"})
     assert run_job(rt, alone).verdict is None
-    job = rt.jobs.get(again_id)
+    job = rt.reads.get(again_id)
     assert job is not None and job.error == KEY_MISMATCH
-    assert rt.jobs.cached_many([again_key]) == {}
+    assert rt.reads.cached_many([again_key]) == {}

@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from shared.models import EntailTask, JobStatus
+from shared.models import JobStatus
 from shared.store import StartAction
-from tests.helpers import settled, small_jpeg
+from shared.wire import EntailTask
+from tests.helpers import batch_stats, settled, small_jpeg
 from tests.worker.test_jobs import queued as queued_job
 from worker import jobs as worker_jobs
-from worker.jobs import Outcome, run_chunk, run_job
+from worker.jobs import Handled, run_chunk, run_job
 from worker.leases import Leases
 from worker.runtime import Runtime
 
@@ -56,7 +57,7 @@ def second_worker_tries(rt: Runtime, msgs: list[EntailTask]) -> list[StartAction
 
 
 def items_scored(rt: Runtime) -> int:
-    return settled(rt.jobs.batch_stats, settle_s=0.2).get("items", 0)
+    return settled(lambda: batch_stats(rt.settings), settle_s=0.2).get("items", 0)
 
 
 def test_a_group_whose_decoding_outlasts_its_lease_is_computed_once(rt, monkeypatch):
@@ -72,7 +73,7 @@ def test_a_group_whose_decoding_outlasts_its_lease_is_computed_once(rt, monkeypa
     thread, out = in_thread(lambda: worker_jobs.run_many(rt, msgs, 0))
     assert second_worker_tries(rt, msgs) == [StartAction.BUSY] * 3
     thread.join(timeout=30)
-    outcomes: list[Outcome] = out[0]
+    outcomes: list[Handled] = out[0]
     assert [o.kind for o in outcomes] == ["scored"] * 3
     for msg in msgs:
         record = rt.jobs.record(msg.job_id)

@@ -8,21 +8,22 @@ import time
 import pytest
 import redis
 
-from shared.celery_app import make_celery, queue_name
-from shared.models import EntailTask, JobStatus, ScanCounts
-from shared.store import JobStore, ScanStore
-from shared.submit import BulkItem, submit_bulk, submit_job
+from shared.celery_app import make_celery
+from shared.models import JobStatus, ScanCounts
+from shared.store import JobStore
+from shared.submit import BulkItem, submit_bulk
+from shared.wire import EntailTask, queue_name
 from tests.conftest import INPROC_MODEL
-from tests.helpers import broker_messages
+from tests.helpers import broker_messages, run_async, submit_job
 from worker.reaper import LOST_CONFIRM_S, Reaper
 
 pytestmark = pytest.mark.usefixtures("clean_inproc")
 
 
 @pytest.fixture
-def reaper(inproc_settings, jobs: JobStore, scans: ScanStore, rdb: redis.Redis) -> Reaper:
-    rdb.delete(jobs.keys.reaper_lock())
-    return Reaper(inproc_settings, jobs, scans, make_celery(inproc_settings))
+def reaper(inproc_settings, stores, rdb: redis.Redis) -> Reaper:
+    rdb.delete(stores.jobs.keys.reaper_lock())
+    return Reaper(inproc_settings, stores, make_celery(inproc_settings))
 
 
 def overdue(rdb: redis.Redis, jobs: JobStore, job_id: str) -> None:
@@ -58,13 +59,15 @@ def test_overdue_jobs_are_sent_again_from_their_record(reaper, jobs, rdb):
     assert stats[b"resent"] == b"2" and float(stats[b"last_run"]) > time.time() - 5
 
 
-def test_one_reaper_acts_per_period(reaper, inproc_settings, jobs, scans):
-    other = Reaper(inproc_settings, jobs, scans, reaper.celery)
+def test_one_reaper_acts_per_period(reaper, inproc_settings, stores):
+    other = Reaper(inproc_settings, stores, reaper.celery)
     assert reaper.run_once() is not None
     assert other.run_once() is None
 
 
-def test_poison_and_never_started_jobs_fail_and_free_their_key(reaper, inproc_settings, jobs, rdb):
+def test_poison_and_never_started_jobs_fail_and_free_their_key(
+    reaper, inproc_settings, jobs, reads, rdb
+):
     poison = jobs.create_or_join("r4", b"img", "t", None).job_id
     for _ in range(inproc_settings.max_attempts):
         overdue(rdb, jobs, poison)
@@ -74,10 +77,10 @@ def test_poison_and_never_started_jobs_fail_and_free_their_key(reaper, inproc_se
     rdb.hset(jobs.keys.job(orphan), "dispatches", str(inproc_settings.max_dispatches))
     overdue(rdb, jobs, orphan)
     assert reaper.run_once() == {"resent": 0, "poisoned": 2, "scans_resent": 0, "lost": 0}
-    assert "gave up after 3 attempts" in (jobs.get(poison).error or "")  # type: ignore[union-attr]
-    assert "no worker took this job" in (jobs.get(orphan).error or "")  # type: ignore[union-attr]
+    assert "gave up after 3 attempts" in (reads.get(poison).error or "")  # type: ignore[union-attr]
+    assert "no worker took this job" in (reads.get(orphan).error or "")  # type: ignore[union-attr]
     assert not rdb.exists(jobs.keys.inflight("r4"), jobs.keys.inflight("r5"))
-    assert jobs.backlog() == (0, 0, None)
+    assert run_async(inproc_settings, lambda st: st.reads.abacklog()) == (0, 0, None)
 
 
 def test_vanished_and_finished_jobs_are_forgotten(reaper, jobs, rdb):
@@ -105,11 +108,11 @@ def test_a_quiet_scan_gets_its_next_slice(reaper, scans, rdb):
 
 
 @pytest.fixture
-def quick(inproc_settings, jobs: JobStore, scans: ScanStore, rdb: redis.Redis) -> Reaper:
+def quick(inproc_settings, stores, rdb: redis.Redis) -> Reaper:
     """A reaper that counts a message lost as soon as it is missing (no grace)."""
-    rdb.delete(jobs.keys.reaper_lock())
+    rdb.delete(stores.jobs.keys.reaper_lock())
     settings = inproc_settings.model_copy(update={"lost_message_grace_s": 0.0})
-    return Reaper(settings, jobs, scans, make_celery(settings))
+    return Reaper(settings, stores, make_celery(settings))
 
 
 def next_turn(reaper: Reaper, rdb: redis.Redis) -> dict[str, int] | None:
@@ -119,8 +122,8 @@ def next_turn(reaper: Reaper, rdb: redis.Redis) -> dict[str, int] | None:
 
 def test_a_message_a_dead_worker_took_is_sent_again_at_once(quick, jobs, rdb):
     queue = queue_name(*INPROC_MODEL)
-    lost, _ = submit_job(jobs, quick.celery, "l1", b"img", "taken and lost", None)
-    waiting, _ = submit_job(jobs, quick.celery, "l2", b"img", "still queued", None)
+    lost, _ = submit_job(quick.settings, quick.celery, "l1", b"img", "taken and lost", None)
+    waiting, _ = submit_job(quick.settings, quick.celery, "l2", b"img", "still queued", None)
     # A worker's BRPOP takes the oldest message; the worker dies before kombu records it.
     taken = json.loads(rdb.rpop(queue))
     assert taken["headers"]["id"] == lost
@@ -139,8 +142,10 @@ def test_a_message_a_dead_worker_took_is_sent_again_at_once(quick, jobs, rdb):
 
 def test_messages_a_live_worker_holds_and_jobs_put_back_are_not_lost(quick, jobs, rdb):
     queue = queue_name(*INPROC_MODEL)
-    held, _ = submit_job(jobs, quick.celery, "l3", b"img", "held by a worker", None)
-    put_back, _ = submit_job(jobs, quick.celery, "l4", b"img", "started, then put back", None)
+    held, _ = submit_job(quick.settings, quick.celery, "l3", b"img", "held by a worker", None)
+    put_back, _ = submit_job(
+        quick.settings, quick.celery, "l4", b"img", "started, then put back", None
+    )
     with quick.celery.connection_for_read() as conn:
         simple = conn.SimpleQueue(queue)
         message = simple.get(timeout=2)  # taken through kombu: in its unacked hash
@@ -168,12 +173,15 @@ def test_a_lost_scan_chunk_is_sent_again_job_by_job(quick, jobs, rdb):
     assert all(jobs.record(j).get("dispatches") is None for j in second)
 
 
-def test_a_long_queue_is_read_only_at_its_old_end(quick, jobs, rdb):
+def test_a_long_queue_is_read_only_at_its_old_end(quick, reaping, rdb):
     queue = queue_name(*INPROC_MODEL)
-    ids = [submit_job(jobs, quick.celery, f"w{i}", b"img", f"n {i}", None)[0] for i in range(4)]
+    ids = [
+        submit_job(quick.settings, quick.celery, f"w{i}", b"img", f"n {i}", None)[0]
+        for i in range(4)
+    ]
     lost = ids[0]
     rdb.rpop(queue)  # the oldest, taken and lost
-    got = jobs.lost_messages(
+    got = reaping.lost_messages(
         lambda r: queue_name(r["model"], r["revision"]), quick.unacked_key, 0.0, window=1
     )
     # Read one message deep, the queue of three: the lost job was sent before the

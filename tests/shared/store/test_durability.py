@@ -12,6 +12,7 @@ import pytest
 from shared import wiring
 from shared.errors import QueueUnavailableError
 from shared.store import JobStore, ScanStore
+from shared.wiring import SyncRedis
 
 
 @pytest.fixture
@@ -25,12 +26,12 @@ def server(request, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     srv.stop()
 
 
-def stores(inproc_settings, url: str) -> tuple[JobStore, ScanStore, wiring.SyncRedis]:
+def stores(inproc_settings, url: str) -> tuple[JobStore, ScanStore, SyncRedis]:
     settings = inproc_settings.model_copy(update={"redis_url": url, "durable_ack": "fsync"})
     assert settings.durable_ack_on
     clients = wiring.sync_redis(settings)
-    keys = wiring.keys(settings)
-    return JobStore(settings, keys, clients), ScanStore(settings, keys, clients.durable), clients
+    built = wiring.stores(settings, sync=clients)
+    return built.jobs, built.scans, clients
 
 
 @pytest.mark.parametrize(
@@ -74,19 +75,19 @@ def test_production_defaults_to_durable_acknowledgement(inproc_settings):
 @pytest.mark.parametrize("blocking", [False, True], ids=["api", "blocking"])
 @pytest.mark.parametrize("server", [{"appendonly": "no"}, {"appendonly": "yes"}], indirect=True)
 def test_the_submission_path_waits_for_the_disk_too(server, inproc_settings, blocking):
-    """The atomic record-and-message path, from the event loop (the API) and blocking
-    (``submit_job``): on disk before the answer, or a clear error with nothing left
-    behind, its queued message included."""
+    """The atomic record-and-message path from the event loop (the API), and the
+    blocking one of a scan's jobs (``submit_bulk``): on disk before the answer, or a
+    clear error with nothing left behind, its queued message included."""
     import asyncio
 
     from shared.celery_app import make_celery
-    from shared.submit import asubmit_job, submit_job
+    from shared.submit import BulkItem, asubmit_job, submit_bulk
 
     url, data = server
     settings = inproc_settings.model_copy(update={"redis_url": url, "durable_ack": "fsync"})
-    jobs = JobStore(
-        settings, wiring.keys(settings), wiring.sync_redis(settings), wiring.async_redis(settings)
-    )
+    jobs = wiring.stores(
+        settings, sync=wiring.sync_redis(settings), aio=wiring.async_redis(settings)
+    ).jobs
     celery = make_celery(settings)
     aof = jobs.sync.durable.config_get("appendonly")["appendonly"] == "yes"
 
@@ -98,7 +99,9 @@ def test_the_submission_path_waits_for_the_disk_too(server, inproc_settings, blo
 
     def main():
         if blocking:
-            return submit_job(jobs, celery, "d3", b"image-bytes", "t", None)
+            item = BulkItem("d3", b"image-bytes", "t", None)
+            [job_id] = submit_bulk(jobs, celery, "scan-d3", [item], chunk=1)
+            return job_id, True  # a new server: the job is new
         return asyncio.run(api())
 
     try:
@@ -109,6 +112,6 @@ def test_the_submission_path_waits_for_the_disk_too(server, inproc_settings, blo
         else:
             with pytest.raises(QueueUnavailableError, match="appendonly"):
                 main()
-            assert jobs.sync.durable.dbsize() == 0  # no record, no blob, no message
+            assert jobs.sync.durable.keys() == []  # no record, no blob, no message
     finally:
         jobs.sync.close()

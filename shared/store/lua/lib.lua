@@ -1,0 +1,35 @@
+-- lib.lua: functions shared by the scripts that load it first (scripts.py:
+-- ``Script(name, lib=True)`` sends this file and the script as one body).
+
+-- The image bytes held for a job leave the held-bytes count (by the job's class:
+-- a scan's job is 'bulk') as its blob goes.
+local function drop_blob(job, blob, held)
+  local class = 'interactive'
+  if redis.call('HEXISTS', job, 'scan') == 1 then class = 'bulk' end
+  local size = redis.call('STRLEN', blob)
+  if size > 0 then
+    if redis.call('HINCRBY', held, class .. '_bytes', -size) <= 0 then
+      redis.call('HDEL', held, class .. '_bytes')
+    end
+    redis.call('DEL', blob)
+  end
+end
+
+-- Runs ``one(keys, argv)`` for each item of a call that carries many (a chunk's
+-- jobs: one command, one reply, instead of one of each per job), in one atomic step.
+-- KEYS: each item's keys one after the other, the same number for each.
+-- ARGV[1]: that number; then for each item: the count of its arguments, the arguments.
+-- Returns each item's reply, in order (false for none).
+local function for_each(one)
+  local n = tonumber(ARGV[1])
+  local out, a = {}, 2
+  for i = 0, #KEYS / n - 1 do
+    local keys = {}
+    for j = 1, n do keys[j] = KEYS[i * n + j] end
+    local m = tonumber(ARGV[a])
+    local argv = {unpack(ARGV, a + 1, a + m)}
+    a = a + 1 + m
+    out[i + 1] = one(keys, argv) or false
+  end
+  return out
+end
