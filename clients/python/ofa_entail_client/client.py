@@ -1,12 +1,12 @@
 """A Python client for the service, sync (``Client``) and async (``AsyncClient``), on httpx.
 
-    from shared.client import Client
+    from ofa_entail_client import Client
 
     with Client("http://127.0.0.1:8000", api_key="...") as ofa:
         result = ofa.check("photo.jpg", "There is a cup of coffee on the table.")
         print(result.verdict.label, result.verdict.probabilities, result.cached)
 
-Results are the service's own typed models (``shared.models``); every refusal raises
+Results are typed models (``ofa_entail_client.models``); every refusal raises
 ``ApiError`` carrying the problem detail; a failed job raises ``JobFailed``; a job
 that does not finish in time raises ``WaitTimeout``.
 """
@@ -14,6 +14,7 @@ that does not finish in time raises ``WaitTimeout``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import IO, Any
 
 import httpx
 
-from shared.models import Job, JobStatus, ScanReport, ScanSummary, Verdict
+from .models import Job, JobStatus, ScanChange, ScanReport, ScanSummary, Verdict
 
 ImageInput = bytes | str | Path  # bytes, a file path, or an http(s) URL
 Progress = Callable[[ScanSummary], None]
@@ -135,6 +136,46 @@ def _finished(job: Job) -> Job:
     return job
 
 
+def _scan_request(
+    manifest: str | Path | None,
+    callback_url: str | None,
+    fmt: str | None,
+    catalogue: str | None,
+    manifest_url: str | None,
+    results_url: str | None,
+    results_format: str | None,
+) -> dict[str, Any]:
+    """httpx keyword arguments for ``POST /v1/scans``: JSON naming an object URL, or a
+    multipart upload (``files`` holds the manifest's path, opened by the caller)."""
+    fields = {
+        "callback_url": callback_url,
+        "format": fmt,
+        "catalogue": catalogue,
+        "results_url": results_url,
+        "results_format": results_format,
+    }
+    given = {k: v for k, v in fields.items() if v}
+    if manifest_url is not None:
+        if manifest is not None:
+            raise ValueError("give a manifest file or a manifest_url, not both")
+        return {"json": {"manifest_url": manifest_url, **given}}
+    if manifest is None:
+        raise ValueError("give a manifest file or a manifest_url")
+    return {"data": given, "files": {"manifest": Path(manifest)}}
+
+
+def _changes(chunks: Iterator[bytes]) -> Iterator[ScanChange]:
+    """``ScanChange`` models from a JSONL stream's chunks."""
+    rest = b""
+    for chunk in chunks:
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield ScanChange.model_validate_json(line)
+    if rest.strip():
+        yield ScanChange.model_validate_json(rest)
+
+
 def _headers(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"}
 
@@ -207,13 +248,32 @@ class Client:
     # -- scans -------------------------------------------------------------------------
 
     def start_scan(
-        self, manifest: str | Path, callback_url: str | None = None, fmt: str | None = None
+        self,
+        manifest: str | Path | None = None,
+        callback_url: str | None = None,
+        fmt: str | None = None,
+        *,
+        catalogue: str | None = None,
+        idempotency_key: str | None = None,
+        manifest_url: str | None = None,
+        results_url: str | None = None,
+        results_format: str | None = None,
     ) -> ScanSummary:
-        """Upload a manifest (JSONL or CSV) and start a scan."""
-        path = Path(manifest)
-        data = {k: v for k, v in (("callback_url", callback_url), ("format", fmt)) if v}
-        with path.open("rb") as fh:
-            response = self.http.post("/v1/scans", data=data, files={"manifest": (path.name, fh)})
+        """Start a scan of a manifest file (JSONL or CSV, uploaded) or of an object URL
+        (``manifest_url``: s3://, gs://, az://). ``catalogue``: its changes since the
+        catalogue's previous succeeded scan are counted; ``idempotency_key``: a start
+        repeated with the same key and arguments within a day returns the first one's
+        scan. ``results_url`` (+ ``results_format``): where the server writes the results."""
+        request = _scan_request(
+            manifest, callback_url, fmt, catalogue, manifest_url, results_url, results_format
+        )
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        with contextlib.ExitStack() as stack:
+            if "files" in request:
+                path = request["files"]["manifest"]
+                fh = stack.enter_context(path.open("rb"))
+                request["files"] = {"manifest": (path.name, fh)}
+            response = self.http.post("/v1/scans", headers=headers, **request)
         if response.status_code >= 400:
             raise ApiError.from_response(response)
         return self.scan_status(response.json()["scan_id"])
@@ -227,20 +287,56 @@ class Client:
 
     def scan(
         self,
-        manifest: str | Path,
+        manifest: str | Path | None = None,
         on_progress: Progress | None = None,
         poll_s: float = 0.5,
         callback_url: str | None = None,
+        **start: Any,
     ) -> ScanSummary:
-        """Run a scan to its end, calling ``on_progress`` with each summary polled."""
-        summary = self.start_scan(manifest, callback_url)
+        """Run a scan to its end, calling ``on_progress`` with each summary polled
+        (``start``: ``start_scan``'s keyword arguments)."""
+        summary = self.start_scan(manifest, callback_url, **start)
+        return self.follow_scan(summary, on_progress, poll_s)
+
+    def follow_scan(
+        self,
+        summary: ScanSummary,
+        on_progress: Progress | None = None,
+        poll_s: float = 0.5,
+        timeout: float | None = None,
+    ) -> ScanSummary:
+        """Poll a started scan until it ends (or ``timeout`` seconds pass: the summary
+        as it then stands, unfinished)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if on_progress is not None:
                 on_progress(summary)
             if summary.status.finished and summary.pending == 0:
                 return summary
+            if deadline is not None and time.monotonic() >= deadline:
+                return summary
             time.sleep(poll_s)
             summary = self.scan_status(summary.scan_id)
+
+    def scan_changes(
+        self, scan_id: str, fmt: str = "jsonl", out: IO[bytes] | None = None
+    ) -> Iterator[bytes]:
+        """A catalogue scan's changes since the catalogue's previous succeeded scan
+        (JSONL lines of ``ScanChange``, or CSV), streamed (written to ``out`` too)."""
+        with self.http.stream(
+            "GET", f"/v1/scans/{scan_id}/changes", params={"format": fmt}
+        ) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ApiError.from_response(response)
+            for chunk in response.iter_bytes():
+                if out is not None:
+                    out.write(chunk)
+                yield chunk
+
+    def iter_changes(self, scan_id: str) -> Iterator[ScanChange]:
+        """The same changes, one ``ScanChange`` at a time."""
+        yield from _changes(self.scan_changes(scan_id))
 
     def scan_report(self, scan_id: str) -> ScanReport:
         """Accuracy, confusion matrix and precision/recall over rows with a gold label."""
@@ -336,14 +432,26 @@ class AsyncClient:
         return CheckResult(job.verdict, job.cached, job.job_id, time.monotonic() - start)
 
     async def start_scan(
-        self, manifest: str | Path, callback_url: str | None = None, fmt: str | None = None
+        self,
+        manifest: str | Path | None = None,
+        callback_url: str | None = None,
+        fmt: str | None = None,
+        *,
+        catalogue: str | None = None,
+        idempotency_key: str | None = None,
+        manifest_url: str | None = None,
+        results_url: str | None = None,
+        results_format: str | None = None,
     ) -> ScanSummary:
-        """Upload a manifest (JSONL or CSV) and start a scan."""
-        path = Path(manifest)
-        data = {k: v for k, v in (("callback_url", callback_url), ("format", fmt)) if v}
-        response = await self.http.post(
-            "/v1/scans", data=data, files={"manifest": (path.name, path.read_bytes())}
+        """Start a scan of a manifest file or of an object URL (``Client.start_scan``)."""
+        request = _scan_request(
+            manifest, callback_url, fmt, catalogue, manifest_url, results_url, results_format
         )
+        if "files" in request:
+            path = request["files"]["manifest"]
+            request["files"] = {"manifest": (path.name, path.read_bytes())}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        response = await self.http.post("/v1/scans", headers=headers, **request)
         if response.status_code >= 400:
             raise ApiError.from_response(response)
         return await self.scan_status(response.json()["scan_id"])
@@ -357,13 +465,15 @@ class AsyncClient:
 
     async def scan(
         self,
-        manifest: str | Path,
+        manifest: str | Path | None = None,
         on_progress: Progress | None = None,
         poll_s: float = 0.5,
         callback_url: str | None = None,
+        **start: Any,
     ) -> ScanSummary:
-        """Run a scan to its end, calling ``on_progress`` with each summary polled."""
-        summary = await self.start_scan(manifest, callback_url)
+        """Run a scan to its end, calling ``on_progress`` with each summary polled
+        (``start``: ``start_scan``'s keyword arguments)."""
+        summary = await self.start_scan(manifest, callback_url, **start)
         while True:
             if on_progress is not None:
                 on_progress(summary)
@@ -371,3 +481,15 @@ class AsyncClient:
                 return summary
             await asyncio.sleep(poll_s)
             summary = await self.scan_status(summary.scan_id)
+
+    async def scan_changes(self, scan_id: str, fmt: str = "jsonl") -> bytes:
+        """A catalogue scan's changes since the catalogue's previous succeeded scan
+        (JSONL lines of ``ScanChange``, or CSV)."""
+        response = await self.http.get(f"/v1/scans/{scan_id}/changes", params={"format": fmt})
+        if response.status_code >= 400:
+            raise ApiError.from_response(response)
+        return response.content
+
+    async def iter_changes(self, scan_id: str) -> list[ScanChange]:
+        """The same changes as ``ScanChange`` models."""
+        return list(_changes(iter([await self.scan_changes(scan_id)])))
