@@ -9,15 +9,42 @@ in the code: when none is configured, ``ofa-entail up`` generates them once into
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "iic/ofa_visual-entailment_snli-ve_large_en"
 DEFAULT_REVISION = "master"
+
+
+# Old environment names still read, each with the name that replaced it.
+DEPRECATED_NAMES = {"OFA_WORKER_THREADS": "OFA_INTERACTIVE_PREFETCH"}
+_warned: set[str] = set()
+
+
+def _warn_deprecated_names() -> None:
+    """Log, once per process, each deprecated name found in the environment."""
+    for old, new in DEPRECATED_NAMES.items():
+        if old in os.environ and old not in _warned:
+            _warned.add(old)
+            log.warning("%s is deprecated: set %s instead (same meaning)", old, new)
+
+
+PAYLOAD_SCHEMES = ("s3", "gs", "az", "redis", "rediss", "unix", "sentinel")
+
+
+def split_urls(value: str) -> list[str]:
+    """Comma-separated URLs, split only before a scheme: a Sentinel URL's own commas
+    (``sentinel://h1:26379,h2:26379/mymaster``) stay inside it."""
+    return [u.strip() for u in re.split(r",(?=\s*[a-z][a-z0-9+.-]*://)", value) if u.strip()]
 
 
 class Settings(BaseSettings):
@@ -51,8 +78,14 @@ class Settings(BaseSettings):
     bulk_batch_ms: float = Field(20.0, ge=0, le=60_000)
     # Interactive messages a worker process holds at a time (Celery's concurrency, so
     # its prefetch); a few threads of the worker's own run them in groups. 0: four
-    # batches' worth (``interactive_prefetch``).
-    worker_threads: int = Field(0, ge=0, le=2048)
+    # batches' worth (``interactive_prefetch``). ``OFA_WORKER_THREADS`` is its old,
+    # deprecated name (it never set threads): still read, with a warning in the log.
+    interactive_prefetch_setting: int = Field(
+        0,
+        ge=0,
+        le=2048,
+        validation_alias=AliasChoices("OFA_INTERACTIVE_PREFETCH", "OFA_WORKER_THREADS"),
+    )
     # Bulk-queue messages (scan chunks) a worker process runs at a time, on threads of
     # their own: never the interactive messages' prefetch slots above. It holds twice
     # as many (``worker/bulk.py``): the next chunk is there when a thread finishes one.
@@ -170,6 +203,29 @@ class Settings(BaseSettings):
     webhook_per_host: int = Field(4, ge=1, le=1000)
     webhook_threads: int = Field(16, ge=1, le=256)
 
+    # Object storage (shared/objects.py): S3, GCS, Azure, or an S3-compatible server at
+    # s3_endpoint_url (empty: AWS). Credentials come from each cloud's standard chain
+    # (environment, web-identity token file, instance or workload identity), never from
+    # a request. object_buckets is the global allow-list of what a request may name:
+    # ``s3://bucket``, ``gs://bucket``, ``az://container``, or ``s3://bucket/prefix/``
+    # for keys under a prefix, comma-separated; empty: no object URLs at all. A key's
+    # own list, where it has one, narrows it. s3_allow_http: plain-HTTP endpoints (a
+    # local test server). object_timeout_s: a connect, or a stalled read, fails after
+    # this (a failed request is retried only within it).
+    s3_endpoint_url: str = ""
+    s3_region: str = ""  # empty: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    s3_allow_http: bool = False
+    object_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    object_timeout_s: float = Field(10.0, gt=0, le=300)
+    # Where images of unfinished jobs wait for a worker (shared/payloads.py), by their
+    # SHA-256: "local" (a folder, payload_dir or data_dir/payloads; a shared volume when
+    # pointed at one), an object-store prefix ("s3://bucket/prefix", gs://, az://), or
+    # Redis nodes chosen by the digest ("redis": payload_redis_urls; or the URLs
+    # themselves, comma-separated).
+    payload_store: str = "local"
+    payload_dir: Path | None = None
+    payload_redis_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     # Auth. Keys are compared in constant time; comma-separated in the environment.
     # These have every scope and the default limits; key records (``ofa-entail keys``)
     # carry their own scopes and limits.
@@ -206,6 +262,31 @@ class Settings(BaseSettings):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
         return value
 
+    @field_validator("object_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [b.strip() for b in value.split(",") if b.strip()]
+        return value
+
+    @field_validator("payload_redis_urls", mode="before")
+    @classmethod
+    def _split_redis_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return split_urls(value)
+        return value
+
+    @field_validator("payload_store")
+    @classmethod
+    def _check_payload_store(cls, value: str) -> str:
+        scheme, sep, _ = value.partition("://")
+        if value in ("local", "redis") or (sep and scheme in PAYLOAD_SCHEMES):
+            return value
+        raise ValueError(
+            "OFA_PAYLOAD_STORE is local, redis, an object-store prefix (s3://, gs://, "
+            "az://) or Redis URLs (redis://, rediss://, unix://, sentinel://)"
+        )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -215,6 +296,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        _warn_deprecated_names()
         if self.visibility_timeout_s <= self.task_time_limit_s:
             raise ValueError(
                 "visibility_timeout_s must exceed task_time_limit_s, or a healthy task "
@@ -234,12 +316,12 @@ class Settings(BaseSettings):
 
     @property
     def interactive_prefetch(self) -> int:
-        """Interactive messages a worker holds at once: ``worker_threads``, or by
-        default four batches' worth, so that while one batch computes the next ones are
-        being started and prepared. With two batches' worth a backlog drained in waves
+        """Interactive messages a worker holds at once: ``OFA_INTERACTIVE_PREFETCH``, or
+        by default four batches' worth, so that while one batch computes the next ones
+        are being started and prepared. With two batches' worth a backlog drains in waves
         (the whole prefetch taken, prepared, answered, acknowledged, then the next), at
-        about half the rate (``bench/results/HISTORY.md``, item 23)."""
-        return self.worker_threads or 4 * self.batch_size
+        about half the rate."""
+        return self.interactive_prefetch_setting or 4 * self.batch_size
 
     @property
     def webhook_deadline_s(self) -> float:
@@ -271,6 +353,11 @@ class Settings(BaseSettings):
     def scans_path(self) -> Path:
         """Where manifests and result files live."""
         return self.scan_dir or self.data_dir / "scans"
+
+    @property
+    def payloads_path(self) -> Path:
+        """The folder of the ``local`` payload store."""
+        return self.payload_dir or self.data_dir / "payloads"
 
     @property
     def model_ref(self) -> str:

@@ -1,6 +1,6 @@
 """The dependency locks (requirements/*.txt, made by `make lock`): every package pinned
 with hashes, torch and CUDA's packages kept out, the locks agreeing with pyproject.toml
-and with each other, the security floors and the kombu/Celery bounds held, and the
+and with each other, the security floors and the kombu/Celery pins held, and the
 Makefile, the Dockerfiles and this very environment installing exactly them."""
 
 from __future__ import annotations
@@ -96,6 +96,17 @@ def test_the_lock_holds_everything_pyproject_declares(lock):
             assert wanted <= set(pins), (name, str(req))
 
 
+def test_object_storage_ships_in_both_images_and_its_test_server_in_neither():
+    """obstore (shared/objects.py) in the API's and the worker's locks, pyarrow (Parquet
+    results) in the worker's; moto and the boto stack it pulls in only in the tests'."""
+    for name in ("api", "worker", "test"):
+        assert "obstore" in read_lock(name), name
+    assert "pyarrow" in read_lock("worker") and "pyarrow" in read_lock("test")
+    assert "moto" in read_lock("test")
+    for name in ("api", "worker"):
+        assert not {"moto", "boto3", "botocore", "flask"} & set(read_lock(name)), name
+
+
 def test_images_ship_the_versions_the_tests_run():
     tested = read_lock("test")
     for name in ("api", "worker"):
@@ -121,11 +132,12 @@ def test_security_floors_are_declared_and_locked():
     assert "python-multipart" in read_lock("api") and "starlette" in read_lock("api")
 
 
-def test_kombu_and_celery_stay_within_the_patched_minor():
-    """shared/celery_app.py restates kombu 5.7's Channel._brpop_read (which calls
-    _flush_brpop_reauth, absent from 5.6) and patches its QoS: pyproject bounds both
-    packages to the minor release those patches were written against, and the
-    internals they use exist in the kombu these tests run."""
+def test_kombu_and_celery_are_pinned_to_the_patched_releases():
+    """worker/broker.py restates kombu 5.7's Channel._brpop_read (which calls
+    _flush_brpop_reauth, absent from 5.6) and patches its QoS: pyproject pins both
+    packages to the one release those patches were written against (the seam checks it
+    at import), every lock holds that release, and the internals they use exist in the
+    kombu these tests run."""
     from kombu.transport.redis import Channel, QoS
 
     bounds: dict[str, SpecifierSet] = {
@@ -135,7 +147,8 @@ def test_kombu_and_celery_stay_within_the_patched_minor():
     }
     for package in ("kombu", "celery"):
         spec: SpecifierSet = bounds[package]
-        assert any(s.operator == "<" for s in spec), f"{package}: no upper bound"
+        [pin] = list(spec)
+        assert pin.operator == "==" and "*" not in pin.version, f"{package}: not pinned"
         assert not spec.contains("5.6.2") and not spec.contains("5.8.0"), (package, str(spec))
         for name in EXTRAS:
             assert spec.contains(read_lock(name)[package][0]), (name, package)

@@ -13,7 +13,7 @@ def test_production_refuses_missing_secrets(monkeypatch):
     with pytest.raises(ValidationError, match=r"production needs OFA_REDIS_URL"):
         Settings(environment="production")
     # Flower's password is Flower's alone: the other components start without it, and
-    # Flower refuses to (shared/cli/serve.py:cmd_flower, tests/cli/test_serve.py).
+    # Flower refuses to (shared/cli/serve.py:cmd_flower, tests/shared/cli/test_serve.py).
     assert Settings(environment="production", redis_url="redis://r:6379/0").flower_password is None
 
 
@@ -74,7 +74,27 @@ def test_startup_objects_leave_the_collectors_view():
 
 def test_a_worker_holds_four_batches_of_interactive_messages_unless_told(monkeypatch):
     monkeypatch.delenv("OFA_WORKER_THREADS", raising=False)
+    monkeypatch.delenv("OFA_INTERACTIVE_PREFETCH", raising=False)
     monkeypatch.delenv("OFA_BATCH_SIZE", raising=False)
     assert Settings().interactive_prefetch == 64  # 4 x the default batch of 16
     assert Settings(batch_size=48).interactive_prefetch == 192  # a GPU host's batches
-    assert Settings(batch_size=48, worker_threads=20).interactive_prefetch == 20
+    monkeypatch.setenv("OFA_INTERACTIVE_PREFETCH", "24")
+    assert Settings(batch_size=48).interactive_prefetch == 24
+
+
+def test_worker_threads_is_a_deprecated_alias_of_interactive_prefetch(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The old name still sets the prefetch, and says once that it is deprecated."""
+    from shared import settings as module
+
+    monkeypatch.delenv("OFA_INTERACTIVE_PREFETCH", raising=False)
+    monkeypatch.setenv("OFA_WORKER_THREADS", "20")
+    monkeypatch.setattr(module, "_warned", set())
+    with caplog.at_level("WARNING", logger="shared.settings"):
+        assert Settings(batch_size=48).interactive_prefetch == 20
+        assert Settings(batch_size=48).interactive_prefetch == 20
+    said = [r.getMessage() for r in caplog.records if "OFA_WORKER_THREADS" in r.getMessage()]
+    assert said == [
+        "OFA_WORKER_THREADS is deprecated: set OFA_INTERACTIVE_PREFETCH instead (same meaning)"
+    ]
