@@ -12,8 +12,9 @@ from fastapi import Depends, HTTPException, Request
 from api.waiter import JobWaiter
 from shared import wiring
 from shared.fetch import UrlPolicy
+from shared.objects import BucketPolicy, ObjectStorage
 from shared.settings import Settings
-from shared.store import JobStore, ReaperLog, ScanStore, WorkerRegistry
+from shared.store import JobReads, JobStore, ReaperLog, ScanStore, WebhookLog, WorkerRegistry
 from shared.store.apikeys import ALL_SCOPES, ApiKeyStore, Caller, KeyCache, Limits, Scope, digest
 from shared.store.limits import Decision, RateLimiter
 
@@ -26,15 +27,19 @@ class Services:
     redis: wiring.AsyncRedis
     redis_sync: wiring.SyncRedis  # for work done in the thread pool (submitting)
     jobs: JobStore
+    reads: JobReads
     scans: ScanStore
     workers: WorkerRegistry
     reaper_log: ReaperLog
+    webhook_log: WebhookLog
     celery: Celery
     url_policy: UrlPolicy
     waiter: JobWaiter
     apikeys: ApiKeyStore
     key_cache: KeyCache
     limiter: RateLimiter
+    objects: ObjectStorage  # scans' manifests and results named by object URLs
+    buckets: BucketPolicy  # which object URLs a request may name (OFA_OBJECT_BUCKETS)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -42,21 +47,25 @@ class Services:
         from shared.celery_app import make_celery
 
         aio, sync = wiring.async_redis(settings), wiring.sync_redis(settings)
-        keys = wiring.keys(settings)
+        stores = wiring.stores(settings, sync=sync, aio=aio)
         return cls(
             settings=settings,
             redis=aio,
             redis_sync=sync,
-            jobs=JobStore(settings, keys, sync, aio),
-            scans=ScanStore(settings, keys, sync.durable, aio.durable),
-            workers=WorkerRegistry(keys, settings.model_tag),
-            reaper_log=ReaperLog(keys),
+            jobs=stores.jobs,
+            reads=stores.reads,
+            scans=stores.scans,
+            workers=stores.workers,
+            reaper_log=stores.reaper_log,
+            webhook_log=stores.webhook_log,
             celery=make_celery(settings),
             url_policy=wiring.url_policy(settings),
-            waiter=JobWaiter(aio.durable, keys.done_channel()),
-            apikeys=ApiKeyStore(keys, aio=aio.durable, hit_factor=settings.cache_hit_rate_factor),
+            waiter=JobWaiter(stores.reads.done),
+            apikeys=stores.apikeys,
             key_cache=KeyCache(settings.key_cache_s),
-            limiter=RateLimiter(keys, aio.durable),
+            limiter=stores.limiter,
+            objects=wiring.object_storage(settings),
+            buckets=wiring.bucket_policy(settings),
         )
 
     async def aclose(self) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import compile_path
 
 from api import metrics
 from api.deps import SECURITY_SCHEMES, RateLimitedError
@@ -200,10 +201,34 @@ def install(app: FastAPI) -> None:
 
 
 def allowed_methods(request: Request) -> set[str]:
-    """Every HTTP method some route accepts at this request's path."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})
-        if match != Match.NONE and getattr(route, "methods", None):
-            methods |= set(route.methods)
-    return methods
+    """The HTTP methods the most specific path template matching this request's path
+    accepts (``/v1/jobs/batch`` is a path of its own, not ``/v1/jobs/{job_id}``): the
+    documented operations for API paths, a plain route's own methods for the others."""
+    app = request.app
+    table = getattr(app.state, "allowed_methods", None)
+    if table is None:
+        table = app.state.allowed_methods = _method_table(app)
+    path = request.scope.get("path", "")
+    best: tuple[int, set[str]] | None = None
+    for regex, params, methods in table:
+        if regex.match(path) and (best is None or params < best[0]):
+            best = (params, methods)
+    return best[1] if best else set()
+
+
+def _method_table(app: FastAPI) -> list[tuple[re.Pattern[str], int, set[str]]]:
+    table: list[tuple[re.Pattern[str], int, set[str]]] = []
+    for template, operations in app.openapi().get("paths", {}).items():
+        regex, _, convertors = compile_path(template)
+        methods = {m.upper() for m in operations if m.upper() in _HTTP_METHODS}
+        table.append((regex, len(convertors), methods))
+    documented = set(app.openapi().get("paths", {}))
+    for route in app.router.routes:
+        path, accepted = getattr(route, "path", None), getattr(route, "methods", None)
+        if path and accepted and path not in documented:
+            regex, _, convertors = compile_path(path)
+            table.append((regex, len(convertors), set(accepted)))
+    return table
+
+
+_HTTP_METHODS = {"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"}

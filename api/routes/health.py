@@ -14,7 +14,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api import metrics
 from api.deps import Services, ServicesDep
 from api.metrics import REGISTRY
-from shared.store.workers import WebhookLog
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ async def get_readyz(s: ServicesDep) -> Response:
     workers = 0
     try:
         await s.redis.durable.ping()
-        workers = await s.workers.acount(s.redis.durable)
+        workers = await s.workers.acount()
     except redis.RedisError as exc:
         problems.append(f"durable Redis: {exc}")
     if s.redis.cache is not s.redis.durable:
@@ -67,7 +66,7 @@ async def get_readyz(s: ServicesDep) -> Response:
         model_id, revision = s.settings.model_tag
         problems.append(f"no worker is serving {model_id}@{revision}")
     if not problems:
-        _, age = await s.reaper_log.aread(s.redis.durable)
+        _, age = await s.reaper_log.aread()
         limit = max(3 * s.settings.reaper_interval_s, 15.0)
         if age is None or age > limit:
             since = "ever" if age is None else f"for {age:.0f}s"
@@ -100,13 +99,13 @@ async def get_metrics(s: ServicesDep) -> Response:
 
 async def _read_store(s: Services) -> None:
     """Every value /metrics reads from the durable store (and the servers' memory)."""
-    pending, overdue, oldest = await s.jobs.abacklog()
-    counts, age = await s.reaper_log.aread(s.redis.durable)
-    interactive, held = await s.jobs.aheld()
-    workers = await s.workers.acount(s.redis.durable)
+    pending, overdue, oldest = await s.reads.abacklog()
+    counts, age = await s.reaper_log.aread()
+    interactive, held = await s.reads.aheld()
+    workers = await s.workers.acount()
     unfinished, stalled, rows = await s.scans.aprogress()
-    batches = await s.jobs.abatch_stats()
-    webhooks = await WebhookLog(s.jobs.keys).aread(s.redis.durable)
+    batches = await s.reads.abatch_stats()
+    webhooks = await s.webhook_log.aread()
     metrics.JOBS_PENDING.set(pending)
     metrics.MODEL_WORK.labels(*s.settings.model_tag).set(pending)
     metrics.JOBS_OVERDUE.set(overdue)

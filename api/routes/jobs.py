@@ -1,14 +1,13 @@
-"""``POST /v1/jobs`` and ``GET /v1/jobs/{id}``: submit, answer from cache, or queue; poll."""
+"""``POST /v1/jobs`` and ``GET /v1/jobs/{id}``: submit, answer from cache, or queue; poll.
+
+HTTP only: parse and validate the body into a ``Submission``, hand it to
+``api/admission.py``, and turn what it came to into a response."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import re
-import time
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -17,11 +16,12 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
-from api import metrics
+from api import admission, openapi
+from api.admission import Submission
 from api.callbacks import check_callback
-from api.deps import JobsCall, ReadCall, Services, charge
+from api.deps import JobsCall, ReadCall, Services
 from api.forms import read_form
-from api.problems import REFUSALS, documented, refusal
+from api.problems import REFUSALS, refusal
 from api.schemas import (
     BatchAccepted,
     BatchItem,
@@ -30,64 +30,15 @@ from api.schemas import (
     JobCancelled,
     JobRequest,
 )
-from shared.errors import (
-    BadInputError,
-    OverloadedError,
-    UnsupportedMediaTypeError,
-)
+from shared.errors import BadInputError, UnsupportedMediaTypeError
 from shared.fetch import fetch_image
-from shared.images import check_image, check_size, decode_base64, decoded_pixels
-from shared.keys import verdict_key
+from shared.images import check_size, decode_base64
 from shared.models import Job, cached_verdict_body
-from shared.store.apikeys import Caller
-from shared.store.limits import Decision
-from shared.submit import asubmit_owned, send_hooks
+from shared.submit import send_hooks
 from shared.text import check_text
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=documented(401, 403, 422, 429, 503))
-
-# Uploads this small are checked on the event loop (a 2 KB JPEG in ~0.1 ms, 35 KB in
-# ~0.8 ms): cheaper than the hop to a thread, short enough not to hold the loop up...
-INLINE_CHECK_BYTES = 8 * 1024
-# ...when their header also declares few pixels to decode: a 1 KB WEBP or PNG of one
-# colour can declare 4000x4000 (~120 ms to decode); 65,536 (a JPEG's at 1/8 scale) take
-# at most ~0.6 ms in any accepted format.
-INLINE_CHECK_PIXELS = 256 * 256
-REQUEST_BODY_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image", "text"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "text": {"type": "string"},
-                        "premise": {"type": "string"},
-                        # An empty example: Swagger UI's "Try it out" would otherwise
-                        # fill in "string", which is no URL.
-                        "callback_url": {"type": "string", "format": "uri", "example": ""},
-                    },
-                }
-            },
-            "application/json": {"schema": JobRequest.model_json_schema()},
-        },
-    }
-}
-
-
-class Submission:
-    """A parsed, validated request: image bytes, texts, and an optional webhook."""
-
-    def __init__(
-        self, image: bytes, text: str, premise: str | None, callback_url: str | None = None
-    ) -> None:
-        self.image = image
-        self.text = text
-        self.premise = premise
-        self.callback_url = callback_url
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=openapi.ROUTER_ERRORS)
 
 
 def _json_error(exc: ValidationError) -> BadInputError:
@@ -172,139 +123,10 @@ def _unsupported(ctype: str) -> UnsupportedMediaTypeError:
     )
 
 
-async def _wait_for(
-    s: Services, job_id: str, seconds: float, fresh: bool = False, watch: str | None = None
-) -> Job | None:
-    """The job once it has ended, or None after ``seconds``.
-
-    Woken by the workers' pub/sub announcement, which carries the final record (no
-    read then); the record is re-read at least once a second as well, so a
-    notification lost in a reconnect costs latency, not a hang.
-    A ``fresh`` job (created by this request, with no await since) cannot have ended
-    unannounced: its first read waits for the announcement. ``watch``: the id that is
-    announced, when ``job_id`` is a handle (the job it follows).
-    """
-    deadline = time.monotonic() + seconds
-    watched = watch or job_id
-    fut = s.waiter.register(watched)
-    try:
-        while True:
-            if fut.done() and (record := fut.result()) is not None:
-                return s.jobs.job_of(job_id, record)  # the announcement carried it
-            if not fresh:
-                job = await s.jobs.aget(job_id)
-                if job is not None and job.status.finished:
-                    return job
-            fresh = False
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(fut), min(remaining, 1.0))
-    finally:
-        s.waiter.forget(watched, fut)
-
-
-@dataclass
-class Answer:
-    """What one submission came to: a cached verdict, or a job (created or joined)."""
-
-    cached: bytes | None = None
-    job_id: str | None = None
-    created: bool = False
-    limited: Decision | None = None
-    fresh: bool = False  # created with no await since: see _wait_for
-    computed_by: str | None = None  # the job announced when it ends (a handle's job)
-
-
-async def _submit(s: Services, caller: Caller, sub: Submission) -> Answer:
-    """The cache, the caller's rate limit, the image check, load shedding, then the
-    job; each refusal raises before anything is stored."""
-    model_id, revision = s.settings.model_tag
-    tenant = caller.key_id if s.settings.cache_scope == "key" else None
-    key = verdict_key(model_id, revision, sub.image, sub.text, sub.premise, tenant=tenant)
-    cached = await s.jobs.acached(key)
-    if cached is not None:
-        metrics.CACHE_HIT.inc()
-        limited = await charge(s, caller, "hit", "cached verdicts")
-        return Answer(cached=cached, limited=limited)
-    metrics.CACHE_MISS.inc()
-    if len(sub.image) <= INLINE_CHECK_BYTES and decoded_pixels(sub.image) <= INLINE_CHECK_PIXELS:
-        check_image(sub.image, s.settings.max_pixels)  # cheaper than a hop to a thread
-    else:
-        await run_in_threadpool(check_image, sub.image, s.settings.max_pixels)
-    await _shed(s, key, len(sub.image))
-    limited = await charge(s, caller, "miss", "new jobs")
-    got = await asubmit_owned(
-        s.jobs,
-        s.celery,
-        key,
-        sub.image,
-        sub.text,
-        sub.premise,
-        sub.callback_url,
-        owner=caller.key_id,
-        tenant=tenant,
-    )
-    (metrics.ENQUEUED if got.created else metrics.DEDUPLICATED).inc()
-    fresh = got.created and not sub.callback_url  # adding a hook awaited a thread
-    return Answer(
-        job_id=got.job_id,
-        created=got.created,
-        limited=limited,
-        fresh=fresh,
-        computed_by=got.job,
-    )
-
-
-async def _shed(s: Services, key: str, image_bytes: int) -> None:
-    """Load shedding (503 + Retry-After): past ``OFA_MAX_PENDING_JOBS`` unfinished
-    interactive jobs, or past ``OFA_MAX_PENDING_IMAGE_BYTES`` of images held for them,
-    unless the submission joins a job already computing its key (that adds nothing).
-    Scans' jobs are not counted: bulk work never sheds another key's submission."""
-    count_cap = s.settings.max_pending_jobs
-    bytes_cap = s.settings.max_pending_image_bytes
-    if not count_cap and not bytes_cap:
-        return
-    pending, held = await s.jobs.aadmission()
-    over_count = bool(count_cap) and pending >= count_cap
-    over_bytes = bool(bytes_cap) and held + image_bytes > bytes_cap
-    if (over_count or over_bytes) and not await s.jobs.ain_flight(key):
-        if over_count:
-            raise OverloadedError(pending, count_cap, retry_after_s=5)
-        raise OverloadedError(held, bytes_cap, retry_after_s=5, what="bytes of images")
-
-
 @router.post(
     "",
-    openapi_extra=REQUEST_BODY_DOC,
-    responses={
-        200: {
-            "description": "the verdict: from the cache (a CachedVerdict) at once, or, with "
-            "?wait=, the finished job (a Job) once it ended within the wait",
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "anyOf": [
-                            {"$ref": "#/components/schemas/CachedVerdict"},
-                            {"$ref": "#/components/schemas/Job"},
-                        ]
-                    }
-                }
-            },
-        },
-        202: {
-            "model": JobAccepted,
-            "description": "queued: poll Location",
-            "links": {
-                "GetJob": {
-                    "operationId": "get_job_v1_jobs__job_id__get",
-                    "parameters": {"job_id": "$response.body#/job_id"},
-                }
-            },
-        },
-        **documented(400, 413, 415),
-    },
+    openapi_extra=openapi.POST_JOB_BODY,
+    responses=openapi.POST_JOB_RESPONSES,
     summary="Submit an image and a sentence",
 )
 async def post_job(
@@ -314,71 +136,22 @@ async def post_job(
 ) -> Response:
     """Answer from the cache (200), or queue the work and return a job id (202)."""
     s = call.services
-    answer = await _submit(s, call.caller, await _parse(request, s))
-    headers = answer.limited.headers() if answer.limited else {}
-    if answer.cached is not None:
+    admitted = await admission.admit(s, call.caller, await _parse(request, s))
+    headers = admitted.limited.headers() if admitted.limited else {}
+    if admitted.cached is not None:
         return Response(
-            cached_verdict_body(answer.cached), media_type="application/json", headers=headers
+            cached_verdict_body(admitted.cached), media_type="application/json", headers=headers
         )
-    assert answer.job_id is not None
-    if wait > 0:
-        job = await _wait_for(
-            s,
-            answer.job_id,
-            min(wait, s.settings.max_wait_s),
-            answer.fresh,
-            answer.computed_by,
-        )
-        if job is not None:
-            return Response(job.model_dump_json(), media_type="application/json", headers=headers)
-    headers.update({"Location": f"/v1/jobs/{answer.job_id}", "Retry-After": "1"})
+    assert admitted.job_id is not None
+    job = await admission.finished(s, admitted, wait)
+    if job is not None:
+        return Response(job.model_dump_json(), media_type="application/json", headers=headers)
+    headers.update({"Location": f"/v1/jobs/{admitted.job_id}", "Retry-After": "1"})
     return JSONResponse(
-        JobAccepted(job_id=answer.job_id).model_dump(mode="json"), status_code=202, headers=headers
+        JobAccepted(job_id=admitted.job_id).model_dump(mode="json"),
+        status_code=202,
+        headers=headers,
     )
-
-
-def inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
-    """A pydantic JSON schema with its ``$defs`` written in place of their references:
-    an OpenAPI document has no ``#/$defs/...`` (ReDoc refuses the whole document with
-    "Invalid reference token: $defs"; Swagger UI happens to resolve them)."""
-    defs = schema.get("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if ref.startswith("#/$defs/"):
-                return resolve(defs[ref.removeprefix("#/$defs/")])
-            return {k: resolve(v) for k, v in node.items() if k != "$defs"}
-        if isinstance(node, list):
-            return [resolve(v) for v in node]
-        return node
-
-    resolved: dict[str, Any] = resolve(schema)
-    return resolved
-
-
-BATCH_BODY_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": inline_defs(BatchRequest.model_json_schema())},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "description": "item i: a file image_i, text_i, optional premise_i and "
-                    "callback_url_i (i = 0, 1, ...)",
-                    "required": ["image_0", "text_0"],
-                    "properties": {
-                        "image_0": {"type": "string", "format": "binary"},
-                        "text_0": {"type": "string"},
-                        "premise_0": {"type": "string"},
-                        "callback_url_0": {"type": "string"},
-                    },
-                }
-            },
-        },
-    }
-}
 
 
 async def _batch_items(request: Request, s: Services) -> list[Submission | Exception]:
@@ -421,11 +194,11 @@ async def _batch_items(request: Request, s: Services) -> list[Submission | Excep
 
 @router.post(
     "/batch",
-    openapi_extra=BATCH_BODY_DOC,
+    openapi_extra=openapi.POST_BATCH_BODY,
     response_model=BatchAccepted,
     response_model_exclude_none=True,
     summary="Submit several items at once",
-    responses=documented(400, 413, 415),
+    responses=openapi.BODY_ERRORS,
 )
 async def post_batch(request: Request, call: JobsCall) -> BatchAccepted:
     """Up to ``OFA_BATCH_MAX_ITEMS`` items, each answered on its own, in order: a cached
@@ -438,7 +211,7 @@ async def post_batch(request: Request, call: JobsCall) -> BatchAccepted:
         try:
             if isinstance(item, Exception):
                 raise item
-            got = await _submit(s, caller, item)
+            got = await admission.admit(s, caller, item)
         except REFUSALS as exc:
             status, body, headers = refusal(exc)
             if status == 429 and headers:
@@ -452,11 +225,11 @@ async def post_batch(request: Request, call: JobsCall) -> BatchAccepted:
     return BatchAccepted(items=answers)
 
 
-@router.get("/{job_id}", response_model=Job, summary="Poll a job", responses=documented(404))
+@router.get("/{job_id}", response_model=Job, summary="Poll a job", responses=openapi.NOT_FOUND)
 async def get_job(job_id: str, call: ReadCall) -> Job:
     """Status, timestamps, and the verdict or error. Unknown or expired ids, and other
     keys' jobs (unless this key has the ``admin`` scope): 404."""
-    got = await call.services.jobs.aread(job_id)
+    got = await call.services.reads.aread(job_id)
     if got is None or not call.caller.owns(got.owner):
         raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
     return got.job
@@ -466,7 +239,7 @@ async def get_job(job_id: str, call: ReadCall) -> Job:
     "/{job_id}",
     response_model=JobCancelled,
     summary="Cancel a job",
-    responses=documented(404),
+    responses=openapi.NOT_FOUND,
 )
 async def delete_job(job_id: str, call: JobsCall) -> JobCancelled:
     """A queued job nobody else joined is cancelled (it ends failed, "cancelled", and
@@ -476,7 +249,7 @@ async def delete_job(job_id: str, call: JobsCall) -> JobCancelled:
     this key alone. The job's webhooks are sent (with the job, failed "cancelled").
     Other keys' jobs: 404."""
     s = call.services
-    got = await s.jobs.aread(job_id)
+    got = await s.reads.aread(job_id)
     if got is None or not call.caller.owns(got.owner):
         raise HTTPException(404, f"no job {job_id} (unknown, or expired)")
     cancelled = await s.jobs.acancel(job_id, got)

@@ -11,11 +11,11 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from shared.celery_app import queue_name
 from shared.keys import verdict_key
 from shared.models import CachedVerdict, JobStatus
+from shared.wire import queue_name
 from tests.conftest import INPROC_MODEL
-from tests.helpers import API_KEY, API_KEY_OWNER, VERDICT, small_jpeg
+from tests.helpers import API_KEY, VERDICT, small_jpeg
 
 pytestmark = pytest.mark.usefixtures("clean_inproc")
 
@@ -122,29 +122,25 @@ def test_a_csv_cell_may_hold_an_image_at_the_upload_limit(api, inproc_settings):
     assert resp.json()["total"] == 1
 
 
-def test_metrics_show_the_backlog_and_the_reaper(api, jobs, rdb, inproc_settings):
+def test_metrics_show_the_backlog_and_the_reaper(api, jobs, stores, rdb, inproc_settings):
     import time
-
-    from shared.store import ReaperLog
 
     job_id = jobs.create_or_join("m1", b"img", "t", None).job_id
     jobs.create_or_join("m2", b"img", "t", None)
     rdb.zadd(jobs.keys.job_deadlines(), {job_id: time.time() - 1})
-    ReaperLog(jobs.keys).record(rdb, {"resent": 3, "poisoned": 1})
+    stores.reaper_log.record({"resent": 3, "poisoned": 1})
     text = api.get("/metrics").text
     assert "ofa_jobs_pending 2.0" in text and "ofa_jobs_overdue 1.0" in text
     assert "ofa_reaper_resent_total 3.0" in text and "ofa_reaper_poisoned_total 1.0" in text
     assert "ofa_oldest_pending_job_seconds" in text and "ofa_reaper_last_run_seconds" in text
 
 
-def test_readyz_reports_a_reaper_that_has_not_run(api, jobs, rdb, inproc_settings):
-    from shared.store import ReaperLog, WorkerRegistry
-
-    WorkerRegistry(jobs.keys, INPROC_MODEL).beat(rdb, "w:1", 5)
+def test_readyz_reports_a_reaper_that_has_not_run(api, jobs, stores, rdb, inproc_settings):
+    stores.workers.beat("w:1", 5)
     rdb.delete(jobs.keys.reaper_stats())
     resp = api.get("/readyz")
     assert resp.status_code == 503 and "the reaper has not run ever" in resp.json()["problems"][0]
-    ReaperLog(jobs.keys).record(rdb, {})
+    stores.reaper_log.record({})
     assert api.get("/readyz").status_code == 200
 
 
@@ -176,33 +172,6 @@ def test_docs_work_offline_and_declare_how_to_authenticate(api):
     post = spec["paths"]["/v1/jobs"]["post"]
     assert {"bearer": []} in post["security"] and {"apiKey": []} in post["security"]
     assert "security" not in spec["paths"]["/healthz"]["get"]
-
-
-def test_load_shedding_refuses_new_work_but_not_cache_hits(jobs, rdb, inproc_settings):
-    settings = inproc_settings.model_copy(update={"max_pending_jobs": 2})
-    cached_image = small_jpeg(seed=120)
-    key = verdict_key(*INPROC_MODEL, cached_image, "cached", None)
-    done = jobs.create_or_join(key, cached_image, "cached", None, owner=API_KEY_OWNER).job_id
-    jobs.succeed(done, key, VERDICT, cached=False)
-    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
-        for i in range(2):
-            resp = client.post(
-                "/v1/jobs", data={"text": "x"}, files={"image": ("a.jpg", small_jpeg(seed=121 + i))}
-            )
-            assert resp.status_code == 202, resp.text
-        before = stored(rdb, inproc_settings)
-        shed = client.post(
-            "/v1/jobs", data={"text": "x"}, files={"image": ("a.jpg", small_jpeg(seed=130))}
-        )
-        assert shed.status_code == 503 and shed.headers["retry-after"] == "5"
-        assert shed.json()["type"].endswith("/overloaded") and "2 jobs are waiting" in shed.text
-        assert stored(rdb, inproc_settings) == before  # nothing stored for it
-        hit = client.post(
-            "/v1/jobs", data={"text": "cached"}, files={"image": ("a.jpg", cached_image)}
-        )
-        assert hit.status_code == 200  # cache hits are still served
-        assert client.get(f"/v1/jobs/{done}").status_code == 200  # and polls
-        assert "ofa_jobs_shed_total 1.0" in client.get("/metrics").text
 
 
 def test_delete_cancels_only_what_nobody_else_waits_for(api, jobs, rdb, inproc_settings):

@@ -17,9 +17,8 @@ from starlette.types import Message, Receive, Scope, Send
 from api.app import create_app
 from api.bodylimit import BODY_OVERHEAD, DEFAULT_LIMIT, BodyLimitMiddleware, BodyLimits
 from shared import wiring
-from shared.store.apikeys import ApiKeyStore
 from shared.store.apikeys import Scope as KeyScope
-from tests.helpers import small_jpeg
+from tests.helpers import key_store, small_jpeg
 
 LIMITS = BodyLimits(job_json=4000, job_form=3000, batch=10_000, scan_form=50_000)
 
@@ -183,7 +182,7 @@ def limited(inproc_settings, rdb: redis.Redis) -> Iterator[tuple[TestClient, str
     """The app with a 64 KiB batch limit, and a key with a rate limit: a charge would
     leave its bucket in the store."""
     keys = wiring.keys(inproc_settings)
-    token = ApiKeyStore(keys, sync=rdb).create("limited", frozenset(KeyScope), 60, 5)
+    token = key_store(keys.prefix, rdb).create("limited", frozenset(KeyScope), 60, 5)
     settings = inproc_settings.model_copy(update={"batch_max_bytes": 64 * 1024})
     with TestClient(create_app(settings), headers={"X-API-Key": token}) as client:
         yield client, inproc_settings.key_prefix

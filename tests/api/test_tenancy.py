@@ -15,18 +15,17 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from api.app import create_app
-from shared import wiring
-from shared.celery_app import queue_name
 from shared.keys import verdict_key
-from shared.store.apikeys import ApiKeyStore, Scope
+from shared.store.apikeys import Scope
+from shared.wire import queue_name
 from tests.conftest import INPROC_MODEL
-from tests.helpers import VERDICT, small_jpeg
+from tests.helpers import VERDICT, key_store, run_async, small_jpeg
 
 pytestmark = pytest.mark.usefixtures("clean_inproc")
 
 
 def make_key(rdb: redis.Redis, settings, name: str, *scopes: Scope) -> str:
-    store = ApiKeyStore(wiring.keys(settings), sync=rdb)
+    store = key_store(settings.key_prefix, rdb)
     return store.create(name, frozenset(scopes or (Scope.JOBS, Scope.SCANS)), 0, 1)
 
 
@@ -146,11 +145,12 @@ def test_a_handle_is_cancelled_alone_and_then_the_owner_can_cancel(
     last = client.delete(f"/v1/jobs/{a_id}", headers=as_key(client, a)).json()
     assert (last["outcome"], last["status"]) == ("cancelled", "failed")
     assert not rdb.exists(jobs.keys.inflight(verdict_key(*INPROC_MODEL, image, "two cups", None)))
-    assert jobs.held() == {}  # its image bytes left the held count with its blob
+    held = run_async(inproc_settings, lambda st: st.reads.aheld())[1]
+    assert held == {}  # its image bytes left the held count with its blob
 
 
 def test_a_cancelled_jobs_webhooks_are_delivered(app_for, rdb, inproc_settings):
-    from shared.celery_app import TASK_JOB_CALLBACK, WEBHOOK_QUEUE
+    from shared.wire import TASK_JOB_WEBHOOK, WEBHOOK_QUEUE
 
     a = make_key(rdb, inproc_settings, "team-a")
     b = make_key(rdb, inproc_settings, "team-b")
@@ -170,7 +170,7 @@ def test_a_cancelled_jobs_webhooks_are_delivered(app_for, rdb, inproc_settings):
     sent = []
     for raw in rdb.lrange(WEBHOOK_QUEUE, 0, -1):
         envelope = json.loads(raw)
-        assert envelope["headers"]["task"] == TASK_JOB_CALLBACK
+        assert envelope["headers"]["task"] == TASK_JOB_WEBHOOK
         sent.append(envelope["headers"]["argsrepr"])
     # One delivery each, each naming the id its submitter knows.
     assert len(sent) == 2 and any(a_id in s for s in sent) and any(b_id in s for s in sent)
@@ -205,7 +205,8 @@ def test_interactive_admission_sheds_on_the_bytes_of_images_held(
     )
     client = app_for(settings)
     assert submit(client, b, first, "a tree").status_code == 202
-    assert jobs.held() == {"interactive": len(first)}
+    held = run_async(inproc_settings, lambda st: st.reads.aheld())[1]
+    assert held == {"interactive": len(first)}
     shown = client.get("/metrics").text
     assert f'ofa_image_bytes_held{{class="interactive"}} {float(len(first))}' in shown
     assert "ofa_interactive_jobs_pending 1.0" in shown
