@@ -7,8 +7,10 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Iterable
+from typing import Any
 
-from shared.models import CurvePoint, ScanReport
+from shared.models import CurvePoint, ScanReport, ScanSummary
+from shared.scans.changes import KINDS as CHANGE_KINDS
 from shared.scans.manifest import GOLD_LABELS
 
 THRESHOLDS = tuple(round(i / 20, 2) for i in range(21))  # 0.00, 0.05, ..., 1.00
@@ -129,8 +131,72 @@ def curves_svg(report: ScanReport) -> str:
     return "".join(parts)
 
 
-def report_html(report: ScanReport) -> str:
-    """A self-contained page: the figures, the matrix and the curves."""
+# The changes a report page lists (all of them: GET /v1/scans/{id}/changes).
+REPORT_CHANGES = 200
+
+
+def changes_html(summary: ScanSummary | None, changes: Iterable[dict[str, Any]]) -> str:
+    """The "Changes since <baseline>" section of a catalogue scan (empty for others):
+    the counts, then the first ``REPORT_CHANGES`` changes."""
+    if summary is None or summary.catalogue is None:
+        return ""
+    name = html.escape(summary.catalogue)
+    if summary.changes is None or summary.baseline_scan is None:
+        return (
+            f"<h2>Changes</h2><p>Catalogue <code>{name}</code>: no earlier succeeded scan to "
+            "compare with (its first, or the last one has expired).</p>"
+        )
+    c = summary.changes
+    counts = "".join(
+        f"<tr><th scope='row'>{kind.replace('_', ' ')}</th><td>{getattr(c, kind)}</td></tr>"
+        for kind in (*CHANGE_KINDS, "unmatched")
+    )
+    rows = []
+    for i, doc in enumerate(changes):
+        if i == REPORT_CHANGES:
+            break
+        rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(text)}</td>"
+                for text in (
+                    doc["kind"].replace("_", " "),
+                    doc["id"],
+                    _side(doc, "old"),
+                    _side(doc, "new"),
+                )
+            )
+            + "</tr>"
+        )
+    total = sum(getattr(c, kind) for kind in CHANGE_KINDS)
+    more = f" (the first {REPORT_CHANGES} of {total})" if total > REPORT_CHANGES else ""
+    listed = (
+        "<table><thead><tr><th>change</th><th>id</th><th>before</th><th>now</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+        if rows
+        else "<p>Nothing changed.</p>"
+    )
+    baseline = html.escape(summary.baseline_scan)
+    return f"""<h2>Changes since <code>{baseline}</code></h2>
+<p>Catalogue <code>{name}</code>, compared by row id with its previous succeeded scan{more};
+every change: <code>GET /v1/scans/{html.escape(summary.scan_id)}/changes</code>.</p>
+<table class="changes"><tbody>{counts}</tbody></table>
+{listed}
+"""
+
+
+def _side(doc: dict[str, Any], side: str) -> str:
+    if doc[f"{side}_label"]:
+        p = (doc[f"{side}_probabilities"] or {}).get(doc[f"{side}_label"])
+        return f"{doc[f'{side}_label']} ({p:.0%})" if p is not None else doc[f"{side}_label"]
+    return doc[f"{side}_error"] or "–"
+
+
+def report_html(
+    report: ScanReport, summary: ScanSummary | None = None, changes: Iterable[dict[str, Any]] = ()
+) -> str:
+    """A self-contained page: the figures, the matrix and the curves; for a catalogue
+    scan (``summary``), its ``changes`` since the previous one."""
     accuracy = f"{report.accuracy:.1%}" if report.accuracy is not None else "–"
     rows = "".join(
         f"<tr><th scope='row'>{label}</th>"
@@ -156,7 +222,7 @@ accuracy <strong>{accuracy}</strong>. Rows without a gold label are not counted.
 <figure><figcaption>Precision and recall across thresholds</figcaption>{curves_svg(report)}</figure>
 <h2>Precision (P) and recall (R) when a label is predicted at probability ≥ threshold</h2>
 <table><tbody>{rows}</tbody></table>
-</body></html>
+{changes_html(summary, changes)}</body></html>
 """
 
 

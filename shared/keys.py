@@ -154,6 +154,16 @@ class Keys:
         stored), for the per-key caps on concurrent scans and scan storage."""
         return f"{self.prefix}scans:of:{owner}"
 
+    def catalogue(self, owner: str, name: str) -> str:
+        """Durable store: a hash naming one API key's catalogue's last succeeded scan
+        (``scan``), the baseline its next scan's changes are counted against."""
+        return f"{self.prefix}catalogue:{owner}:{name}"
+
+    def idempotency(self, owner: str, key_digest: str) -> str:
+        """Durable store: one API key's ``Idempotency-Key`` (by its SHA-256): the
+        request body's digest and, once created, the scan it started."""
+        return f"{self.prefix}idem:{owner}:{key_digest}"
+
     def job_prefix(self) -> str:
         """The job keys' common prefix (for scripts that name another job)."""
         return f"{self.prefix}job:"

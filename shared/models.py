@@ -1,8 +1,6 @@
-"""Every shape that crosses a process boundary, in one module.
-
-Statuses are enums, the task message is a pydantic model both the sender (API or
-coordinator) and the receiver (worker) validate, and the verdict is one model whether
-it sits in the cache, a job record, a scan's results file or an HTTP response.
+"""The shapes the stores and the API share: statuses as enums, and the verdict as one
+model whether it sits in the cache, a job record, a scan's results file or an HTTP
+response. The task messages (``EntailTask``, ``EntailChunk``) are in ``shared/wire.py``.
 """
 
 from __future__ import annotations
@@ -95,43 +93,6 @@ def cached_verdict_body(verdict_json: bytes) -> bytes:
     return b'{"status":"succeeded","cached":true,"verdict":' + verdict_json + b"}"
 
 
-# --- the task message ------------------------------------------------------------------
-
-
-class EntailTask(BaseModel):
-    """The ``ofa.entail`` message: one job for a worker serving ``model@revision``.
-
-    Sent as the task's single keyword argument ``msg`` (JSON); the worker validates it
-    with Celery's pydantic support.
-    """
-
-    job_id: str
-    key: str
-    model: str
-    revision: str
-    text: str
-    premise: str | None = None
-    scan_id: str | None = None
-    # The API key whose private cache the verdict belongs to (``OFA_CACHE_SCOPE=key``);
-    # part of the job's key, so the worker needs it to check the bytes it scores.
-    tenant: str | None = None
-
-    @property
-    def bulk(self) -> bool:
-        """Scan jobs travel on the model's bulk queue and yield to interactive ones."""
-        return self.scan_id is not None
-
-
-class EntailChunk(BaseModel):
-    """The ``ofa.entail.chunk`` message: a scan's jobs for one model, sent together on
-    the bulk queue (one Celery message, one task in Flower, for up to
-    ``OFA_BULK_CHUNK_JOBS`` rows). Each still has its own job record and outcome."""
-
-    model: str
-    revision: str
-    items: list[EntailTask]
-
-
 # --- jobs and scans as the API reports them --------------------------------------------
 
 
@@ -146,6 +107,18 @@ class Job(BaseModel):
     finished_at: float | None = None
     verdict: Verdict | None = None
     error: str | None = None
+
+
+class ChangeCounts(BaseModel):
+    """How a catalogue scan's rows changed since the catalogue's previous succeeded scan,
+    matched by row id."""
+
+    label_changed: int = 0
+    newly_failed: int = 0
+    recovered: int = 0
+    added: int = 0
+    removed: int = 0
+    unmatched: int = Field(0, description="rows not compared: no id, or an id seen earlier")
 
 
 class ScanSummary(BaseModel):
@@ -166,6 +139,51 @@ class ScanSummary(BaseModel):
     eta_s: float | None = None
     callback_url: str | None = None
     error: str | None = None
+    catalogue: str | None = Field(
+        None,
+        description="the catalogue the scan belongs to: its changes are counted against "
+        "the catalogue's previous succeeded scan",
+    )
+    baseline_scan: str | None = Field(
+        None, description="the previous succeeded scan of the catalogue it was compared with"
+    )
+    changes: ChangeCounts | None = Field(
+        None,
+        description="what changed since baseline_scan (once a catalogue scan succeeded "
+        "with a baseline to compare with)",
+    )
+    total_known: bool = Field(
+        True,
+        description="false while a manifest read from object storage has not been read "
+        "to its end: total counts the rows read so far",
+    )
+    manifest_url: str | None = Field(None, description="the object the manifest is read from")
+    results_url: str | None = Field(
+        None, description="where the results are written when the scan ends"
+    )
+    results_format: Literal["jsonl", "csv", "parquet"] | None = None
+    results_written: bool | None = Field(
+        None,
+        description="whether the results were written to results_url (null: not yet, or "
+        "no results_url)",
+    )
+    results_error: str | None = Field(None, description="why writing the results failed")
+
+
+ChangeKind = Literal["label_changed", "newly_failed", "recovered", "added", "removed"]
+
+
+class ScanChange(BaseModel):
+    """One line of ``GET /v1/scans/{id}/changes``: a row whose outcome changed."""
+
+    kind: ChangeKind
+    id: str
+    old_label: Label | None = None
+    old_probabilities: Probabilities | None = None
+    old_error: str | None = None
+    new_label: Label | None = None
+    new_probabilities: Probabilities | None = None
+    new_error: str | None = None
 
 
 class ScanCounts(BaseModel):

@@ -1,40 +1,43 @@
 """Submitting work: a job (from the API or a scan's coordinator) and a scan (from the
 API). Both store their record first, then send the Celery message; if the broker
 refuses, everything stored is removed again and ``QueueUnavailableError`` says so.
+The messages the API and the coordinator push themselves are built by
+``shared/wire.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import redis
 from celery import Celery
 from pydantic import PrivateAttr
 
 from shared import tracing
-from shared.celery_app import (
-    SCAN_QUEUE,
-    TASK_CALLBACK,
-    TASK_ENTAIL,
-    TASK_ENTAIL_CHUNK,
-    TASK_JOB_CALLBACK,
-    TASK_SCAN,
-    WEBHOOK_QUEUE,
-    queue_name,
-)
 from shared.errors import ManifestError, PayloadTooLargeError, QueueUnavailableError
-from shared.models import EntailChunk, EntailTask, JobStatus
+from shared.models import JobStatus
+from shared.objects import ObjectMeta
 from shared.scans.folder import ScanFolder
 from shared.scans.manifest import check_jsonl_head, csv_to_jsonl, file_under
 from shared.settings import Settings
 from shared.store import Created, Hook, JobStore, ScanStore
+from shared.wire import (
+    SCAN_QUEUE,
+    TASK_ENTAIL,
+    TASK_JOB_WEBHOOK,
+    TASK_SCAN,
+    TASK_SCAN_WEBHOOK,
+    WEBHOOK_QUEUE,
+    EntailTask,
+    chunk_message,
+    entail_message,
+    queue_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,70 +59,6 @@ def send_job(celery: Celery, msg: EntailTask) -> None:
     )
 
 
-def entail_message(
-    celery: Celery, msg: EntailTask, traceparent: str | None = None
-) -> tuple[str, bytes]:
-    """The ``ofa.entail`` message of ``msg`` as kombu's Redis transport stores it: the
-    list it goes onto and its bytes (``_envelope``): what ``send_job`` would write
-    (tests/shared/test_submit.py holds the two equal). Built here so the API pushes it
-    in the same atomic step as the job's record, with no producer pool or thread in
-    between. ``traceparent``: the job's trace, carried in the headers."""
-    kwargs = {"msg": msg.model_dump()}
-    queue = queue_name(msg.model, msg.revision, bulk=msg.bulk)
-    headers = tracing.message_headers(traceparent)
-    return queue, _envelope(celery, msg.job_id, TASK_ENTAIL, kwargs, repr(kwargs), queue, headers)
-
-
-def chunk_message(celery: Celery, msgs: list[EntailTask]) -> tuple[str, bytes]:
-    """The ``ofa.entail.chunk`` message of scan jobs, as ``entail_message`` builds one
-    job's: what Celery's ``send_task`` would write for it (but for the reprs it also
-    copies into the properties), with the summary Flower shows (``chunk_summary``).
-    Built and pushed, ~0.3 ms for 32 jobs, against ~0.5 ms through ``send_task``."""
-    first = msgs[0]
-    chunk = EntailChunk(model=first.model, revision=first.revision, items=msgs)
-    queue = queue_name(first.model, first.revision, bulk=True)
-    kwargs = {"msg": chunk.model_dump()}
-    return queue, _envelope(
-        celery, uuid.uuid4().hex, TASK_ENTAIL_CHUNK, kwargs, chunk_summary(chunk), queue
-    )
-
-
-def _envelope(
-    celery: Celery,
-    task_id: str,
-    name: str,
-    kwargs: dict[str, Any],
-    shown: str,
-    queue: str,
-    headers: dict[str, str] | None = None,
-) -> bytes:
-    """A task message as kombu's Redis transport stores it: Celery's own protocol-2
-    headers (``amqp.as_task_v2``, ``shown`` the kwargs Flower lists; plus ``headers``,
-    as ``send_task(headers=...)`` adds them), the JSON body base64-encoded in the
-    envelope ``Channel._put`` pushes."""
-    task = celery.amqp.as_task_v2(
-        task_id, name, args=(), kwargs=kwargs, ignore_result=True, argsrepr="()", kwargsrepr=shown
-    )
-    if headers:
-        task.headers.update(headers)
-    body = json.dumps(task.body).encode()
-    envelope = {
-        "body": base64.b64encode(body).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": task.headers,
-        "properties": {
-            **task.properties,
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }
-    return json.dumps(envelope).encode()
-
-
 def send_hooks(
     celery: Celery, job_id: str, hooks: list[Hook], traceparent: str | None = None
 ) -> None:
@@ -130,7 +69,7 @@ def send_hooks(
     for hook in hooks:
         try:
             celery.send_task(
-                TASK_JOB_CALLBACK,
+                TASK_JOB_WEBHOOK,
                 # A handle's hook reports the handle (the id its submitter knows).
                 args=(hook.job_id or job_id, hook.url, hook.delivery_id),
                 queue=WEBHOOK_QUEUE,
@@ -147,7 +86,7 @@ def send_scan_callback(celery: Celery, scan_id: str) -> str:
     threads) under a new delivery id, which every retry keeps; returns the id."""
     delivery_id = uuid.uuid4().hex
     celery.send_task(
-        TASK_CALLBACK,
+        TASK_SCAN_WEBHOOK,
         args=(scan_id, delivery_id),
         queue=WEBHOOK_QUEUE,
         retry=True,
@@ -221,7 +160,7 @@ def _new_job_message(
     return job_id, queue, message
 
 
-def submit_job(
+async def asubmit_job(
     store: JobStore,
     celery: Celery,
     key: str,
@@ -235,31 +174,8 @@ def submit_job(
 
     The job's Celery message is built first (``entail_message``) and pushed onto the
     model's interactive queue by the same atomic script that stores the record
-    (``JobStore.create_and_send``): a job is never stored unsent, nor sent unstored.
+    (``JobStore.acreate_and_send``): a job is never stored unsent, nor sent unstored.
     Scan jobs go through ``submit_bulk`` instead."""
-    job_id, queue, message = _new_job_message(store, celery, key, text, premise)
-    try:
-        got = store.create_and_send(key, image, text, premise, job_id, queue, message)
-    except redis.RedisError as exc:
-        raise QueueUnavailableError(f"the job store is unavailable ({type(exc).__name__})") from exc
-    if callback_url:
-        _hook(store, celery, got.job_id, callback_url)
-    if got.overdue:  # an in-flight mark is never trusted past its job's deadline
-        _send_again(store, celery, got.job_id)
-    return got.job_id, got.created
-
-
-async def asubmit_job(
-    store: JobStore,
-    celery: Celery,
-    key: str,
-    image: bytes,
-    text: str,
-    premise: str | None,
-    callback_url: str | None = None,
-) -> tuple[str, bool]:
-    """``submit_job`` from the event loop (the API): one atomic round trip on the
-    loop (``JobStore.acreate_and_send``)."""
     got = await asubmit_owned(store, celery, key, image, text, premise, callback_url)
     return got.job_id, got.created
 
@@ -319,13 +235,6 @@ def send_chunk(store: JobStore, celery: Celery, msgs: list[EntailTask]) -> None:
     (``chunk_message``, pushed onto the broker: the durable store)."""
     queue, message = chunk_message(celery, msgs)
     store.sync.durable.lpush(queue, message)
-
-
-def chunk_summary(chunk: EntailChunk) -> str:
-    """A chunk's jobs as Flower lists them: the scan, how many, their ids."""
-    ids = [m.job_id for m in chunk.items]
-    shown = ", ".join(ids[:4]) + (f", ... {ids[-1]}" if len(ids) > 4 else "")
-    return f"{{'msg': '{len(ids)} jobs of scan {chunk.items[0].scan_id}: {shown}'}}"
 
 
 def submit_bulk(
@@ -464,10 +373,16 @@ def submit_scan(
     upload: IO[bytes] | None = None,
     server_path: str | None = None,
     owner: str = "",
+    catalogue: str | None = None,
+    manifest_object: ObjectMeta | None = None,
+    extra: dict[str, str] | None = None,
 ) -> tuple[str, int]:
-    """Store a manifest (an upload, or a file under ``OFA_MANIFEST_ROOT``), write the
+    """Store a manifest (an upload, or a file under ``OFA_MANIFEST_ROOT``; or name the
+    object ``manifest_object``, already checked and HEADed: read in place by the
+    coordinator, its rows counted as they are read, so 0 is returned), write the
     scan record (started by ``owner``, the API key's id: only it, and admin keys, see
-    the scan; its stored manifest counts toward the key's scan storage) and queue the
+    the scan; its stored manifest counts toward the key's scan storage; of the key's
+    ``catalogue`` when named) and queue the
     coordinator; returns (scan id, rows).
 
     Blocking (file I/O): the API calls it from its thread pool. Nothing is left behind
@@ -476,7 +391,19 @@ def submit_scan(
     folder = ScanFolder(settings.scans_path, uuid.uuid4().hex)
     try:
         folder.create()
-        if upload is not None:
+        if manifest_object is not None:
+            # The object's ETag is what the coordinator holds it to; its size counts
+            # against the key's stored manifest bytes (it is never copied here, but a
+            # scan's results grow with it).
+            total, stored = 0, manifest_object.size
+            extra = {
+                **(extra or {}),
+                "manifest_etag": manifest_object.etag or "",
+                "manifest_size": str(manifest_object.size),
+                "total_known": "0",
+            }
+            manifest_name = str(manifest_object.url)
+        elif upload is not None:
             manifest = folder.manifest
             total = save_manifest(upload, manifest, fmt, settings)
         else:
@@ -493,9 +420,20 @@ def submit_scan(
                     total = save_manifest(src, manifest, fmt, settings)
             else:  # read in place
                 manifest, total = path, check_jsonl_head(path, settings.manifest_line_bytes)
-        stored = manifest.stat().st_size if manifest.parent == folder.path else 0
+        if manifest_object is None:
+            stored = manifest.stat().st_size if manifest.parent == folder.path else 0
+            manifest_name = str(manifest)
         try:
-            store.create(folder.scan_id, total, str(manifest), callback_url, owner, stored)
+            store.create(
+                folder.scan_id,
+                total,
+                manifest_name,
+                callback_url,
+                owner,
+                stored,
+                catalogue,
+                extra,
+            )
         except redis.RedisError as exc:
             raise QueueUnavailableError(
                 f"the scan store is unavailable ({type(exc).__name__})"

@@ -88,9 +88,10 @@ def pod_specs(objs: list[dict]) -> Iterator[tuple[str, dict]]:
     """Every pod template: (the workload's name, its pod spec)."""
     for obj in objs:
         if obj["kind"] in WORKLOADS:
-            template = obj["spec"]["template"]
             if obj["kind"] == "CronJob":
                 template = obj["spec"]["jobTemplate"]["spec"]["template"]
+            else:
+                template = obj["spec"]["template"]
             yield obj["metadata"]["name"], template["spec"]
 
 
@@ -1126,3 +1127,64 @@ def test_a_primary_stopped_on_purpose_hands_over_first(durable_set):
     group.wait_for(primary=1, replicas=1, timeout=5)
     grace = one(group.objs, "StatefulSet", "redis-durable")["spec"]["template"]["spec"]
     assert took < 5 and took + 10 < grace["terminationGracePeriodSeconds"], took
+
+
+# --- the nightly scan example (deploy/k8s/examples/nightly-scan) ---------------------
+
+
+def with_nightly_scan(tmp_path: Path) -> list[dict[str, Any]]:
+    """The production overlay with the nightly-scan component added, as a user would."""
+    import os
+
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    rel = Path(os.path.relpath(K8S, overlay))
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{rel / 'overlays' / 'production'}]\n"
+        f"components: [{rel / 'examples' / 'nightly-scan'}]\n"
+    )
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def test_the_nightly_scan_cronjob(tmp_path):
+    """Valid, restricted like every pod, one run at a time with deadlines, and its
+    command a real ``ofa-entail scan`` whose idempotency key is derived from the date."""
+    import datetime
+
+    from api.admission import CATALOGUE_NAME
+    from shared.cli.client import idempotency_key
+
+    assert not find(render("production"), "CronJob")  # the base deploys without it
+    objs = with_nightly_scan(tmp_path)
+    test_every_object_is_valid(("nightly", objs))
+    test_every_pod_meets_the_restricted_standard(("nightly", objs))
+    cron = one(objs, "CronJob", "ofa-scan-shop-eu")
+    spec = cron["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid" and spec["startingDeadlineSeconds"] > 0
+    job = spec["jobTemplate"]["spec"]
+    assert job["activeDeadlineSeconds"] > 0 and job["backoffLimit"] >= 1
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] in ("Never", "OnFailure")
+    (scan,) = pod["containers"]
+    assert {s for s, _ in secret_refs(scan)} == {"ofa-scan-client"}
+    assert "OFA_API_KEY" in resolved_env(scan, {})
+    assert under("/tmp", writable_dirs(pod, scan))
+    command = scan["command"]
+    assert command[:2] == ["ofa-entail", "scan"]
+    args = build_parser().parse_args(command[1:])  # SystemExit if not a real command
+    assert args.func.__name__ == "cmd_scan" and args.wait and args.json
+    assert args.manifest is None and args.manifest_url.startswith(("s3://", "gs://", "az://"))
+    assert CATALOGUE_NAME.fullmatch(args.catalogue)
+    assert "{date}" in args.idempotency_key
+    day = datetime.date(2026, 3, 1)
+    assert idempotency_key(args.idempotency_key, day) == f"{args.catalogue}-2026-03-01"
+    # The command reports a scan still running before the Job's deadline stops it.
+    assert args.timeout is not None and args.timeout < job["activeDeadlineSeconds"]
+    # Exit codes for the scan's own outcome fail the Job without retries.
+    rules = job["podFailurePolicy"]["rules"]
+    fail = next(r for r in rules if r["action"] == "FailJob")["onExitCodes"]["values"]
+    assert set(fail) == {2, 3, 4, 5}

@@ -171,11 +171,27 @@ function scanView(s) {
     el("p", {}, `Scan ${s.scan_id.slice(0, 8)}: ${s.status}`),
     Object.assign(el("progress", { "aria-label": "rows finished" }), { max: Math.max(1, s.total), value: finished }),
     el("p", { class: "meta" },
-      `${finished} of ${s.total} rows · done ${s.done} · cached ${s.cached} · failed ${s.failed} · ${s.rate_rows_per_s.toFixed(1)} rows/s · ETA ${eta}`));
+      `${finished} of ${s.total} rows · done ${s.done} · cached ${s.cached} · failed ${s.failed} · ${s.rate_rows_per_s.toFixed(1)} rows/s · ETA ${eta}`),
+    ...changesView(s));
 }
 
-async function download(scanId, format) {
-  const response = await fetch(`/v1/scans/${scanId}/results?format=${format}`,
+// A catalogue scan's change counts since the catalogue's previous succeeded scan.
+function changesView(s) {
+  if (!s.catalogue) return [];
+  if (!s.changes) {
+    const why = ["succeeded", "cancelled", "failed"].includes(s.status)
+      ? "no earlier succeeded scan to compare with" : "counted when the scan succeeds";
+    return [el("p", { class: "meta changes" }, `Catalogue ${s.catalogue}: ${why}.`)];
+  }
+  const c = s.changes;
+  return [el("p", { class: "changes", "data-baseline": s.baseline_scan },
+    `Catalogue ${s.catalogue}, since scan ${s.baseline_scan.slice(0, 8)}: ` +
+    `${c.label_changed} labels changed · ${c.newly_failed} newly failed · ${c.recovered} recovered · ` +
+    `${c.added} added · ${c.removed} removed` + (c.unmatched ? ` · ${c.unmatched} rows without a comparable id` : ""))];
+}
+
+async function download(scanId, format, what = "results") {
+  const response = await fetch(`/v1/scans/${scanId}/${what}?format=${format}`,
     { headers: { Authorization: `Bearer ${apiKey()}` } });
   if (!response.ok) {
     const problem = await response.json().catch(() => ({ title: response.statusText }));
@@ -183,7 +199,8 @@ async function download(scanId, format) {
     return;
   }
   const blob = await response.blob();
-  const link = el("a", { href: URL.createObjectURL(blob), download: `scan-${scanId}.${format}` });
+  const name = what === "results" ? `scan-${scanId}.${format}` : `scan-${scanId}-${what}.${format}`;
+  const link = el("a", { href: URL.createObjectURL(blob), download: name });
   document.body.append(link);
   link.click();
   link.remove();
@@ -208,11 +225,26 @@ $("scan-form").addEventListener("submit", async (event) => {
   const out = $("scan");
   const button = $("scan-button");
   const file = $("manifest").files[0];
+  const manifestUrl = $("manifest-url").value.trim();
+  const catalogue = $("catalogue").value.trim();
+  if (!file === !manifestUrl) {
+    showProblem(out, new Error("Choose a manifest file, or give its object URL (one of them)."));
+    return;
+  }
   button.disabled = true;
   try {
-    const form = new FormData();
-    form.append("manifest", file);
-    const { body: accepted } = await api("/v1/scans", { method: "POST", body: form });
+    let request;
+    if (manifestUrl) {
+      const body = { manifest_url: manifestUrl };
+      if (catalogue) body.catalogue = catalogue;
+      request = { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } };
+    } else {
+      const form = new FormData();
+      form.append("manifest", file);
+      if (catalogue) form.append("catalogue", catalogue);
+      request = { method: "POST", body: form };
+    }
+    const { body: accepted } = await api("/v1/scans", request);
     let summary;
     for (;;) {
       summary = (await api(`/v1/scans/${accepted.scan_id}`)).body;
@@ -225,6 +257,11 @@ $("scan-form").addEventListener("submit", async (event) => {
     jsonl.addEventListener("click", () => download(summary.scan_id, "jsonl"));
     csv.addEventListener("click", () => download(summary.scan_id, "csv"));
     out.append(el("p", {}, jsonl, " ", csv));
+    if (summary.changes) {
+      const changes = el("button", { type: "button", id: "changes-button" }, "Download the changes (CSV)");
+      changes.addEventListener("click", () => download(summary.scan_id, "csv", "changes"));
+      out.append(el("p", {}, changes));
+    }
     await showReport(summary.scan_id, out);
   } catch (err) {
     showProblem(out, err);

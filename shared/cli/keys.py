@@ -18,9 +18,8 @@ from shared.settings import Settings
 
 def _store(settings: Settings) -> Any:
     from shared import wiring
-    from shared.store.apikeys import ApiKeyStore
 
-    return ApiKeyStore(wiring.keys(settings), sync=wiring.sync_redis(settings).durable)
+    return wiring.stores(settings, sync=wiring.sync_redis(settings)).apikeys
 
 
 def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
@@ -35,7 +34,7 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     per_minute = settings.rate_limit_per_min if args.rate is None else args.rate
     burst = settings.rate_limit_burst if args.burst is None else args.burst
     try:
-        token = _store(settings).create(args.name, scopes, per_minute, burst)
+        token = _store(settings).create(args.name, scopes, per_minute, burst, args.bucket)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -45,7 +44,9 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
         print(token)
         print(
             f"key {token.split('_')[1]} ({args.name}): scopes {','.join(sorted(scopes))}, "
-            f"{per_minute:g}/min, burst {burst}. Only its hash is stored: keep it now.",
+            f"{per_minute:g}/min, burst {burst}"
+            + (f", buckets {' '.join(args.bucket)}" if args.bucket else "")
+            + ". Only its hash is stored: keep it now.",
             file=sys.stderr,
         )
     return 0
@@ -94,6 +95,14 @@ def add_commands(sub: Any) -> None:
     )
     create.add_argument("--rate", type=float, help="submissions per minute (0: unlimited)")
     create.add_argument("--burst", type=int, help="requests allowed at once")
+    create.add_argument(
+        "--bucket",
+        action="append",
+        metavar="URL",
+        help="an object URL prefix the key may name (s3://bucket/, s3://bucket/prefix/, "
+        "gs://..., az://...), within OFA_OBJECT_BUCKETS; repeat for more. Default: the "
+        "global list alone",
+    )
     create.add_argument("--json", action="store_true", help="print JSON")
     create.set_defaults(func=cmd_create)
     lst = ksub.add_parser("list", help="every key, active and revoked")

@@ -32,6 +32,12 @@ class ScanFolder:
         """The SQLite results file the coordinator writes and the API streams."""
         return self.path / "results.db"
 
+    @property
+    def results_upload(self) -> Path:
+        """Where results are staged before they are uploaded to the scan's
+        ``results_url`` (Parquet: written in row groups, then sent in parts)."""
+        return self.path / "results.upload"
+
     def create(self) -> None:
         """Make the folder (and the root)."""
         self.path.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,10 @@ explicit ``image_url`` / ``image_path`` / ``image_base64``), ``text``, optional
 when the image has to be fetched). CSV manifests are converted to JSONL as they
 arrive, so the coordinator always reads JSONL and can resume from a byte offset.
 
+A manifest may also be an object in object storage (``s3://``, ``gs://``, ``az://``):
+JSONL only, streamed from the scan's cursor (``StreamLines`` over the object's chunks),
+never downloaded whole; ``read_rows`` reads either.
+
 Every line is read in bounded pieces (``read_line``), never held whole: a line longer
 than ``OFA_MAX_MANIFEST_LINE_BYTES`` is skipped to its end. The first JSONL line that
 long refuses the manifest; a later one is counted, and becomes that row's error. A CSV
@@ -18,12 +22,13 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from shared.errors import ManifestError, ManifestLineTooLongError, PayloadTooLargeError
 from shared.settings import get_settings
@@ -61,7 +66,7 @@ MAX_CSV_COLUMNS = 64
 MAX_CSV_SEPARATORS = 16 * 1024
 
 
-def read_line(fh: IO[bytes], max_bytes: int) -> bytes | None:
+def read_line(fh: Lines, max_bytes: int) -> bytes | None:
     """The next line of ``fh`` with its newline (b"" at the end of the file) when it
     holds at most ``max_bytes`` bytes before the newline; else None, with ``fh`` moved
     past the line's end, read ``SKIP_BYTES`` at a time, never held whole."""
@@ -198,10 +203,73 @@ def check_jsonl_head(path: Path, max_line: int) -> int:
     return n
 
 
+class Lines(Protocol):
+    """What ``read_rows`` reads: lines (``readline`` with a bound) and the byte offset
+    reached (``tell``): an open file, or ``StreamLines``."""
+
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+    def tell(self) -> int: ...
+
+
+class _Chunks(io.RawIOBase):
+    """An iterator of byte chunks as a raw stream, for ``io.BufferedReader``."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._left = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._left:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._left = memoryview(chunk)
+        n = min(len(buffer), len(self._left))
+        buffer[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
+
+
+class StreamLines:
+    """Lines of a stream of chunks (an object read from byte ``start``), with the byte
+    offset reached so far: the manifest cursor ``read_rows`` records. Holds one buffer
+    and the chunk being read, never more of the stream."""
+
+    def __init__(
+        self, chunks: Iterable[bytes], start: int = 0, buffer_bytes: int = 256 * 1024
+    ) -> None:
+        self._raw = _Chunks(chunks)
+        self._buffered = io.BufferedReader(self._raw, buffer_size=buffer_bytes)
+        self._pos = start
+
+    def readline(self, size: int = -1, /) -> bytes:
+        """The next line (at most ``size`` bytes of it), as ``io.BufferedReader``'s."""
+        line = self._buffered.readline(size)
+        self._pos += len(line)
+        return line
+
+    def tell(self) -> int:
+        """The byte offset in the object after the last line read."""
+        return self._pos
+
+    def close(self) -> None:
+        """Drop the stream (its connection goes back with the iterator)."""
+        self._buffered.close()
+
+
 def read_rows(
-    path: Path, offset: int, start_idx: int, limit: int, max_line: int | None = None
+    source: Path | Lines,
+    offset: int,
+    start_idx: int,
+    limit: int,
+    max_line: int | None = None,
 ) -> tuple[list[Row], int]:
-    """Up to ``limit`` rows from byte ``offset`` (row numbers from ``start_idx``).
+    """Up to ``limit`` rows from byte ``offset`` (row numbers from ``start_idx``) of a
+    file, or of ``Lines`` already at ``offset`` (an object's stream).
 
     Returns the rows and the offset after the last one. A line that is not a JSON
     object, or longer than ``max_line`` bytes (default: this process's
@@ -210,33 +278,41 @@ def read_rows(
     """
     if max_line is None:
         max_line = get_settings().manifest_line_bytes
+    if isinstance(source, Path):
+        with source.open("rb") as fh:
+            fh.seek(offset)
+            return _read_rows(fh, offset, start_idx, limit, max_line)
+    assert source.tell() == offset, (source.tell(), offset)
+    return _read_rows(source, offset, start_idx, limit, max_line)
+
+
+def _read_rows(
+    fh: Lines, offset: int, start_idx: int, limit: int, max_line: int
+) -> tuple[list[Row], int]:
     rows: list[Row] = []
-    with path.open("rb") as fh:
-        fh.seek(offset)
-        while len(rows) < limit:
-            line = read_line(fh, max_line)
-            if line == b"":
-                break
-            if line is not None and line.isspace():
-                offset = fh.tell()
-                continue
-            idx = start_idx + len(rows)
-            if line is None:
-                obj: dict[str, Any] = {
-                    "__error__": f"row is longer than {max_line} bytes "
-                    "(OFA_MAX_MANIFEST_LINE_BYTES)"
-                }
-            else:
-                try:
-                    obj = parse_line(line)
-                except ValueError as exc:
-                    obj = {"__error__": f"row is not a JSON object ({exc})"}
-            item_id = obj.get("id")
-            if isinstance(item_id, bool) or not isinstance(item_id, str | int | float | None):
-                obj = {"__error__": "id must be a string or a number"}
-                item_id = None
-            rows.append(Row(idx, str(item_id) if item_id is not None else "", obj))
+    while len(rows) < limit:
+        line = read_line(fh, max_line)
+        if line == b"":
+            break
+        if line is not None and line.isspace():
             offset = fh.tell()
+            continue
+        idx = start_idx + len(rows)
+        if line is None:
+            obj: dict[str, Any] = {
+                "__error__": f"row is longer than {max_line} bytes (OFA_MAX_MANIFEST_LINE_BYTES)"
+            }
+        else:
+            try:
+                obj = parse_line(line)
+            except ValueError as exc:
+                obj = {"__error__": f"row is not a JSON object ({exc})"}
+        item_id = obj.get("id")
+        if isinstance(item_id, bool) or not isinstance(item_id, str | int | float | None):
+            obj = {"__error__": "id must be a string or a number"}
+            item_id = None
+        rows.append(Row(idx, str(item_id) if item_id is not None else "", obj))
+        offset = fh.tell()
     return rows, offset
 
 

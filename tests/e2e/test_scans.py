@@ -408,7 +408,7 @@ def test_cli_scan_csv_manifest(api, worker, coordinator, service_env, host, tmp_
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 4, proc.stderr  # succeeded, with a row failed ("bad")
     lines = out.read_text().splitlines()
     assert lines[0].startswith("id,label,answer,p_entailment")
     assert [line.split(",")[0] for line in lines[1:]] == [*(f"p{i}" for i in range(5)), "bad"]
@@ -478,7 +478,7 @@ def test_report_over_gold_labels(api, worker, coordinator, service_env, direct, 
     test computes itself from direct scoring; rows without one are not counted."""
     import base64
 
-    from shared.client import Client
+    from ofa_entail_client import Client
 
     golds = ["entailment", "contradiction", "neutral", "Entailment", "neutral", None, "bogus"]
     rows, images = [], {}
@@ -548,3 +548,145 @@ def test_report_over_gold_labels(api, worker, coordinator, service_env, direct, 
         and "Confusion matrix" in page
         and "http" not in page.replace("http://www.w3.org/2000/svg", "")
     )
+
+
+def test_catalogue_scans_list_what_changed_since_the_previous_one(
+    scan_client, host, api, service_env, rdb, keys
+):
+    """Two scans of one catalogue, the second with a label flipped, a row added and one
+    removed, one that starts failing and one that recovers: exactly those changes, in
+    the API, the report and the webhook's counts; then the CLI, scheduled-style."""
+    import uuid
+
+    catalogue = f"shop-{uuid.uuid4().hex[:8]}"
+    bad = "data:image/jpeg;base64," + base64.b64encode(b"not an image").decode()
+
+    def url(name: str) -> str:
+        return "data:image/jpeg;base64," + base64.b64encode(IMAGES[name]).decode()
+
+    # The tiny model gives one label whatever the image: the flipped label is crafted
+    # in the verdict cache between the scans (a row whose key is cached takes that).
+    flip_image = small_jpeg(seed=7001, size=40)
+    flip_url = "data:image/jpeg;base64," + base64.b64encode(flip_image).decode()
+
+    def row(item: str | None, image: str, text: str = "catalogue row") -> dict:
+        return {"image": image, "text": text} | ({"id": item} if item else {})
+
+    first = start(
+        scan_client,
+        [
+            row("keep", url("img31.jpg")),
+            row("flip", flip_url, "catalogue flip"),
+            row("breaks", url("img32.jpg")),
+            row("heals", bad),
+            row("gone", url("img33.jpg")),
+            row("dup", url("img34.jpg")),
+        ],
+        catalogue=catalogue,
+    )
+    one = wait_scan(scan_client, first["scan_id"])
+    assert one["status"] == "succeeded" and one["catalogue"] == catalogue
+    assert one["baseline_scan"] is None and one["changes"] is None  # nothing to compare
+    assert scan_client.get(f"/v1/scans/{one['scan_id']}/changes").text == ""
+    was = next(r for r in results(scan_client, one["scan_id"]) if r["id"] == "flip")["label"]
+    now = "contradiction" if was != "contradiction" else "entailment"
+    flip_key = verdict_key(*MODEL, flip_image, "catalogue flip", None)
+    probs = {"entailment": 0.05, "contradiction": 0.05, "neutral": 0.05} | {now: 0.9}
+    crafted = {
+        "label": now,
+        "answer": "no" if now == "contradiction" else "yes",
+        "probabilities": probs,
+        "model": {"id": MODEL[0], "revision": MODEL[1]},
+        "key": flip_key,
+    }
+    rdb.set(keys.verdict(flip_key), json.dumps(crafted), ex=600)
+
+    Host.callbacks.clear()
+    second = start(
+        scan_client,
+        [
+            row("new", url("img35.jpg")),
+            row("keep", url("img31.jpg")),
+            row("flip", flip_url, "catalogue flip"),
+            row("breaks", bad),
+            row("heals", url("img36.jpg")),
+            row(None, url("img37.jpg")),  # no id: not comparable
+            row("dup", url("img34.jpg")),
+            row("dup", bad),  # the second of an id: not compared
+        ],
+        catalogue=catalogue,
+        callback_url=f"{host}/hook-catalogue",
+    )
+    two = wait_scan(scan_client, second["scan_id"])
+    assert two["status"] == "succeeded" and two["baseline_scan"] == one["scan_id"]
+    expected_counts = {
+        "label_changed": 1,
+        "newly_failed": 1,
+        "recovered": 1,
+        "added": 1,
+        "removed": 1,
+        "unmatched": 2,
+    }
+    assert two["changes"] == expected_counts
+    got = [
+        json.loads(line)
+        for line in scan_client.get(f"/v1/scans/{two['scan_id']}/changes").text.splitlines()
+    ]
+    assert [(c["kind"], c["id"]) for c in got] == [
+        ("added", "new"),
+        ("label_changed", "flip"),
+        ("newly_failed", "breaks"),
+        ("recovered", "heals"),
+        ("removed", "gone"),
+    ]
+    flip = got[1]
+    assert (flip["old_label"], flip["new_label"]) == (was, now)
+    assert flip["new_probabilities"] == probs
+    for side in ("old", "new"):
+        probs = flip[f"{side}_probabilities"]
+        assert max(probs, key=probs.get) == flip[f"{side}_label"]
+    assert got[2]["old_label"] and got[2]["new_error"] and got[3]["old_error"]
+    csv_lines = scan_client.get(
+        f"/v1/scans/{two['scan_id']}/changes", params={"format": "csv"}
+    ).text.splitlines()
+    assert csv_lines[0].startswith("kind,id,old_label") and len(csv_lines) == 6
+    page = scan_client.get(f"/v1/scans/{two['scan_id']}/report", params={"format": "html"}).text
+    assert f"Changes since <code>{one['scan_id']}</code>" in page
+    assert "label changed" in page and ">flip<" in page and ">gone<" in page
+    deadline = time.monotonic() + 30
+    while not any(h.get("X-OFA-Scan") == two["scan_id"] for h, _ in Host.callbacks):
+        assert time.monotonic() < deadline, "no callback for the catalogue scan"
+        time.sleep(0.1)
+    body = json.loads(next(b for h, b in Host.callbacks if h.get("X-OFA-Scan") == two["scan_id"]))
+    assert body["changes"] == expected_counts and body["baseline_scan"] == one["scan_id"]
+    assert body["catalogue"] == catalogue
+
+    # The CLI as a schedule runs it: JSON on stdout, an exit code per outcome, and a
+    # second run the same day (same key) answered with the same scan.
+    manifest = Path(service_env.get("TMPDIR", "/tmp")) / f"{catalogue}.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in (row("keep", url("img31.jpg")), row("breaks", bad), row("new", bad))
+        )
+    )
+
+    def cli(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "shared.cli", "scan", str(manifest), "--url", api,
+             "--api-key", API_KEY, "--catalogue", catalogue, *extra],
+            env=service_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    ran = cli("--idempotency-key", f"{catalogue}-{{date}}", "--json")
+    assert ran.returncode == 4, ran.stderr  # succeeded, with rows failed
+    summary = json.loads(ran.stdout)
+    assert summary["status"] == "succeeded" and summary["exit_code"] == 4
+    assert summary["baseline_scan"] == two["scan_id"]
+    assert summary["changes"]["newly_failed"] == 1 and summary["changes"]["removed"] == 3
+    again = cli("--idempotency-key", f"{catalogue}-{{date}}", "--json", "--no-wait")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["scan_id"] == summary["scan_id"]
+    other = cli("--idempotency-key", f"{catalogue}-{{date}}", "--json", "--catalogue", "x")
+    assert other.returncode == 1 and "409" in other.stderr and other.stdout == ""
+    manifest.unlink()

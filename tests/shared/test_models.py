@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from shared.models import CachedVerdict, EntailTask, JobStatus, cached_verdict_body
+from shared.models import CachedVerdict, JobStatus, cached_verdict_body
+from shared.wire import EntailTask
 from tests.helpers import VERDICT
 
 

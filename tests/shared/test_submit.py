@@ -4,26 +4,16 @@ record before its message; nothing left behind when the broker refuses."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
-import json
 
 import pytest
 
-from shared.celery_app import queue_name
 from shared.errors import ManifestError, PayloadTooLargeError, QueueUnavailableError
-from shared.models import EntailTask, JobStatus, ScanStatus
-from shared.submit import (
-    BulkItem,
-    asubmit_job,
-    entail_message,
-    send_job,
-    submit_bulk,
-    submit_job,
-    submit_scan,
-)
+from shared.models import JobStatus, ScanStatus
+from shared.submit import BulkItem, asubmit_job, submit_bulk, submit_scan
+from shared.wire import EntailTask, queue_name
 from tests.conftest import INPROC_MODEL
-from tests.helpers import broker_messages, free_port
+from tests.helpers import broker_messages, free_port, submit_job
 
 pytestmark = pytest.mark.usefixtures("clean_inproc")
 
@@ -37,16 +27,12 @@ def celery(inproc_settings):
 
 @pytest.fixture
 def ajobs(inproc_settings, inproc_redis):
-    """The job store with asyncio clients too (the API's side); a test's event loop
-    must close them (``aio.aclose``)."""
+    """The stores with asyncio clients too (the API's side); a test's event loop must
+    close them (``aio.aclose``)."""
     from shared import wiring
-    from shared.store import JobStore
 
-    return JobStore(
-        inproc_settings,
-        wiring.keys(inproc_settings),
-        inproc_redis,
-        wiring.async_redis(inproc_settings),
+    return wiring.stores(
+        inproc_settings, sync=inproc_redis, aio=wiring.async_redis(inproc_settings)
     )
 
 
@@ -58,10 +44,10 @@ def dead_celery(inproc_settings):
     return make_celery(dead)
 
 
-def test_a_job_is_recorded_then_sent_as_a_typed_message(jobs, celery, rdb):
-    job_id, created = submit_job(jobs, celery, "key-a", b"img", "a cat", "a photo")
+def test_a_job_is_recorded_then_sent_as_a_typed_message(reads, celery, rdb, inproc_settings):
+    job_id, created = submit_job(inproc_settings, celery, "key-a", b"img", "a cat", "a photo")
     assert created
-    assert jobs.get(job_id).status == JobStatus.QUEUED  # type: ignore[union-attr]
+    assert reads.get(job_id).status == JobStatus.QUEUED  # type: ignore[union-attr]
     [message] = broker_messages(rdb, queue_name(*INPROC_MODEL))
     assert message["headers"]["id"] == job_id and message["headers"]["task"] == "ofa.entail"
     msg = EntailTask.model_validate(message["kwargs"]["msg"])
@@ -73,7 +59,8 @@ def test_a_job_is_recorded_then_sent_as_a_typed_message(jobs, celery, rdb):
         None,
     )
     # The same key joins: no second record, no second message.
-    assert submit_job(jobs, celery, "key-a", b"img", "a cat", "a photo") == (job_id, False)
+    again = submit_job(inproc_settings, celery, "key-a", b"img", "a cat", "a photo")
+    assert again == (job_id, False)
     assert rdb.llen(queue_name(*INPROC_MODEL)) == 1
 
 
@@ -131,95 +118,18 @@ def test_bad_manifests_store_nothing(body, fmt, error, scans, celery, rdb, inpro
     assert set(inproc_settings.scans_path.glob("*")) == folders
 
 
-def readable(raw: bytes) -> dict:
-    """A message as kombu's Redis transport stores it, its body decoded, without the
-    ids kombu draws anew for every message (delivery tag, reply-to)."""
-    envelope = json.loads(raw)
-    envelope["body"] = json.loads(base64.b64decode(envelope["body"]))
-    del envelope["properties"]["delivery_tag"], envelope["properties"]["reply_to"]
-    return envelope
-
-
-def test_the_api_builds_the_message_send_task_would_write(jobs, celery, rdb):
-    """The API pushes ``ofa.entail`` messages itself (with the job's record, atomically):
-    byte for byte what Celery's send_task writes, but for the ids kombu draws anew
-    (delivery tag, reply-to) and the repr Flower shows."""
-    msg = EntailTask(
-        job_id="f" * 32,
-        key="k" * 64,
-        model=INPROC_MODEL[0],
-        revision=INPROC_MODEL[1],
-        text="a cat",
-        premise="a photo",
-        scan_id=None,
-    )
-    send_job(celery, msg)
-    queue, ours = entail_message(celery, msg)
-    assert queue == queue_name(*INPROC_MODEL)
-    [theirs] = [readable(raw) for raw in rdb.lrange(queue, 0, -1)]
-    mine = readable(ours)
-    for envelope in (theirs, mine):
-        del envelope["headers"]["kwargsrepr"]
-    assert mine == theirs
-
-
-def test_a_chunk_message_is_the_one_send_task_would_write(jobs, celery, rdb):
-    """Scan chunks are pushed as the coordinator builds them (``chunk_message``): what
-    Celery's send_task writes for the same task, but for the ids drawn anew (task id,
-    delivery tag, reply-to); the repr Flower shows is the chunk's summary in both."""
-    from shared.celery_app import TASK_ENTAIL_CHUNK
-    from shared.models import EntailChunk
-    from shared.submit import chunk_message, chunk_summary
-
-    msgs = [
-        EntailTask(
-            job_id=f"{i:032x}",
-            key="k" * 64,
-            model=INPROC_MODEL[0],
-            revision=INPROC_MODEL[1],
-            text=f"row {i}",
-            premise=None,
-            scan_id="s1",
-        )
-        for i in range(3)
-    ]
-    queue, ours = chunk_message(celery, msgs)
-    chunk = EntailChunk(model=INPROC_MODEL[0], revision=INPROC_MODEL[1], items=msgs)
-    celery.send_task(
-        TASK_ENTAIL_CHUNK,
-        kwargs={"msg": chunk.model_dump()},
-        queue=queue,
-        retry=False,
-        ignore_result=True,
-        argsrepr="()",
-        kwargsrepr=chunk_summary(chunk),
-    )
-    assert queue == queue_name(*INPROC_MODEL, bulk=True)
-    [theirs] = [readable(raw) for raw in rdb.lrange(queue, 0, -1)]
-    mine = readable(ours)
-    for envelope in (theirs, mine):
-        for drawn in ("id", "root_id"):
-            del envelope["headers"][drawn]
-        del envelope["properties"]["correlation_id"]
-    # send_task also copies the reprs, given as options, into the properties; only the
-    # headers' are read (the worker's task-received event, so Flower).
-    assert theirs["properties"].pop("argsrepr") == mine["headers"]["argsrepr"]
-    assert theirs["properties"].pop("kwargsrepr") == mine["headers"]["kwargsrepr"]
-    assert mine == theirs
-
-
 def test_an_interactive_job_is_recorded_and_queued_in_one_step(ajobs, celery, rdb):
     async def main():
         try:
-            first = await asubmit_job(ajobs, celery, "key-z", b"img", "a dog", None)
-            again = await asubmit_job(ajobs, celery, "key-z", b"img", "a dog", None)
+            first = await asubmit_job(ajobs.jobs, celery, "key-z", b"img", "a dog", None)
+            again = await asubmit_job(ajobs.jobs, celery, "key-z", b"img", "a dog", None)
         finally:
-            await ajobs.aio.aclose()
+            await ajobs.jobs.aio.aclose()
         return first, again
 
     (job_id, created), again = asyncio.run(main())
     assert created and again == (job_id, False)
-    assert ajobs.get(job_id).status == JobStatus.QUEUED  # type: ignore[union-attr]
+    assert ajobs.reads.get(job_id).status == JobStatus.QUEUED  # type: ignore[union-attr]
     [message] = broker_messages(rdb, queue_name(*INPROC_MODEL))  # one message for both
     assert message["headers"]["id"] == job_id and message["headers"]["task"] == "ofa.entail"
     msg = EntailTask.model_validate(message["kwargs"]["msg"])

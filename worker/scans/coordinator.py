@@ -22,15 +22,15 @@ before another image is read or fetched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import logging
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from functools import cache
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -39,13 +39,19 @@ from celery import Celery
 
 from shared.errors import RowError
 from shared.models import JobStatus, RowState, ScanStatus
+from shared.objects import ObjectStoreError, ObjectStoreUnavailable
+from shared.scans.changes import compare_with_baseline
 from shared.scans.folder import ScanFolder
-from shared.scans.manifest import Row, gold_label, read_rows
+from shared.scans.manifest import Row, gold_label
 from shared.scans.results import ResultsDB, RowResult
 from shared.settings import Settings
-from shared.store import JobStore, Outcome, ScanStore
+from shared.store import Collected, DoneChannel, JobReads, ScanStore
+from shared.store.job_reads import DoneSubscription
 from shared.submit import BulkItem, submit_bulk
+from shared.wiring import Stores
+from worker.scans.outputs import write_results
 from worker.scans.resolver import Resolved, RowResolver
+from worker.scans.source import ManifestChanged, ManifestSource
 
 logger = logging.getLogger(__name__)
 
@@ -76,42 +82,37 @@ class Announcements:
     announcement arriving: a full re-read is due every ``FULL_SWEEP_S``, and always
     when the subscription is lost."""
 
-    def __init__(self, jobs: JobStore) -> None:
-        self._pubsub: redis.client.PubSub | None = None
+    def __init__(self, done: DoneChannel) -> None:
+        self._subscription: DoneSubscription | None = None
         self._swept = 0.0
         try:
-            pubsub = jobs.sync.durable.pubsub(ignore_subscribe_messages=True)
-            pubsub.subscribe(jobs.keys.done_channel())
-            self._pubsub = pubsub
+            self._subscription = done.subscribe()
         except redis.RedisError as exc:
             logger.warning("no job announcements (%s): full re-reads only", exc)
 
     def take(self, wait: float = 0.0) -> dict[str, str] | None:
-        """Job id -> the rest of its announcement (``JobStore.announcements``: the final
-        record, or "" for a cancellation) since the last call, waiting up to ``wait``
-        seconds for the first; None when a full re-read is due."""
+        """Job id -> the rest of its announcement (``DoneChannel.announcements``: the
+        final record, or "" for a cancellation) since the last call, waiting up to
+        ``wait`` seconds for the first; None when a full re-read is due."""
         got: dict[str, str] = {}
-        if self._pubsub is None:
+        if self._subscription is None:
             time.sleep(wait)
         else:
             try:
-                while (m := self._pubsub.get_message(timeout=wait)) is not None:
-                    got.update(JobStore.announcements(m["data"]))
-                    wait = 0.0
+                got = self._subscription.take(wait)
             except redis.RedisError as exc:
                 logger.warning("job announcements lost (%s): full re-reads only", exc)
                 self.close()
         now = time.monotonic()
-        if self._pubsub is None or now - self._swept >= FULL_SWEEP_S:
+        if self._subscription is None or now - self._swept >= FULL_SWEEP_S:
             self._swept = now
             return None
         return got
 
     def close(self) -> None:
-        if self._pubsub is not None:
-            pubsub, self._pubsub = self._pubsub, None
-            with contextlib.suppress(redis.RedisError):
-                pubsub.close()
+        if self._subscription is not None:
+            subscription, self._subscription = self._subscription, None
+            subscription.close()
 
 
 class _Keeper:
@@ -200,14 +201,15 @@ class Coordinator:
     def __init__(
         self,
         settings: Settings,
-        jobs: JobStore,
-        scans: ScanStore,
+        stores: Stores,
         resolver: RowResolver,
         celery: Celery,
     ) -> None:
         self.settings = settings
-        self.jobs = jobs
-        self.scans = scans
+        self.stores = stores
+        self.jobs = stores.jobs
+        self.reads = stores.reads
+        self.scans = stores.scans
         self.resolver = resolver
         self.celery = celery
         # The scan lock's time to live: a coordinator that dies mid-slice holds its scan
@@ -243,13 +245,18 @@ class Coordinator:
             return "done"
         folder = ScanFolder(self.settings.scans_path, scan_id)
         db = ResultsDB(folder.results)
-        announced = Announcements(self.jobs)
+        announced = Announcements(self.reads.done)
+        source = ManifestSource(self.settings, self.resolver.objects, record)
         try:
             self.scans.hold(scan_id)
             if status == ScanStatus.QUEUED:
                 self.scans.start(scan_id)
-            manifest = Path(record["manifest"])
+            # An object manifest's rows are counted as they are read: its total is
+            # known once the stream has reached the object's end.
             total = int(record.get("total", 0))
+            if record.get("total_known") == "0":
+                total = sys.maxsize
+            buckets = json.loads(record["buckets"]) if record.get("buckets") else None
             # A private verdict cache per API key: the scan's rows in its owner's.
             tenant = record.get("owner") if self.settings.cache_scope == "key" else None
             deadline = time.monotonic() + self.settings.scan_slice_s
@@ -280,14 +287,18 @@ class Coordinator:
                 wait = 0.0
                 if next_idx < total and room > 0:
                     limit = max(1, min(self.settings.scan_chunk_rows, room))
-                    rows, new_offset = read_rows(
-                        manifest, offset, next_idx, limit, self.settings.manifest_line_bytes
-                    )
+                    try:
+                        rows, new_offset = source.read(offset, next_idx, limit)
+                    except ManifestChanged as exc:
+                        if not keeper.ours():
+                            return "lost"
+                        self._finish(scan_id, record, db, ScanStatus.FAILED, str(exc))
+                        return "done"
                     if not rows:  # fewer rows than counted: the manifest changed
                         self.scans.set_total(scan_id, next_idx)
                         total = next_idx
                         continue
-                    results = self._process(scan_id, rows, pending, tenant)
+                    results = self._process(scan_id, rows, pending, tenant, buckets)
                     if not keeper.ours():
                         return "lost"
                     db.record(results, rows[-1].idx + 1, new_offset)
@@ -301,6 +312,7 @@ class Coordinator:
                     self.scans.publish_counts(scan_id, db.counts())
                     return "more"
         finally:
+            source.close()
             announced.close()
             db.close()
 
@@ -321,13 +333,13 @@ class Coordinator:
             pending = {key: job_id for key, job_id in window.items() if job_id in only}
         if not pending:
             return window
-        known: dict[str, Outcome] = {}
+        known: dict[str, Collected] = {}
         for job_id in pending.values():
-            record = JobStore.announced_record(only.get(job_id, "")) if only else None
+            record = DoneChannel.announced_record(only.get(job_id, "")) if only else None
             if record is not None:
-                known[job_id] = JobStore.outcome_of(record)
+                known[job_id] = JobReads.outcome_of(record)
         unknown = [job_id for job_id in pending.values() if job_id not in known]
-        known.update(zip(unknown, self.jobs.outcomes(unknown), strict=True))
+        known.update(zip(unknown, self.reads.outcomes(unknown), strict=True))
         outcomes: dict[str, tuple[RowState, str | None, str | None]] = {}
         ours: list[tuple[str, str]] = []
         for key, job_id in pending.items():
@@ -349,14 +361,20 @@ class Coordinator:
     # -- new rows --------------------------------------------------------------------
 
     def _process(
-        self, scan_id: str, rows: list[Row], already: dict[str, str], tenant: str | None = None
+        self,
+        scan_id: str,
+        rows: list[Row],
+        already: dict[str, str],
+        tenant: str | None = None,
+        buckets: list[str] | None = None,
     ) -> list[RowResult]:
         """The rows' results; misses not ``already`` pending (key -> job id) are
         submitted. Holds at most ``scan_chunk_image_bytes`` of image data (``_Chunk``):
         rows are read, and their images fetched, only while there is room; when there
         is none, the rows so far are looked up and their misses submitted first. With
         ``OFA_CACHE_SCOPE=key`` the rows are keyed in the scan owner's (``tenant``'s)
-        cache."""
+        cache; rows' object URLs must lie in ``buckets`` (the owner's list, if any) as
+        well as in ``OFA_OBJECT_BUCKETS``."""
         with _Network(self.settings) as net:
             chunk = _Chunk(self, scan_id, already, net, tenant)
             waiting: list[Resolved] = []  # read, not yet looked up
@@ -365,7 +383,7 @@ class Coordinator:
                     chunk.settle(waiting)
                     waiting = []
                     chunk.make_room()
-                r = self.resolver.read(row, tenant)
+                r = self.resolver.read(row, tenant, buckets)
                 chunk.held.add(_size(r))
                 waiting.append(r)
             chunk.settle(waiting)
@@ -380,9 +398,16 @@ class Coordinator:
         db: ResultsDB,
         status: ScanStatus = ScanStatus.SUCCEEDED,
         error: str | None = None,
+        last_try: bool = False,
     ) -> None:
+        self._write_results(scan_id, record, db, status, last_try)
         counts = db.counts()
-        self.scans.finish(scan_id, counts, status, error)
+        catalogue = None
+        if record.get("catalogue"):
+            catalogue = compare_with_baseline(
+                self.scans, self.settings, scan_id, record, db.path, status
+            )
+        self.scans.finish(scan_id, counts, status, error, catalogue)
         logger.info("scan %s %s: %s", scan_id, status, counts)
         if record.get("callback_url"):
             from shared.submit import send_scan_callback
@@ -397,9 +422,34 @@ class Coordinator:
         folder = ScanFolder(self.settings.scans_path, scan_id)
         db = ResultsDB(folder.results)
         try:
-            self._finish(scan_id, record, db, ScanStatus.FAILED, error)
+            self._finish(scan_id, record, db, ScanStatus.FAILED, error, last_try=True)
         finally:
             db.close()
+
+    def _write_results(
+        self, scan_id: str, record: dict[str, str], db: ResultsDB, status: ScanStatus, last: bool
+    ) -> None:
+        """A finished (not cancelled) scan's results written to its ``results_url``, the
+        outcome recorded on the scan. An unreachable store raises, so the slice is
+        retried (backed off, as a crashed one: ``worker/scans/app.py``) before the scan
+        finishes; on the ``last`` try, and for any other failure (access denied, no such
+        bucket), the scan finishes with ``results_written`` false and the error."""
+        url = record.get("results_url")
+        if not url or status == ScanStatus.CANCELLED:
+            return
+        folder = ScanFolder(self.settings.scans_path, scan_id)
+        error: str | None = None
+        try:
+            write_results(self.resolver.objects, url, record.get("results_format", ""), db, folder)
+        except ObjectStoreUnavailable as exc:
+            if not last:
+                raise
+            error = str(exc)
+        except (ObjectStoreError, OSError) as exc:
+            error = str(exc)
+        if error:
+            logger.warning("scan %s: results not written to %s: %s", scan_id, url, error)
+        self.scans.results_written(scan_id, error)
 
 
 def remove_expired_scans(
@@ -522,7 +572,7 @@ class _Chunk:
         if not rows:
             return
         unique = list(dict.fromkeys(r.key for r in rows if r.key is not None))
-        hits = self.coord.jobs.cached_many(unique)
+        hits = self.coord.reads.cached_many(unique)
         misses: list[Resolved] = []
         for r in rows:
             if r.error is not None or r.key is None:

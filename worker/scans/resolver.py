@@ -11,7 +11,13 @@ A row's key always names the bytes a job is given: a URL remembered as unchanged
 304) whose verdict is not cached is fetched again, and if the bytes that come back are
 not the remembered ones, the row is keyed by the new bytes (``image_for_job``) and
 the remembered digest replaced, so a URL that changes (or a server that lies with
-304) can never put one image's verdict under another's digest. The worker checks the
+304) can never put one image's verdict under another's digest.
+
+An image may also be an object URL (``s3://``, ``gs://``, ``az://``): read through
+``shared/objects.py`` with the service's own credentials, only when it lies in
+``OFA_OBJECT_BUCKETS`` and in the scan owner's bucket list (if the key has one;
+otherwise that row's error), at most ``OFA_MAX_UPLOAD_BYTES``, and revalidated by its
+ETag (``If-None-Match``) exactly as an HTTP URL is. The worker checks the
 same thing again before scoring (``worker/jobs.py:image_matches_key``).
 """
 
@@ -30,6 +36,7 @@ from shared.errors import BadInputError, OfaEntailError, RowError
 from shared.fetch import Fetched, UrlPolicy, fetch
 from shared.images import check_image, decode_base64
 from shared.keys import Keys, image_digest, verdict_key_for_digest
+from shared.objects import BucketPolicy, ObjectStorage, is_object_url
 from shared.scans.manifest import Row, file_under
 from shared.settings import Settings
 from shared.store import decode_hash
@@ -72,19 +79,30 @@ class RowResolver:
     """Resolves rows for one coordinator process (owns the remembered URL metadata)."""
 
     def __init__(
-        self, settings: Settings, keys: Keys, cache: redis.Redis, policy: UrlPolicy
+        self,
+        settings: Settings,
+        keys: Keys,
+        cache: redis.Redis,
+        policy: UrlPolicy,
+        objects: ObjectStorage | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
         self.cache = cache
         self.policy = policy
+        self.objects = objects or ObjectStorage.from_settings(settings)
+        self.buckets = BucketPolicy(settings.object_buckets)
 
-    def read(self, row: Row, tenant: str | None = None) -> Resolved:
+    def read(
+        self, row: Row, tenant: str | None = None, buckets: list[str] | None = None
+    ) -> Resolved:
         """Everything about the row that needs no network: its texts, and its digest
         and key (in ``tenant``'s private cache, if any) unless its image is a URL to
-        fetch (then ``to_fetch``). Never raises: a row's problem is its ``error``."""
+        fetch (then ``to_fetch``); an object URL outside ``buckets`` (the scan owner's
+        list) or ``OFA_OBJECT_BUCKETS`` is the row's error. Never raises: a row's
+        problem is its ``error``."""
         try:
-            r = self._read(row)
+            r = self._read(row, buckets)
             r.tenant = tenant
             return self._keyed(r)
         except ROW_FAULTS as exc:
@@ -107,7 +125,7 @@ class RowResolver:
             )
         return r
 
-    def _read(self, row: Row) -> Resolved:
+    def _read(self, row: Row, buckets: list[str] | None = None) -> Resolved:
         fields = row.fields
         s = self.settings
         if "__error__" in fields:
@@ -127,6 +145,12 @@ class RowResolver:
             if len(r.expected) != 32:
                 raise RowError("sha256 must be 64 hexadecimal characters")
         source, kind = self._image_source(fields)
+        object_url = kind == "url" and is_object_url(source)
+        if object_url and not self.buckets.allows(source, buckets):
+            raise RowError(
+                "the image's bucket is not allowed for this scan's API key "
+                "(OFA_OBJECT_BUCKETS, the key's own list)"
+            )
         if kind == "url":
             r.url = source
             # A row's own sha256 is trusted for the lookup; the image is verified if
@@ -158,12 +182,12 @@ class RowResolver:
         image = fields.get("image")
         if not image or not isinstance(image, str):
             raise RowError("missing image")
-        if image.startswith(("http://", "https://")):
+        if image.startswith(("http://", "https://")) or is_object_url(image):
             return image, "url"
         if image.startswith("data:"):
             return image, "base64"
         if "://" in image:
-            raise RowError("image URLs must be http or https")
+            raise RowError("image URLs must be http(s), s3, gs or az")
         return image, "path"
 
     def _read_path(self, name: str) -> bytes:
@@ -188,13 +212,17 @@ class RowResolver:
         meta_key = self._meta_key(r.url)
         meta = decode_hash(self.cache.hgetall(meta_key))
         known = meta.get("sha256")
-        found = await fetch(
-            r.url,
-            self.policy,
-            client,
-            etag=meta.get("etag") if known else None,
-            last_modified=meta.get("last_modified") if known else None,
-        )
+        etag = meta.get("etag") if known else None
+        if is_object_url(r.url):
+            found = await self._read_object(r.url, etag)
+        else:
+            found = await fetch(
+                r.url,
+                self.policy,
+                client,
+                etag=etag,
+                last_modified=meta.get("last_modified") if known else None,
+            )
         if found.not_modified and known:
             r.digest = bytes.fromhex(known)
             return
@@ -202,6 +230,14 @@ class RowResolver:
         r.image = found.body
         r.digest = image_digest(found.body)
         self._remember(meta_key, found, r.digest, had=bool(meta))
+
+    async def _read_object(self, url: str, etag: str | None = None) -> Fetched:
+        """An object image as an HTTP fetch would have found it: its bytes and ETag, or
+        ``not_modified`` when it still has ``etag``. At most the upload limit."""
+        body, new_etag = await self.objects.aread_bytes(
+            url, self.settings.max_upload_bytes, if_none_match=etag
+        )
+        return Fetched(body, new_etag, None, not_modified=body is None)
 
     def _meta_key(self, url: str) -> str:
         return self.keys.url_meta(hashlib.sha256(url.encode()).hexdigest())
@@ -239,7 +275,10 @@ class RowResolver:
         if r.remote:
             assert r.url is not None
             try:
-                found = await fetch(r.url, self.policy, client)
+                if is_object_url(r.url):
+                    found = await self._read_object(r.url)
+                else:
+                    found = await fetch(r.url, self.policy, client)
             except OfaEntailError as exc:
                 raise RowError(str(exc)) from exc
             assert found.body is not None

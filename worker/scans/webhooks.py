@@ -43,13 +43,12 @@ from functools import cache
 from typing import Any, Literal
 
 import redis
-from kombu import Message
 
 from shared import tracing, wiring
-from shared.celery_app import TASK_CALLBACK, TASK_JOB_CALLBACK, WEBHOOK_QUEUE
 from shared.settings import Settings, get_settings
-from shared.store import JobStore, ScanStore, WebhookSlots, receiver_of
-from shared.store.workers import WebhookLog
+from shared.store import JobReads, ScanStore, WebhookLog, WebhookSlots, receiver_of
+from shared.wire import TASK_JOB_WEBHOOK, TASK_SCAN_WEBHOOK, WEBHOOK_QUEUE
+from worker.broker import Message
 from worker.consumer_step import ThreadedConsumerStep
 from worker.events import dropped, handed_back, received_event, task_event
 from worker.scans.callback import CallbackFailed, deliver, deliver_job
@@ -60,9 +59,6 @@ logger = logging.getLogger(__name__)
 # random, so the deliveries waiting for one receiver do not all come back at once.
 BUSY_PAUSE_S = (1.0, 3.0)
 MAX_BACKOFF_S = 300.0
-# A hold outlives its delivery's deadline by this much (s), so only a coordinator that
-# died mid-delivery ever leaves a hold to expire.
-HOLD_MARGIN_S = 5.0
 # A delivery that found the store (Redis) unavailable tries again after this long (s).
 STORE_PAUSE_S = 5.0
 
@@ -95,13 +91,13 @@ class Webhooks:
     def __init__(
         self,
         settings: Settings,
-        jobs: JobStore,
+        reads: JobReads,
         scans: ScanStore,
         slots: WebhookSlots,
         log: WebhookLog | None = None,
     ):
         self.settings = settings
-        self.jobs = jobs
+        self.reads = reads
         self.scans = scans
         self.slots = slots
         self.log = log
@@ -111,16 +107,16 @@ class Webhooks:
 
     def run(self, name: str, args: list[Any], kwargs: dict[str, Any], retries: int) -> Next:
         """The delivery a message of task ``name`` asks for (its outcome counted)."""
-        if name == TASK_CALLBACK:
+        if name == TASK_SCAN_WEBHOOK:
             outcome = self.scan(*args, retries=retries, **kwargs)
-        elif name == TASK_JOB_CALLBACK:
+        elif name == TASK_JOB_WEBHOOK:
             outcome = self.job(*args, retries=retries, **kwargs)
         else:
             raise ValueError(f"the webhook queue carries no {name!r} tasks")
         counted = COUNTED.get(outcome.kind)
         if counted and self.log is not None:
             try:
-                self.log.record(self.slots.durable, counted)
+                self.log.record(counted)
             except redis.RedisError as exc:  # a count lost, never the delivery's outcome
                 logger.warning("webhook outcome not counted: %s", exc)
         return outcome
@@ -156,7 +152,7 @@ class Webhooks:
 
     def job(self, job_id: str, url: str, delivery_id: str, *, retries: int = 0) -> Next:
         """POST a finished job to a webhook its submitter gave."""
-        job = self.jobs.get(job_id)
+        job = self.reads.get(job_id)
         secret = self._secret()
         if job is None or secret is None:
             return Next("nothing", "job expired, or no webhook secret")
@@ -198,16 +194,8 @@ class Webhooks:
 def webhooks() -> Webhooks:
     """The process's deliveries (Redis clients built once)."""
     settings = get_settings()
-    clients = wiring.sync_redis(settings)
-    keys = wiring.keys(settings)
-    hold_s = settings.webhook_deadline_s + HOLD_MARGIN_S
-    return Webhooks(
-        settings,
-        JobStore(settings, keys, clients),
-        ScanStore(settings, keys, clients.durable),
-        WebhookSlots(keys, clients.durable, settings.webhook_per_host, hold_s),
-        WebhookLog(keys),
-    )
+    stores = wiring.stores(settings, sync=wiring.sync_redis(settings))
+    return Webhooks(settings, stores.reads, stores.scans, stores.webhook_slots, stores.webhook_log)
 
 
 def run_traced(

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from shared import wiring
-from shared.celery_app import make_celery, queue_name
+from shared.celery_app import make_celery
 from shared.keys import verdict_key
-from shared.models import EntailChunk, EntailTask, RowState, ScanStatus
+from shared.models import RowState, ScanStatus
 from shared.scans.folder import ScanFolder
 from shared.scans.manifest import Row
 from shared.scans.results import ResultsDB, RowResult, result_line
+from shared.wire import EntailChunk, EntailTask, queue_name
 from tests.conftest import INPROC_MODEL
 from tests.helpers import VERDICT, broker_messages, small_jpeg
 from worker.jobs import run_chunk, run_job
@@ -42,7 +43,8 @@ def coord(inproc_settings, jobs, scans, inproc_redis) -> Coordinator:
     resolver = RowResolver(
         inproc_settings, jobs.keys, inproc_redis.cache, wiring.url_policy(inproc_settings)
     )
-    return Coordinator(inproc_settings, jobs, scans, resolver, make_celery(inproc_settings))
+    stores = wiring.stores(inproc_settings, sync=inproc_redis)
+    return Coordinator(inproc_settings, stores, resolver, make_celery(inproc_settings))
 
 
 def b64(data: bytes) -> str:
@@ -179,12 +181,12 @@ def test_rows_with_sha256_touch_their_file_only_when_a_job_needs_it(
     assert "does not match the row's sha256" in out["wrong"]["error"]
 
 
-def test_announcements_name_finished_jobs_and_ask_for_full_rereads(jobs, monkeypatch):
+def test_announcements_name_finished_jobs_and_ask_for_full_rereads(jobs, reads, monkeypatch):
     """A slice re-reads the jobs announced finished, and every pending row at least
     every FULL_SWEEP_S; a broken subscription turns it into full re-reads only."""
     from worker.scans import coordinator as c
 
-    heard = c.Announcements(jobs)
+    heard = c.Announcements(reads.done)
     try:
         assert heard.take() is None  # the first turn: everything
         jobs.sync.durable.publish(jobs.keys.done_channel(), "j1")  # a cancellation
@@ -205,7 +207,7 @@ def test_announcements_name_finished_jobs_and_ask_for_full_rereads(jobs, monkeyp
 
 
 def test_rows_are_collected_from_announced_records_without_reading_them(
-    coord, jobs, tmp_path, monkeypatch
+    coord, jobs, reads, tmp_path, monkeypatch
 ):
     """A finish's announcement carries the job's final record, which the coordinator
     copies as is; a job announced by id alone (a cancellation) is read."""
@@ -215,7 +217,7 @@ def test_rows_are_collected_from_announced_records_without_reading_them(
     made = jobs.create_or_join_many([(k, small_jpeg(seed=1), "t", None) for k in keys], "s-ann")
     ids = [m.job_id for m in made]
     db = ResultsDB(tmp_path / "results.db")
-    heard = c.Announcements(jobs)
+    heard = c.Announcements(reads.done)
     try:
         db.record(
             [
@@ -237,8 +239,8 @@ def test_rows_are_collected_from_announced_records_without_reading_them(
         # announcement carried is enough. The second is announced by id alone: read.
         jobs.sync.durable.delete(jobs.keys.job(ids[0]))
         read: list[list[str]] = []
-        real = jobs.outcomes
-        monkeypatch.setattr(jobs, "outcomes", lambda j: read.append(list(j)) or real(j))
+        real = coord.reads.outcomes
+        monkeypatch.setattr(coord.reads, "outcomes", lambda j: read.append(list(j)) or real(j))
         coord._collect(db, "s-ann", {ids[0]: got[ids[0]], ids[1]: ""})
         assert read == [[ids[1]]]
         rows = {doc["id"]: doc for doc in map(result_line, db.iter_results())}
@@ -271,7 +273,8 @@ def test_with_a_per_key_cache_a_scan_keys_its_rows_in_its_owners_cache(
     the bytes it scores against that key)."""
     settings = inproc_settings.model_copy(update={"cache_scope": "key"})
     resolver = RowResolver(settings, jobs.keys, inproc_redis.cache, wiring.url_policy(settings))
-    coord = Coordinator(settings, jobs, scans, resolver, make_celery(settings))
+    stores = wiring.stores(settings, sync=inproc_redis)
+    coord = Coordinator(settings, stores, resolver, make_celery(settings))
     image = small_jpeg(seed=231)
     theirs = verdict_key(*INPROC_MODEL, image, "a shared row", None, tenant="team-a")
     done = jobs.create_or_join(theirs, image, "a shared row", None).job_id
@@ -287,4 +290,4 @@ def test_with_a_per_key_cache_a_scan_keys_its_rows_in_its_owners_cache(
     assert item.key == verdict_key(*INPROC_MODEL, image, "a shared row", None, tenant="team-b")
     assert drain_bulk_queue(rt, rdb) == 1
     assert coord.run(folder.scan_id) == "done"
-    assert jobs.cached_many([item.key])  # scored and cached in team-b's cache
+    assert stores.reads.cached_many([item.key])  # scored and cached in team-b's cache

@@ -22,7 +22,7 @@ from shared.models import RowState, ScanStatus, Verdict
 from shared.scans.folder import ScanFolder
 from shared.scans.results import ResultsDB
 from shared.settings import Settings
-from shared.store import JobStore, ScanStore
+from shared.store import JobReads, JobStore, ScanStore
 from tests.conftest import INPROC_MODEL
 from tests.helpers import small_jpeg
 from tests.worker.scans.test_coordinator import drain_bulk_queue
@@ -98,7 +98,8 @@ def coordinator(settings: Settings, jobs: JobStore, scans: ScanStore, inproc_red
     """The in-process coordinator, allowed to fetch from 127.0.0.1 (the test's server)."""
     settings = settings.model_copy(update={"url_allow_hosts": ["127.0.0.1"]})
     resolver = RowResolver(settings, jobs.keys, inproc_redis.cache, wiring.url_policy(settings))
-    return Coordinator(settings, jobs, scans, resolver, make_celery(settings))
+    stores = wiring.stores(settings, sync=inproc_redis)
+    return Coordinator(settings, stores, resolver, make_celery(settings))
 
 
 def start_scan(settings: Settings, scans: ScanStore, scan_id: str, rows: list[dict]) -> ScanFolder:
@@ -132,8 +133,8 @@ def run_scan(coord: Coordinator, rt: Runtime, rdb, folder: ScanFolder) -> dict[s
         db.close()
 
 
-def cached_probabilities(jobs: JobStore, key: str) -> dict[str, float] | None:
-    got = jobs.cached_many([key]).get(key)
+def cached_probabilities(reads: JobReads, key: str) -> dict[str, float] | None:
+    got = reads.cached_many([key]).get(key)
     return None if got is None else Verdict.model_validate_json(got).probabilities.model_dump()
 
 
@@ -158,7 +159,7 @@ def test_a_url_whose_image_changes_under_a_304_never_poisons_the_cache(
     assert run_scan(coord, rt, rdb, one)["1"]["state"] == RowState.DONE
     key_a1 = verdict_key(*INPROC_MODEL, a, first, None)
     direct_a1 = rt.entailer.predict(a, first).probabilities
-    assert cached_probabilities(jobs, key_a1) == pytest.approx(direct_a1, abs=1e-6)
+    assert cached_probabilities(coord.reads, key_a1) == pytest.approx(direct_a1, abs=1e-6)
 
     if mode == "flip":
         Images.mode, Images.then = "flip", (b, '"b"')
@@ -178,14 +179,14 @@ def test_a_url_whose_image_changes_under_a_304_never_poisons_the_cache(
     direct_b2 = rt.entailer.predict(b, second).probabilities
     assert direct_a2 != pytest.approx(direct_b2, abs=1e-6)  # the checks can tell them apart
     # Nothing under A's digest for this text (no one scored A with it) ...
-    assert cached_probabilities(jobs, key_a2) is None
+    assert cached_probabilities(coord.reads, key_a2) is None
     # ... B's verdict under B's key, and the row has it.
-    assert cached_probabilities(jobs, key_b2) == pytest.approx(direct_b2, abs=1e-6)
+    assert cached_probabilities(coord.reads, key_b2) == pytest.approx(direct_b2, abs=1e-6)
     assert row["state"] == RowState.DONE, row
     assert row["verdict"]["key"] == key_b2
     assert row["verdict"]["probabilities"] == pytest.approx(direct_b2, abs=1e-6)
     # A's verdict is still A's; the URL is remembered with B's digest now.
-    assert cached_probabilities(jobs, key_a1) == pytest.approx(direct_a1, abs=1e-6)
+    assert cached_probabilities(coord.reads, key_a1) == pytest.approx(direct_a1, abs=1e-6)
     meta = inproc_redis.cache.hgetall(jobs.keys.url_meta(hashlib.sha256(url.encode()).hexdigest()))
     assert meta[b"sha256"].decode() == hashlib.sha256(b).hexdigest()
     assert meta[b"etag"] == b'"b"'
@@ -260,7 +261,7 @@ def test_a_changed_url_whose_new_image_is_cached_takes_that_verdict(
 ):
     """The URL now serves B, whose verdict for this text is already cached: the row,
     keyed anew by B's bytes, is a hit (looked up again), and no job is made."""
-    from shared.celery_app import queue_name
+    from shared.wire import queue_name
     from tests.helpers import VERDICT, broker_messages
 
     a, b = small_jpeg(seed=621), small_jpeg(seed=622)
@@ -283,4 +284,4 @@ def test_a_changed_url_whose_new_image_is_cached_takes_that_verdict(
     assert Images.log == [("conditional", 304), ("plain", 200)]
     row = run_scan(coord, rt, rdb, folder)["1"]
     assert row["state"] == RowState.DONE and row["verdict"]["label"] == VERDICT.label
-    assert jobs.cached_many([verdict_key(*INPROC_MODEL, a, text, None)]) == {}
+    assert coord.reads.cached_many([verdict_key(*INPROC_MODEL, a, text, None)]) == {}

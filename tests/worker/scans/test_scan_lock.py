@@ -74,13 +74,15 @@ def settings(inproc_settings) -> Settings:
 
 
 @pytest.fixture
-def scans(settings, jobs, inproc_redis) -> ScanStore:
-    return ScanStore(settings, jobs.keys, inproc_redis.durable)
+def scans(settings, inproc_redis) -> ScanStore:
+    return wiring.stores(settings, sync=inproc_redis).scans
 
 
 def coordinator(settings, jobs, scans, inproc_redis) -> Coordinator:
     resolver = RowResolver(settings, jobs.keys, inproc_redis.cache, wiring.url_policy(settings))
-    coord = Coordinator(settings, jobs, scans, resolver, make_celery(settings))
+    coord = Coordinator(
+        settings, wiring.stores(settings, sync=inproc_redis), resolver, make_celery(settings)
+    )
     coord.lock_ttl_s = LOCK_TTL_S
     return coord
 

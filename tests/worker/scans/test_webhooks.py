@@ -19,8 +19,9 @@ import pytest
 import redis
 from pydantic import SecretStr
 
+from shared import wiring
 from shared.fetch import UrlPolicy, post_json
-from shared.store import WebhookSlots, receiver_of
+from shared.store import Clients, SyncRedis, WebhookSlots, receiver_of
 from tests.helpers import SlowReceiver
 from worker.scans.callback import CallbackFailed, post_signed, sign
 from worker.scans.webhooks import BUSY_PAUSE_S, Webhooks
@@ -129,8 +130,9 @@ def deliveries(inproc_settings, jobs, scans, inproc_redis, per_host: int, **more
             **more,
         }
     )
-    slots = WebhookSlots(jobs.keys, inproc_redis.durable, per_host, hold_s=10)
-    return Webhooks(settings, jobs, scans, slots)
+    stores = wiring.stores(settings, sync=inproc_redis)
+    slots = WebhookSlots(settings, jobs.keys, stores.clients, bound=per_host, hold_s=10)
+    return Webhooks(settings, stores.reads, stores.scans, slots)
 
 
 def finished_scan(scans, url: str) -> str:
@@ -155,7 +157,9 @@ def test_deliveries_to_one_receiver_never_exceed_the_bound(
         assert all(BUSY_PAUSE_S[0] <= n.countdown <= BUSY_PAUSE_S[1] for n in busy)
         assert hooks.slots.in_flight(receiver) == 3
         # Another coordinator (its own client) sees the same bound.
-        other = WebhookSlots(jobs.keys, redis.Redis.from_url(valkey), 3, hold_s=10)
+        own = redis.Redis.from_url(valkey)
+        clients = Clients(blocking=SyncRedis(own, own))
+        other = WebhookSlots(inproc_settings, jobs.keys, clients, bound=3, hold_s=10)
         assert other.take(receiver) is None
         other.durable.close()
         Gate.opened.set()
@@ -166,8 +170,8 @@ def test_deliveries_to_one_receiver_never_exceed_the_bound(
     assert scans.get(scan_id).get("callback_delivered_at")
 
 
-def test_a_dead_coordinators_holds_expire(jobs, inproc_redis):
-    slots = WebhookSlots(jobs.keys, inproc_redis.durable, 2, hold_s=0.3)
+def test_a_dead_coordinators_holds_expire(stores, inproc_settings):
+    slots = WebhookSlots(inproc_settings, stores.jobs.keys, stores.clients, bound=2, hold_s=0.3)
     assert slots.take("example.org:443") and slots.take("example.org:443")
     assert slots.take("example.org:443") is None
     assert slots.take("example.org:8443")  # another port, another receiver
