@@ -215,27 +215,41 @@ def inproc_redis(inproc_settings):
 
 
 @pytest.fixture
-def jobs(inproc_settings, inproc_redis):
-    """The job store of the in-process layer."""
+def stores(inproc_settings, inproc_redis):
+    """Every store of the in-process layer, on its blocking clients."""
     from shared import wiring
-    from shared.store import JobStore
 
-    return JobStore(inproc_settings, wiring.keys(inproc_settings), inproc_redis)
+    return wiring.stores(inproc_settings, sync=inproc_redis)
 
 
 @pytest.fixture
-def scans(inproc_settings, inproc_redis):
-    """The scan store of the in-process layer (blocking side)."""
-    from shared import wiring
-    from shared.store import ScanStore
+def jobs(stores):
+    """The job store (state changes) of the in-process layer."""
+    return stores.jobs
 
-    return ScanStore(inproc_settings, wiring.keys(inproc_settings), inproc_redis.durable)
+
+@pytest.fixture
+def reads(stores):
+    """The job reads of the in-process layer."""
+    return stores.reads
+
+
+@pytest.fixture
+def reaping(stores):
+    """The reaper's view of jobs in the in-process layer."""
+    return stores.reaping
+
+
+@pytest.fixture
+def scans(stores):
+    """The scan store of the in-process layer (blocking side)."""
+    return stores.scans
 
 
 @pytest.fixture
 def clean_inproc(inproc_settings, rdb: redis.Redis) -> Iterator[None]:
     """Every in-process test starts with no keys under its prefix and empty queues."""
-    from shared.celery_app import queue_name
+    from shared.wire import queue_name
 
     def wipe() -> None:
         for key in rdb.scan_iter(f"{inproc_settings.key_prefix}*"):
@@ -245,3 +259,15 @@ def clean_inproc(inproc_settings, rdb: redis.Redis) -> Iterator[None]:
     wipe()
     yield
     wipe()
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server (moto's standalone server) for the session: a
+    ``tests.objstore.MotoServer`` with its ``endpoint``."""
+    from tests.objstore import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    server.start()
+    yield server
+    server.stop()

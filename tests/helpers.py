@@ -20,9 +20,9 @@ import numpy as np
 import redis
 from PIL import Image
 
-from shared.celery_app import queue_name
 from shared.keys import Keys
 from shared.models import Verdict
+from shared.wire import queue_name
 from worker.ofa.config import OFAConfig
 
 API_KEY = "test-key-0123456789-abcdefghijkl"
@@ -34,6 +34,60 @@ MODEL = ("tiny-random", "seed1")
 
 
 T = TypeVar("T")
+
+
+def run_async(settings: Any, use: Callable[[Any], Any]) -> Any:
+    """``await use(stores)`` on clients made (and closed) for one event loop, as the
+    API has them (asyncio and blocking): the API's side of the stores, from a blocking
+    test."""
+    import asyncio
+
+    from shared import wiring
+
+    async def go() -> Any:
+        aio, sync = wiring.async_redis(settings), wiring.sync_redis(settings)
+        try:
+            return await use(wiring.stores(settings, sync=sync, aio=aio))
+        finally:
+            await aio.aclose()
+            sync.close()
+
+    return asyncio.run(go())
+
+
+def batch_stats(settings: Any) -> dict[str, int]:
+    """The model passes counted so far, as /metrics reads them."""
+    return run_async(settings, lambda st: st.reads.abatch_stats())
+
+
+def submit_job(
+    settings: Any, celery: Any, key: str, image: bytes, text: str, premise: str | None
+) -> tuple[str, bool]:
+    """An interactive job submitted as the API submits it (``asubmit_job``: record and
+    message in one step), from a blocking test; (job id, created)."""
+    from shared.submit import asubmit_job
+
+    return run_async(settings, lambda st: asubmit_job(st.jobs, celery, key, image, text, premise))
+
+
+def key_store(prefix: str, rdb: redis.Redis) -> Any:
+    """The API key store under ``prefix`` on a blocking client (tests make keys with
+    it, as ``ofa-entail keys create`` does)."""
+    from shared.settings import Settings
+    from shared.store import Clients, SyncRedis
+    from shared.store.apikeys import ApiKeyStore
+
+    settings = Settings.model_construct(key_prefix=prefix)
+    return ApiKeyStore(settings, Keys(prefix), Clients(blocking=SyncRedis(rdb, rdb)))
+
+
+def worker_registry(prefix: str, model: tuple[str, str], rdb: redis.Redis) -> Any:
+    """The heartbeats of ``model``'s workers under ``prefix``, on a blocking client."""
+    from shared.settings import Settings
+    from shared.store import Clients, SyncRedis, WorkerRegistry
+
+    settings = Settings.model_construct(key_prefix=prefix, model=model[0], model_revision=model[1])
+    return WorkerRegistry(settings, Keys(prefix), Clients(blocking=SyncRedis(rdb, rdb)))
 
 
 def free_port() -> int:
@@ -137,13 +191,11 @@ class WorkerProcess:
             time.sleep(0.1)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        from shared.store import WorkerRegistry
-
-        registry = WorkerRegistry(self.keys, self.model)
+        registry = worker_registry(self.keys.prefix, self.model, self.rdb)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, self.log()
-            members = registry.members(self.rdb, within_s=10)
+            members = registry.members(within_s=10)
             if any(m.endswith(f":{self.proc.pid}") for m in members):
                 time.sleep(0.5)  # the consumer attaches right after the model is loaded
                 return

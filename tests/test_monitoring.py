@@ -28,9 +28,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from api.app import create_app
-from shared.celery_app import TASK_CALLBACK
-from shared.store import WebhookSlots, WorkerRegistry
-from shared.store.workers import WebhookLog
+from shared import wiring
+from shared.store import WebhookSlots
+from shared.wire import TASK_SCAN_WEBHOOK
 from tests.helpers import API_KEY, strict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,7 +301,8 @@ def test_metrics_read_the_store(api, jobs, scans, inproc_settings, inproc_redis,
     text = api.get("/metrics").text
     model = dict(zip(("model", "revision"), inproc_settings.model_tag, strict=True))
     assert value(text, "ofa_workers_alive", **model) == 0
-    WorkerRegistry(jobs.keys, inproc_settings.model_tag).beat(durable, "w1", 5)
+    stores = wiring.stores(inproc_settings, sync=inproc_redis)
+    stores.workers.beat("w1", 5)
 
     tally = BatchTally(jobs)
     tally.add(8, 0.25)
@@ -315,13 +316,13 @@ def test_metrics_read_the_store(api, jobs, scans, inproc_settings, inproc_redis,
             "callback_max_retries": 2,
         }
     )
-    slots = WebhookSlots(jobs.keys, durable, 4, hold_s=10)
-    hooks = Webhooks(settings, jobs, scans, slots, WebhookLog(jobs.keys))
+    slots = WebhookSlots(settings, jobs.keys, stores.clients, bound=4, hold_s=10)
+    hooks = Webhooks(settings, stores.reads, scans, slots, stores.webhook_log)
     outcomes = []
     for path, retries in (("/ok", 0), ("/ok", 1), ("/down", 0), ("/down", 2)):
         scan_id = uuid.uuid4().hex
         scans.create(scan_id, 1, "m.jsonl", callback_url=receiver + path)
-        outcomes.append(hooks.run(TASK_CALLBACK, [scan_id, "d"], {}, retries).kind)
+        outcomes.append(hooks.run(TASK_SCAN_WEBHOOK, [scan_id, "d"], {}, retries).kind)
     assert outcomes == ["delivered", "delivered", "retry", "failed"]
 
     running = uuid.uuid4().hex

@@ -11,8 +11,9 @@ import uuid
 import httpx
 import pytest
 
-from shared.celery_app import TASK_ENTAIL, make_celery, queue_name
+from shared.celery_app import make_celery
 from shared.settings import Settings
+from shared.wire import TASK_ENTAIL, queue_name
 from tests.helpers import API_KEY, MODEL, poll, queue_len, small_jpeg, unacked
 
 INTERACTIVE = queue_name(*MODEL)

@@ -19,9 +19,8 @@ import httpx
 import pytest
 import redis
 
-from shared.keys import Keys
-from shared.store.apikeys import ApiKeyStore, Scope
-from tests.helpers import small_jpeg, start_api
+from shared.store.apikeys import Scope
+from tests.helpers import key_store, small_jpeg, start_api
 
 PREFIX = "ofa:hostile:"  # this module's API only: nothing else writes here
 MiB = 1024 * 1024
@@ -39,9 +38,7 @@ def hostile(service_env: dict, rdb: redis.Redis, tmp_path_factory) -> Iterator[d
     charge would leave a bucket behind)."""
     for key in rdb.scan_iter(PREFIX + "*"):
         rdb.delete(key)
-    token = ApiKeyStore(Keys(PREFIX), sync=rdb).create(
-        "hostile", frozenset(Scope), per_minute=60, burst=5
-    )
+    token = key_store(PREFIX, rdb).create("hostile", frozenset(Scope), per_minute=60, burst=5)
     proc, base = start_api(
         service_env,
         tmp_path_factory.mktemp("hostile-api") / "api.log",

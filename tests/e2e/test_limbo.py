@@ -20,8 +20,8 @@ import httpx
 import pytest
 import redis
 
-from shared.celery_app import queue_name
 from shared.keys import Keys
+from shared.wire import queue_name
 from tests.helpers import API_KEY, MODEL, WorkerProcess, poll, small_jpeg, start_api
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer

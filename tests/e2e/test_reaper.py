@@ -15,7 +15,7 @@ from shared import wiring
 from shared.keys import verdict_key
 from shared.models import JobStatus
 from shared.settings import Settings
-from shared.store import JobStore
+from shared.store import JobReads, JobStore
 from tests.helpers import MODEL, PREFIX, poll, small_jpeg
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
@@ -25,8 +25,8 @@ DISPATCH_S, LEASE_S, REAPER_S, MAX_ATTEMPTS = 6.0, 3.0, 1.0, 3
 
 
 @pytest.fixture(scope="module")
-def jobs(valkey: str, tiny_dir: Path) -> Iterator[JobStore]:
-    """The job store as the API would hold it (same prefix, model and deadlines)."""
+def service(valkey: str, tiny_dir: Path) -> Iterator[wiring.Stores]:
+    """The stores as the API would hold them (same prefix, model and deadlines)."""
     settings = Settings(
         redis_url=valkey,
         key_prefix=PREFIX,
@@ -38,8 +38,18 @@ def jobs(valkey: str, tiny_dir: Path) -> Iterator[JobStore]:
         max_attempts=MAX_ATTEMPTS,
     )
     clients = wiring.sync_redis(settings)
-    yield JobStore(settings, wiring.keys(settings), clients)
+    yield wiring.stores(settings, sync=clients)
     clients.close()
+
+
+@pytest.fixture
+def jobs(service: wiring.Stores) -> JobStore:
+    return service.jobs
+
+
+@pytest.fixture
+def reads(service: wiring.Stores) -> JobReads:
+    return service.reads
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +57,15 @@ def direct(tiny_dir: Path) -> Entailer:
     return Entailer(load_checkpoint(tiny_dir), device="cpu")
 
 
-def wait_finished(jobs: JobStore, job_id: str, timeout: float) -> float:
+def wait_finished(reads: JobReads, job_id: str, timeout: float) -> float:
     """Seconds until the job's record is final."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        job = jobs.get(job_id)
+        job = reads.get(job_id)
         if job is not None and job.status.finished:
             return time.monotonic() - start
         time.sleep(0.1)
-    raise TimeoutError(f"job {job_id} still {jobs.get(job_id)}")
+    raise TimeoutError(f"job {job_id} still {reads.get(job_id)}")
 
 
 def assert_clean(rdb: redis.Redis, jobs: JobStore, job_id: str, key: str) -> None:
@@ -67,14 +77,14 @@ def assert_clean(rdb: redis.Redis, jobs: JobStore, job_id: str, key: str) -> Non
     assert mark is None or mark.decode() == job_id
 
 
-def test_a_job_whose_message_never_left_is_sent_by_the_reaper(worker, jobs, direct, rdb):
+def test_a_job_whose_message_never_left_is_sent_by_the_reaper(worker, jobs, reads, direct, rdb):
     """What an API killed between writing the record and sending the message leaves
     (or a worker killed between kombu's pop and its bookkeeping)."""
     image = small_jpeg(seed=901)
     key = verdict_key(*MODEL, image, "a lost message", None)
     got = jobs.create_or_join(key, image, "a lost message", None)  # record, no message
-    took = wait_finished(jobs, got.job_id, timeout=DISPATCH_S + 3 * REAPER_S + 10)
-    job = jobs.get(got.job_id)
+    took = wait_finished(reads, got.job_id, timeout=DISPATCH_S + 3 * REAPER_S + 10)
+    job = reads.get(got.job_id)
     assert job is not None and job.status == JobStatus.SUCCEEDED, job
     print(f"\nno message: finished {took:.1f}s after the record was written")
     assert took <= DISPATCH_S + REAPER_S + 3  # the dispatch deadline plus one period (+ slack)
@@ -85,13 +95,13 @@ def test_a_job_whose_message_never_left_is_sent_by_the_reaper(worker, jobs, dire
     assert_clean(rdb, jobs, got.job_id, key)
 
 
-def test_a_job_whose_worker_vanished_runs_again_after_its_lease(worker, jobs, direct, rdb):
+def test_a_job_whose_worker_vanished_runs_again_after_its_lease(worker, jobs, reads, direct, rdb):
     image = small_jpeg(seed=902)
     key = verdict_key(*MODEL, image, "a vanished worker", None)
     got = jobs.create_or_join(key, image, "a vanished worker", None)
     assert jobs.start(got.job_id, key).action == "run"  # taken by a worker that then died
-    took = wait_finished(jobs, got.job_id, timeout=LEASE_S + 3 * REAPER_S + 10)
-    job = jobs.get(got.job_id)
+    took = wait_finished(reads, got.job_id, timeout=LEASE_S + 3 * REAPER_S + 10)
+    job = reads.get(got.job_id)
     assert job is not None and job.status == JobStatus.SUCCEEDED, job
     print(f"\nvanished worker: finished {took:.1f}s after its start")
     assert took <= LEASE_S + REAPER_S + 3
@@ -104,7 +114,7 @@ def test_a_job_whose_worker_vanished_runs_again_after_its_lease(worker, jobs, di
 
 
 def test_a_poison_job_fails_after_the_cap_and_a_resubmission_starts_fresh(
-    worker, jobs, client, rdb
+    worker, jobs, reads, client, rdb
 ):
     image = small_jpeg(seed=903)
     text = "a poison input"
@@ -117,8 +127,8 @@ def test_a_poison_job_fails_after_the_cap_and_a_resubmission_starts_fresh(
         if attempt:
             rdb.zadd(jobs.keys.job_deadlines(), {got.job_id: time.time() - 0.1})
         assert jobs.start(got.job_id, key).action == "run"
-    wait_finished(jobs, got.job_id, timeout=LEASE_S + 3 * REAPER_S + 10)
-    job = jobs.get(got.job_id)
+    wait_finished(reads, got.job_id, timeout=LEASE_S + 3 * REAPER_S + 10)
+    job = reads.get(got.job_id)
     assert job is not None and job.status == JobStatus.FAILED
     assert job.error is not None and "gave up after 3 attempts" in job.error
     assert_clean(rdb, jobs, got.job_id, key)

@@ -10,13 +10,12 @@ import time
 import httpx
 import redis
 
-from shared.keys import Keys
-from shared.store.apikeys import ApiKeyStore, Scope
-from tests.helpers import PREFIX, poll, small_jpeg
+from shared.store.apikeys import Scope
+from tests.helpers import PREFIX, key_store, poll, small_jpeg
 
 
 def key_client(api: str, rdb: redis.Redis, name: str, *scopes: Scope) -> httpx.Client:
-    token = ApiKeyStore(Keys(PREFIX), sync=rdb).create(
+    token = key_store(PREFIX, rdb).create(
         name, frozenset(scopes or (Scope.JOBS, Scope.SCANS)), 0, 1
     )
     return httpx.Client(base_url=api, headers={"X-API-Key": token}, timeout=30)

@@ -195,8 +195,9 @@ def test_a_delivery_held_past_the_visibility_timeout_is_sent_once(
     """A retry's wait may pass the visibility timeout (8 s here): the coordinator holds
     the message at most half of it at a stretch and sends it again, with the same eta,
     so the sweep never hands a held message out a second time."""
-    from shared.celery_app import TASK_JOB_CALLBACK, WEBHOOK_QUEUE, make_celery
+    from shared.celery_app import make_celery
     from shared.settings import Settings
+    from shared.wire import TASK_JOB_WEBHOOK, WEBHOOK_QUEUE
 
     resp = client.post(
         "/v1/jobs?wait=20", data={"text": "held"}, files={"image": ("a.jpg", small_jpeg(seed=7500))}
@@ -206,7 +207,7 @@ def test_a_delivery_held_past_the_visibility_timeout_is_sent_once(
     celery = make_celery(Settings(redis_url=valkey))
     sent = time.time()
     celery.send_task(
-        TASK_JOB_CALLBACK,
+        TASK_JOB_WEBHOOK,
         args=(job_id, f"{quick}/hook", "held-delivery"),
         queue=WEBHOOK_QUEUE,
         countdown=10,

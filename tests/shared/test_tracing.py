@@ -23,13 +23,14 @@ from pydantic import SecretStr
 
 from api.app import create_app
 from shared import tracing, wiring
-from shared.celery_app import WEBHOOK_QUEUE, make_celery, queue_name
-from shared.models import EntailTask, JobStatus
-from shared.store import JobStore, ScanStore, WebhookSlots
-from shared.submit import entail_message, message_of, send_job
+from shared.celery_app import make_celery
+from shared.models import JobStatus
+from shared.store import WebhookSlots
+from shared.submit import message_of, send_job
+from shared.wire import WEBHOOK_QUEUE, EntailTask, entail_message, queue_name
 from tests.conftest import INPROC_MODEL
 from tests.helpers import API_KEY, broker_messages, small_jpeg
-from tests.shared.test_submit import readable
+from tests.shared.test_wire import readable
 from worker.jobs import run_job, run_many
 from worker.runtime import Runtime
 from worker.scans.webhooks import Webhooks, run_traced
@@ -137,13 +138,14 @@ def test_one_job_is_one_trace_from_the_api_to_the_webhook(api, rt, db, settings,
     assert headers[tracing.TRACEPARENT] and float(headers[tracing.SENT_AT]) > 0
     outcome = run_job(rt, EntailTask.model_validate(kwargs["msg"]), headers)
     assert outcome.kind == "scored"
-    job = rt.jobs.get(job_id)
+    job = rt.reads.get(job_id)
     assert job is not None and job.status == JobStatus.SUCCEEDED
 
     # The coordinator: the webhook message the worker queued, delivered.
     hook_headers, args, hook_kwargs = taken(db, WEBHOOK_QUEUE)
-    slots = WebhookSlots(rt.jobs.keys, rt.redis.durable, 4, hold_s=10)
-    hooks = Webhooks(settings, rt.jobs, ScanStore(settings, rt.jobs.keys, rt.redis.durable), slots)
+    stores = wiring.stores(settings, sync=rt.redis)
+    slots = WebhookSlots(settings, rt.jobs.keys, stores.clients, bound=4, hold_s=10)
+    hooks = Webhooks(settings, stores.reads, stores.scans, slots)
     delivered = run_traced(hooks, hook_headers["task"], args, hook_kwargs, 0, hook_headers)
     assert delivered.kind == "delivered", delivered
 
@@ -204,7 +206,7 @@ def test_the_record_keeps_the_first_trace_for_joins_and_resends(api, db, setting
     assert first.status_code == 202, first.text
     job_id = first.json()["job_id"]
     headers, _, _ = taken(db, queue_name(*INPROC_MODEL))
-    jobs = JobStore(settings, wiring.keys(settings), wiring.sync_redis(settings))
+    jobs = wiring.stores(settings, sync=wiring.sync_redis(settings)).jobs
     record = jobs.record(job_id)
     assert record[tracing.TRACEPARENT] == headers[tracing.TRACEPARENT]
     # Another request joins the job: a trace of its own, the record keeps the first.
@@ -240,7 +242,7 @@ def test_off_nothing_is_carried(db, settings):
     assert resp.status_code == 202, resp.text
     headers, _, _ = taken(db, queue_name(*INPROC_MODEL))
     assert tracing.TRACEPARENT not in headers and tracing.SENT_AT not in headers
-    jobs = JobStore(off, wiring.keys(off), wiring.sync_redis(off))
+    jobs = wiring.stores(off, sync=wiring.sync_redis(off)).jobs
     assert tracing.TRACEPARENT not in jobs.record(resp.json()["job_id"])
     with tracing.span("ofa.submit") as traceparent:
         assert traceparent is None

@@ -15,9 +15,7 @@ import redis
 
 from shared import wiring
 from shared.errors import QueueUnavailableError
-from shared.store import JobStore, ScanStore
 from shared.store.apikeys import ALL_SCOPES, Caller, Limits
-from shared.store.limits import RateLimiter
 from tests.helpers import SentinelGroup
 
 
@@ -116,7 +114,7 @@ def test_clients_follow_a_promotion(group: SentinelGroup, inproc_settings):
     async def main() -> None:
         sync = wiring.sync_redis(settings)
         aio = wiring.async_redis(settings)
-        limiter = RateLimiter(wiring.keys(settings), aio.durable)
+        limiter = wiring.stores(settings, aio=aio).limiter
         try:
             first = group.primary_port()
             sync.durable.set("before", "1")
@@ -171,7 +169,8 @@ def test_replica_acknowledgement(group: SentinelGroup, inproc_settings, tmp_path
     assert settings.durable_ack_on and settings.durable_ack_replicas == 1
     clients = wiring.sync_redis(settings)
     keys = wiring.keys(settings)
-    jobs, scans = JobStore(settings, keys, clients), ScanStore(settings, keys, clients.durable)
+    stores = wiring.stores(settings, sync=clients)
+    jobs, scans = stores.jobs, stores.scans
     try:
         if replicas:
             got = jobs.create_or_join("r1", b"image-bytes", "t", None)
