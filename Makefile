@@ -10,13 +10,15 @@ TINY := $(DATA)/tiny-model
 # torch first, from the CPU wheel (requirements/torch.txt: torch==2.13.0), so that
 # nothing later pulls the multi-GB CUDA build; then every other package exactly as locked, each file
 # checked against its hash (requirements/test.txt, made by `make lock`), then the
-# project itself without dependencies, and pip's check that nothing is missing.
-$(VENV)/.installed: pyproject.toml requirements/torch.txt requirements/test.txt
+# project itself and its Python client (clients/python: httpx and pydantic, both in the
+# lock) without dependencies, and pip's check that nothing is missing.
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml requirements/torch.txt requirements/test.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/torch.txt
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/test.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet --no-deps -e clients/python
 	$(PY) -m pip check
 	touch $@
 
@@ -102,6 +104,7 @@ bench: install
 	  $(DATA)/photo-2.md; } > bench/results/plumbing-photo-cpu.md
 	$(PY) -m bench.bench_service --out bench/results/service-cpu.md
 	$(PY) -m bench.bench_scan --out bench/results/scan-cpu.md
+	$(PY) -m bench.bench_object_scan --rows 200000 --out bench/results/object-scan-cpu.md
 	mkdir -p $(DATA)
 	$(PY) -m bench.bench_durable_ack --appendfsync everysec --out $(DATA)/ack-1.md
 	$(PY) -m bench.bench_durable_ack --appendfsync always --out $(DATA)/ack-2.md

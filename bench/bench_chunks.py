@@ -22,11 +22,11 @@ from pathlib import Path
 
 import redis
 
-from bench.bench_plumbing import MODEL, PREFIX, bench_env, steady_drain
+from bench.bench_plumbing import MODEL, bench_env, steady_drain
 from bench.machine import machine
+from shared import wiring
 from shared.celery_app import make_celery
-from shared.keys import Keys, verdict_key
-from shared.store import JobStore
+from shared.keys import verdict_key
 from shared.submit import BulkItem, submit_bulk
 from shared.wiring import sync_redis
 from tests.helpers import small_jpeg
@@ -48,7 +48,8 @@ def main() -> None:
     server.start()
     url = f"redis://127.0.0.1:{server.port}/0"
     env, settings = bench_env(url, tiny, tmp)
-    jobs = JobStore(settings, Keys(PREFIX), sync_redis(settings))
+    stores = wiring.stores(settings, sync=sync_redis(settings))
+    jobs = stores.jobs
     celery = make_celery(settings)
     rdb = redis.Redis.from_url(url)
     worker: subprocess.Popen | None = None
@@ -68,7 +69,7 @@ def main() -> None:
                 stderr=subprocess.STDOUT,
             )
         pids = {"worker": worker.pid, "valkey": int(rdb.info("server")["process_id"])}
-        steady = steady_drain(jobs, ids, pids)
+        steady = steady_drain(stores.reads, ids, pids)
         rate = steady["jobs_per_s"]
         line = (
             f"| {args.rows} rows in chunks of {settings.bulk_chunk_jobs} | {rate:.0f} "

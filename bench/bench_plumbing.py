@@ -49,11 +49,12 @@ from bench.bench_http import (
 )
 from bench.bench_scan import interactive_latencies, percentile
 from bench.machine import machine
+from shared import wiring
 from shared.celery_app import make_celery
-from shared.keys import Keys, verdict_key
+from shared.keys import verdict_key
 from shared.settings import Settings
-from shared.store import JobStore
-from shared.submit import submit_job
+from shared.store import JobReads
+from shared.submit import asubmit_job
 from shared.wiring import freeze_startup_objects, sync_redis
 from tests.helpers import encode_image, free_port, photo, small_jpeg
 
@@ -112,8 +113,28 @@ def start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
         return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT)
 
 
+def submit_jobs(settings: Settings, celery: Any, items: list[tuple[str, bytes, str]]) -> list[str]:
+    """Interactive jobs (key, image, text) submitted as the API submits them: record
+    and message in one step, on the event loop; their ids."""
+    import asyncio
+
+    async def go() -> list[str]:
+        aio, sync = wiring.async_redis(settings), sync_redis(settings)
+        try:
+            jobs = wiring.stores(settings, sync=sync, aio=aio).jobs
+            return [
+                (await asubmit_job(jobs, celery, key, image, text, None))[0]
+                for key, image, text in items
+            ]
+        finally:
+            await aio.aclose()
+            sync.close()
+
+    return asyncio.run(go())
+
+
 def steady_drain(
-    jobs: JobStore, ids: list[str], pids: dict[str, int], timeout: float = 600
+    jobs: JobReads, ids: list[str], pids: dict[str, int], timeout: float = 600
 ) -> dict[str, float]:
     """Wait until the queued jobs ``ids`` are done; their rate and each process's CPU
     per job in the steady state: between the 10th and the 90th percent of the queue
@@ -204,18 +225,18 @@ def main() -> None:
     try:
         # (b) first, while no worker runs: fill the queue, then start the worker.
         clients = sync_redis(settings)
-        jobs = JobStore(settings, Keys(PREFIX), clients)
+        jobs = wiring.stores(settings, sync=clients).reads
         celery = make_celery(settings)
         valkey_pid = int(rdb.info("server")["process_id"])
         worker_cmd = [sys.executable, "-m", "bench.instant_worker"]
         # Photos: first the worker held to one core (taskset), then free on all of them:
         # how preprocessing scales with cores.
         for cores in (["1"] if args.photo and shutil.which("taskset") else []) + ["all"]:
-            ids = []
+            items = []
             for i in range(args.direct_jobs):
                 text = f"direct {cores} {i}"
-                key = verdict_key(*MODEL, job_image, text)
-                ids.append(submit_job(jobs, celery, key, job_image, text, None)[0])
+                items.append((verdict_key(*MODEL, job_image, text), job_image, text))
+            ids = submit_jobs(settings, celery, items)
             pinned = ["taskset", "-c", "0"] if cores == "1" else []
             procs["worker"] = start([*pinned, *worker_cmd], env, logs / f"worker-{cores}.log")
             pids = {"worker": procs["worker"].pid, "valkey": valkey_pid}

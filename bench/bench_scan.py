@@ -154,7 +154,7 @@ def main() -> None:
         "OFA_DEVICE": "cpu",
         "OFA_BATCH_SIZE": "16",
         "OFA_BATCH_WAIT_MS": "5",
-        "OFA_WORKER_THREADS": "32",
+        "OFA_INTERACTIVE_PREFETCH": "32",
         "OFA_DATA_DIR": str(tmp / "data"),
         "OFA_IMAGE_ROOT": str(images_dir),
         "OFA_SCAN_WINDOW": str(args.window),

@@ -215,7 +215,7 @@ def main() -> None:
         "OFA_DEVICE": "cpu",
         "OFA_BATCH_SIZE": "16",
         "OFA_BATCH_WAIT_MS": "5",
-        "OFA_WORKER_THREADS": "32",
+        "OFA_INTERACTIVE_PREFETCH": "32",
         "OFA_DATA_DIR": str(tmp / "data"),
         "BENCH_REDIS_URL": url,
         "PYTHONPATH": str(tmp),

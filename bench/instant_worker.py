@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from shared.celery_app import queue_name
 from shared.cli.serve import celery_worker_argv
 from shared.settings import get_settings
+from shared.wire import queue_name
 
 ANSWER = {"entailment": 0.6, "contradiction": 0.1, "neutral": 0.3}
 

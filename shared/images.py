@@ -82,7 +82,7 @@ class PlainJpeg(NamedTuple):
 
 def plain_jpeg(data: bytes, max_pixels: int, oriented: bool = True) -> PlainJpeg | None:
     """A JPEG that libjpeg-turbo decodes directly to exactly the pixels ``open_image``
-    decodes before its EXIF transpose (``tests/worker/test_resample.py`` holds them
+    decodes before its EXIF transpose (``tests/worker/ofa/test_resample.py`` holds them
     equal): colour (YCbCr) or grey, within the pixel limits; with ``oriented``, its
     orientation found as Pillow finds it. None for anything else: then Pillow decides
     (``open_image``, ``check_image``)."""

@@ -4,7 +4,7 @@ record and its Celery message, to the worker and to its webhook delivery.
 One switch, ``OFA_OPENTELEMETRY`` (off by default), turns on FastAPI's own
 instrumentation and these spans together. Off, every hook here is one check of a
 module global (``_tracer is None``) and OpenTelemetry is never imported: the request
-path costs what it did before (bench/results/tracing-off-cpu.md).
+path costs what it would without any tracing code.
 
 On, ``configure`` uses the SDK's tracer provider already installed in the process (by
 ``opentelemetry-instrument``, or a test), else installs one exporting over OTLP/HTTP

@@ -46,7 +46,7 @@ def celery_worker_argv(
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run a Celery worker holding the model (one process per device)."""
-    from shared.celery_app import queue_name
+    from shared.wire import queue_name
 
     # Celery's consumer takes the interactive queue (run in groups: worker/groups.py);
     # the bulk queue has its own consumer in the worker (worker/bulk.py).
@@ -63,7 +63,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
     """Run the scan coordinator (no GPU, no torch): a Celery worker on the scans queue."""
-    from shared.celery_app import SCAN_QUEUE
+    from shared.wire import SCAN_QUEUE
 
     argv = celery_worker_argv(
         "worker.scans.app:app",
@@ -227,7 +227,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--concurrency",
         type=int,
-        help="interactive messages held at once (default: OFA_WORKER_THREADS, else 4 batches)",
+        help="interactive messages held at once"
+        " (default: OFA_INTERACTIVE_PREFETCH, else 4 batches)",
     )
     p.add_argument("--name", help="node name prefix (default: ofa)")
     p.set_defaults(func=cmd_worker)

@@ -21,7 +21,7 @@ buffer through the Arrow C data interface, copied once into a reused buffer
 stores in more than one block (over ~16 MB) and images not in RGB fall back to Pillow
 itself. The kernels are compiled by numba once per machine (cached on
 disk) and release the interpreter lock.
-``tests/worker/test_resample.py`` checks equality with Pillow over many sizes.
+``tests/worker/ofa/test_resample.py`` checks equality with Pillow over many sizes.
 """
 
 from __future__ import annotations
