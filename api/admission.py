@@ -5,8 +5,9 @@ or becomes work, and what it came to. No HTTP here: the routes parse a request i
 
 Order of a job's admission, each refusal raised before anything is stored: the cache
 (a hit charges the caller's ``hit`` bucket), the image check, load shedding, the
-``miss`` bucket, then the job (created, or joined). A refused image or a shed
-submission costs the caller nothing."""
+``miss`` bucket, then the job (created, or joined). A refused image, a shed
+submission, or one refused because the payload store cannot take its image (the
+charge refunded) costs the caller nothing."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from shared.errors import (
     BadInputError,
     ManifestError,
     OverloadedError,
+    PayloadStoreUnavailable,
     PayloadTooLargeError,
     QueueUnavailableError,
 )
@@ -96,17 +98,24 @@ async def admit(s: Services, caller: Caller, sub: Submission) -> Admitted:
     await check_upload(s, sub.image)
     await shed(s, key, len(sub.image))
     limited = await charge(s, caller, "miss", "new jobs")
-    got = await asubmit_owned(
-        s.jobs,
-        s.celery,
-        key,
-        sub.image,
-        sub.text,
-        sub.premise,
-        sub.callback_url,
-        owner=caller.key_id,
-        tenant=tenant,
-    )
+    try:
+        got = await asubmit_owned(
+            s.jobs,
+            s.celery,
+            key,
+            sub.image,
+            sub.text,
+            sub.premise,
+            sub.callback_url,
+            owner=caller.key_id,
+            tenant=tenant,
+        )
+    except PayloadStoreUnavailable:
+        # Nothing was stored: the caller is not charged for a job it did not get.
+        if limited is not None:
+            with contextlib.suppress(redis.RedisError):
+                await s.limiter.refund(caller, "miss")
+        raise
     (metrics.ENQUEUED if got.created else metrics.DEDUPLICATED).inc()
     fresh = got.created and not sub.callback_url  # adding a hook awaited a thread
     return Admitted(

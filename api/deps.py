@@ -13,6 +13,7 @@ from api.waiter import JobWaiter
 from shared import wiring
 from shared.fetch import UrlPolicy
 from shared.objects import BucketPolicy, ObjectStorage
+from shared.payloads import PayloadStore
 from shared.settings import Settings
 from shared.store import JobReads, JobStore, ReaperLog, ScanStore, WebhookLog, WorkerRegistry
 from shared.store.apikeys import ALL_SCOPES, ApiKeyStore, Caller, KeyCache, Limits, Scope, digest
@@ -40,6 +41,7 @@ class Services:
     limiter: RateLimiter
     objects: ObjectStorage  # scans' manifests and results named by object URLs
     buckets: BucketPolicy  # which object URLs a request may name (OFA_OBJECT_BUCKETS)
+    payloads: PayloadStore  # where submitted images wait for a worker (``jobs`` writes them)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -47,7 +49,9 @@ class Services:
         from shared.celery_app import make_celery
 
         aio, sync = wiring.async_redis(settings), wiring.sync_redis(settings)
-        stores = wiring.stores(settings, sync=sync, aio=aio)
+        objects = wiring.object_storage(settings)
+        payloads = wiring.payload_store(settings, sync, objects)
+        stores = wiring.stores(settings, sync=sync, aio=aio, payloads=payloads)
         return cls(
             settings=settings,
             redis=aio,
@@ -64,8 +68,9 @@ class Services:
             apikeys=stores.apikeys,
             key_cache=KeyCache(settings.key_cache_s),
             limiter=stores.limiter,
-            objects=wiring.object_storage(settings),
+            objects=objects,
             buckets=wiring.bucket_policy(settings),
+            payloads=payloads,
         )
 
     async def aclose(self) -> None:
@@ -73,6 +78,7 @@ class Services:
         await self.waiter.close()
         await self.redis.aclose()
         self.redis_sync.close()
+        self.payloads.close()
 
 
 async def get_services(request: Request) -> Services:

@@ -18,6 +18,7 @@ from shared import errors
 from shared.errors import (
     BadInputError,
     OverloadedError,
+    PayloadStoreUnavailable,
     QueueUnavailableError,
     ScanLimitError,
     ScansBusyError,
@@ -26,6 +27,8 @@ from shared.errors import (
 logger = logging.getLogger(__name__)
 
 TYPE_BASE = "https://ofa-entail.dev/problems/"
+# What a submission refused for an unreachable payload store is told to wait.
+PAYLOAD_RETRY_AFTER_S = 5
 
 # The one place that knows how each refusal reads over HTTP: (status, type slug).
 # Subclasses not listed take their nearest listed ancestor's entry.
@@ -52,8 +55,8 @@ _MEANING = {
     413: "Too many bytes or pixels",
     415: "Unsupported image format or request body",
     422: "Invalid request: missing, empty or over-long fields, wrong types",
-    503: "Overloaded (load shedding), or Redis or the broker is unavailable; "
-    "Retry-After says when to retry",
+    503: "Overloaded (load shedding), or Redis, the broker or the payload store (where "
+    "images wait for a worker) is unavailable; Retry-After says when to retry",
 }
 
 
@@ -93,6 +96,7 @@ def problem(status: int, title: str, detail: str, slug: str, headers: dict | Non
 REFUSALS = (
     BadInputError,
     QueueUnavailableError,
+    PayloadStoreUnavailable,
     RateLimitedError,
     OverloadedError,
     ScanLimitError,
@@ -127,6 +131,10 @@ def refusal(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str] | None]
         logger.warning("queue unavailable: %s", exc.detail)
         body = problem_body(503, "Service unavailable", exc.detail, "unavailable")
         return 503, body, {"Retry-After": "5"}
+    if isinstance(exc, PayloadStoreUnavailable):
+        logger.warning("payload store unavailable: %s", exc.detail)
+        body = problem_body(503, "Service unavailable", exc.detail, "payload-store-unavailable")
+        return 503, body, {"Retry-After": str(PAYLOAD_RETRY_AFTER_S)}
     raise exc
 
 

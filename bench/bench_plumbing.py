@@ -84,6 +84,8 @@ def bench_env(url: str, tiny: Path, tmp: Path, **more: str) -> tuple[dict[str, s
         key_prefix=PREFIX,
         model=MODEL[0],
         model_revision=MODEL[1],
+        # The same payload store as the processes: direct submissions write there.
+        data_dir=tmp / "data",
     )
     return env, settings
 

@@ -245,6 +245,8 @@ def worker_rate(args: argparse.Namespace, ckpt: Path, tmp: Path) -> dict[str, fl
         key_prefix=prefix,
         model=model[0],
         model_revision=model[1],
+        # The same payload store as the processes: direct submissions write there.
+        data_dir=tmp / "data",
     )
     reads = wiring.stores(settings, sync=sync_redis(settings)).reads
     celery = make_celery(settings)

@@ -167,3 +167,16 @@ class QueueUnavailableError(OfaEntailError):
     def __init__(self, detail: str) -> None:
         self.detail = detail
         super().__init__(detail)
+
+
+class PayloadStoreUnavailable(OfaEntailError):
+    """The payload store (``shared/payloads.py``: images of unfinished jobs) could not be
+    reached or refused the operation: a submission is refused with a 503, a worker puts
+    the job back to queued."""
+
+    title = "payload store unavailable"
+
+    def __init__(self, where: str, detail: str) -> None:
+        self.where = where
+        self.detail = f"payload store {where}: {detail}"
+        super().__init__(self.detail)

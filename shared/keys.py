@@ -89,6 +89,13 @@ def job_key_matches(
     return key == verdict_key(model_id, revision, image, text, premise, tenant)
 
 
+def payload_name(key: str, job_id: str) -> str:
+    """The name of a job's image in the payload store: its verdict key and its id, so
+    each job has its own (ending one never removes another's) and a worker can check
+    the bytes against the key."""
+    return f"{key}.{job_id}"
+
+
 @dataclass(frozen=True)
 class Keys:
     """Redis key names, all under ``prefix`` (e.g. ``ofa:v1:``)."""
@@ -99,9 +106,10 @@ class Keys:
         """Cache store: the verdict JSON."""
         return f"{self.prefix}verdict:{key}"
 
-    def blob(self, key: str) -> str:
-        """Durable store: the image bytes waiting for a worker."""
-        return f"{self.prefix}blob:{key}"
+    def payload(self, name: str) -> str:
+        """A payload store on Redis (``durable``, or a pool's node): a job's image bytes,
+        by ``payload_name``."""
+        return f"{self.prefix}payload:{name}"
 
     def job(self, job_id: str) -> str:
         """Durable store: the job record (a hash)."""

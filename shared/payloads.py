@@ -1,8 +1,11 @@
-"""The payload store: images of unfinished jobs, by the SHA-256 of their bytes, held from
-submission until a worker is done with them.
+"""The payload store: images of unfinished jobs, held from submission until a worker is
+done with them. A payload is named by the SHA-256 of its bytes, or (the service's jobs)
+by ``{verdict key}.{job id}`` (``shared/keys.py:payload_name``): one payload per job, so
+ending a job never removes another job's image. A name that is a bare digest is checked
+against the bytes read; a job's name is checked by the worker against the job's key.
 
-One interface (``PayloadStore``), three backends, chosen by ``OFA_PAYLOAD_STORE``
-(``payload_store(settings)``):
+One interface (``PayloadStore``), four backends, chosen by ``OFA_PAYLOAD_STORE``
+(``shared/wiring.py:payload_store``):
 
 - ``local``: a folder (``OFA_PAYLOAD_DIR``, default ``OFA_DATA_DIR/payloads``), a shared
   volume when pointed at one. Written to a temporary name, flushed to disk, then renamed,
@@ -12,6 +15,8 @@ One interface (``PayloadStore``), three backends, chosen by ``OFA_PAYLOAD_STORE`
 - Redis nodes (``redis``: ``OFA_PAYLOAD_REDIS_URLS``; or the URLs themselves): each
   digest lives on one node, chosen by rendezvous hashing, so adding a node moves only
   the payloads it now wins (about 1/n).
+- ``durable``: the durable Redis itself (``DurablePayloads``), each payload expiring
+  after the blob lifetime; the simplest deployment, and the baseline to compare with.
 
 The caller writes a payload before the job record that names it, reads it in the
 worker, deletes it when the job ends, and calls ``sweep`` periodically for payloads
@@ -37,7 +42,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from shared.errors import OfaEntailError
+from shared.errors import PayloadStoreUnavailable
 from shared.objects import (
     ObjectNotFound,
     ObjectStorage,
@@ -46,38 +51,41 @@ from shared.objects import (
     is_object_url,
 )
 from shared.settings import split_urls
-from shared.wiring import sync_client
 
 if TYPE_CHECKING:
     from shared.settings import Settings
 
+__all__ = [
+    "DurablePayloads",
+    "LocalPayloads",
+    "ObjectPayloads",
+    "PayloadStore",
+    "PayloadStoreUnavailable",
+    "RedisPayloads",
+    "payload_store",
+]
+
 logger = logging.getLogger(__name__)
 
 DIGEST = re.compile(r"[0-9a-f]{64}")
+# What may name a payload: a bare digest, or a job's ``{verdict key}.{job id}`` (a
+# verdict key is a digest too; any lowercase word is let through for it, never a path
+# separator or a second dot, so a name is always a plain file name and a plain key).
+NAME = re.compile(r"[0-9a-f]{64}|[0-9a-z_-]{1,64}\.[0-9a-f]{32}")
 # Digests asked about at once when sweeping (``referenced``), and deleted at once.
 SWEEP_BATCH = 500
 TMP_SUFFIX = ".tmp"
 
 Referenced = Callable[[Sequence[str]], Collection[str]]
-"""Given candidate digests, those some job record still names (kept by ``sweep``)."""
-
-
-class PayloadStoreUnavailable(OfaEntailError):
-    """The payload store could not be reached or refused the operation."""
-
-    title = "payload store unavailable"
-
-    def __init__(self, where: str, detail: str) -> None:
-        self.where = where
-        self.detail = detail
-        super().__init__(f"payload store {where}: {detail}")
+"""Given candidate names, those some job record still names (kept by ``sweep``)."""
 
 
 def check_digest(digest: str) -> str:
-    """``digest`` if it is a SHA-256 hex digest (lowercase), else ``ValueError``: it
-    becomes a file name or a key, so nothing else may pass."""
-    if not DIGEST.fullmatch(digest):
-        raise ValueError(f"not a SHA-256 hex digest: {digest[:80]!r}")
+    """``digest`` if it is a payload name (``NAME``: a lowercase SHA-256 hex digest, or
+    one with a job id after a dot), else ``ValueError``: it becomes a file name or a
+    key, so nothing else may pass."""
+    if not NAME.fullmatch(digest):
+        raise ValueError(f"not a payload name (a SHA-256 hex digest[.job id]): {digest[:80]!r}")
     return digest
 
 
@@ -87,8 +95,10 @@ def digest_of(data: bytes) -> str:
 
 
 def _intact(digest: str, data: bytes) -> bytes | None:
-    """``data`` if it still hashes to ``digest``; a torn or altered copy reads as gone."""
-    if digest_of(data) == digest:
+    """``data`` if it still hashes to ``digest``; a torn or altered copy reads as gone.
+    A job's payload (a name with a job id) is checked by the worker against the job's
+    key instead, which names the image's digest."""
+    if not DIGEST.fullmatch(digest) or digest_of(data) == digest:
         return data
     logger.warning("payload %s does not match its digest: treated as missing", digest)
     return None
@@ -124,6 +134,10 @@ class PayloadStore(Protocol):
 
     def delete(self, digest: str) -> None:
         """Remove the payload (no error if it is gone)."""
+
+    def delete_many(self, digests: Sequence[str]) -> None:
+        """Remove several payloads (a batch of jobs that ended), in as few calls as the
+        backend allows."""
 
     def sweep(self, older_than_s: float, referenced: Referenced | None = None) -> int:
         """Remove payloads written more than ``older_than_s`` ago, except those
@@ -198,6 +212,11 @@ class LocalPayloads:
         with self._mapped("delete"):
             path.unlink(missing_ok=True)
 
+    def delete_many(self, digests: Sequence[str]) -> None:
+        """Remove each file."""
+        for digest in digests:
+            self.delete(digest)
+
     def sweep(self, older_than_s: float, referenced: Referenced | None = None) -> int:
         """Remove old unreferenced payloads and old temporary files (a writer that died
         mid-write). A file is looked at again just before it goes: one a ``put`` touched
@@ -234,7 +253,7 @@ class LocalPayloads:
                         continue
                     if entry.name.endswith(TMP_SUFFIX):
                         Path(entry.path).unlink(missing_ok=True)
-                    elif DIGEST.fullmatch(entry.name):
+                    elif NAME.fullmatch(entry.name):
                         yield entry.name
 
     def ping(self) -> None:
@@ -289,6 +308,11 @@ class ObjectPayloads:
         with self._mapped(), suppress(ObjectNotFound):
             self.storage.delete(self.url(digest))
 
+    def delete_many(self, digests: Sequence[str]) -> None:
+        """Remove each object."""
+        for digest in digests:
+            self.delete(digest)
+
     def sweep(self, older_than_s: float, referenced: Referenced | None = None) -> int:
         """List the prefix, keep what is young or referenced, HEAD each candidate again
         (a ``put`` since the listing keeps it), delete the rest."""
@@ -310,7 +334,7 @@ class ObjectPayloads:
         with self._mapped():
             for meta in self.storage.list(self.prefix):
                 digest = meta.url.key.rpartition("/")[2]
-                if meta.last_modified.timestamp() < cutoff and DIGEST.fullmatch(digest):
+                if meta.last_modified.timestamp() < cutoff and NAME.fullmatch(digest):
                     yield digest
 
     def ping(self) -> None:
@@ -370,7 +394,7 @@ class RedisPayloads:
         *,
         key_prefix: str,
         ttl_s: int,
-        client: Callable[[str], redis.Redis] | None = None,
+        client: Callable[[str], redis.Redis],
     ) -> None:
         if not urls:
             raise ValueError("a Redis payload store needs at least one node URL")
@@ -378,7 +402,7 @@ class RedisPayloads:
         self.ids = [node_id(u) for u in self.urls]
         if len(set(self.ids)) != len(self.ids):
             raise ValueError("the same Redis node is named twice in the payload store")
-        self.clients = [(client or sync_client)(u) for u in self.urls]
+        self.clients = [client(u) for u in self.urls]
         self.key_prefix = key_prefix
         self.ttl_s = ttl_s
 
@@ -416,6 +440,15 @@ class RedisPayloads:
         with self._mapped(i):
             self.clients[i].delete(self.key(digest))
 
+    def delete_many(self, digests: Sequence[str]) -> None:
+        """One DEL per node for the payloads it holds."""
+        by_node: dict[int, list[str]] = {}
+        for digest in digests:
+            by_node.setdefault(self.node(digest), []).append(self.key(digest))
+        for i, keys in by_node.items():
+            with self._mapped(i):
+                self.clients[i].delete(*keys)
+
     def sweep(self, older_than_s: float, referenced: Referenced | None = None) -> int:
         """On each node, payloads whose age (lifetime less the TTL left) is past
         ``older_than_s``, unless referenced; deleted only if the TTL is still what it
@@ -446,7 +479,7 @@ class RedisPayloads:
                     digest = key[len(self.key_prefix) :]
                     # -1: no expiry (written by hand): as old as can be; -2: already gone.
                     age_s = float("inf") if pttl == -1 else self.ttl_s - pttl / 1000
-                    if pttl != -2 and DIGEST.fullmatch(digest) and age_s > older_than_s:
+                    if pttl != -2 and NAME.fullmatch(digest) and age_s > older_than_s:
                         judged[digest] = pttl
                 if judged:
                     yield judged
@@ -463,21 +496,95 @@ class RedisPayloads:
             client.close()
 
 
+# --- the durable Redis ---------------------------------------------------------------
+
+
+class DurablePayloads:
+    """Payloads as strings ``{key_prefix}{name}`` in the durable Redis itself, each
+    expiring after ``ttl_s`` (the blob lifetime): no store besides Redis, at the cost of
+    every image passing through its append-only file. Plain SET, GET and DEL, never
+    inside the job scripts; nothing to sweep (the lifetime bounds them)."""
+
+    def __init__(self, client: redis.Redis, *, key_prefix: str, ttl_s: int) -> None:
+        self.client = client
+        self.key_prefix = key_prefix
+        self.ttl_s = ttl_s
+
+    def key(self, digest: str) -> str:
+        """The Redis key a payload lives under."""
+        return f"{self.key_prefix}{check_digest(digest)}"
+
+    @contextmanager
+    def _mapped(self) -> Iterator[None]:
+        try:
+            yield
+        except redis.RedisError as exc:
+            raise PayloadStoreUnavailable(
+                "the durable store", f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def put(self, digest: str, data: bytes) -> None:
+        """SET with the blob lifetime."""
+        with self._mapped():
+            self.client.set(self.key(digest), data, ex=self.ttl_s)
+
+    def get(self, digest: str) -> bytes | None:
+        """The payload's bytes, or None."""
+        with self._mapped():
+            data = self.client.get(self.key(digest))
+        return None if data is None else _intact(digest, bytes(data))  # type: ignore[arg-type]
+
+    def delete(self, digest: str) -> None:
+        """Remove the key."""
+        with self._mapped():
+            self.client.delete(self.key(digest))
+
+    def delete_many(self, digests: Sequence[str]) -> None:
+        """One DEL for all."""
+        if digests:
+            with self._mapped():
+                self.client.delete(*(self.key(d) for d in digests))
+
+    def sweep(self, older_than_s: float, referenced: Referenced | None = None) -> int:
+        """Nothing: every payload expires after the blob lifetime by itself."""
+        return 0
+
+    def ping(self) -> None:
+        """PING the durable store."""
+        with self._mapped():
+            self.client.ping()
+
+    def close(self) -> None:
+        """The client is the process's durable one: closed with the others."""
+
+
 # --- from the settings ---------------------------------------------------------------
 
 
-def payload_store(settings: Settings, storage: ObjectStorage | None = None) -> PayloadStore:
-    """The backend ``OFA_PAYLOAD_STORE`` names (``storage``: the process's object-store
-    client, if it has one already)."""
+def payload_store(
+    settings: Settings,
+    client: Callable[[str], redis.Redis],
+    storage: ObjectStorage | None = None,
+    durable: redis.Redis | None = None,
+    key_prefix: str | None = None,
+) -> PayloadStore:
+    """The backend ``OFA_PAYLOAD_STORE`` names (``shared/wiring.py:payload_store`` calls
+    this with the process's clients): ``client`` makes a blocking Redis client from a
+    URL (a pool's nodes), ``storage`` is the process's object-store client if it has
+    one, ``durable`` its durable Redis client (for ``durable``); ``key_prefix``: what
+    Redis payload keys start with (``Keys.payload``; default ``{OFA_KEY_PREFIX}payload:``)."""
     spec = settings.payload_store
+    key_prefix = key_prefix or f"{settings.key_prefix}payload:"
     if spec == "local":
         return LocalPayloads(settings.payloads_path)
+    if spec == "durable":
+        if durable is None:
+            raise ValueError("OFA_PAYLOAD_STORE=durable needs the durable Redis client")
+        return DurablePayloads(durable, key_prefix=key_prefix, ttl_s=settings.blob_ttl_s)
     if is_object_url(spec):
         prefix = ObjectUrl.parse(spec, key_required=False)
         return ObjectPayloads(storage or ObjectStorage.from_settings(settings), prefix)
     urls = settings.payload_redis_urls if spec == "redis" else split_urls(spec)
     if not urls:
         raise ValueError("OFA_PAYLOAD_STORE=redis needs OFA_PAYLOAD_REDIS_URLS")
-    return RedisPayloads(
-        urls, key_prefix=f"{settings.key_prefix}payload:", ttl_s=settings.blob_ttl_s
-    )
+    return RedisPayloads(urls, key_prefix=key_prefix, ttl_s=settings.blob_ttl_s, client=client)

@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     scan_dir: Path | None = None  # default: data_dir / "scans"
     manifest_root: Path | None = None  # server-side manifests allowed under here
     image_root: Path | None = None  # manifest rows may name image files under here
+    # True when every worker reads image_root at the same path (a shared volume): a scan
+    # row's file is then handed to its job by reference, never copied to the payload store.
+    image_root_shared: bool = False
     scan_window: int = Field(256, ge=1, le=100_000)  # distinct misses in flight per scan
     scan_fetch_concurrency: int = Field(16, ge=1, le=512)
     scan_chunk_rows: int = Field(500, ge=1, le=100_000)
@@ -217,11 +220,14 @@ class Settings(BaseSettings):
     s3_allow_http: bool = False
     object_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     object_timeout_s: float = Field(10.0, gt=0, le=300)
-    # Where images of unfinished jobs wait for a worker (shared/payloads.py), by their
-    # SHA-256: "local" (a folder, payload_dir or data_dir/payloads; a shared volume when
-    # pointed at one), an object-store prefix ("s3://bucket/prefix", gs://, az://), or
-    # Redis nodes chosen by the digest ("redis": payload_redis_urls; or the URLs
-    # themselves, comma-separated).
+    # Where images of unfinished jobs wait for a worker (shared/payloads.py), one per
+    # job: "local" (a folder, payload_dir or data_dir/payloads; a shared volume when
+    # pointed at one: the API, coordinators and workers must all reach it), an
+    # object-store prefix ("s3://bucket/prefix", gs://, az://), Redis nodes chosen by
+    # the name's hash ("redis": payload_redis_urls; or the URLs themselves,
+    # comma-separated), or "durable" (the durable Redis itself, expiring after
+    # blob_ttl_s). Written before the job record, removed when the job ends, swept by
+    # the reaper when orphaned.
     payload_store: str = "local"
     payload_dir: Path | None = None
     payload_redis_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -280,11 +286,11 @@ class Settings(BaseSettings):
     @classmethod
     def _check_payload_store(cls, value: str) -> str:
         scheme, sep, _ = value.partition("://")
-        if value in ("local", "redis") or (sep and scheme in PAYLOAD_SCHEMES):
+        if value in ("local", "redis", "durable") or (sep and scheme in PAYLOAD_SCHEMES):
             return value
         raise ValueError(
-            "OFA_PAYLOAD_STORE is local, redis, an object-store prefix (s3://, gs://, "
-            "az://) or Redis URLs (redis://, rediss://, unix://, sentinel://)"
+            "OFA_PAYLOAD_STORE is local, durable, redis, an object-store prefix (s3://, "
+            "gs://, az://) or Redis URLs (redis://, rediss://, unix://, sentinel://)"
         )
 
     @field_validator("api_keys", mode="before")

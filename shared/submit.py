@@ -172,9 +172,11 @@ async def asubmit_job(
     """Join the job computing ``key`` or create one; returns (job id, created). A
     ``callback_url`` is POSTed the finished job (signed) when it ends.
 
-    The job's Celery message is built first (``entail_message``) and pushed onto the
-    model's interactive queue by the same atomic script that stores the record
-    (``JobStore.acreate_and_send``): a job is never stored unsent, nor sent unstored.
+    The job's Celery message is built first (``entail_message``), the image written to
+    the payload store (``PayloadStoreUnavailable`` if it cannot be: nothing is stored),
+    then the message pushed onto the model's interactive queue by the same atomic
+    script that stores the record (``JobStore.acreate_and_send``): a job is never stored
+    unsent, nor sent unstored, nor stored without its image.
     Scan jobs go through ``submit_bulk`` instead."""
     got = await asubmit_owned(store, celery, key, image, text, premise, callback_url)
     return got.job_id, got.created
@@ -222,10 +224,13 @@ async def asubmit_owned(
 
 @dataclass(frozen=True)
 class BulkItem:
-    """One scan row's work: what ``submit_bulk`` needs to create or join its job."""
+    """One scan row's work: what ``submit_bulk`` needs to create or join its job.
+    ``image``: the bytes (written to the payload store), or a reference the workers
+    read in place (an object URL, or ``file:`` and a path under a shared
+    ``OFA_IMAGE_ROOT``)."""
 
     key: str
-    image: bytes
+    image: bytes | str
     text: str
     premise: str | None
 
@@ -247,9 +252,11 @@ def submit_bulk(
 ) -> list[str]:
     """Join or create the job of each item (in order; returns their ids), then send
     the new ones ``chunk`` to a message. Records and dispatch deadlines are written
-    before any message goes out, as for one job; if the broker refuses, the jobs of
-    that message and of the ones not sent yet are removed and ``QueueUnavailableError``
-    raised (jobs already sent stay: they run)."""
+    before any message goes out, as for one job (the images given as bytes written to
+    the payload store before them: ``PayloadStoreUnavailable``, nothing stored, if it
+    cannot take them); if the broker refuses, the jobs of that message and of the ones
+    not sent yet are removed and ``QueueUnavailableError`` raised (jobs already sent
+    stay: they run)."""
     ids: list[str] = []
     new: list[EntailTask] = []
     try:

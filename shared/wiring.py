@@ -33,6 +33,8 @@ from redis.retry import Retry
 from shared.fetch import UrlPolicy
 from shared.keys import Keys
 from shared.objects import BucketPolicy, ObjectStorage
+from shared.payloads import PayloadStore
+from shared.payloads import payload_store as _payload_store
 from shared.settings import Settings
 from shared.store.apikeys import ApiKeyStore
 from shared.store.clients import AsyncRedis, Clients, SyncRedis
@@ -44,7 +46,7 @@ from shared.store.scans import ScanStore
 from shared.store.webhooks import WebhookSlots
 from shared.store.workers import ReaperLog, WebhookLog, WorkerRegistry
 
-__all__ = ["AsyncRedis", "Clients", "Stores", "SyncRedis", "stores"]
+__all__ = ["AsyncRedis", "Clients", "Stores", "SyncRedis", "payload_store", "stores"]
 
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 10.0
@@ -295,6 +297,27 @@ def bucket_policy(settings: Settings) -> BucketPolicy:
     return BucketPolicy(settings.object_buckets)
 
 
+def payload_store(
+    settings: Settings,
+    sync: SyncRedis | None = None,
+    storage: ObjectStorage | None = None,
+) -> PayloadStore:
+    """Where images of unfinished jobs wait (``OFA_PAYLOAD_STORE``): a folder, an
+    object-store prefix, a pool of Redis nodes, or the durable Redis (``sync``'s
+    durable client, made here if not given). ``storage``: the process's object-store
+    client, if it has one."""
+    durable = None
+    if settings.payload_store == "durable":
+        durable = (sync or sync_redis(settings)).durable
+    return _payload_store(
+        settings,
+        sync_client,
+        storage=storage,
+        durable=durable,
+        key_prefix=keys(settings).payload(""),
+    )
+
+
 def keys(settings: Settings) -> Keys:
     """Redis key names under the configured prefix."""
     return Keys(settings.key_prefix)
@@ -315,19 +338,26 @@ class Stores:
     webhook_log: WebhookLog
     apikeys: ApiKeyStore
     limiter: RateLimiter
+    payloads: PayloadStore  # images of unfinished jobs (what ``jobs`` writes and removes)
 
 
 def stores(
-    settings: Settings, sync: SyncRedis | None = None, aio: AsyncRedis | None = None
+    settings: Settings,
+    sync: SyncRedis | None = None,
+    aio: AsyncRedis | None = None,
+    payloads: PayloadStore | None = None,
 ) -> Stores:
     """Every store on the clients the process has (``sync``: blocking, ``aio``:
     asyncio; a store used through a kind it was not given raises
-    ``MissingClientError``). The only place that builds a store."""
+    ``MissingClientError``), and the payload store (``payload_store`` unless given).
+    The only place that builds a store."""
     clients = Clients(sync, aio)
     k = keys(settings)
+    payloads = payloads or payload_store(settings, sync)
     return Stores(
         clients=clients,
-        jobs=JobStore(settings, k, clients),
+        payloads=payloads,
+        jobs=JobStore(settings, k, clients, payloads),
         reads=JobReads(settings, k, clients),
         reaping=JobReaping(settings, k, clients),
         scans=ScanStore(settings, k, clients),

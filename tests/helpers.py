@@ -185,7 +185,9 @@ class WorkerProcess:
 
     def wait_log(self, marker: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while marker not in self.log():
+        # The whole log: a process that starts on a queue other tests filled may log
+        # past the marker faster than it is looked for.
+        while marker not in self.log(whole=True):
             assert self.proc is not None and self.proc.poll() is None, self.log()
             assert time.monotonic() < deadline, self.log()
             time.sleep(0.1)
@@ -218,9 +220,10 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
-    def log(self) -> str:
+    def log(self, whole: bool = False) -> str:
         path = self.log_dir / f"{self.command}-{self.starts}.log"
-        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text if whole else text[-6000:]
 
 
 def start_api(env: dict, log_path: Path, **overrides: str) -> tuple[subprocess.Popen, str]:

@@ -3,9 +3,11 @@ the domain logic behind the worker's consumers.
 
 Every message is handled idempotently (``JobStore.start`` decides): a finished job,
 a vanished one, or one another worker holds a live lease on is left alone; a job whose
-verdict is cached finishes without computing. Input the model can never accept fails
-the job at once; any other error puts it back to queued for the reaper to send again
-(``retry_later``).
+verdict is cached finishes without computing. A job's image is read from the payload
+store (or, for a scan row named by an object URL or a shared file, from there:
+``read_payload``); an unreachable store puts the job back, a missing image fails it.
+Input the model can never accept fails the job at once; any other error puts it back
+to queued for the reaper to send again (``retry_later``).
 """
 
 from __future__ import annotations
@@ -16,16 +18,24 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import redis
 from celery.exceptions import Reject
 
-from shared.errors import BadInputError
-from shared.keys import job_key_matches
+from shared.errors import BadInputError, PayloadStoreUnavailable
+from shared.keys import job_key_matches, payload_name
 from shared.models import ScanStatus, Verdict
+from shared.objects import (
+    ObjectNotFound,
+    ObjectStorage,
+    ObjectStoreError,
+    ObjectStoreUnavailable,
+    is_object_url,
+)
+from shared.scans.manifest import file_under
 from shared.store import StartAction, Started
 from shared.submit import send_hooks
 from shared.wire import EntailTask
@@ -38,6 +48,19 @@ logger = logging.getLogger(__name__)
 # Bulk chunks prepared at once: one core is always left to interactive jobs (on a
 # 2-core machine, one chunk at a time; on a GPU host's many cores, many).
 BULK_PREPARE = threading.BoundedSemaphore(max(1, (os.cpu_count() or 1) - 1))
+# A group's images are read this many at a time (an object store or a network volume
+# answers each in milliseconds; side by side, a chunk waits for a few).
+READ_THREADS = 8
+_READ_POOL: ThreadPoolExecutor | None = None
+_READ_POOL_LOCK = threading.Lock()
+
+IMAGE_GONE = "the image expired before a worker could take the job"
+# A reference that starts so names a file under a shared OFA_IMAGE_ROOT.
+FILE_REFERENCE = "file:"
+# Reading an image may fail for a while (the store unreachable): the job is put back.
+TRANSIENT_READ_ERRORS = (PayloadStoreUnavailable, ObjectStoreUnavailable, OSError)
+# An image's store unreachable: the job waits for it without using up its attempts.
+STORE_UNREACHABLE = (PayloadStoreUnavailable, ObjectStoreUnavailable)
 
 
 def fail(rt: Runtime, msg: EntailTask, error: str) -> None:
@@ -65,9 +88,10 @@ def cancelled_alone(rt: Runtime, msg: EntailTask, cancelled: bool) -> bool:
     return False
 
 
-def after_start(rt: Runtime, msg: EntailTask, started: Started) -> Verdict | bytes | None:
-    """What ``JobStore.start`` decided, carried out: the verdict when cached, the image
-    bytes when the item must be prepared and scored, None when nothing is left to do."""
+def after_start(rt: Runtime, msg: EntailTask, started: Started) -> Verdict | str | None:
+    """What ``JobStore.start`` decided, carried out: the verdict when cached, where the
+    image is (``Started.payload``, for ``read_payload``) when the item must be prepared
+    and scored, None when nothing is left to do."""
     if started.action == StartAction.POISON:
         fail(rt, msg, f"gave up after {started.attempts - 1} attempts that did not finish")
         return None
@@ -77,10 +101,86 @@ def after_start(rt: Runtime, msg: EntailTask, started: Started) -> Verdict | byt
         hooks = rt.jobs.succeed(msg.job_id, msg.key, started.cached, cached=True)
         send_hooks(rt.celery, msg.job_id, hooks)
         return Verdict.model_validate_json(started.cached)
-    if started.blob is None:
-        fail(rt, msg, "the image expired before a worker could take the job")
+    if started.payload is None:
+        fail(rt, msg, IMAGE_GONE)
         return None
-    return started.blob
+    return started.payload
+
+
+def read_payload(rt: Runtime, msg: EntailTask, reference: str) -> bytes | None:
+    """A job's image: its own payload (``reference`` '': by ``payload_name``), a scan
+    row's object (an object URL) or file (``file:`` under ``OFA_IMAGE_ROOT``), at most
+    the upload limit; None when it is gone. Raises ``TRANSIENT_READ_ERRORS`` while the
+    store cannot be read, ``ObjectStoreError`` or ``ValueError`` for a reference that
+    can never be read."""
+    limit = rt.settings.max_upload_bytes
+    if reference == "":
+        return rt.jobs.payloads.get(payload_name(msg.key, msg.job_id))
+    if reference.startswith(FILE_REFERENCE):
+        name = reference.removeprefix(FILE_REFERENCE)
+        try:
+            path = file_under(rt.settings.image_root, name, "image", "OFA_IMAGE_ROOT")
+        except ValueError:
+            if rt.settings.image_root is not None and not os.path.exists(name):
+                return None  # removed since the scan read it
+            raise
+        with open(path, "rb", buffering=0) as f:
+            data = f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
+        if len(data) > limit:
+            raise ValueError(f"the image file is larger than {limit} bytes")
+        return data
+    if is_object_url(reference):
+        if rt.objects is None:
+            rt.objects = ObjectStorage.from_settings(rt.settings)
+        try:
+            body, _ = rt.objects.read_bytes(reference, limit)
+        except ObjectNotFound:
+            return None
+        return body
+    raise ValueError(f"not an image reference: {reference[:80]!r}")
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    global _READ_POOL
+    with _READ_POOL_LOCK:
+        if _READ_POOL is None:
+            _READ_POOL = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="payload-read")
+        return _READ_POOL
+
+
+def read_payloads(
+    rt: Runtime, items: Sequence[tuple[EntailTask, str]]
+) -> list[bytes | Exception | None]:
+    """``read_payload`` for each (message, reference), side by side when there are
+    several; each item's error is its own (returned, not raised)."""
+
+    def one(item: tuple[EntailTask, str]) -> bytes | Exception | None:
+        try:
+            return read_payload(rt, *item)
+        except Exception as exc:
+            return exc
+
+    if len(items) <= 1:
+        return [one(item) for item in items]
+    return list(_read_pool().map(one, items))
+
+
+def image_or_fail(rt: Runtime, msg: EntailTask, got: bytes | Exception | None) -> bytes | None:
+    """The image ``read_payloads`` got, or None after failing the job for good (gone,
+    unreadable, or not the bytes its key names). Raises what can pass (the store
+    unreachable): the caller puts the job back."""
+    if isinstance(got, TRANSIENT_READ_ERRORS) and not isinstance(got, FileNotFoundError):
+        raise got
+    if isinstance(got, FileNotFoundError) or got is None:
+        logger.warning("job %s: its image is gone", msg.job_id)
+        fail(rt, msg, IMAGE_GONE)
+        return None
+    if isinstance(got, (ObjectStoreError, ValueError)):
+        fail(rt, msg, f"the image could not be read: {got}")
+        return None
+    if isinstance(got, Exception):
+        raise got
+    return got if image_matches_key(rt, msg, got) else None
 
 
 KEY_MISMATCH = (
@@ -215,20 +315,31 @@ def submit_many(
     # outlast a lease on a busy host, and a lease run out sends the job again.
     running = zip(live, started, strict=True)
     held = rt.leases.hold(m.job_id for (_, m), took in running if took.action == StartAction.RUN)
-    images: list[tuple[int, EntailTask, bytes]] = []
+    to_read: list[tuple[int, EntailTask, str]] = []
     for (i, msg), took in zip(live, started, strict=True):
         try:
             got = after_start(rt, msg, took)
-            if isinstance(got, bytes) and not image_matches_key(rt, msg, got):
-                got = None  # failed for good: nothing scored, nothing cached
         except Exception as exc:
             retry_later(rt, msg, exc)
             outcomes[i] = Handled("retried")
             continue
-        if isinstance(got, bytes):
-            images.append((i, msg, got))
+        if isinstance(got, str):
+            to_read.append((i, msg, got))
         else:
             outcomes[i] = Handled("skipped") if got is None else Handled("cached", got)
+    images: list[tuple[int, EntailTask, bytes]] = []
+    read = read_payloads(rt, [(msg, ref) for _, msg, ref in to_read])
+    for (i, msg, _), payload in zip(to_read, read, strict=True):
+        try:
+            image = image_or_fail(rt, msg, payload)
+        except Exception as exc:  # the store unreachable: back to queued, tried again
+            retry_later(rt, msg, exc)
+            outcomes[i] = Handled("retried")
+            continue
+        if image is None:  # failed for good: nothing scored, nothing cached
+            outcomes[i] = Handled("skipped")
+        else:
+            images.append((i, msg, image))
     todo: list[tuple[int, EntailTask, Prepared]] = []
     # Bulk work prepares at most cores - 1 chunks at a time: an interactive job's
     # thread competes with that many bulk threads, not with every chunk being scored.
@@ -329,11 +440,13 @@ def summary(outcome: Handled, job_id: str) -> str:
 
 def retry_later(rt: Runtime, msg: EntailTask, exc: Exception) -> None:
     """A transient failure: the job goes back to queued and the reaper sends it again
-    after a backoff (counted against ``max_attempts``). No broker retry is involved, so
-    an unreachable broker loses nothing; if Redis itself is unreachable, the job's
-    lease runs out and the reaper takes it up all the same."""
+    after a backoff (counted against ``max_attempts``, unless the job only waited on
+    its image's store: ``JobStore.release``). No broker retry is involved, so an
+    unreachable broker loses nothing; if Redis itself is unreachable, the job's lease
+    runs out and the reaper takes it up all the same."""
+    waiting = isinstance(exc, STORE_UNREACHABLE)
     try:
-        backoff = rt.jobs.release(msg.job_id)
+        backoff = rt.jobs.release(msg.job_id, waiting_on_store=waiting)
         logger.warning("job %s: %s; sent again in %.0fs", msg.job_id, exc, backoff)
     except redis.RedisError as again:
         logger.warning("job %s: %s; left to its lease (%s)", msg.job_id, exc, again)

@@ -15,17 +15,25 @@ it. Each pass therefore also looks for queued jobs whose message is nowhere: not
 its queue, not in the unacked hash (``JobReaping.lost_messages``), looked for twice
 ``LOST_CONFIRM_S`` apart so that a message on its way between the two is not taken for
 lost, and sends them again at once, counted as a send like any other.
+
+The pass also sweeps the payload store (``JobStore.sweep_payloads``, at most once per
+``PAYLOAD_SWEEP_EVERY_S`` in a process): images older than the blob lifetime, and
+those older than ``ORPHAN_GRACE_S`` whose job is not unfinished (written by a
+submission that crashed before its record, or left by a job's end whose removal
+failed). Redis-backed payloads expire by themselves and sweep nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 
 import redis
 from celery import Celery
 
+from shared.errors import PayloadStoreUnavailable
 from shared.models import JobStatus
 from shared.settings import Settings
 from shared.submit import message_of, send_hooks, send_job, send_slice
@@ -40,6 +48,13 @@ logger = logging.getLogger(__name__)
 # enters it in kombu's unacked hash within milliseconds, so one that is still missing
 # a second later is lost.
 LOST_CONFIRM_S = 1.0
+# A payload is written just before its job's record (milliseconds apart, or a WAITAOF
+# later): one this old without an unfinished job was orphaned by a crash, or by a
+# removal that failed, never by a submission still on its way.
+ORPHAN_GRACE_S = 300.0
+# Listing a folder or a bucket prefix every reaper period would cost more than what
+# it frees; orphans are rare and small.
+PAYLOAD_SWEEP_EVERY_S = 60.0
 
 
 class Reaper:
@@ -60,6 +75,7 @@ class Reaper:
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._swept_at = float("-inf")  # monotonic: this process's last payload sweep
 
     # -- one pass --------------------------------------------------------------------
 
@@ -82,7 +98,25 @@ class Reaper:
         self.log.record(done)
         if done["resent"] or done["poisoned"] or done["scans_resent"]:
             logger.warning("reaper: %s", done)
+        self.sweep_payloads()
         return done
+
+    def sweep_payloads(self, grace_s: float = ORPHAN_GRACE_S, force: bool = False) -> int:
+        """Sweep the payload store if this process has not for ``PAYLOAD_SWEEP_EVERY_S``
+        (``force``: now); how many payloads went. A store that cannot be reached is
+        swept next time."""
+        now = time.monotonic()
+        if not force and now - self._swept_at < PAYLOAD_SWEEP_EVERY_S:
+            return 0
+        self._swept_at = now
+        try:
+            removed = self.jobs.sweep_payloads(grace_s)
+        except (PayloadStoreUnavailable, redis.RedisError) as exc:
+            logger.warning("payload sweep failed: %s", exc)
+            return 0
+        if removed:
+            logger.warning("reaper: %d orphaned payloads removed", removed)
+        return removed
 
     def _reap_job(self, job_id: str) -> str:
         record = self.jobs.record(job_id)
@@ -91,8 +125,10 @@ class Reaper:
             self.reaping.forget(job_id)
             return "forgotten"
         s = self.settings
-        attempts = int(record.get("attempts", 0))
-        dispatches = int(record.get("dispatches", 0))
+        # Starts and sends that only waited on the image's store are not tries.
+        waits = int(record.get("store_waits", 0))
+        attempts = int(record.get("attempts", 0)) - waits
+        dispatches = int(record.get("dispatches", 0)) - waits
         if status == JobStatus.RUNNING and attempts >= s.max_attempts:
             error = (
                 f"gave up after {attempts} attempts: the worker running this job stopped "
@@ -118,7 +154,8 @@ class Reaper:
         self._stop.wait(LOST_CONFIRM_S)
         sent = 0
         for job_id, record in self._lost([job_id for job_id, _ in first]):
-            if int(record.get("dispatches", 0)) >= self.settings.max_dispatches:
+            sends = int(record.get("dispatches", 0)) - int(record.get("store_waits", 0))
+            if sends >= self.settings.max_dispatches:
                 continue  # its dispatch deadline fails it, as any job sent too often
             if self.reaping.claim_lost(job_id, record):  # nothing happened to it meanwhile
                 logger.warning("job %s: its message was lost (taken by a dead worker?)", job_id)

@@ -25,6 +25,7 @@ from celery import Celery
 from shared import wiring
 from shared.celery_app import make_celery
 from shared.models import ModelRef, Verdict
+from shared.objects import ObjectStorage
 from shared.settings import Settings
 from shared.store import JobReads, JobStore, ScanStore, WorkerRegistry
 from worker.batcher import Batcher
@@ -79,6 +80,8 @@ class Runtime:
     celery: Celery  # the worker's own app: what webhooks and the reaper send through
     pool: ProcessPoolExecutor | None = None  # image decoding outside the interpreter lock
     tally: BatchTally | None = None  # model passes counted (tests and benchmarks read them)
+    # Scan rows' images named by object URL, read in place (``worker/jobs.py:read_payload``).
+    objects: ObjectStorage | None = None
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -101,7 +104,9 @@ class Runtime:
             time.perf_counter() - t0,
         )
         clients = wiring.sync_redis(settings)
-        stores = wiring.stores(settings, sync=clients)
+        objects = wiring.object_storage(settings)
+        payloads = wiring.payload_store(settings, clients, objects)
+        stores = wiring.stores(settings, sync=clients, payloads=payloads)
         jobs = stores.jobs
 
         tally = BatchTally(jobs)
@@ -146,6 +151,7 @@ class Runtime:
             celery,
             pool,
             tally,
+            objects,
         )
         threading.Thread(target=rt._heartbeat, name="heartbeat", daemon=True).start()
         rt._probe_file("ready")

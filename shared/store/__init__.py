@@ -1,8 +1,9 @@
 """The owners of every record the service keeps in Redis (one module each).
 
-``jobs.py`` (``JobStore``) changes a job's state: its record, image blob, in-flight
-mark and the verdict cache; ``job_reads.py`` (``JobReads``) reads them and holds the
-done channel's one subscriber (``DoneChannel``); ``reaping.py`` (``JobReaping``) is the
+``jobs.py`` (``JobStore``) changes a job's state: its record, in-flight mark, the
+verdict cache, and its image in the payload store (``shared/payloads.py``);
+``job_reads.py`` (``JobReads``) reads them and holds the done channel's one
+subscriber (``DoneChannel``); ``reaping.py`` (``JobReaping``) is the
 reaper's look at them. ``scans.py`` owns a scan's record and its coordinator lock,
 ``workers.py`` the workers' heartbeats and the webhook and reaper counters,
 ``webhooks.py`` the per-receiver delivery slots, ``apikeys.py`` and ``limits.py`` the

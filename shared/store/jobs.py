@@ -4,30 +4,49 @@ short lingering of jobs a scan has copied.
 
 Reads are ``job_reads.py``'s, the reaper's own look ``reaping.py``'s. Every change
 that touches more than one key is one script in ``lua/``.
+
+A job's image is never in Redis: it is a payload (``shared/payloads.py``) named
+``{key}.{job id}`` (``shared/keys.py:payload_name``), written before the record that
+names it and removed after the script that ends the job (``payload`` on the record is
+'' for such a payload; a scan row's object URL or ``file:`` path is a reference the
+worker reads in place, never copied). A submission that joins another job removes the
+payload it wrote; whatever a crash leaves is swept by the reaper (``orphans``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shared.errors import QueueUnavailableError
+from shared.errors import PayloadStoreUnavailable, QueueUnavailableError
+from shared.keys import Keys, payload_name
 from shared.models import JobStatus, Verdict
-from shared.store.clients import Store
+from shared.settings import Settings
+from shared.store.clients import Clients, Store
 from shared.store.codec import bytes_of, decode_hash, now, text_of
 from shared.store.durability import confirm_on_disk, wait_on_disk
 from shared.store.job_reads import Read
 from shared.store.scripts import ITEMS_PER_CALL, Batch, Script, each_reply
 
+if TYPE_CHECKING:
+    from shared.payloads import PayloadStore
+
+logger = logging.getLogger(__name__)
+
 # Once a scan's coordinator has copied a job's outcome into the scan's results file,
 # the job record and its in-flight mark linger this long (for anything that joined the
 # job), then go: the durable store holds the scan's window, not its manifest.
 SCAN_JOB_LINGER_S = 60
+# The longest wait between tries of a job whose image store is unreachable.
+STORE_WAIT_MAX_S = 60.0
 
 _CREATE_OR_JOIN = Script("create_or_join", lib=True)
 _START = Script("start", lib=True)
@@ -38,6 +57,21 @@ _DISCARD = Script("discard", lib=True)
 _ADD_HOOK = Script("add_hook")
 _CLAIM_OVERDUE = Script("claim_overdue")
 _EXPIRE_ALL = Script("expire_all")
+
+# A job's image: its bytes (written to the payload store under the job's name), or a
+# reference (str) to a scan row's object URL or ``file:`` path the workers read in place.
+Image = bytes | str
+# A chunk's payloads are written this many at a time (an object store or a network
+# volume answers each write in milliseconds; side by side, a chunk waits for a few).
+PUT_THREADS = 8
+_PUT_POOL: ThreadPoolExecutor | None = None
+
+
+def _put_pool() -> ThreadPoolExecutor:
+    global _PUT_POOL
+    if _PUT_POOL is None:
+        _PUT_POOL = ThreadPoolExecutor(PUT_THREADS, thread_name_prefix="payload-put")
+    return _PUT_POOL
 
 
 @dataclass(frozen=True)
@@ -89,31 +123,92 @@ class StartAction(StrEnum):
 
 @dataclass(frozen=True)
 class Started:
-    """What ``start`` decided, with the cached verdict or the image when it is RUN."""
+    """What ``start`` decided, with the cached verdict or where the image is when it is
+    RUN: ``payload`` '' for the job's own in the payload store (``JobStore.payloads``,
+    under ``payload_name``), else the reference the worker reads (an object URL, a
+    ``file:`` path); None when there is nothing to read."""
 
     action: StartAction
     cached: bytes | None = None
-    blob: bytes | None = None
+    payload: str | None = None
     attempts: int = 0
 
 
 class JobStore(Store):
-    """Jobs' state changes: records, image blobs and in-flight marks (durable), and
-    verdicts (cache)."""
+    """Jobs' state changes: records and in-flight marks (durable), verdicts (cache), and
+    the images of unfinished jobs (``payloads``, written and removed around the
+    scripts)."""
+
+    def __init__(
+        self, settings: Settings, keys: Keys, clients: Clients, payloads: PayloadStore
+    ) -> None:
+        super().__init__(settings, keys, clients)
+        self.payloads = payloads
+
+    # -- payloads --------------------------------------------------------------------
+
+    def _put(self, named: Sequence[tuple[str, bytes]]) -> None:
+        """Write payloads (several side by side); if any write fails, the others are
+        removed again (best effort) and ``PayloadStoreUnavailable`` raised."""
+        if len(named) == 1:
+            self.payloads.put(*named[0])
+            return
+        futures = [_put_pool().submit(self.payloads.put, n, data) for n, data in named]
+        failed = [f.exception() for f in futures if f.exception() is not None]
+        if failed:
+            self.drop([n for n, _ in named])
+            raise failed[0]  # type: ignore[misc]
+
+    def drop(self, names: Collection[str]) -> None:
+        """Remove payloads nothing names any more (best effort: the reaper's sweep
+        removes what an unreachable store keeps)."""
+        if not names:
+            return
+        try:
+            self.payloads.delete_many(list(names))
+        except (PayloadStoreUnavailable, OSError) as exc:
+            logger.warning("%d payloads not removed (swept later): %s", len(names), exc)
+
+    def sweep_payloads(self, grace_s: float) -> int:
+        """Remove payloads older than the blob lifetime (``OFA_BLOB_TTL_S``), and those
+        older than ``grace_s`` whose job is not unfinished (a crash between the write
+        and the record, or between a job's end and its payload's removal); the reaper
+        calls this. Returns how many went."""
+        removed = self.payloads.sweep(self.settings.blob_ttl_s)
+        return removed + self.payloads.sweep(grace_s, self.unfinished)
+
+    def unfinished(self, names: Sequence[str]) -> set[str]:
+        """The payload names (``payload_name``) whose job is queued or running (one
+        pipelined HGET per name)."""
+        ids = {name: name.partition(".")[2] for name in names}
+        named = [name for name, job_id in ids.items() if job_id]
+        if not named:
+            return set()
+        pipe = self.sync.durable.pipeline(transaction=False)
+        for name in named:
+            pipe.hget(self.keys.job(ids[name]), "status")
+        live = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+        return {n for n, st in zip(named, pipe.execute(), strict=True) if text_of(st) in live}
+
+    async def adrop(self, names: Collection[str]) -> None:
+        """``drop`` from the event loop (in a thread)."""
+        if names:
+            await asyncio.to_thread(self.drop, names)
 
     # -- creation --------------------------------------------------------------------
 
     def create_or_join(
         self,
         key: str,
-        image: bytes,
+        image: Image,
         text: str,
         premise: str | None,
         scan_id: str | None = None,
         owner: str | None = None,
     ) -> Created:
         """Join the job computing ``key`` (counting one more sharer), or store a new
-        queued job: mark, image blob, record and dispatch deadline, atomically. A mark
+        queued job: its image in the payload store first (bytes; a reference is only
+        recorded), then mark, record and dispatch deadline, atomically. A mark
         whose job record is gone is replaced. An ``owner`` (the API key's id) is
         recorded on a new job; joining another owner's job gives a handle of its own.
         With durable acknowledgement on, returns only once the durable store has
@@ -122,24 +217,39 @@ class JobStore(Store):
 
     def create_or_join_many(
         self,
-        items: Sequence[tuple[str, bytes, str, str | None]],
+        items: Sequence[tuple[str, Image, str, str | None]],
         scan_id: str | None = None,
         tenant: str | None = None,
         owner: str | None = None,
     ) -> list[Created]:
         """``create_or_join`` for several (key, image, text, premise) in one round trip
         (a scan's chunk), with one WAITAOF for all of them when it is on. A scan's jobs
-        have no owner: nobody reads them by id but the scan's coordinator."""
+        have no owner: nobody reads them by id but the scan's coordinator. The images
+        given as bytes are written to the payload store first
+        (``PayloadStoreUnavailable`` if it cannot take them: nothing is stored); those
+        of submissions that joined a job are removed again."""
         t = time.time()
+        ids = [uuid.uuid4().hex for _ in items]
+        named = {
+            i: payload_name(key, job_id)
+            for i, ((key, image, *_), job_id) in enumerate(zip(items, ids, strict=True))
+            if isinstance(image, bytes)
+        }
+        self._put([(name, items[i][1]) for i, name in named.items()])  # type: ignore[misc]
         calls = [
-            self._create_call(k, i, tx, p, scan_id, t, tenant=tenant, owner=owner)
-            for k, i, tx, p in items
+            self._create_call(k, i, tx, p, scan_id, t, job_id, tenant=tenant, owner=owner)
+            for (k, i, tx, p), job_id in zip(items, ids, strict=True)
         ]
-        batch = Batch(self.sync.durable)
-        commands = batch.each(_CREATE_OR_JOIN, calls)
-        waits = wait_on_disk(batch, self.settings)
-        replies = batch.execute()
-        out = [self._created(reply, t) for reply in each_reply(replies[:commands])]
+        try:
+            batch = Batch(self.sync.durable)
+            commands = batch.each(_CREATE_OR_JOIN, calls)
+            waits = wait_on_disk(batch, self.settings)
+            replies = batch.execute()
+            out = [self._created(reply, t) for reply in each_reply(replies[:commands])]
+        except BaseException:
+            self.drop(named.values())
+            raise
+        self.drop([name for i, name in named.items() if not out[i].created])
         if waits and any(c.created for c in out):
 
             def undo() -> None:
@@ -165,18 +275,28 @@ class JobStore(Store):
     ) -> Created:
         """``create_or_join`` from the event loop for a job whose Celery ``message``
         (built for ``job_id``) goes onto ``queue`` in the same atomic step when the job
-        is new: one round trip for record, blob, deadlines and message. ``owner``: the
+        is new: the image written to the payload store (in a thread), then one round
+        trip for record, deadlines and message. ``owner``: the
         submitting API key's id (a join of another key's job gets its own handle);
-        ``tenant``: the key whose private cache the verdict goes to, if any."""
+        ``tenant``: the key whose private cache the verdict goes to, if any.
+        ``PayloadStoreUnavailable`` when the image cannot be stored: nothing is."""
         t = time.time()
+        name = payload_name(key, job_id)
+        await asyncio.to_thread(self.payloads.put, name, image)
         call = self._create_call(
             key, image, text, premise, None, t, job_id, queue, message, owner, tenant, traceparent
         )
-        batch = Batch(self.aio.durable)
-        batch.each(_CREATE_OR_JOIN, [call])
-        waits = wait_on_disk(batch, self.settings)
-        replies = await batch.aexecute()
-        got = self._created(each_reply(replies[:1])[0], t)
+        try:
+            batch = Batch(self.aio.durable)
+            batch.each(_CREATE_OR_JOIN, [call])
+            waits = wait_on_disk(batch, self.settings)
+            replies = await batch.aexecute()
+            got = self._created(each_reply(replies[:1])[0], t)
+        except BaseException:
+            await self.adrop([name])
+            raise
+        if not got.created:  # joined: the job it joined has its own payload
+            await self.adrop([name])
         if waits and got.created:
             try:
                 confirm_on_disk(replies[1], lambda: None, "job", self.settings.durable_ack_replicas)
@@ -188,7 +308,7 @@ class JobStore(Store):
     def _create_call(
         self,
         key: str,
-        image: bytes,
+        image: Image,
         text: str,
         premise: str | None,
         scan_id: str | None,
@@ -201,7 +321,9 @@ class JobStore(Store):
         traceparent: str | None = None,
     ) -> tuple[list[str], list[str | bytes | float]]:
         """KEYS and ARGV of one job's ``create_or_join.lua``. An ``owner`` (interactive
-        submissions) is recorded, and a join of another owner's job makes a handle."""
+        submissions) is recorded, and a join of another owner's job makes a handle.
+        ``image``: bytes already in the payload store under the job's name, or a
+        reference (recorded as ``payload``; it holds no bytes here)."""
         model_id, revision = self.settings.model_tag
         k = self.keys
         job_id = job_id or uuid.uuid4().hex
@@ -212,6 +334,8 @@ class JobStore(Store):
             "revision": revision,
             "text": text,
             "created_at": f"{t:.6f}",
+            "payload": "" if isinstance(image, bytes) else image,
+            "size": str(len(image)) if isinstance(image, bytes) else "0",
         }
         if premise is not None:
             record["premise"] = premise
@@ -227,8 +351,7 @@ class JobStore(Store):
         args: list[str | bytes | float] = [
             job_id,
             self.settings.job_ttl_s,
-            self.settings.blob_ttl_s,
-            image,
+            record["size"],
             t + self.settings.dispatch_deadline_s,
             t,
             k.job_prefix(),
@@ -241,7 +364,6 @@ class JobStore(Store):
         keys = [
             k.inflight(key),
             k.job(job_id),
-            k.blob(key),
             k.job_deadlines(),
             k.job_pending(),
             queue or k.job(job_id),  # no message: an unused key of the same job
@@ -259,15 +381,17 @@ class JobStore(Store):
         return Created(text_of(got), bool(created), overdue, text_of(computed_by))
 
     def discard(self, job_id: str, key: str, sent: tuple[str, bytes] | None = None) -> None:
-        """Remove a job that was never sent (its record, blob, mark and deadlines);
-        ``sent``: the (queue, message) pushed with the record, taken back too."""
-        _DISCARD(self.sync.durable, *self._discard_call(job_id, key, sent))
+        """Remove a job that was never sent (its record, mark and deadlines, then its
+        payload); ``sent``: the (queue, message) pushed with the record, taken back too."""
+        if _DISCARD(self.sync.durable, *self._discard_call(job_id, key, sent)):
+            self.drop([payload_name(key, job_id)])
 
     async def adiscard(self, job_id: str, key: str, sent: tuple[str, bytes] | None = None) -> None:
         """``discard`` from the event loop; ``sent``: the (queue, message) pushed with
         the record, taken back too if no worker has taken it yet (one that has finds no
         job and does nothing)."""
-        await _DISCARD.acall(self.aio.durable, *self._discard_call(job_id, key, sent))
+        if await _DISCARD.acall(self.aio.durable, *self._discard_call(job_id, key, sent)):
+            await self.adrop([payload_name(key, job_id)])
 
     def _discard_call(
         self, job_id: str, key: str, sent: tuple[str, bytes] | None
@@ -278,14 +402,13 @@ class JobStore(Store):
 
     def _ending_keys(self, job_id: str, key: str, seventh: str) -> list[str]:
         """KEYS of the scripts that end a job (``finish``, ``cancel``, ``discard``), one
-        layout for all three: job, in-flight mark, blob, deadlines, pending, hooks,
+        layout for all three: job, in-flight mark, deadlines, pending, hooks,
         ``seventh`` (the script's own: verdict, queue, or the job again where it has
         none), held bytes, interactive pending."""
         k = self.keys
         return [
             k.job(job_id),
             k.inflight(key),
-            k.blob(key),
             k.job_deadlines(),
             k.job_pending(),
             k.job_hooks(job_id),
@@ -302,7 +425,8 @@ class JobStore(Store):
         Finished, vanished, or running under another worker's live lease: nothing
         (duplicate messages are harmless). Otherwise the job is running under a lease
         of ``lease_s``; the cached verdict is returned if there is one (a redelivery
-        finishes without computing), else the image blob. A job started more than
+        finishes without computing), else where its image is (``Started.payload``). A
+        job started more than
         ``max_attempts`` times is reported as poison.
         """
         return self.start_many([(job_id, key)])[0]
@@ -314,7 +438,7 @@ class JobStore(Store):
         same = r.cache is r.durable
         calls = [
             (
-                [k.job(job_id), k.job_deadlines(), k.blob(key), k.verdict(key)],
+                [k.job(job_id), k.job_deadlines(), k.verdict(key)],
                 [job_id, t, t + self.settings.lease_s, 1 if same else 0, key],
             )
             for job_id, key in jobs
@@ -333,7 +457,7 @@ class JobStore(Store):
             if action != StartAction.RUN:
                 out.append(Started(action))
                 continue
-            attempts, verdict, blob = int(reply[1]), cached[i], bytes_of(reply[3])
+            attempts, verdict, payload = int(reply[1]), cached[i], text_of(reply[3])
             if attempts > self.settings.max_attempts and verdict is None:
                 out.append(Started(StartAction.POISON, attempts=attempts))
                 continue
@@ -341,7 +465,7 @@ class JobStore(Store):
                 Started(
                     StartAction.RUN,
                     cached=verdict,
-                    blob=None if verdict is not None else blob,
+                    payload=None if verdict is not None else payload,
                     attempts=attempts,
                 )
             )
@@ -354,13 +478,24 @@ class JobStore(Store):
             deadline = time.time() + self.settings.lease_s
             self.sync.durable.zadd(self.keys.job_deadlines(), dict.fromkeys(ids, deadline), xx=True)
 
-    def release(self, job_id: str) -> float:
+    def release(self, job_id: str, waiting_on_store: bool = False) -> float:
         """A transient failure: back to queued, to be sent again by the reaper after a
-        backoff that doubles with each attempt. Returns the backoff."""
-        attempts = int(self.sync.durable.hget(self.keys.job(job_id), "attempts") or 1)
-        backoff = min(self.settings.retry_backoff_s * 2 ** max(attempts - 1, 0), 300.0)
+        backoff that doubles with each attempt. Returns the backoff.
+
+        ``waiting_on_store``: the job could not even read its image (the payload or
+        object store unreachable). That start, and the send that led to it, do not count
+        against ``max_attempts`` and ``max_dispatches`` (``store_waits`` is taken off
+        both), so an outage never uses up a job's tries however long it lasts; the
+        backoff doubles with each such wait instead, up to ``STORE_WAIT_MAX_S``."""
+        job = self.keys.job(job_id)
+        if waiting_on_store:
+            waits = int(self.sync.durable.hincrby(job, "store_waits", 1))
+            backoff = min(self.settings.retry_backoff_s * 2 ** (waits - 1), STORE_WAIT_MAX_S)
+        else:
+            attempts = int(self.sync.durable.hget(job, "attempts") or 1)
+            backoff = min(self.settings.retry_backoff_s * 2 ** max(attempts - 1, 0), 300.0)
         pipe = self.sync.durable.pipeline()
-        pipe.hset(self.keys.job(job_id), "status", JobStatus.QUEUED)
+        pipe.hset(job, "status", JobStatus.QUEUED)
         pipe.zadd(self.keys.job_deadlines(), {job_id: time.time() + backoff}, xx=True)
         pipe.execute()
         return backoff
@@ -388,7 +523,7 @@ class JobStore(Store):
         fields = {"status": JobStatus.FAILED, "error": error, "finished_at": now()}
         batch = Batch(self.sync.durable)
         batch.each(_FINISH, [self._finish_call(job_id, key, fields, False, None)])
-        return [Hook.decode(h) for h in each_reply(batch.execute())[0]]
+        return self._ended([(job_id, key)], each_reply(batch.execute()))[0]
 
     def succeed_many(
         self, items: Sequence[tuple[str, str, Verdict | bytes]], cached: bool = False
@@ -422,7 +557,19 @@ class JobStore(Store):
             for (job_id, key, _), doc in zip(items, docs, strict=True)
         ]
         batch.each(_FINISH, calls)
-        return [[Hook.decode(h) for h in hooks] for hooks in each_reply(batch.execute())]
+        return self._ended([(j, k) for j, k, _ in items], each_reply(batch.execute()))
+
+    def _ended(self, jobs: Sequence[tuple[str, str]], replies: list[Any]) -> list[list[Hook]]:
+        """Each ended job's webhooks from ``finish.lua``'s replies, once the payloads
+        that were the jobs' own are removed (in one call)."""
+        self.drop(
+            [
+                payload_name(key, job_id)
+                for (job_id, key), r in zip(jobs, replies, strict=True)
+                if r[1]
+            ]
+        )
+        return [[Hook.decode(h) for h in r[0]] for r in replies]
 
     def _finish_call(
         self,
@@ -486,9 +633,11 @@ class JobStore(Store):
             )
         else:
             return None
-        outcome, status, hooks = reply
+        outcome, status, hooks, *ours = reply
         if text_of(outcome) == "gone":
             return None
+        if ours and ours[0] and record.get("key"):
+            await self.adrop([payload_name(record["key"], job_id)])
         return text_of(outcome), text_of(status), [Hook.decode(h) for h in hooks]
 
     # -- sending again (the reaper, or a submission that joined an overdue job) -------

@@ -90,6 +90,7 @@ class JobReaping(Store):
             "attempts",
             "dispatch_attempts",
             "dispatches",
+            "store_waits",
             "key",
             "text",
             "premise",

@@ -11,7 +11,7 @@ every submission and every chunk. A ``Batch`` sends ``EVALSHA`` straight away an
 ``NOSCRIPT``, loads the script and sends again only the commands that were refused
 (with any ``WAITAOF`` after them, so that the acknowledgement covers them).
 
-Scripts that share Lua functions (``lib.lua``: ``drop_blob``, ``for_each``) are sent
+Scripts that share Lua functions (``lib.lua``: ``drop_payload``, ``for_each``) are sent
 with the library in front (``Script(name, lib=True)``); each file declares its own
 KEYS and ARGV in its header.
 """

@@ -11,7 +11,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from shared.keys import verdict_key
+from shared.keys import payload_name, verdict_key
 from shared.models import CachedVerdict, JobStatus
 from shared.wire import queue_name
 from tests.conftest import INPROC_MODEL
@@ -189,7 +189,8 @@ def test_delete_cancels_only_what_nobody_else_waits_for(api, jobs, rdb, inproc_s
     assert gone == {"job_id": alone, "outcome": "cancelled", "status": "failed"}
     assert api.get(f"/v1/jobs/{alone}").json()["error"] == "cancelled"
     key = verdict_key(*INPROC_MODEL, small_jpeg(seed=140), "cancel me", None)
-    assert not rdb.exists(jobs.keys.blob(key), jobs.keys.inflight(key))
+    assert not rdb.exists(jobs.keys.inflight(key))
+    assert jobs.payloads.get(payload_name(key, alone)) is None
     assert rdb.zscore(jobs.keys.job_deadlines(), alone) is None
     assert submit(140) != alone  # the key is free: a fresh job
 
@@ -204,3 +205,28 @@ def test_delete_cancels_only_what_nobody_else_waits_for(api, jobs, rdb, inproc_s
     left = api.delete(f"/v1/jobs/{running}").json()
     assert left["outcome"] == "unchanged" and left["status"] == "running"
     assert api.delete("/v1/jobs/nope").status_code == 404
+
+
+def test_an_unreachable_payload_store_is_a_503_that_stores_and_charges_nothing(
+    rdb, inproc_settings, tmp_path
+):
+    """Submissions are refused with a clear 503 (Retry-After) while the payload store
+    cannot take their images: no job, no mark, no message, and the caller's charge is
+    given back (a burst of one still admits the next submission)."""
+    (tmp_path / "not-a-folder").write_bytes(b"")
+    limited = inproc_settings.model_copy(update={"rate_limit_per_min": 1, "rate_limit_burst": 1})
+    broken = limited.model_copy(update={"payload_dir": tmp_path / "not-a-folder" / "p"})
+    image = small_jpeg(seed=150)
+    with TestClient(create_app(broken), headers={"X-API-Key": API_KEY}) as down:
+        resp = down.post("/v1/jobs", data={"text": "a bowl"}, files={"image": ("a.jpg", image)})
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["retry-after"] == "5"
+        assert resp.headers["content-type"] == "application/problem+json"
+        assert "payload store" in resp.json()["detail"]
+    key = verdict_key(*INPROC_MODEL, image, "a bowl", None)
+    assert not rdb.exists(inproc_settings.key_prefix + f"inflight:{key}")
+    assert not [k for k in stored(rdb, inproc_settings) if b":job:" in k]
+    assert rdb.llen(queue_name(*INPROC_MODEL)) == 0
+    with TestClient(create_app(limited), headers={"X-API-Key": API_KEY}) as up:
+        resp = up.post("/v1/jobs", data={"text": "a bowl"}, files={"image": ("a.jpg", image)})
+        assert resp.status_code == 202, resp.text

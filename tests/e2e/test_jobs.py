@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from shared import wiring
-from shared.keys import verdict_key
+from shared.keys import payload_name, verdict_key
 from shared.settings import Settings
 from shared.store import JobReads, JobStore
 from shared.wire import queue_name
@@ -43,9 +43,16 @@ def bulk_item(image: bytes, text: str):
 
 
 def service_store(service_env: dict[str, str]) -> tuple[Settings, JobStore, JobReads]:
-    """The settings of the running service's model, and the job stores on its Valkey."""
+    """The settings of the running service's model, and the job stores on its Valkey and
+    its payload store."""
+    payload = {
+        name.removeprefix("OFA_").lower(): value
+        for name, value in service_env.items()
+        if name.startswith(("OFA_PAYLOAD_", "OFA_S3_"))
+    }
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None,
+        **payload,
         redis_url=service_env["OFA_REDIS_URL"],
         key_prefix=PREFIX,
         model=MODEL[0],
@@ -61,7 +68,7 @@ def direct(tiny_dir: Path) -> Entailer:
     return Entailer(load_checkpoint(tiny_dir), device="cpu")
 
 
-def test_submit_poll_then_cache_hit(client, worker, rdb, keys, direct):
+def test_submit_poll_then_cache_hit(client, worker, rdb, keys, direct, payload_settings):
     image = encode_image(photo("chelsea").resize((120, 80)))
     text, premise = "A cat lies on a red sofa.", "An animal rests indoors."
     form = {"text": text, "premise": premise}
@@ -82,9 +89,10 @@ def test_submit_poll_then_cache_hit(client, worker, rdb, keys, direct):
     assert verdict["label"] == expected.label and verdict["answer"] == expected.answer
     for label, p in expected.probabilities.items():
         assert verdict["probabilities"][label] == pytest.approx(p, abs=1e-6)
-    # The blob is gone once the verdict is cached; the in-flight mark now names the
+    # The payload is gone once the verdict is cached; the in-flight mark now names the
     # finished job (late duplicates join it rather than start another).
-    assert not rdb.exists(keys.blob(verdict["key"]))
+    payloads = wiring.payload_store(Settings(_env_file=None, **payload_settings))  # type: ignore[call-arg, arg-type]
+    assert payloads.get(payload_name(verdict["key"], job_id)) is None
     assert rdb.get(keys.inflight(verdict["key"])).decode() == job_id
 
     jobs_before = set(rdb.scan_iter(keys.job("*")))
@@ -150,7 +158,7 @@ def test_other_revision_is_not_served_from_cache(client, worker, service_env, rd
         proc.wait(timeout=10)
         rdb.delete(queue_name(MODEL[0], "seed2"))
     # No seed2 worker will ever come: drop the job (the reaper then forgets it).
-    rdb.delete(keys.job(job_id), keys.blob(verdict_key(MODEL[0], "seed2", image, "x")))
+    rdb.delete(keys.job(job_id))  # its payload is an orphan now: the reaper sweeps it
 
 
 def test_health_ready_metrics(client, worker):

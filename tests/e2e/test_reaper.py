@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from shared import wiring
-from shared.keys import verdict_key
+from shared.keys import payload_name, verdict_key
 from shared.models import JobStatus
 from shared.settings import Settings
 from shared.store import JobReads, JobStore
@@ -25,9 +25,13 @@ DISPATCH_S, LEASE_S, REAPER_S, MAX_ATTEMPTS = 6.0, 3.0, 1.0, 3
 
 
 @pytest.fixture(scope="module")
-def service(valkey: str, tiny_dir: Path) -> Iterator[wiring.Stores]:
-    """The stores as the API would hold them (same prefix, model and deadlines)."""
+def service(
+    valkey: str, tiny_dir: Path, payload_settings: dict[str, str]
+) -> Iterator[wiring.Stores]:
+    """The stores as the API would hold them (same prefix, model, deadlines and payload
+    store)."""
     settings = Settings(
+        **payload_settings,  # type: ignore[arg-type]
         redis_url=valkey,
         key_prefix=PREFIX,
         model=MODEL[0],
@@ -69,8 +73,9 @@ def wait_finished(reads: JobReads, job_id: str, timeout: float) -> float:
 
 
 def assert_clean(rdb: redis.Redis, jobs: JobStore, job_id: str, key: str) -> None:
-    """No blob, no deadline, and an in-flight mark only as a pointer to the finished job."""
-    assert not rdb.exists(jobs.keys.blob(key))
+    """No payload, no deadline, and an in-flight mark only as a pointer to the finished
+    job."""
+    assert jobs.payloads.get(payload_name(key, job_id)) is None
     assert rdb.zscore(jobs.keys.job_deadlines(), job_id) is None
     assert rdb.zscore(jobs.keys.job_pending(), job_id) is None
     mark = rdb.get(jobs.keys.inflight(key))

@@ -337,7 +337,7 @@ def test_batch_answers_each_item_on_its_own(client, worker, rdb, keys):
                         files={"image": ("a.jpg", done_image)})  # fmt: skip
     assert first.status_code == 200 and first.json()["status"] == "succeeded", first.text
     verdict = first.json()["verdict"]
-    before = set(rdb.scan_iter(keys.job("*"))) | set(rdb.scan_iter(keys.blob("*")))
+    before = set(rdb.scan_iter(keys.job("*"))) | set(rdb.scan_iter(keys.payload("*")))
 
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode()
@@ -358,7 +358,7 @@ def test_batch_answers_each_item_on_its_own(client, worker, rdb, keys):
     assert got[2]["problem"]["type"].endswith("/unsupported-image")
     assert "300" in got[3]["problem"]["detail"]
     new_ids = {got[1]["job_id"], got[4]["job_id"]}
-    after = set(rdb.scan_iter(keys.job("*"))) | set(rdb.scan_iter(keys.blob("*")))
+    after = set(rdb.scan_iter(keys.job("*"))) | set(rdb.scan_iter(keys.payload("*")))
     added = {k.decode().rsplit(":", 1)[-1] for k in after - before if b":blob:" not in k}
     assert added == new_ids  # the bad items stored nothing
     for job_id in new_ids:

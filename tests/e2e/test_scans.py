@@ -19,7 +19,9 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from shared.keys import verdict_key
+from shared import wiring
+from shared.keys import payload_name, verdict_key
+from shared.settings import Settings
 from tests.helpers import API_KEY, MODEL, WEBHOOK_SECRET, batch_items, poll, small_jpeg
 from worker.ofa.checkpoint import load_checkpoint
 from worker.ofa.entail import Entailer
@@ -234,7 +236,9 @@ def test_cancel_keeps_finished_results(scan_client, host):
 
 
 @pytest.mark.slow
-def test_cancel_spares_jobs_others_wait_for(scan_client, client, host, worker, direct, rdb, keys):
+def test_cancel_spares_jobs_others_wait_for(
+    scan_client, client, host, worker, direct, rdb, keys, payload_settings
+):
     """Scan A shares two keys with scan B and one with an interactive job; cancelling A
     drops only its own key's job, B and the interactive job get verdicts, and A's
     callback arrives with status cancelled."""
@@ -287,12 +291,13 @@ def test_cancel_spares_jobs_others_wait_for(scan_client, client, host, worker, d
         time.sleep(0.1)
     body = next(b for h, b in Host.callbacks if h.get("X-OFA-Scan") == a["scan_id"])
     assert json.loads(body)["status"] == "cancelled"
-    # Nothing left behind: no image blob, no deadline, for any of these keys' jobs.
+    # Nothing left behind: no payload, no deadline, for any of these keys' jobs.
+    payloads = wiring.payload_store(Settings(_env_file=None, **payload_settings))  # type: ignore[call-arg, arg-type]
     for name in (shared_x, shared_y, own_z):
         key = verdict_key(*MODEL, IMAGES[name], f"share {name}", None)
-        assert not rdb.exists(keys.blob(key))
         mark = rdb.get(keys.inflight(key))
         assert mark is None or rdb.zscore(keys.job_deadlines(), mark) is None
+        assert mark is None or payloads.get(payload_name(key, mark.decode())) is None
 
 
 @pytest.mark.slow

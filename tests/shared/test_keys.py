@@ -32,6 +32,6 @@ def test_framing_is_unambiguous():
 
 def test_redis_names_share_one_prefix():
     k = Keys("ofa:v1:")
-    names = [k.verdict("x"), k.blob("x"), k.job("j"), k.inflight("x"), k.workers("m", "r")]
+    names = [k.verdict("x"), k.payload("x"), k.job("j"), k.inflight("x"), k.workers("m", "r")]
     assert all(n.startswith("ofa:v1:") for n in names)
     assert len(set(names)) == len(names)

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from shared.objects import ObjectStorage, ObjectUrl
 from shared.payloads import (
+    DurablePayloads,
     LocalPayloads,
     ObjectPayloads,
     PayloadStore,
@@ -25,10 +26,10 @@ from shared.payloads import (
     RedisPayloads,
     digest_of,
     node_id,
-    payload_store,
     rendezvous,
 )
 from shared.settings import Settings
+from shared.wiring import payload_store, sync_client
 from tests.helpers import free_port
 from tests.objstore import AWS_ENV, MotoServer
 
@@ -75,7 +76,9 @@ def _s3(moto: MotoServer) -> ObjectPayloads:
 
 
 def _redis(urls: list[str]) -> RedisPayloads:
-    return RedisPayloads(urls, key_prefix=f"t:{uuid.uuid4().hex[:8]}:payload:", ttl_s=TTL_S)
+    return RedisPayloads(
+        urls, key_prefix=f"t:{uuid.uuid4().hex[:8]}:payload:", ttl_s=TTL_S, client=sync_client
+    )
 
 
 @pytest.fixture(params=["local", "s3", "redis"])
@@ -112,6 +115,44 @@ def test_only_sha256_hex_digests_name_payloads(store: PayloadStore):
             store.put(bad, b"x")
         with pytest.raises(ValueError, match="SHA-256"):
             store.get(bad)
+
+
+def test_a_jobs_name_is_its_key_and_id_and_is_not_checked_against_the_bytes(
+    store: PayloadStore,
+):
+    """A job's payload is named ``{verdict key}.{job id}`` (the worker checks the bytes
+    against the key); removing one job's leaves another's of the same image alone."""
+    key = "ab" * 32
+    first, second = f"{key}.{uuid.uuid4().hex}", f"{key}.{uuid.uuid4().hex}"
+    store.put(first, b"image")
+    store.put(second, b"image")
+    assert store.get(first) == b"image" and store.get(second) == b"image"
+    store.delete_many([first, f"{key}.{uuid.uuid4().hex}"])  # one never written: fine
+    assert store.get(first) is None and store.get(second) == b"image"
+    for bad in (f"{key}.{'0' * 31}", f"{key}/../{'0' * 32}", f"{key}.{'0' * 32}.x"):
+        with pytest.raises(ValueError, match="SHA-256"):
+            store.put(bad, b"x")
+
+
+def test_the_durable_backend_keeps_payloads_in_the_durable_redis(valkey_pool: list[str]):
+    """``durable``: plain keys under the prefix, expiring after the blob lifetime;
+    nothing to sweep; an unreachable server is ``PayloadStoreUnavailable``."""
+    client = sync_client(valkey_pool[0])
+    store = DurablePayloads(client, key_prefix="t:durable:payload:", ttl_s=TTL_S)
+    name = f"{'cd' * 32}.{uuid.uuid4().hex}"
+    store.put(name, b"bytes")
+    assert client.get(f"t:durable:payload:{name}") == b"bytes"
+    assert TTL_S - 5 < client.ttl(f"t:durable:payload:{name}") <= TTL_S
+    assert store.get(name) == b"bytes" and store.sweep(0) == 0
+    store.delete_many([name])
+    assert store.get(name) is None
+    store.ping()
+    dead = DurablePayloads(
+        sync_client(f"redis://127.0.0.1:{free_port()}/0"), key_prefix="t:", ttl_s=TTL_S
+    )
+    with pytest.raises(PayloadStoreUnavailable, match="durable"):
+        dead.put(name, b"x")
+    client.close()
 
 
 def test_sweep_removes_what_no_record_names(store: PayloadStore):
@@ -241,7 +282,7 @@ def test_the_pool_spreads_payloads_over_both_nodes(valkey_pool: list[str]):
     counts = [len(list(c.scan_iter(match=f"{store.key_prefix}*"))) for c in store.clients]
     assert sum(counts) == 40 and min(counts) >= 8
     # Another client on the same nodes (another process) finds each payload.
-    again = RedisPayloads(valkey_pool, key_prefix=store.key_prefix, ttl_s=TTL_S)
+    again = RedisPayloads(valkey_pool, key_prefix=store.key_prefix, ttl_s=TTL_S, client=sync_client)
     assert all(again.get(d) == data for d, data in (payload(n, size=64) for n in range(40)))
     again.close()
     store.close()
@@ -253,7 +294,9 @@ def test_node_identity_ignores_credentials():
         "a" * 64, [node_id("redis://:pw@h1:6379/0"), node_id("redis://:other@h2:6379/0")]
     )
     with pytest.raises(ValueError, match="named twice"):
-        RedisPayloads(["redis://a@h:1/0", "redis://b@h:1/0"], key_prefix="p:", ttl_s=1)
+        RedisPayloads(
+            ["redis://a@h:1/0", "redis://b@h:1/0"], key_prefix="p:", ttl_s=1, client=sync_client
+        )
 
 
 # --- unreachable ---------------------------------------------------------------------
@@ -335,5 +378,9 @@ def test_the_setting_picks_the_backend(tmp_path: Path, monkeypatch: pytest.Monke
 
     with pytest.raises(ValueError, match="OFA_PAYLOAD_REDIS_URLS"):
         payload_store(Settings(payload_store="redis", payload_redis_urls=[]))
+    durable = payload_store(
+        Settings(payload_store="durable", redis_url="redis://h1:6379/0", key_prefix="ofa:y:")
+    )
+    assert isinstance(durable, DurablePayloads) and durable.key_prefix == "ofa:y:payload:"
     with pytest.raises(ValidationError, match="OFA_PAYLOAD_STORE"):
         Settings(payload_store="ftp://somewhere")

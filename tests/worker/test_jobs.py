@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from shared.errors import BadInputError
-from shared.keys import verdict_key
+from shared.keys import payload_name, verdict_key
 from shared.models import JobStatus
 from shared.wire import EntailTask
 from tests.conftest import INPROC_MODEL
@@ -85,11 +85,12 @@ def test_an_image_the_model_cannot_read_fails_at_once(rt: Runtime):
     assert job.error is not None and job.error.startswith("Unreadable image")
 
 
-def test_an_expired_blob_fails_readably(rt: Runtime, rdb):
+def test_a_missing_payload_fails_readably(rt: Runtime, rdb):
+    """A record whose payload is gone (expired, swept) fails its job cleanly."""
     from tests.helpers import small_jpeg
 
     msg = queued(rt, small_jpeg(seed=7), "x")
-    rdb.delete(rt.jobs.keys.blob(msg.key))
+    rt.jobs.payloads.delete(payload_name(msg.key, msg.job_id))
     assert run_job(rt, msg).verdict is None
     assert "expired" in (rt.reads.get(msg.job_id).error or "")  # type: ignore[union-attr]
 
@@ -207,7 +208,7 @@ def test_a_blob_that_does_not_hash_to_its_key_is_never_scored(rt: Runtime):
         assert job is not None and job.status == JobStatus.FAILED
         assert job.error == KEY_MISMATCH
         assert rt.reads.cached_many([msg.key]) == {}
-        assert not rt.redis.durable.exists(rt.jobs.keys.blob(msg.key))
+        assert rt.jobs.payloads.get(payload_name(msg.key, msg.job_id)) is None
     # Alone (an interactive job, or one the reaper sent again): the same refusal.
     again_key = verdict_key(*INPROC_MODEL, image, "a tall cup", None)
     again_id = rt.jobs.create_or_join(again_key, other, "a tall cup", None).job_id
@@ -216,3 +217,27 @@ def test_a_blob_that_does_not_hash_to_its_key_is_never_scored(rt: Runtime):
     job = rt.reads.get(again_id)
     assert job is not None and job.error == KEY_MISMATCH
     assert rt.reads.cached_many([again_key]) == {}
+
+
+def test_an_unreachable_payload_store_puts_the_job_back_and_a_later_attempt_scores_it(
+    rt: Runtime, tmp_path, monkeypatch
+):
+    """The payload store briefly unreachable: the job goes back to queued (nothing
+    failed, nothing lost), and the next attempt, with the store back, scores it."""
+    from shared.payloads import LocalPayloads
+    from tests.helpers import small_jpeg
+
+    msg = queued(rt, small_jpeg(seed=8), "a cup")
+    (tmp_path / "not-a-folder").write_bytes(b"")
+    monkeypatch.setattr(rt.jobs, "payloads", LocalPayloads(tmp_path / "not-a-folder" / "p"))
+    # An outage longer than the job's tries: waiting on the store uses none of them.
+    for _ in range(rt.settings.max_attempts + 2):
+        assert run_job(rt, msg).kind == "retried"
+        job = rt.reads.get(msg.job_id)
+        assert job is not None and job.status == JobStatus.QUEUED and job.error is None
+    record = rt.jobs.record(msg.job_id)
+    assert int(record["store_waits"]) == rt.settings.max_attempts + 2
+    monkeypatch.undo()
+    assert run_job(rt, msg).verdict is not None
+    assert rt.reads.get(msg.job_id).status == JobStatus.SUCCEEDED  # type: ignore[union-attr]
+    assert rt.jobs.payloads.get(payload_name(msg.key, msg.job_id)) is None  # removed at the end

@@ -187,3 +187,19 @@ def test_a_long_queue_is_read_only_at_its_old_end(quick, reaping, rdb):
     # Read one message deep, the queue of three: the lost job was sent before the
     # earliest message read, the two newer ones may be further along the queue.
     assert [job_id for job_id, _ in got] == [lost]
+
+
+def test_the_reaper_sweeps_orphaned_payloads(quick, jobs):
+    """A payload written but never recorded (the submitter crashed in between) is
+    removed by the reaper once past the grace; an unfinished job's stays."""
+    import uuid
+
+    from shared.keys import payload_name
+
+    live = jobs.create_or_join("sw1", b"live", "t", None).job_id
+    orphan = payload_name("sw2", uuid.uuid4().hex)
+    jobs.payloads.put(orphan, b"orphan")
+    time.sleep(0.01)
+    assert quick.sweep_payloads(grace_s=0, force=True) >= 1
+    assert jobs.payloads.get(orphan) is None
+    assert jobs.payloads.get(payload_name("sw1", live)) == b"live"

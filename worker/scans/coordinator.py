@@ -595,6 +595,8 @@ class _Chunk:
             if r.key in self.new:  # a duplicate within these misses
                 self._release(r)
                 self._result(r, RowState.PENDING, key=r.key)
+            elif self._by_reference(r):
+                continue
             elif r.remote:
                 (again if r.key in fetching else remote).append(r)
                 fetching.add(r.key)
@@ -633,6 +635,24 @@ class _Chunk:
             return
         self.held.add(len(image) - counted)
         self._add(r)
+
+    def _by_reference(self, r: Resolved) -> bool:
+        """A miss whose image the workers read in place (an object URL, a file on a
+        shared image root): its job names it, nothing is copied, its bytes (if fetched
+        to key the row) are let go. False when the job must carry the bytes."""
+        try:
+            reference = self.coord.resolver.reference_for_job(r)
+        except RowError as exc:
+            self._release(r)
+            self._result(r, RowState.FAILED, key=r.key, error=str(exc))
+            return True
+        if reference is None:
+            return False
+        assert r.key is not None
+        self._release(r)
+        self.new[r.key] = BulkItem(r.key, reference, r.text, r.premise)
+        self._result(r, RowState.PENDING, key=r.key)
+        return True
 
     def _add(self, r: Resolved) -> None:
         """A miss with its image checked: a job to create (or join), bytes held until

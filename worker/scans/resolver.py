@@ -19,6 +19,12 @@ An image may also be an object URL (``s3://``, ``gs://``, ``az://``): read throu
 otherwise that row's error), at most ``OFA_MAX_UPLOAD_BYTES``, and revalidated by its
 ETag (``If-None-Match``) exactly as an HTTP URL is. The worker checks the
 same thing again before scoring (``worker/jobs.py:image_matches_key``).
+
+A miss's job names its image instead of carrying it when the workers can read it
+where it is (``reference_for_job``): an object URL, or a file under
+``OFA_IMAGE_ROOT`` when ``OFA_IMAGE_ROOT_SHARED`` says the workers see the same path.
+Nothing is copied into the payload store for it; the worker reads it and checks it
+hashes to the job's key (a changed image fails that job).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class Resolved:
     image: bytes | None = None
     url: str | None = None
     path: str | None = None  # a file under the image root, read only if a job needs it
+    file: str | None = None  # the row's image file name (under the image root), if any
     expected: bytes | None = None  # the row's own sha256, to verify on fetch
     error: str | None = None
     key: str | None = None
@@ -157,6 +164,8 @@ class RowResolver:
             # it is ever fetched. Without one, the row is to be fetched.
             r.digest = r.expected
             return r
+        if kind == "path":
+            r.file = source
         if kind == "path" and r.expected is not None:
             # Trusted for the lookup, like a URL's: the file is found, read and checked
             # only if the row needs a job (a cached rescan touches no file).
@@ -292,6 +301,21 @@ class RowResolver:
                 self._remember(self._meta_key(r.url), found, digest)
             r.image = found.body
         return self.local_image_for_job(r)
+
+    def reference_for_job(self, r: Resolved) -> str | None:
+        """What a miss's job names its image by when the workers read it in place (no
+        copy into the payload store): its object URL, or ``file:`` and the file's real
+        path under a shared ``OFA_IMAGE_ROOT``; None when the job must carry the bytes.
+        ``RowError`` for a file that is not there."""
+        if r.url is not None and is_object_url(r.url):
+            return r.url
+        if r.file is not None and self.settings.image_root_shared:
+            try:
+                path = file_under(self.settings.image_root, r.file, "image", "OFA_IMAGE_ROOT")
+            except ValueError as exc:
+                raise RowError(str(exc)) from exc
+            return f"file:{path}"
+        return None
 
     def local_image_for_job(self, r: Resolved) -> bytes:
         """``image_for_job`` for a row whose image needs no network: its bytes, or its

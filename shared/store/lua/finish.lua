@@ -3,13 +3,12 @@
 -- Many jobs a call (lib.lua's for_each); for each job:
 --   keys[1] job          the job's record
 --   keys[2] inflight     the key's in-flight mark
---   keys[3] blob         the key's image bytes
---   keys[4] deadlines    unfinished jobs by dispatch deadline or lease
---   keys[5] pending      unfinished jobs by creation time
---   keys[6] hooks        the job's webhooks
---   keys[7] verdict_key  the key's cached verdict
---   keys[8] held         image bytes held, by class
---   keys[9] interactive  the interactive ones of pending
+--   keys[3] deadlines    unfinished jobs by dispatch deadline or lease
+--   keys[4] pending      unfinished jobs by creation time
+--   keys[5] hooks        the job's webhooks
+--   keys[6] verdict_key  the key's cached verdict
+--   keys[7] held         image bytes held, by class
+--   keys[8] interactive  the interactive ones of pending
 --   argv[1] job_id
 --   argv[2] job_ttl      seconds
 --   argv[3] keep_mark    '1': the in-flight mark stays (a verdict to join); '0': it
@@ -19,14 +18,15 @@
 --   argv[6] verdict      the verdict to cache ('' when cached elsewhere)
 --   argv[7] prefix       the job key prefix
 --   argv[8..]            the final fields and values
--- Reply per job: its webhooks (taken: the caller sends them). The handles other keys
+-- Reply per job: {its webhooks (taken: the caller sends them), 1 when its payload is
+-- its own in the payload store (the caller removes it: lib.lua's drop_payload)}. The handles other keys
 -- hold on the job take its final fields, and their webhooks are taken with the job's
 -- own (each hook names the id its submitter knows). Every job's announcement ("id
 -- record-as-JSON", a line each) goes in one message: a listener wakes and parses once
 -- a call, not once a job.
 local function finish(keys, argv)
-  local job, inflight, blob, deadlines, pending = keys[1], keys[2], keys[3], keys[4], keys[5]
-  local hooks_key, verdict_key, held, interactive = keys[6], keys[7], keys[8], keys[9]
+  local job, inflight, deadlines, pending = keys[1], keys[2], keys[3], keys[4]
+  local hooks_key, verdict_key, held, interactive = keys[5], keys[6], keys[7], keys[8]
   local job_id, job_ttl, keep_mark, channel = argv[1], argv[2], argv[3], argv[4]
   local verdict_ttl, verdict, prefix = argv[5], argv[6], argv[7]
 
@@ -38,7 +38,7 @@ local function finish(keys, argv)
   elseif redis.call('GET', inflight) == job_id then
     redis.call('DEL', inflight)
   end
-  drop_blob(job, blob, held)
+  local ours = drop_payload(job, held)
   redis.call('ZREM', deadlines, job_id)
   redis.call('ZREM', pending, job_id)
   redis.call('ZREM', interactive, job_id)
@@ -62,7 +62,7 @@ local function finish(keys, argv)
     end
     redis.call('DEL', job .. ':handles')
   end
-  return {hooks, channel, job_id .. ' ' .. cjson.encode(redis.call('HGETALL', job))}
+  return {{hooks, ours}, channel, job_id .. ' ' .. cjson.encode(redis.call('HGETALL', job))}
 end
 
 local out = for_each(finish)

@@ -1,18 +1,24 @@
 -- lib.lua: functions shared by the scripts that load it first (scripts.py:
 -- ``Script(name, lib=True)`` sends this file and the script as one body).
 
--- The image bytes held for a job leave the held-bytes count (by the job's class:
--- a scan's job is 'bulk') as its blob goes.
-local function drop_blob(job, blob, held)
+-- A job's image leaves the held-bytes count (by the job's class: a scan's job is
+-- 'bulk') as the job ends: the record's ``size`` is taken off once (then removed from
+-- the record, so a second end takes nothing). The bytes themselves are in the payload
+-- store, never here: returns 1 when the job's payload is its own there (``payload``
+-- empty) and still to be removed by the caller, else 0 (a reference to a scan row's
+-- object or file, or already ended).
+local function drop_payload(job, held)
+  local size = redis.call('HGET', job, 'size')
+  if not size then return 0 end
   local class = 'interactive'
   if redis.call('HEXISTS', job, 'scan') == 1 then class = 'bulk' end
-  local size = redis.call('STRLEN', blob)
-  if size > 0 then
-    if redis.call('HINCRBY', held, class .. '_bytes', -size) <= 0 then
-      redis.call('HDEL', held, class .. '_bytes')
-    end
-    redis.call('DEL', blob)
+  size = tonumber(size)
+  if size > 0 and redis.call('HINCRBY', held, class .. '_bytes', -size) <= 0 then
+    redis.call('HDEL', held, class .. '_bytes')
   end
+  redis.call('HDEL', job, 'size')
+  if (redis.call('HGET', job, 'payload') or '') == '' then return 1 end
+  return 0
 end
 
 -- Runs ``one(keys, argv)`` for each item of a call that carries many (a chunk's

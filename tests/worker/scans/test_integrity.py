@@ -17,7 +17,7 @@ import pytest
 
 from shared import wiring
 from shared.celery_app import make_celery
-from shared.keys import verdict_key
+from shared.keys import payload_name, verdict_key
 from shared.models import RowState, ScanStatus, Verdict
 from shared.scans.folder import ScanFolder
 from shared.scans.results import ResultsDB
@@ -207,7 +207,7 @@ def test_a_chunk_holds_a_bounded_amount_of_image_data(
     """Forty ~300 KB images fetched in one chunk: with a 1 MiB bound the coordinator
     never holds more than that (its own count) and its Python allocations peak far
     below the chunk's 12 MB of images; with the bound out of the way (the control)
-    they do not, so the measurement can tell. Every row still becomes a job whose blob
+    they do not, so the measurement can tell. Every row still becomes a job whose payload
     is its image."""
     image = small_jpeg(seed=611, size=700)
     rows = 40
@@ -252,8 +252,9 @@ def test_a_chunk_holds_a_bounded_amount_of_image_data(
     finally:
         db.close()
     assert len(pending) == rows
-    blobs = Counter(rdb.get(jobs.keys.blob(key)) == image for key in pending)
-    assert blobs == Counter({True: rows})
+    job_ids = {key: rdb.get(jobs.keys.inflight(key)).decode() for key in pending}
+    payloads = Counter(jobs.payloads.get(payload_name(k, j)) == image for k, j in job_ids.items())
+    assert payloads == Counter({True: rows})
 
 
 def test_a_changed_url_whose_new_image_is_cached_takes_that_verdict(

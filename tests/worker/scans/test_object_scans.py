@@ -301,3 +301,48 @@ def test_a_results_bucket_the_service_cannot_write_is_reported(
     assert summary is not None and summary.status == ScanStatus.SUCCEEDED
     assert summary.results_written is False and summary.results_error
     assert ObjectUrl.parse(missing).bucket in summary.results_error
+
+
+def test_a_row_by_s3_url_makes_a_job_that_references_the_object(
+    coord_of, settings, storage, jobs, scans, bucket
+):
+    """A miss whose image is an object is not copied into the payload store: its job
+    names the object, and the worker reads it from there (checked against the key)."""
+    from types import SimpleNamespace
+
+    from shared.keys import payload_name
+    from shared.store import decode_hash
+    from shared.wire import EntailTask
+    from worker.jobs import image_or_fail, read_payload
+
+    image = small_jpeg(seed=931)
+    image_url = f"s3://{bucket}/allowed/ref.jpg"
+    storage.put(image_url, image)
+    rows = [
+        {"id": "with-sha", "image": image_url, "sha256": image_digest(image).hex(), "text": "a"},
+        {"id": "without", "image": image_url, "text": "b"},
+    ]
+    url = f"s3://{bucket}/allowed/ref-manifest.jsonl"
+    storage.put(url, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    scan_id = object_scan(scans, storage, url)
+    coord_of().run(scan_id)
+    keys = [verdict_key(*INPROC_MODEL, image, text, None) for text in ("a", "b")]
+    rdb = jobs.sync.durable
+    payloads = wiring.payload_store(settings)
+    rt = SimpleNamespace(
+        settings=settings,
+        objects=storage,
+        jobs=SimpleNamespace(payloads=payloads),
+        model_tag=settings.model_tag,
+    )
+    for key, text in zip(keys, ("a", "b"), strict=True):
+        job_id = rdb.get(jobs.keys.inflight(key)).decode()
+        record = decode_hash(rdb.hgetall(jobs.keys.job(job_id)))
+        assert record["payload"] == image_url and record["size"] == "0"
+        assert payloads.get(payload_name(key, job_id)) is None  # nothing copied
+        msg = EntailTask(
+            job_id=job_id, key=key, model=INPROC_MODEL[0], revision=INPROC_MODEL[1], text=text
+        )
+        got = read_payload(rt, msg, record["payload"])  # type: ignore[arg-type]
+        assert image_or_fail(rt, msg, got) == image  # type: ignore[arg-type]
+    assert not list(settings.payloads_path.glob("*/*"))
