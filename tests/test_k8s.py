@@ -234,6 +234,12 @@ def test_redis_roles_and_nothing_exposed(objects):
     assert one(objs, "StatefulSet", "redis-durable")["spec"]["volumeClaimTemplates"]
     cache = " ".join(container(objs, "StatefulSet", "redis-cache")["args"])
     assert "--maxmemory-policy allkeys-lru" in cache and "--maxmemory 2gb" in cache
+    # Payloads: transient (no AOF, no snapshot, nothing claimed), never evicted.
+    args = container(objs, "StatefulSet", "redis-payload")["args"]
+    payload = " ".join(args)
+    assert "--maxmemory-policy noeviction" in payload and "--maxmemory " in payload
+    assert "--appendonly no" in payload and args[args.index("--save") + 1] == ""
+    assert "volumeClaimTemplates" not in one(objs, "StatefulSet", "redis-payload")["spec"]
     # Only ClusterIP services; nothing but the API and Flower accepts outside traffic.
     for svc in find(objs, "Service"):
         assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", svc["metadata"]["name"]
@@ -270,7 +276,7 @@ def test_redis_roles_and_nothing_exposed(objects):
             assert selector and "flower" not in [labels, *values], pol["metadata"]["name"]
     redis_policy = one(objs, "NetworkPolicy", "allow-redis-from-service")["spec"]
     guarded = redis_policy["podSelector"]["matchExpressions"][0]["values"]
-    assert set(guarded) == {"redis-durable", "redis-cache"}
+    assert set(guarded) == {"redis-durable", "redis-cache", "redis-payload"}
     # The Sentinels' port: open to the service's pods and the durable pods, which
     # also reach each other's Redis port (replication).
     sentinels = one(objs, "NetworkPolicy", "allow-redis-durable-sentinels-and-peers")["spec"]
@@ -288,6 +294,7 @@ SECRETS_OF = {
     # The roles' users, replication's (a replica's login) and the Sentinels'.
     "redis-durable": {f"ofa-redis-{role}" for role in (*OUR, "replication", "sentinel")},
     "redis-cache": {"ofa-redis-api", "ofa-redis-worker", "ofa-redis-coordinator"},
+    "redis-payload": {"ofa-redis-api", "ofa-redis-worker", "ofa-redis-coordinator"},
 }
 
 
@@ -328,6 +335,60 @@ def test_redis_urls_carry_each_roles_credentials(objects):
             url = urlsplit(value)
             assert (url.username, url.password) == (role, f"pw-{role}"), (role, value)
             assert url.hostname == "redis-cache" and url.path == "/0"
+
+
+PAYLOAD_ROLES = ("api", "worker", "coordinator")  # who writes, reads or sweeps payloads
+
+
+def payload_servers(objs: list[dict]) -> list[str]:
+    """The payload StatefulSet's servers, by the stable names its pods get from their
+    governing Service (``redis-payload-N.redis-payload:6379``)."""
+    statefulset = one(objs, "StatefulSet", "redis-payload")["spec"]
+    service = one(objs, "Service", statefulset["serviceName"])["spec"]
+    assert service["clusterIP"] == "None"  # headless: a name per pod
+    name = statefulset["serviceName"]
+    return [f"{name}-{i}.{name}:6379" for i in range(statefulset["replicas"])]
+
+
+def test_every_component_shares_one_payload_store(objects):
+    """The API, the workers and the coordinators keep images of unfinished jobs in one
+    Redis pool: each names every payload server of the StatefulSet (the same nodes, so
+    rendezvous hashing puts a payload where the others look for it), as its own role's
+    user with its Secret's password, beside its own durable and cache URLs; Flower
+    touches no payload. The payload servers let those users reach payload keys only,
+    under the prefix the service writes them with."""
+    from shared.payloads import node_id
+
+    _, objs = objects
+    servers = payload_servers(objs)
+    assert len(servers) >= 2
+    nodes = None
+    for role in OUR:
+        spec = container(objs, "Deployment", f"ofa-{role}")
+        env = resolved_env(spec, secret_values={f"ofa-redis-{role}": f"pw-{role}"})
+        if role not in PAYLOAD_ROLES:
+            assert not {k for k in env if "PAYLOAD" in k}, role
+            continue
+        assert env["OFA_PAYLOAD_STORE"] == "redis", role
+        urls = env["OFA_PAYLOAD_REDIS_URLS"].split(",")
+        for value in urls:
+            url = urlsplit(value)
+            assert (url.username, url.password) == (role, f"pw-{role}"), (role, value)
+            assert url.scheme == "redis" and url.path == "/0", (role, value)
+        assert sorted(urlsplit(u).netloc.rpartition("@")[2] for u in urls) == sorted(servers)
+        ids = {node_id(u) for u in urls}
+        assert nodes in (None, ids), role
+        nodes = ids
+        ofa = {k.removeprefix("OFA_").lower(): v for k, v in env.items() if k.startswith("OFA_")}
+        settings = Settings(_env_file=None, **{**config(objs), **ofa})  # type: ignore[arg-type]
+        assert settings.payload_redis_urls == urls
+    server = container(objs, "StatefulSet", "redis-payload")
+    env = resolved_env(server, {})
+    prefix = config(objs).get("OFA_KEY_PREFIX", Settings.model_fields["key_prefix"].default)
+    assert env["REDIS_KEYS"] == f"{prefix}payload:*"
+    assert not {k for k in env if k.startswith("REDIS_PASSWORD_")} - {
+        f"REDIS_PASSWORD_{r.upper()}" for r in PAYLOAD_ROLES
+    }
 
 
 def durable_pods(objs: list[dict], everyone: bool = False) -> list[str]:
@@ -453,7 +514,7 @@ def test_redis_memory_is_capped_below_its_limit(objects):
     the kernel would kill it: maxmemory below the container's limit, the durable one
     with a fifth or more of headroom (AOF rewrite, client buffers, fragmentation)."""
     _, objs = objects
-    for name, headroom in (("redis-durable", 0.2), ("redis-cache", 0.1)):
+    for name, headroom in (("redis-durable", 0.2), ("redis-cache", 0.1), ("redis-payload", 0.2)):
         spec = container(objs, "StatefulSet", name)
         args = spec["args"]
         cap = redis_bytes(args[args.index("--maxmemory") + 1])
@@ -496,7 +557,7 @@ def test_every_pod_meets_the_restricted_standard(objects):
             assert not sc.get("privileged") and sc.get("runAsUser", 1) != 0, (name, c["name"])
             assert "seccompProfile" not in sc or sc["seccompProfile"]["type"] != "Unconfined"
     assert names >= {"ofa-api", "ofa-worker", "ofa-coordinator", "ofa-flower"}
-    assert names >= {"redis-durable", "redis-cache"}
+    assert names >= {"redis-durable", "redis-cache", "redis-payload"}
 
 
 def writable_dirs(pod: dict, spec: dict) -> set[str]:
@@ -538,7 +599,7 @@ def test_where_processes_write_is_a_volume(objects):
     assert "NUMBA_CACHE_DIR" in resolved_env(container(objs, "Deployment", "ofa-worker"), {})
     script = redis_start_script(objs)
     acl_dir = re.search(r'REDIS_ACL_FILE:-([^}"]+)', script)[1].rsplit("/", 1)[0]  # type: ignore[index]
-    for name in ("redis-durable", "redis-cache"):
+    for name in ("redis-durable", "redis-cache", "redis-payload"):
         pod = one(objs, "StatefulSet", name)["spec"]["template"]["spec"]
         dirs = writable_dirs(pod, pod["containers"][0])
         assert {"/data", acl_dir} <= dirs, (name, dirs)
@@ -559,7 +620,7 @@ def test_workers_and_coordinators_reach_only_redis_dns_and_public_addresses(obje
     assert set(expression["values"]) == {"worker", "coordinator"}
     redis_rule, sentinel_rule, dns_rule, public_rule = spec["egress"]
     peer = redis_rule["to"][0]["podSelector"]["matchExpressions"][0]
-    assert set(peer["values"]) == {"redis-durable", "redis-cache"}
+    assert set(peer["values"]) == {"redis-durable", "redis-cache", "redis-payload"}
     assert redis_rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
     assert sentinel_rule["to"] == [{"podSelector": {"matchLabels": {COMPONENT: "redis-durable"}}}]
     assert sentinel_rule["ports"] == [{"port": 26379, "protocol": "TCP"}]
@@ -853,6 +914,80 @@ def test_the_cache_knows_no_flower(production, passwords, tmp_path):
         server.stop()
 
 
+def test_the_payload_servers_hold_payloads_only(production, passwords, tmp_path):
+    """Both payload servers as deployed, each component's payload URLs pointed at them:
+    no one gets in without a password (Flower has no user there), each role logs in as
+    its own user and, through the service's own payload store (``shared.payloads``),
+    puts, reads, sweeps and deletes payloads spread over both servers; a payload
+    password reaches no other key, no channel and no dangerous command."""
+    from shared import wiring
+    from shared.keys import payload_name
+    from shared.payloads import PayloadStore, digest_of
+
+    names = payload_servers(production)
+    servers = [
+        AclServer(production, "redis-payload", tmp_path / f"payload-{i}", passwords)
+        for i in range(len(names))
+    ]
+    addresses = {name: f"127.0.0.1:{s.port}" for name, s in zip(names, servers, strict=True)}
+    stores: list[PayloadStore] = []
+    try:
+        for server in servers:
+            assert refused(server.port)  # anonymous: the default user is off
+            assert refused(server.port, username="default", password="")
+            assert refused(server.port, username="flower", password=passwords["ofa-redis-flower"])
+        images = [bytes([i]) * 64 for i in range(24)]
+        blobs = {payload_name(digest_of(b), f"{i:032x}"): b for i, b in enumerate(images)}
+        for role in PAYLOAD_ROLES:
+            env = resolved_env(container(production, "Deployment", f"ofa-{role}"), passwords)
+            urls = [localize(u, addresses) for u in env["OFA_PAYLOAD_REDIS_URLS"].split(",")]
+            for url in urls:
+                c = redis.Redis.from_url(url)
+                assert c.acl_whoami() == role
+                c.set("ofa:v1:payload:" + "0" * 64, b"x", ex=60)
+                for call in (
+                    lambda c=c: c.hset("ofa:v1:job:1", "status", "queued"),
+                    lambda c=c: c.get("ofa:v1:verdict:1"),
+                    lambda c=c: c.set("payload:" + "0" * 64, b"x"),  # another prefix
+                    lambda c=c: c.publish("ofa:v1:done", "x"),
+                    lambda c=c: c.flushall(),
+                    lambda c=c: c.keys("*"),
+                    lambda c=c: c.config_get("maxmemory"),
+                ):
+                    assert denied(call), role
+                c.delete("ofa:v1:payload:" + "0" * 64)
+                c.close()
+            settings = Settings(
+                _env_file=None,  # type: ignore[call-arg]
+                payload_store=env["OFA_PAYLOAD_STORE"],
+                payload_redis_urls=urls,
+            )
+            store = wiring.payload_store(settings)  # as the component builds it
+            stores.append(store)
+            store.ping()
+            for digest, data in blobs.items():
+                store.put(digest, data)
+            assert all(store.get(d) == data for d, data in blobs.items()), role
+            assert store.sweep(7200) == 0  # nothing that old: the ACL allows SCAN and PTTL
+        # Every role's store sees the others' payloads (same nodes, same hashing), and
+        # the payloads are spread over both servers.
+        counts = []
+        for server in servers:
+            c = redis.Redis(port=server.port, username="api", password=passwords["ofa-redis-api"])
+            counts.append(sum(1 for _ in c.scan_iter("ofa:v1:payload:*")))
+            c.close()
+        assert sum(counts) == len(blobs) and all(counts), counts
+        names = list(blobs)
+        stores[1].delete_many(names[:10])
+        assert stores[2].sweep(0) == len(blobs) - 10  # every node's, under the ACL
+        assert all(store.get(d) is None for store in stores for d in blobs)
+    finally:
+        for store in stores:
+            store.close()
+        for server in servers:
+            server.stop()
+
+
 @pytest.mark.slow
 def test_the_service_runs_on_the_acl(production, passwords, service_env, tmp_path):
     """The real processes, each with its own role's URL on the durable Redis as
@@ -900,6 +1035,14 @@ def test_redis_start_refuses_a_password_that_would_break_its_acl_line(production
         done = subprocess.run(["sh", str(script), "echo", "started"], env=env, capture_output=True)
         assert done.returncode != 0 and b"started" not in done.stdout, bad
     env = {**env, "REDIS_PASSWORD_API": secrets.token_hex(8)}
+    # The payload servers' key pattern goes into the same line: nothing that could
+    # widen it (a space, a second pattern, a channel) passes.
+    for bad in ("ofa:v1:payload:* ~*", "ofa:v1:payload:*&*", "a b"):
+        bad_env = {**env, "REDIS_KEYS": bad}
+        done = subprocess.run(
+            ["sh", str(script), "echo", "started"], env=bad_env, capture_output=True
+        )
+        assert done.returncode != 0 and b"started" not in done.stdout, bad
     done = subprocess.run(["sh", str(script), "echo", "started"], env=env, capture_output=True)
     assert done.stdout.split() == [b"started", b"--aclfile", str(acl).encode()]
     assert acl.stat().st_mode & 0o077 == 0  # only Redis's user reads the passwords

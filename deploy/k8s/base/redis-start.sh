@@ -4,11 +4,14 @@
 # _COORDINATOR, _FLOWER (each from that role's Secret; a role without one gets no user,
 # so the cache Redis knows no Flower). The default user is off: every connection
 # authenticates. The ACL file is written to memory (an emptyDir), never to argv.
-# Used by deploy/k8s/base/redis.yaml and docker-compose.yml alike; tests/test_k8s.py
-# starts a real server with it and checks every role's rights.
+# Used by deploy/k8s/base/redis.yaml, redis-payload.yaml and docker-compose.yml alike;
+# tests/test_k8s.py starts real servers with it and checks every role's rights.
 #
 #   api, worker, coordinator: every key and channel, every command but the dangerous
-#     ones (CONFIG, FLUSHALL, KEYS, DEBUG, SHUTDOWN, ACL, MONITOR, ...).
+#     ones (CONFIG, FLUSHALL, KEYS, DEBUG, SHUTDOWN, ACL, MONITOR, ...). With
+#     REDIS_KEYS set (the payload servers: `ofa:v1:payload:*`), only keys matching that
+#     pattern and no channel at all: a payload server holds image bytes and nothing
+#     else, so a leaked payload password reads no job, verdict or API key.
 #   flower: Celery's monitoring and remote control only: its commands may touch only
 #     kombu's bindings, its unacknowledged-message index and restore lock, Flower's own
 #     reply and event queues (read and write), the task queues' lengths (read-only)
@@ -43,6 +46,17 @@ password_of() {
     esac
 }
 
+# The service roles' keys and channels: everything, or one key pattern and no channel.
+keys="${REDIS_KEYS:-}"
+case "$keys" in
+*[!A-Za-z0-9:_*-]*)
+    echo "redis-start.sh: REDIS_KEYS may hold only letters, digits, :, _, - and *" >&2
+    exit 1
+    ;;
+"") reach="~* &*" ;;
+*) reach="resetkeys resetchannels ~$keys" ;;
+esac
+
 umask 077
 {
     echo "user default off resetpass resetkeys resetchannels -@all"
@@ -52,7 +66,7 @@ umask 077
         if [ -n "$password" ]; then
             # +info: INFO is among the "dangerous" commands, but reads nothing of the
             # data; the API exports the memory use and cap from it (the memory alert).
-            echo "user $role on >$password ~* &* +@all -@dangerous +info"
+            echo "user $role on >$password $reach +@all -@dangerous +info"
         fi
     done
     # Task queues are named ofa.<kind>.<model>@<revision> (Celery's, read-only here);
