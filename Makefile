@@ -81,8 +81,21 @@ promtool:
 	  install -m 755 "$$tmp/x/usr/bin/promtool" /usr/local/bin/promtool && rm -rf "$$tmp"; \
 	fi
 
+# Then the modules that kill, freeze or restart processes (and the payload sweep) again
+# with the payloads on an object store (moto's S3 server) and on a Redis pool (two
+# embedded Valkey servers) in place of the local folder: nothing lost with any store.
+E2E := tests/e2e
+KILL_TESTS := $(E2E)/test_crash.py $(E2E)/test_reaper.py $(E2E)/test_limbo.py \
+	$(E2E)/test_redis_restart.py $(E2E)/test_payload_sweep.py \
+	$(E2E)/test_jobs.py::test_a_stopping_worker_finishes_its_running_chunk_and_hands_back_the_held_ones \
+	$(E2E)/test_scans.py::test_cancel_spares_jobs_others_wait_for \
+	$(E2E)/test_scans.py::test_coordinator_killed_mid_scan_resumes \
+	$(E2E)/test_scans.py::test_interactive_job_is_not_stuck_behind_a_scan \
+	$(E2E)/test_scans.py::test_a_scan_whose_slices_keep_crashing_fails_with_its_callback
 test: install browser promtool lint
 	$(PY) -m pytest
+	OFA_TEST_PAYLOAD_STORE=s3 $(PY) -m pytest $(KILL_TESTS)
+	OFA_TEST_PAYLOAD_STORE=redis $(PY) -m pytest $(KILL_TESTS)
 
 # Every benchmark, each writing its results file (machine, command, figures). The
 # HTTP one needs wrk (Debian's package) as its external load generator. Long: the
@@ -115,6 +128,10 @@ bench: install
 	  --agreement 8 --out bench/results/runtime-cpu-bf16.md
 	$(PY) -m bench.bench_tracing --rounds 12 --requests 3000 \
 	  --out bench/results/tracing-off-cpu.md
+	for store in durable local; do for image in tiny:2000 photo:600; do \
+	  $(PY) -m bench.bench_redis_cost --image $${image%%:*} --payload-store $$store \
+	    --label after --seconds 10 --rows $${image##*:} \
+	    --out bench/results/redis-cost-cpu.md || exit 1; done; done
 
 clean:
 	rm -rf $(VENV) $(DATA) .pytest_cache .mypy_cache .ruff_cache
