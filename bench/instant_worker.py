@@ -34,21 +34,25 @@ def _instant_loader(real: Any) -> Any:
     return load
 
 
-def main() -> None:
-    import worker.runtime
-
-    worker.runtime.load_entailer = _instant_loader(worker.runtime.load_entailer)  # type: ignore[assignment]
+def run_worker(name: str) -> None:
+    """Run a Celery worker (named ``name``) as ``ofa-entail worker`` would, in this
+    process, with whatever model loader the caller has put in place."""
     settings = get_settings()
     # Celery's consumer takes the interactive queue (run in groups: worker/groups.py);
     # the bulk queue has its own consumer in the worker (worker/bulk.py).
     queues = [queue_name(*settings.model_tag)]
-    argv = celery_worker_argv(
-        "worker.app:app", queues, settings.interactive_prefetch, "instant", False
-    )
+    argv = celery_worker_argv("worker.app:app", queues, settings.interactive_prefetch, name, False)
     from celery.__main__ import main as celery_main
 
     sys.argv = ["celery", *argv[3:]]
     celery_main()
+
+
+def main() -> None:
+    import worker.runtime
+
+    worker.runtime.load_entailer = _instant_loader(worker.runtime.load_entailer)  # type: ignore[assignment]
+    run_worker("instant")
 
 
 if __name__ == "__main__":
