@@ -611,3 +611,14 @@ def scan_finished(client: httpx.Client, scan_id: str, deadline: float, log: obje
             pass
         assert time.monotonic() < deadline, (doc, log() if callable(log) else log)
         time.sleep(0.2)
+
+
+def payload_gone(payloads: Any, name: str, timeout: float = 5.0) -> bool:
+    """Whether the payload ``name`` is gone within ``timeout``: a job's payload is removed
+    just after its final record is written, by whichever process ended it."""
+    deadline = time.monotonic() + timeout
+    while payloads.get(name) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

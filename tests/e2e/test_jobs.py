@@ -22,6 +22,7 @@ from tests.helpers import (
     PREFIX,
     batch_items,
     encode_image,
+    payload_gone,
     photo,
     poll,
     queue_len,
@@ -92,7 +93,7 @@ def test_submit_poll_then_cache_hit(client, worker, rdb, keys, direct, payload_s
     # The payload is gone once the verdict is cached; the in-flight mark now names the
     # finished job (late duplicates join it rather than start another).
     payloads = wiring.payload_store(Settings(_env_file=None, **payload_settings))  # type: ignore[call-arg, arg-type]
-    assert payloads.get(payload_name(verdict["key"], job_id)) is None
+    assert payload_gone(payloads, payload_name(verdict["key"], job_id))
     assert rdb.get(keys.inflight(verdict["key"])).decode() == job_id
 
     jobs_before = set(rdb.scan_iter(keys.job("*")))
