@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from shared.errors import PayloadStoreUnavailable, QueueUnavailableError
 from shared.keys import Keys, payload_name
 from shared.models import JobStatus, Verdict
@@ -246,9 +248,12 @@ class JobStore(Store):
             waits = wait_on_disk(batch, self.settings)
             replies = batch.execute()
             out = [self._created(reply, t) for reply in each_reply(replies[:commands])]
-        except BaseException:
+        except redis.ResponseError:  # refused: nothing was written
             self.drop(named.values())
             raise
+        # Any other failure (the connection lost, a failover) may come after the records
+        # were written: the payloads stay, and the sweep removes those whose job never
+        # was (``sweep_payloads``).
         self.drop([name for i, name in named.items() if not out[i].created])
         if waits and any(c.created for c in out):
 
@@ -292,9 +297,11 @@ class JobStore(Store):
             waits = wait_on_disk(batch, self.settings)
             replies = await batch.aexecute()
             got = self._created(each_reply(replies[:1])[0], t)
-        except BaseException:
+        except redis.ResponseError:  # refused: nothing was written
             await self.adrop([name])
             raise
+        # Any other failure may come after the record was written (a failover): the
+        # payload stays for the job; the sweep removes it if the job never was.
         if not got.created:  # joined: the job it joined has its own payload
             await self.adrop([name])
         if waits and got.created:
