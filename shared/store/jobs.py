@@ -260,7 +260,7 @@ class JobStore(Store):
             def undo() -> None:
                 for c, (key, *_) in zip(out, items, strict=True):
                     if c.created:
-                        self.discard(c.job_id, key)
+                        self.discard(c.job_id, key, keep_payload=True)
 
             confirm_on_disk(replies[commands], undo, "job", self.settings.durable_ack_replicas)
         return out
@@ -308,7 +308,7 @@ class JobStore(Store):
             try:
                 confirm_on_disk(replies[1], lambda: None, "job", self.settings.durable_ack_replicas)
             except QueueUnavailableError:
-                await self.adiscard(got.job_id, key, (queue, message))
+                await self.adiscard(got.job_id, key, (queue, message), keep_payload=True)
                 raise
         return got
 
@@ -387,17 +387,35 @@ class JobStore(Store):
         overdue = deadline is not None and float(deadline) < t
         return Created(text_of(got), bool(created), overdue, text_of(computed_by))
 
-    def discard(self, job_id: str, key: str, sent: tuple[str, bytes] | None = None) -> None:
+    def discard(
+        self,
+        job_id: str,
+        key: str,
+        sent: tuple[str, bytes] | None = None,
+        keep_payload: bool = False,
+    ) -> None:
         """Remove a job that was never sent (its record, mark and deadlines, then its
-        payload); ``sent``: the (queue, message) pushed with the record, taken back too."""
-        if _DISCARD(self.sync.durable, *self._discard_call(job_id, key, sent)):
+        payload); ``sent``: the (queue, message) pushed with the record, taken back too.
+        ``keep_payload``: the job is undone because no replica confirmed it, and a replica
+        may still hold the record (and be promoted): its payload is left for the sweep,
+        which removes it only if no such job exists."""
+        if _DISCARD(self.sync.durable, *self._discard_call(job_id, key, sent)) and not keep_payload:
             self.drop([payload_name(key, job_id)])
 
-    async def adiscard(self, job_id: str, key: str, sent: tuple[str, bytes] | None = None) -> None:
+    async def adiscard(
+        self,
+        job_id: str,
+        key: str,
+        sent: tuple[str, bytes] | None = None,
+        keep_payload: bool = False,
+    ) -> None:
         """``discard`` from the event loop; ``sent``: the (queue, message) pushed with
         the record, taken back too if no worker has taken it yet (one that has finds no
-        job and does nothing)."""
-        if await _DISCARD.acall(self.aio.durable, *self._discard_call(job_id, key, sent)):
+        job and does nothing); ``keep_payload`` as for ``discard``."""
+        if (
+            await _DISCARD.acall(self.aio.durable, *self._discard_call(job_id, key, sent))
+            and not keep_payload
+        ):
             await self.adrop([payload_name(key, job_id)])
 
     def _discard_call(
