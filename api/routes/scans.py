@@ -7,7 +7,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
@@ -214,27 +215,13 @@ async def get_scan_results(
     await _visible(call, scan_id)
     path = ScanFolder(s.settings.scans_path, scan_id).results
 
-    def lines() -> Iterator[bytes]:
-        if format == "csv":
-            yield (",".join(CSV_COLUMNS) + "\n").encode()
-        if not path.exists():
-            return
-        db = ResultsDB(path, readonly=True)
-        try:
-            for row in db.iter_results():
-                doc = result_line(row)
-                if format == "csv":
-                    yield csv_line(doc).encode()
-                else:
-                    yield (json.dumps(doc) + "\n").encode()
-        finally:
-            db.close()
-
-    media = "text/csv" if format == "csv" else "application/x-ndjson"
-    return StreamingResponse(
-        lines(),
-        media_type=media,
-        headers={"Content-Disposition": f'attachment; filename="scan-{scan_id}.{format}"'},
+    return _download(
+        path,
+        format,
+        CSV_COLUMNS,
+        lambda db: (result_line(row) for row in db.iter_results()),
+        csv_line,
+        f"scan-{scan_id}.{format}",
     )
 
 
@@ -322,20 +309,42 @@ async def get_scan_changes(
         )
     path = ScanFolder(s.settings.scans_path, scan_id).results
 
+    return _download(
+        path,
+        format,
+        changes.CSV_COLUMNS,
+        lambda db: changes.iter_changes(db.conn),
+        _csv_record,
+        f"scan-{scan_id}-changes.{format}",
+    )
+
+
+def _csv_record(doc: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerow(changes.csv_row(doc))
+    return buf.getvalue()
+
+
+def _download(
+    path: Path,
+    format: str,
+    columns: Sequence[str],
+    docs_of: Callable[[ResultsDB], Iterable[dict[str, Any]]],
+    csv_of: Callable[[dict[str, Any]], str],
+    filename: str,
+) -> StreamingResponse:
+    """A scan's results file streamed as JSONL or CSV (header first), one document a
+    line, read from the results file as it is sent."""
+
     def lines() -> Iterator[bytes]:
         if format == "csv":
-            yield (",".join(changes.CSV_COLUMNS) + "\n").encode()
+            yield (",".join(columns) + "\n").encode()
         if not path.exists():
             return
         db = ResultsDB(path, readonly=True)
         try:
-            for doc in changes.iter_changes(db.conn):
-                if format == "csv":
-                    buf = io.StringIO()
-                    csv.writer(buf).writerow(changes.csv_row(doc))
-                    yield buf.getvalue().encode()
-                else:
-                    yield (json.dumps(doc) + "\n").encode()
+            for doc in docs_of(db):
+                yield (csv_of(doc) if format == "csv" else json.dumps(doc) + "\n").encode()
         finally:
             db.close()
 
@@ -343,7 +352,7 @@ async def get_scan_changes(
     return StreamingResponse(
         lines(),
         media_type=media,
-        headers={"Content-Disposition": f'attachment; filename="scan-{scan_id}-changes.{format}"'},
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
 
 
